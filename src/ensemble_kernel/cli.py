@@ -1,0 +1,356 @@
+"""The `ensemble-kernel` command: argument parsing and printing; no maths here.
+
+A user error (an `EnsembleKernelError`, a bad option) prints one line on stderr and exits
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import __version__
+from .engine import Progress, top_k_neighbors
+from .errors import EnsembleKernelError, InputError
+from .evaluate import evaluate, select_by_leave_one_out
+from .formats import RunSet, open_runs
+from .neighbors import knn_scores, predict_from_scores, weighted_scores
+from .sources import parse_runs, select_runs
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build a similarity kernel from the saved outputs of many training runs, and use it "
+         "to predict (k-NN beats averaging the ensemble) and to explain.",
+)
+err = Console(stderr=True, highlight=False)
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise InputError(f"--memory-budget takes a size such as 2GB, 512MiB or 1500000000 "
+                         f"(bytes), got {text!r}")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise InputError(f"--memory-budget must be positive, got {text!r}")
+    return size
+
+
+# ---- shared options -------------------------------------------------------------------
+
+SrcArg = typer.Argument(..., help="Run files: a .pt or .npz file, or a directory searched "
+                                  "recursively for .pt files (lexicographic order). Several "
+                                  "are concatenated along the runs.", show_default=False)
+LabelsOpt = typer.Option(None, "--labels", help="An .npz with arrays labels_train and "
+                                                "labels_test, when the run files carry none.")
+RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for a slice.")
+NoLogSoftmaxOpt = typer.Option(False, "--no-log-softmax",
+                               help="Standardise raw logits instead of log-softmax outputs.")
+PrecisionOpt = typer.Option("exact", "--precision",
+                            help="exact: float32 products. fast: bfloat16 products to find "
+                                 "candidates, then an exact float32 re-score (same neighbours).")
+BudgetOpt = typer.Option(None, "--memory-budget",
+                         help="Working memory for the engine, e.g. 2GB or 512MiB "
+                              "[default: a quarter of the available memory].")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _fail(message: str) -> None:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn user errors into one line and exit 2; show warnings as one line each."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    except EnsembleKernelError as e:
+        _fail(str(e))
+    except OSError as e:  # an output path that cannot be written, a full disk
+        _fail(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
+    finally:
+        warnings.showwarning = previous
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool) -> Iterator:
+    """A callback for the engine that drives a rich progress bar on stderr."""
+    if quiet or not err.is_terminal and os.environ.get("ENSEMBLE_KERNEL_PROGRESS") != "1":
+        yield None
+        return
+    bar = Bar(TextColumn("{task.description:<11}"), BarColumn(), TextColumn("{task.fields[info]}"),
+              TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def report(p: Progress) -> None:
+        if p.stage not in tasks:
+            tasks[p.stage] = bar.add_task(p.stage, total=p.total, info="")
+        info = f"{p.done}/{p.total} runs" + (f", tile {p.tiles_done}/{p.n_tiles}"
+                                            if p.stage in ("kernel", "fallback") else "")
+        bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
+
+    with bar:
+        yield report
+
+
+def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[RunSet, slice]:
+    runset = open_runs(src, labels=labels)
+    chosen = parse_runs(runs, runset.n_models)
+    if chosen.stop - chosen.start < 2:
+        raise InputError(f"the kernel needs at least 2 runs, got {chosen.stop - chosen.start} "
+                         f"(from {', '.join(map(str, src))})")
+    return RunSet(select_runs(runset.train, chosen), select_runs(runset.test, chosen),
+                  runset.labels_train, runset.labels_test, runset.sources), chosen
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("exact", "fast"):
+        raise InputError(f"--precision takes exact or fast, got {precision!r}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _meta(options: dict, runset: RunSet, runs: slice, started: float) -> dict:
+    return {
+        "ensemble_kernel_version": __version__,
+        "torch_version": torch.__version__,
+        "options": options,
+        "n_models": runset.n_models,
+        "runs": [runs.start, runs.stop],
+        "sources": list(runset.sources),
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+
+
+# ---- commands ------------------------------------------------------------------------
+
+@app.command("evaluate")
+def evaluate_cmd(
+    src: List[Path] = SrcArg,
+    labels: Optional[Path] = LabelsOpt,
+    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote (the card: 3)."),
+    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    select: bool = typer.Option(False, "--select", help="Choose the vote, k and power by "
+                                "leave-one-out on the training set (no test labels used)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """The model card's table: single models, their average, kernel k-NN, weighted vote.
+
+    Example: ensemble-kernel evaluate runs/ --labels labels.npz --runs 500
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        common = dict(log_softmax=not no_log_softmax, precision=precision,
+                      memory_budget=budget, device=device)
+        selection = None
+        with _progress_bar(quiet or as_json) as report:
+            if select:
+                if runset.labels_train is None:
+                    raise InputError("--select needs train labels: pass --labels FILE.npz")
+                selection = select_by_leave_one_out(runset.train, runset.labels_train,
+                                                    progress=report, **common)
+                if selection.vote == "knn":
+                    k = selection.k
+                else:
+                    weighted_k, power = selection.k, selection.power
+            result = evaluate(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                              k=k, weighted_k=weighted_k, power=power, progress=report, **common)
+    options = {"k": k, "weighted_k": weighted_k, "power": power, "log_softmax": not no_log_softmax,
+               "precision": precision, "memory_budget": budget, "device": device,
+               "runs": [chosen.start, chosen.stop], "select": select,
+               "labels": str(labels) if labels else None}
+    if as_json:
+        out = {"n_models": result.n_models, "k": result.k,
+               "single_model_accuracy": result.single_model_accuracy,
+               "ensemble_accuracy": result.ensemble_accuracy,
+               "knn_accuracy": result.knn_accuracy,
+               "weighted_accuracy": result.weighted_accuracy,
+               "weighted_k": result.weighted_k, "power": result.power,
+               "options": options, "version": __version__,
+               "elapsed_s": round(time.perf_counter() - started, 3)}
+        if selection is not None:
+            out["selection"] = {"vote": selection.vote, "k": selection.k, "power": selection.power,
+                                "leave_one_out_accuracy": selection.accuracy,
+                                "table": [dict(zip(("vote", "k", "power", "accuracy"), row))
+                                          for row in selection.table]}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if selection is not None:
+        what = (f"k-NN w/ k={selection.k}" if selection.vote == "knn"
+                else f"weighted, k={selection.k}, power {selection.power}")
+        typer.echo(f"leave-one-out on train chose {what} (accuracy {100 * selection.accuracy:.2f})")
+    lines = [
+        ("average single-model accuracy", result.single_model_accuracy),
+        (f"ensemble accuracy ({result.n_models} models)", result.ensemble_accuracy),
+        (f"kernel accuracy (k-NN w/ k={result.k})", result.knn_accuracy),
+        (f"weighted k-NN accuracy (k={result.weighted_k}, K**{result.power})",
+         result.weighted_accuracy),
+    ]
+    width = max(len(name) for name, _ in lines) + 1
+    for name, value in lines:
+        typer.echo(f"{name:<{width}}: {100 * value:.2f}")
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    src: List[Path] = SrcArg,
+    out: Path = typer.Option(..., "--out", help="Where to write the .npz (indices, values, meta)."),
+    k: int = typer.Option(20, "--k", help="Neighbours per test example."),
+    labels: Optional[Path] = LabelsOpt,
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Top-k training neighbours of every test example, best first, into an .npz.
+
+    The file holds `indices` (int64, n_test x k), `values` (float32 kernel values) and
+    `meta` (a JSON string: options, runs, version).
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        if out.suffix.lower() != ".npz":
+            raise InputError(f"--out must name an .npz file, got {out}")
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        with _progress_bar(quiet) as report:
+            result = top_k_neighbors(runset.test, runset.train, k, log_softmax=not no_log_softmax,
+                                     precision=precision, memory_budget=budget, device=device,
+                                     progress=report)
+        options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
+                   "memory_budget": budget, "device": device}
+        meta = json.dumps(_meta(options, runset, chosen, started))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, indices=result.indices.cpu().numpy(),
+                         values=result.values.cpu().numpy(), meta=np.array(meta))
+
+        _atomic_write(out, write)
+    if not quiet:
+        err.print(f"wrote {out} ({result.indices.shape[0]} test examples x {k} neighbours)")
+
+
+@app.command("predict")
+def predict_cmd(
+    src: List[Path] = SrcArg,
+    out: Path = typer.Option(..., "--out", help="Where to write: .csv or .npz, by suffix."),
+    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote."),
+    weighted: bool = typer.Option(False, "--weighted", help="Weighted vote instead: each "
+                                  "neighbour counts K ** power."),
+    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    labels: Optional[Path] = LabelsOpt,
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Labels for the test examples from their training neighbours (train labels needed).
+
+    Writes per example the prediction, the per-class scores (vote fractions, or summed
+    weights / k) and the margin between the best two scores.
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        if out.suffix.lower() not in (".csv", ".npz"):
+            raise InputError(f"--out must end in .csv or .npz, got {out}")
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        if runset.labels_train is None:
+            raise InputError("predict needs train labels: the run files carry none; pass "
+                             "--labels FILE.npz with labels_train (labels_test may be empty)")
+        n_classes = runset.n_classes
+        k_used = weighted_k if weighted else k
+        with _progress_bar(quiet) as report:
+            found = top_k_neighbors(runset.test, runset.train, k_used,
+                                    log_softmax=not no_log_softmax, precision=precision,
+                                    memory_budget=budget, device=device, progress=report)
+        scores = (weighted_scores(found, runset.labels_train, n_classes, power) if weighted
+                  else knn_scores(found, runset.labels_train, n_classes))
+        prediction, margin = predict_from_scores(scores)
+        options = {"vote": "weighted" if weighted else "knn", "k": k_used,
+                   "power": power if weighted else None, "log_softmax": not no_log_softmax,
+                   "precision": precision, "memory_budget": budget, "device": device}
+        meta = json.dumps(_meta(options, runset, chosen, started))
+        _atomic_write(out, lambda tmp: _write_predictions(tmp, out.suffix.lower(), prediction,
+                                                           scores, margin, meta))
+    if not quiet:
+        err.print(f"wrote {out} ({len(prediction)} predictions)")
+
+
+def _write_predictions(path: Path, suffix: str, prediction, scores, margin, meta: str) -> None:
+    if suffix == ".npz":
+        with open(path, "wb") as f:
+            np.savez(f, prediction=prediction.numpy(), scores=scores.numpy(),
+                     margin=margin.numpy(), meta=np.array(meta))
+        return
+    n_classes = scores.shape[1]
+    with open(path, "w") as f:
+        f.write("index,prediction,margin," + ",".join(f"score_{c}" for c in range(n_classes)) + "\n")
+        for i, (p, m, row) in enumerate(zip(prediction.tolist(), margin.tolist(), scores.tolist())):
+            f.write(f"{i},{p},{m:.6g}," + ",".join(f"{s:.6g}" for s in row) + "\n")
+
+
+def main() -> None:
+    """Entry point of the `ensemble-kernel` program."""
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,522 @@
+"""The only place that streams models and tiles under a memory budget (DESIGN §2).
+
+Two passes over the logits:
+
+1. **Statistics.** Every split is read once, in blocks of runs and examples, for the
+   per-example, per-class mean and std (float64 accumulation).
+2. **Tiles, then models.** The reference axis is cut into as few tiles as the budget
+   allows. For each tile, blocks of runs are normalised and their product accumulated
+   into a float32 (n_queries, tile) block; when the tile has seen every run its top-k
+   is merged into the running top-k of each query.
+
+Fast mode does pass 2 with bfloat16 products to find `n_candidates` per query, then
+re-scores those candidates exactly in float32 and keeps the top-k. A query whose exact
+k-th value is not clearly above what any non-candidate could reach (judged from the
+approximation error measured on its own candidates) is recomputed in exact mode, so
+fast mode returns exact mode's neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import psutil
+import torch
+
+from .errors import BudgetError, InputError
+from .kernel import (
+    ClassStats,
+    StatsAccumulator,
+    check_classes,
+    check_finite,
+    exact_float32_matmul,
+    normalized_features,
+    prepare,
+)
+from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
+from .sources import LogitSource, as_source, check_pair
+
+__all__ = [
+    "Progress",
+    "Plan",
+    "plan_memory",
+    "default_memory_budget",
+    "top_k_neighbors",
+    "compute_kernel",
+]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["exact", "fast"]
+
+# Bytes of working memory per logit element of a block of runs: the raw read (up to
+# float64), its float32 copy, the log-softmax output and a bfloat16 copy in fast mode.
+_BYTES_PER_ELEMENT = 24
+# Contraction width (runs x classes) below which products lose efficiency.
+_MIN_CONTRACTION = 512
+# Contraction width above which a larger block of runs buys nothing but memory.
+_MAX_CONTRACTION = 4096
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report from the engine.
+
+    Attributes
+    ----------
+    stage : 'statistics', 'kernel', 'rescore' (fast mode) or 'fallback' (fast mode).
+    done, total : runs processed so far in this stage, out of `total` (summed over tiles).
+    tiles_done, n_tiles : finished tiles of the reference axis.
+    elapsed_s : seconds since the engine started.
+    """
+
+    stage: str
+    done: int
+    total: int
+    tiles_done: int
+    n_tiles: int
+    elapsed_s: float
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the engine cuts the work to stay within its memory budget.
+
+    Attributes
+    ----------
+    tile_size : references per tile.
+    n_tiles : tiles on the reference axis.
+    chunk_models : runs per block in the kernel pass.
+    rescore_chunk_models : runs per block in fast mode's exact re-score.
+    example_block : examples per block in the statistics pass.
+    budget : bytes the plan was made for.
+    """
+
+    tile_size: int
+    n_tiles: int
+    chunk_models: int
+    rescore_chunk_models: int
+    example_block: int
+    budget: int
+
+
+def default_memory_budget(device: torch.device | str = "cpu") -> int:
+    """A quarter of the memory available now (host RAM, or free memory of a CUDA device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    return int(psutil.virtual_memory().available // 4)
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def plan_memory(
+    n_queries: int,
+    n_references: int,
+    n_models: int,
+    n_used_classes: int,
+    *,
+    k_keep: int,
+    budget: int,
+    precision: Precision = "exact",
+    chunk_models: int | None = None,
+    tile_size: int | None = None,
+) -> Plan:
+    """Choose tile and block sizes so that the engine's working memory fits `budget`.
+
+    Raises
+    ------
+    BudgetError
+        If even one reference per tile and one run per block do not fit.
+    """
+    per_run_row = n_used_classes * _BYTES_PER_ELEMENT  # bytes per (run, example) in a block
+    acc_per_column = n_queries * (6 if precision == "fast" else 4) + 4096
+    fixed = (
+        (n_queries + n_references) * n_used_classes * 8  # float32 mean and scale, both splits
+        + n_queries * k_keep * 16 * 6  # running top-k and its merge temporaries
+        + (4 << 20)  # allocator slack, small tensors
+    )
+    avail = budget - fixed
+    want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION / n_used_classes)))
+
+    def chunk_fits(t: int, models: int) -> bool:
+        return t * acc_per_column + (n_queries + t) * per_run_row * models <= avail
+
+    if tile_size is not None:
+        tile = max(1, min(tile_size, n_references))
+    else:
+        tile = n_references
+        while tile > 1 and not chunk_fits(tile, want_models):
+            # Largest tile that leaves room for a block of `want_models` runs.
+            spare = avail - n_queries * per_run_row * want_models
+            fit = spare // (acc_per_column + per_run_row * want_models)
+            tile = max(1, min(tile - 1, int(fit)))
+            if fit < 1 and want_models > 1:
+                want_models = max(1, want_models // 2)
+                tile = n_references
+        n_tiles = math.ceil(n_references / tile)
+        tile = math.ceil(n_references / n_tiles)  # even tiles
+    if not chunk_fits(tile, 1):
+        need = fixed + tile * acc_per_column + (n_queries + tile) * per_run_row
+        raise BudgetError(
+            f"a memory budget of {_format_bytes(budget)} is too small for {n_queries} queries "
+            f"and {n_classes_text(n_used_classes)}; at least {_format_bytes(need)} is needed: "
+            "raise --memory-budget"
+        )
+    if chunk_models is not None:
+        models = max(1, min(chunk_models, n_models))
+    else:
+        room = (avail - tile * acc_per_column) // ((n_queries + tile) * per_run_row)
+        cap = max(1, _MAX_CONTRACTION // n_used_classes)
+        models = int(max(1, min(room, cap, n_models)))
+    rescore_room = (avail - n_queries * k_keep * 8) // ((n_queries + n_references) * per_run_row)
+    rescore_models = int(max(1, min(rescore_room, models, n_models)))
+    # The statistics pass also holds float64 copies of its block: twice the room per element.
+    example_block = int(max(1, min(n_references + n_queries, avail // (2 * per_run_row * models))))
+    return Plan(
+        tile_size=tile,
+        n_tiles=math.ceil(n_references / tile),
+        chunk_models=models,
+        rescore_chunk_models=rescore_models,
+        example_block=example_block,
+        budget=budget,
+    )
+
+
+def n_classes_text(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
+class _Engine:
+    """One computation: the sources, the options, the statistics and the plan."""
+
+    def __init__(
+        self,
+        queries: LogitSource,
+        references: LogitSource,
+        *,
+        log_softmax: bool,
+        classes: tuple[int, ...] | None,
+        device: torch.device,
+        plan: Plan,
+        exclude_self: bool,
+        progress: ProgressCallback | None,
+    ):
+        self.queries, self.references = queries, references
+        self.log_softmax, self.classes = log_softmax, classes
+        self.device, self.plan = device, plan
+        self.exclude_self = exclude_self
+        self.progress = progress
+        self.n_models = queries.n_models
+        self.n_used = len(classes) if classes is not None else queries.n_classes
+        self.start = time.perf_counter()
+        self.stats_q = self._statistics(queries, "query")
+        self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
+
+    def _report(self, stage: str, done: int, total: int, tiles_done: int = 0) -> None:
+        if self.progress is not None:
+            self.progress(
+                Progress(stage, done, total, tiles_done, self.plan.n_tiles,
+                         time.perf_counter() - self.start)
+            )
+
+    def _prepared(self, source: LogitSource, models: slice, examples: slice) -> torch.Tensor:
+        raw = source.read(models, examples)
+        return prepare(raw, log_softmax=self.log_softmax, classes=self.classes, device=self.device)
+
+    def _statistics(self, source: LogitSource, split: str) -> ClassStats:
+        """Pass 1: mean and std per (example, class), checking every value is finite."""
+        n, step = source.n_examples, self.plan.chunk_models
+        block = self.plan.example_block
+        mean = torch.empty(n, self.n_used, device=self.device)
+        scale = torch.empty(n, self.n_used, device=self.device)
+        n_constant = 0
+        n_blocks = math.ceil(n / block)
+        for b, e0 in enumerate(range(0, n, block)):
+            rows = slice(e0, min(e0 + block, n))
+            acc = StatsAccumulator(rows.stop - rows.start, self.n_used, self.device)
+            for m0 in range(0, self.n_models, step):
+                models = slice(m0, min(m0 + step, self.n_models))
+                raw = source.read(models, rows)
+                check_finite(raw, first_model=m0, first_example=e0, describe=source.describe_run)
+                acc.update(prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
+                                   device=self.device))
+                self._report("statistics", b * self.n_models + models.stop,
+                             n_blocks * self.n_models)
+            part = acc.finalize()
+            mean[rows], scale[rows] = part.mean, part.scale
+            n_constant += part.n_constant
+        if n_constant:
+            warnings.warn(
+                f"{n_constant} (example, class) outputs of the {split} split are identical in "
+                "every run (std 0); they contribute 0 to the kernel",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return ClassStats(mean, scale, n_constant)
+
+    def _features(self, source: LogitSource, stats: ClassStats, models: slice,
+                  examples: slice, dtype: torch.dtype) -> torch.Tensor:
+        x = self._prepared(source, models, examples)
+        return normalized_features(x, stats.rows(examples), dtype)
+
+    def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,
+                        stage: str, tiles_done: int, total: int, done_before: int) -> torch.Tensor:
+        """The kernel block (queries or `rows` of them) x references in `tile`.
+
+        Returns
+        -------
+        Tensor of shape (n_rows, tile width), float32, scaled by 1 / (n_models * n_used).
+        """
+        n_rows = self.queries.n_examples if rows is None else len(rows)
+        acc = torch.zeros(n_rows, tile.stop - tile.start, device=self.device)
+        step, all_queries = self.plan.chunk_models, slice(0, self.queries.n_examples)
+        for m0 in range(0, self.n_models, step):
+            models = slice(m0, min(m0 + step, self.n_models))
+            fa = self._features(self.queries, self.stats_q, models, all_queries, dtype)
+            if rows is not None:
+                fa = fa[rows]
+            fb = self._features(self.references, self.stats_r, models, tile, dtype)
+            if dtype == torch.float32:
+                acc.addmm_(fa, fb.T)  # (n_rows, tile) += (n_rows, d) @ (d, tile)
+            else:
+                acc += fa @ fb.T  # low-precision product, float32 accumulation
+            del fa, fb
+            self._report(stage, done_before + models.stop, total, tiles_done)
+        acc *= 1.0 / (self.n_models * self.n_used)
+        if self.exclude_self:
+            self._mask_self(acc, tile, rows)
+        return acc
+
+    def _mask_self(self, acc: torch.Tensor, tile: slice, rows: torch.Tensor | None) -> None:
+        query_index = (torch.arange(acc.shape[0], device=self.device) if rows is None
+                       else rows.to(self.device))
+        inside = (query_index >= tile.start) & (query_index < tile.stop)
+        acc[inside.nonzero().flatten(), query_index[inside] - tile.start] = float("-inf")
+
+    def tiles(self) -> list[slice]:
+        t, n = self.plan.tile_size, self.references.n_examples
+        return [slice(s, min(s + t, n)) for s in range(0, n, t)]
+
+    def search(self, k_keep: int, *, dtype: torch.dtype, rows: torch.Tensor | None = None,
+               stage: str = "kernel") -> Neighbors:
+        """Pass 2: the running top-`k_keep` over every tile."""
+        n_rows = self.queries.n_examples if rows is None else len(rows)
+        best = empty_topk(n_rows, k_keep, self.device)
+        tiles = self.tiles()
+        total = len(tiles) * self.n_models
+        for i, tile in enumerate(tiles):
+            block = self.accumulate_tile(tile, rows=rows, dtype=dtype, stage=stage,
+                                         tiles_done=i, total=total, done_before=i * self.n_models)
+            best = merge_topk(best, topk_block(block, k_keep, offset=tile.start), k_keep)
+            del block
+            self._report(stage, (i + 1) * self.n_models, total, i + 1)
+        return best
+
+    def rescore(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Exact float32 kernel values of (query, candidate) pairs.
+
+        Parameters
+        ----------
+        candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
+
+        Returns
+        -------
+        Tensor of shape (n_queries, n_candidates), float32.
+        """
+        n_q, n_c = candidates.shape
+        out = torch.zeros(n_q, n_c, device=self.device)
+        step = self.plan.rescore_chunk_models
+        everything_q = slice(0, self.queries.n_examples)
+        everything_r = slice(0, self.references.n_examples)
+        for m0 in range(0, self.n_models, step):
+            models = slice(m0, min(m0 + step, self.n_models))
+            fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
+            fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
+            # Gathered rows: bound the (rows, n_candidates, d) temporary to ~64 MiB.
+            rows_per_block = max(1, (64 << 20) // (n_c * fa.shape[1] * 4))
+            for q0 in range(0, n_q, rows_per_block):
+                q = slice(q0, min(q0 + rows_per_block, n_q))
+                gathered = fb[candidates[q]]  # (rows, n_candidates, d)
+                out[q] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
+            del fa, fb
+            self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
+        return out * (1.0 / (self.n_models * self.n_used))
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA device is available; use cpu")
+    return device
+
+
+def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
+                    memory_budget, device, chunk_models, tile_size, progress, k_keep):
+    if precision not in ("exact", "fast"):
+        raise InputError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    queries = as_source(queries, "query logits")
+    references = queries if (exclude_self and references is None) else as_source(
+        references, "reference logits")
+    check_pair(queries, references)
+    if exclude_self and queries.n_examples != references.n_examples:
+        raise InputError("exclude_self (leave-one-out) needs the queries to be the references")
+    n_refs = references.n_examples - (1 if exclude_self else 0)
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n_refs:
+        raise InputError(f"k must be between 1 and {n_refs} (the number of references"
+                         f"{' other than the query itself' if exclude_self else ''}), got {k}")
+    used = check_classes(classes, queries.n_classes)
+    n_used = len(used) if used is not None else queries.n_classes
+    device = _resolve_device(device)
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    plan = plan_memory(queries.n_examples, references.n_examples, queries.n_models, n_used,
+                       k_keep=k_keep, budget=budget, precision=precision,
+                       chunk_models=chunk_models, tile_size=tile_size)
+    logger.info("plan: %s", plan)
+    return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
+                   plan=plan, exclude_self=exclude_self, progress=progress)
+
+
+def top_k_neighbors(
+    queries,
+    references=None,
+    k: int = 20,
+    *,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    exclude_self: bool = False,
+    precision: Precision = "exact",
+    n_candidates: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str = "cpu",
+    chunk_models: int | None = None,
+    tile_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Neighbors:
+    """The top-k references of every query under the ensemble kernel.
+
+    Parameters
+    ----------
+    queries : array or LogitSource of shape (n_models, n_queries, n_classes).
+    references : array or LogitSource of shape (n_models, n_references, n_classes), from
+        the same runs in the same order. With `exclude_self`, leave it None: the queries
+        are the references (leave-one-out) and each is excluded from its own neighbours.
+    k : neighbours per query, 1 <= k <= n_references.
+    log_softmax : normalise logits with log-softmax first (the reference does).
+    classes : restrict the kernel to these classes (a per-class kernel); None: all.
+    precision : 'exact' (float32 products) or 'fast' (bfloat16 products to find
+        candidates, then an exact float32 re-score: the same neighbours as 'exact').
+    n_candidates : fast mode's candidates per query; default max(2k, k + 32).
+    memory_budget : bytes of working memory; default a quarter of what is available.
+    device : 'cpu' or 'cuda'.
+    chunk_models, tile_size : override the plan (tests and benchmarks).
+    progress : called with a `Progress` as the work advances.
+
+    Returns
+    -------
+    Neighbors with indices and values of shape (n_queries, k), best first; equal values
+    are ordered by smaller reference index.
+    """
+    if precision == "fast":
+        n_candidates = n_candidates or max(2 * k, k + 32)
+        if n_candidates < k:
+            raise InputError(f"n_candidates must be at least k={k}, got {n_candidates}")
+    k_keep = k if precision == "exact" else n_candidates
+    engine = _prepare_engine(queries, references, k, log_softmax=log_softmax, classes=classes,
+                             exclude_self=exclude_self, precision=precision,
+                             memory_budget=memory_budget, device=device,
+                             chunk_models=chunk_models, tile_size=tile_size, progress=progress,
+                             k_keep=k_keep)
+    if precision == "exact":
+        with exact_float32_matmul(engine.device):
+            return engine.search(k, dtype=torch.float32)
+    return _fast_search(engine, k, n_candidates)
+
+
+def _fast_search(engine: _Engine, k: int, n_candidates: int) -> Neighbors:
+    n_refs = engine.references.n_examples
+    n_c = min(n_candidates, n_refs)
+    approx = engine.search(n_c, dtype=torch.bfloat16)
+    with exact_float32_matmul(engine.device):
+        exact = engine.rescore(approx.indices)
+        exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
+        best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
+                          Neighbors(approx.indices, exact), k)
+        # A non-candidate has approx <= the last candidate's approx value. Its exact value
+        # could exceed that by about the approximation error, measured on the candidates.
+        finite = torch.isfinite(exact)
+        error = torch.where(finite, (exact - approx.values).abs(), torch.zeros_like(exact))
+        slack = 2 * error.max(dim=1).values + 1e-6
+        reachable = approx.values[:, -1] + slack
+        uncertain = (best.values[:, -1] <= reachable) if n_c < n_refs - engine.exclude_self \
+            else torch.zeros(exact.shape[0], dtype=torch.bool, device=exact.device)
+        rows = uncertain.nonzero().flatten()
+        logger.info("fast mode: %d of %d queries recomputed exactly", len(rows), exact.shape[0])
+        if len(rows):
+            redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")
+            best.indices[rows], best.values[rows] = redo.indices, redo.values
+    return best
+
+
+def compute_kernel(
+    queries,
+    references,
+    *,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str = "cpu",
+    chunk_models: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """The full kernel, when it fits the memory budget.
+
+    Parameters
+    ----------
+    queries : array or LogitSource of shape (n_models, n_queries, n_classes).
+    references : array or LogitSource of shape (n_models, n_references, n_classes).
+
+    Returns
+    -------
+    Tensor of shape (n_queries, n_references), float32.
+
+    Raises
+    ------
+    BudgetError
+        If the kernel does not fit in one tile of the budget: use `top_k_neighbors`.
+    """
+    queries = as_source(queries, "query logits")
+    references = as_source(references, "reference logits")
+    engine = _prepare_engine(queries, references, 1, log_softmax=log_softmax, classes=classes,
+                             exclude_self=False, precision="exact", memory_budget=memory_budget,
+                             device=device, chunk_models=chunk_models, tile_size=None,
+                             progress=progress, k_keep=1)
+    if engine.plan.n_tiles > 1:
+        size = queries.n_examples * references.n_examples * 4
+        raise BudgetError(
+            f"the full kernel ({queries.n_examples} x {references.n_examples} float32, "
+            f"{_format_bytes(size)}) does not fit the memory budget of "
+            f"{_format_bytes(engine.plan.budget)}: raise it, or use top_k_neighbors"
+        )
+    with exact_float32_matmul(engine.device):
+        return engine.accumulate_tile(slice(0, references.n_examples), rows=None,
+                                      dtype=torch.float32, stage="kernel", tiles_done=0,
+                                      total=engine.n_models, done_before=0)

@@ -1,0 +1,200 @@
+"""Accuracy tables: single models, the ensemble average, kernel k-NN and the weighted vote.
+
+`evaluate` computes the top-max(k, weighted_k) neighbours once and reads both votes off
+them; `select_by_leave_one_out` chooses k and the power on the references alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .engine import ProgressCallback, top_k_neighbors
+from .errors import InputError
+from .formats import check_labels
+from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
+from .sources import LogitSource
+
+__all__ = [
+    "Evaluation",
+    "Selection",
+    "ensemble_logits",
+    "single_model_accuracies",
+    "accuracy",
+    "evaluate",
+    "select_by_leave_one_out",
+    "knn_predict",
+    "weighted_predict",
+]
+
+DEFAULT_KS = (1, 3, 5, 7, 9, 15, 20)
+DEFAULT_WEIGHTED = ((10, 1), (10, 2), (10, 4), (20, 1), (20, 2), (20, 4), (20, 8), (50, 4))
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of predictions equal to labels (both Tensors of shape (n,))."""
+    return float((predictions.cpu() == labels.cpu()).double().mean())
+
+
+def _model_blocks(source: LogitSource, block: int = 64):
+    for m0 in range(0, source.n_models, block):
+        yield m0, source.read(slice(m0, min(m0 + block, source.n_models)),
+                              slice(0, source.n_examples))
+
+
+def ensemble_logits(source: LogitSource) -> torch.Tensor:
+    """The mean of the logits over runs.
+
+    Returns
+    -------
+    Tensor of shape (n_examples, n_classes), float64.
+    """
+    total = torch.zeros(source.n_examples, source.n_classes, dtype=torch.float64)
+    for _, raw in _model_blocks(source):
+        total += raw.to(torch.float64).sum(dim=0)
+    return total / source.n_models
+
+
+def single_model_accuracies(source: LogitSource, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each run alone. Returns Tensor of shape (n_models,), float64."""
+    out = []
+    for _, raw in _model_blocks(source):
+        out.append((raw.float().argmax(dim=-1) == labels).double().mean(dim=1))
+    return torch.cat(out)
+
+
+def knn_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int, k: int):
+    """Majority vote of the first k neighbours; ties: the smallest label."""
+    return predict_from_scores(knn_scores(neighbors.first(k), reference_labels, n_classes))[0]
+
+
+def weighted_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int,
+                     k: int, power: int):
+    """Weighted vote (K ** power) of the first k neighbours; ties: the smallest label."""
+    scores = weighted_scores(neighbors.first(k), reference_labels, n_classes, power)
+    return predict_from_scores(scores)[0]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The model card's table, as fractions in [0, 1]."""
+
+    n_models: int
+    k: int
+    weighted_k: int
+    power: int
+    single_model_accuracy: float
+    ensemble_accuracy: float
+    knn_accuracy: float
+    weighted_accuracy: float
+    single_model_accuracies: tuple[float, ...] = field(repr=False, default=())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What leave-one-out on the references chose, and every candidate's accuracy."""
+
+    vote: str  # 'knn' or 'weighted'
+    k: int
+    power: int | None
+    accuracy: float  # leave-one-out accuracy of the choice
+    table: tuple[tuple[str, int, int | None, float], ...]  # (vote, k, power, accuracy)
+
+
+def _require_labels(labels: torch.Tensor | None, split: str) -> torch.Tensor:
+    if labels is None:
+        raise InputError(
+            f"no {split} labels: the run files carry none; pass --labels FILE.npz with "
+            "arrays labels_train and labels_test"
+        )
+    return labels
+
+
+def evaluate(
+    train: LogitSource,
+    test: LogitSource,
+    labels_train: torch.Tensor | None,
+    labels_test: torch.Tensor | None,
+    *,
+    k: int = 3,
+    weighted_k: int = 20,
+    power: int = 4,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    precision: str = "exact",
+    memory_budget: int | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    neighbors: Neighbors | None = None,
+) -> Evaluation:
+    """Single-model mean, ensemble average, kernel k-NN and weighted-vote accuracy on `test`.
+
+    Parameters
+    ----------
+    train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
+    labels_train, labels_test : Tensor of shape (n_train,) and (n_test,), int64.
+    neighbors : precomputed test -> train neighbours (at least max(k, weighted_k)).
+    """
+    labels_train = _require_labels(labels_train, "train")
+    labels_test = _require_labels(labels_test, "test")
+    n_classes = train.n_classes
+    check_labels(labels_train, train.n_examples, n_classes, "train")
+    check_labels(labels_test, test.n_examples, n_classes, "test")
+    k_max = max(k, weighted_k)
+    if neighbors is None:
+        neighbors = top_k_neighbors(test, train, k_max, log_softmax=log_softmax, classes=classes,
+                                    precision=precision, memory_budget=memory_budget,
+                                    device=device, progress=progress)
+    singles = single_model_accuracies(test, labels_test)
+    ensemble = ensemble_logits(test).argmax(dim=1)
+    return Evaluation(
+        n_models=test.n_models,
+        k=k,
+        weighted_k=weighted_k,
+        power=power,
+        single_model_accuracy=float(singles.mean()),
+        ensemble_accuracy=accuracy(ensemble, labels_test),
+        knn_accuracy=accuracy(knn_predict(neighbors, labels_train, n_classes, k), labels_test),
+        weighted_accuracy=accuracy(
+            weighted_predict(neighbors, labels_train, n_classes, weighted_k, power), labels_test),
+        single_model_accuracies=tuple(float(a) for a in singles),
+    )
+
+
+def select_by_leave_one_out(
+    train: LogitSource,
+    labels_train: torch.Tensor,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    weighted: Sequence[tuple[int, int]] = DEFAULT_WEIGHTED,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    precision: str = "exact",
+    memory_budget: int | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+) -> Selection:
+    """Choose the vote, k and power by leave-one-out accuracy on the references.
+
+    Each training example is classified by its neighbours among the other training
+    examples; no test label is used. Ties between candidates go to the first listed.
+    """
+    labels_train = _require_labels(labels_train, "train")
+    n_classes = train.n_classes
+    check_labels(labels_train, train.n_examples, n_classes, "train")
+    limit = train.n_examples - 1
+    ks = [k for k in ks if k <= limit] or [1]
+    weighted = [(k, p) for k, p in weighted if k <= limit]
+    k_max = max(ks + [k for k, _ in weighted])
+    neighbors = top_k_neighbors(train, None, k_max, exclude_self=True, log_softmax=log_softmax,
+                                classes=classes, precision=precision,
+                                memory_budget=memory_budget, device=device, progress=progress)
+    table = [("knn", k, None, accuracy(knn_predict(neighbors, labels_train, n_classes, k),
+                                         labels_train)) for k in ks]
+    table += [("weighted", k, p, accuracy(
+        weighted_predict(neighbors, labels_train, n_classes, k, p), labels_train))
+        for k, p in weighted]
+    best = max(table, key=lambda row: row[3])  # max keeps the first of equals
+    return Selection(vote=best[0], k=best[1], power=best[2], accuracy=best[3], table=tuple(table))

@@ -1,0 +1,275 @@
+"""Readers for run files: the published `.pt` layout, `.npz`, and directories of them.
+
+A run file from elsewhere is untrusted: `.pt` files are loaded with
+``torch.load(weights_only=True)`` (memory-mapped where the zip format allows), and
+`.npz` files with ``allow_pickle=False``. Neither can execute code.
+
+Layouts (DESIGN §3):
+
+- `.pt`: a dict whose ``logits`` holds test outputs and ``logits_train`` train outputs,
+  each (n_examples, n_classes) for one run or (n_runs, n_examples, n_classes) for a
+  batch; optional ``labels_train`` / ``labels_test`` (or ``labels``), ``code``, others.
+- `.npz`: arrays ``logits_train`` and ``logits_test``, optional ``labels_train`` and
+  ``labels_test``.
+- a directory: every `.pt` below it, in lexicographic order of relative paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError, RunFileError
+from .sources import ArraySource, LogitSource, sequence_of
+
+__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels",
+           "check_labels"]
+
+_TEST_KEYS = ("logits", "logits_test")
+_LABEL_KEYS = {"train": ("labels_train",), "test": ("labels_test", "labels")}
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """The runs of one file.
+
+    Attributes
+    ----------
+    path : where it was read from.
+    train, test : logits of shape (n_runs, n_examples, n_classes) (memory-mapped for `.pt`).
+    labels_train, labels_test : int64 labels of shape (n_examples,), or None if absent.
+    code : the training code string, if the file has one.
+    """
+
+    path: Path
+    train: torch.Tensor
+    test: torch.Tensor
+    labels_train: torch.Tensor | None
+    labels_test: torch.Tensor | None
+    code: str | None = None
+
+    @property
+    def n_runs(self) -> int:
+        return self.train.shape[0]
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """Runs gathered from one or more sources: the references (train) and queries (test).
+
+    Attributes
+    ----------
+    train, test : LogitSource of shape (n_models, n_examples, n_classes).
+    labels_train, labels_test : Tensor of shape (n_examples,), int64, or None.
+    sources : the files, in the order their runs were concatenated.
+    """
+
+    train: LogitSource
+    test: LogitSource
+    labels_train: torch.Tensor | None
+    labels_test: torch.Tensor | None
+    sources: tuple[str, ...]
+
+    @property
+    def n_models(self) -> int:
+        return self.train.n_models
+
+    @property
+    def n_classes(self) -> int:
+        return self.train.n_classes
+
+
+def _as_runs(value, path: Path, key: str) -> torch.Tensor:
+    tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+    if not isinstance(tensor, torch.Tensor):
+        raise RunFileError(f"{path}: '{key}' must be an array of logits, got {type(value).__name__}")
+    if not tensor.is_floating_point():
+        raise RunFileError(f"{path}: '{key}' must hold floating-point logits, got {tensor.dtype}")
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 3:
+        raise RunFileError(
+            f"{path}: '{key}' must have shape (n_examples, n_classes) or "
+            f"(n_runs, n_examples, n_classes), got {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def _as_labels(value, where: str) -> torch.Tensor:
+    array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise InputError(f"{where}: labels must be a 1-D integer array, got "
+                         f"{array.dtype} of shape {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _load_pt(path: Path) -> dict:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            # Legacy (pre-zip) format: cannot be memory-mapped; or a damaged zip.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+            raise RunFileError(f"{path}: not a readable PyTorch file (truncated or damaged?): "
+                               f"{str(e).splitlines()[0]}") from e
+        raise RunFileError(
+            f"{path}: refusing to load, it would need to run code to unpickle "
+            f"(only plain tensors, dicts, lists, numbers and strings are allowed): "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RunFileError(
+            f"{path}: not a readable PyTorch file (truncated or damaged?): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    if not isinstance(obj, dict):
+        raise RunFileError(
+            f"{path}: expected a dict with 'logits' and 'logits_train', got {type(obj).__name__}"
+        )
+    return obj
+
+
+def _load_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise RunFileError(f"{path}: not a readable .npz file (truncated or damaged?): {e}") from e
+
+
+def read_run_file(path: str | Path) -> RunFile:
+    """Read one `.pt` or `.npz` run file (see the module docstring for the layouts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".pt" or suffix == ".pth":
+        obj = _load_pt(path)
+        test_key = next((k for k in _TEST_KEYS if k in obj), None)
+        train_key = "logits_train"
+    elif suffix == ".npz":
+        obj = _load_npz(path)
+        test_key = "logits_test" if "logits_test" in obj else None
+        train_key = "logits_train"
+    else:
+        raise RunFileError(
+            f"{path}: unknown file type '{path.suffix}'; expected a .pt or .npz run file, "
+            "a directory of .pt files, or a store"
+        )
+    missing = [k for k, present in (("logits_train", train_key in obj),
+                                    ("logits (test)", test_key is not None)) if not present]
+    if missing:
+        raise RunFileError(f"{path}: missing {' and '.join(missing)}; keys found: "
+                           f"{sorted(map(str, obj))}")
+    train = _as_runs(obj[train_key], path, train_key)
+    test = _as_runs(obj[test_key], path, test_key)
+    if train.shape[0] != test.shape[0]:
+        raise RunFileError(f"{path}: {train.shape[0]} runs of train logits but {test.shape[0]} "
+                           "of test logits; each run needs both")
+    if train.shape[2] != test.shape[2]:
+        raise RunFileError(f"{path}: train logits have {train.shape[2]} classes but test "
+                           f"logits have {test.shape[2]}")
+    labels = {}
+    for split, keys in _LABEL_KEYS.items():
+        key = next((k for k in keys if k in obj), None)
+        labels[split] = None if key is None else _as_labels(obj[key], f"{path} '{key}'")
+    code = obj.get("code")
+    return RunFile(path, train, test, labels["train"], labels["test"],
+                   code if isinstance(code, str) else None)
+
+
+def find_run_files(src: str | Path) -> list[Path]:
+    """SRC as a list of run files: a file itself, or every `.pt` below a directory."""
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    if src.is_dir():
+        files = sorted((p for p in src.rglob("*") if p.suffix.lower() == ".pt" and p.is_file()),
+                       key=lambda p: p.relative_to(src).as_posix())
+        if not files:
+            raise RunFileError(f"{src}: no .pt run files in this directory (searched recursively)")
+        return files
+    raise RunFileError(f"{src}: no such file or directory")
+
+
+def read_labels(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels from an `.npz` with arrays `labels_train` and `labels_test`."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise InputError(f"{path}: --labels takes an .npz file with labels_train and labels_test")
+    arrays = _load_npz(path) if path.is_file() else None
+    if arrays is None:
+        raise InputError(f"{path}: no such labels file")
+    missing = [k for k in ("labels_train", "labels_test") if k not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing {', '.join(missing)}; keys found: {sorted(arrays)}")
+    return (_as_labels(arrays["labels_train"], f"{path} 'labels_train'"),
+            _as_labels(arrays["labels_test"], f"{path} 'labels_test'"))
+
+
+def check_labels(labels: torch.Tensor | None, n_examples: int, n_classes: int, split: str) -> None:
+    """Raise InputError unless labels fit the split: length n_examples, values in range."""
+    if labels is None:
+        return
+    if labels.shape != (n_examples,):
+        raise InputError(f"{split} labels have length {labels.shape[0] if labels.ndim else 0} "
+                         f"but the {split} split has {n_examples} examples")
+    if n_examples and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise InputError(f"{split} labels must lie in 0..{n_classes - 1}, got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
+
+
+def _merge_labels(current: torch.Tensor | None, new: torch.Tensor | None, where: str, split: str):
+    if new is None or current is None:
+        return current if new is None else new
+    if current.shape != new.shape or not torch.equal(current, new):
+        raise InputError(f"{where}: {split} labels differ from those of the files before it")
+    return current
+
+
+def open_runs(srcs: Sequence[str | Path], *, labels: str | Path | None = None) -> RunSet:
+    """Gather the runs of every SRC (files or directories) into one RunSet."""
+    if not srcs:
+        raise InputError("no SRC given: name a .pt or .npz run file, or a directory of .pt files")
+    files = [f for src in srcs for f in find_run_files(src)]
+    runs = [read_run_file(f) for f in files]
+    first = runs[0]
+    for run in runs[1:]:
+        for split in ("train", "test"):
+            a, b = getattr(first, split), getattr(run, split)
+            if a.shape[1:] != b.shape[1:]:
+                raise InputError(
+                    f"{run.path}: {split} logits are {b.shape[1]} examples x {b.shape[2]} classes "
+                    f"but {first.path} has {a.shape[1]} x {a.shape[2]}: all runs must match"
+                )
+    labels_train = labels_test = None
+    for run in runs:
+        labels_train = _merge_labels(labels_train, run.labels_train, str(run.path), "train")
+        labels_test = _merge_labels(labels_test, run.labels_test, str(run.path), "test")
+    if labels is not None:
+        labels_train, labels_test = read_labels(labels)
+    train = sequence_of([ArraySource(r.train, str(r.path)) for r in runs])
+    test = sequence_of([ArraySource(r.test, str(r.path)) for r in runs])
+    check_labels(labels_train, train.n_examples, train.n_classes, "train")
+    check_labels(labels_test, test.n_examples, test.n_classes, "test")
+    return RunSet(train, test, labels_train, labels_test, tuple(str(f) for f in files))
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,159 @@
+"""Pure: kernel blocks -> running top-k; majority and weighted votes.
+
+Order rule (DESIGN §1): larger kernel value first; exactly equal values, smaller
+reference index first. `torch.topk` alone does not promise that, so every selection
+here goes through `_order`, a lexicographic sort on (value descending, index ascending),
+and a block whose k-th value is tied with a value left out is re-selected stably.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+__all__ = [
+    "Neighbors",
+    "topk_block",
+    "merge_topk",
+    "empty_topk",
+    "knn_scores",
+    "weighted_scores",
+    "predict_from_scores",
+]
+
+_NO_INDEX = torch.iinfo(torch.int64).max  # padding: sorts after every real index
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The top-k references of every query, best first.
+
+    Attributes
+    ----------
+    indices : Tensor of shape (n_queries, k), int64: reference indices.
+    values : Tensor of shape (n_queries, k), float32: their kernel values.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def first(self, k: int) -> "Neighbors":
+        """The best `k` of each row (a prefix: the order is already final)."""
+        if not 1 <= k <= self.k:
+            raise InputError(f"k must be between 1 and {self.k}, got {k}")
+        return Neighbors(self.indices[:, :k], self.values[:, :k])
+
+
+def _order(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of each row by (value desc, index asc); rows are small."""
+    by_index = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), indices.gather(1, by_value)
+
+
+def empty_topk(n_queries: int, k: int, device: torch.device | str = "cpu") -> Neighbors:
+    """A running top-k with nothing in it yet (-inf values, padding indices)."""
+    return Neighbors(
+        torch.full((n_queries, k), _NO_INDEX, dtype=torch.int64, device=device),
+        torch.full((n_queries, k), float("-inf"), dtype=torch.float32, device=device),
+    )
+
+
+def topk_block(block: torch.Tensor, k: int, offset: int = 0, row_chunk: int = 4096) -> Neighbors:
+    """Top-k of each row of a kernel block, under the order rule.
+
+    Parameters
+    ----------
+    block : Tensor of shape (n_queries, n_block_references), float32.
+    k : how many to keep; at most the block's width.
+    offset : the global index of the block's first reference.
+
+    Returns
+    -------
+    Neighbors with Tensors of shape (n_queries, min(k, n_block_references)).
+    """
+    k = min(k, block.shape[1])
+    values, local = block.topk(k, dim=1, sorted=False)
+    kth = values.min(dim=1, keepdim=True).values  # (n_queries, 1)
+    # Rows where a value equal to the k-th was left out: topk may have kept a larger
+    # index than the rule allows. Counting ties is one pass; chunked to bound memory.
+    n_tied_kept = (values == kth).sum(dim=1)
+    n_tied = torch.cat(
+        [
+            (block[r : r + row_chunk] == kth[r : r + row_chunk]).sum(dim=1)
+            for r in range(0, block.shape[0], row_chunk)
+        ]
+    )
+    for row in (n_tied > n_tied_kept).nonzero().flatten().tolist():
+        order = block[row].argsort(descending=True, stable=True)[:k]
+        values[row], local[row] = block[row, order], order
+    return Neighbors(*reversed(_order(values, local + offset, k)))
+
+
+def merge_topk(a: Neighbors, b: Neighbors, k: int) -> Neighbors:
+    """The best k of two running top-k lists for the same queries."""
+    values = torch.cat([a.values, b.values], dim=1)
+    indices = torch.cat([a.indices, b.indices], dim=1)
+    values, indices = _order(values, indices, min(k, values.shape[1]))
+    return Neighbors(indices, values)
+
+
+def _check_labels(labels: torch.Tensor, n_classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise InputError(
+            f"labels must lie in 0..{n_classes - 1}, got values from {int(labels.min())} "
+            f"to {int(labels.max())}"
+        )
+
+
+def knn_scores(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Majority-vote scores: the fraction of the k neighbours that carry each class.
+
+    Returns
+    -------
+    Tensor of shape (n_queries, n_classes), float32; rows sum to 1.
+    """
+    labels = reference_labels.to(neighbors.indices.device)[neighbors.indices]  # (n_queries, k)
+    counts = torch.zeros(labels.shape[0], n_classes, device=labels.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+    return counts / neighbors.k
+
+
+def weighted_scores(
+    neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int, power: int
+) -> torch.Tensor:
+    """Weighted-vote scores: per class, the sum of K ** power over the neighbours carrying it, / k.
+
+    Returns
+    -------
+    Tensor of shape (n_queries, n_classes), float32.
+    """
+    if not isinstance(power, int) or power < 1:
+        raise InputError(f"power must be a positive integer, got {power!r}")
+    labels = reference_labels.to(neighbors.indices.device)[neighbors.indices]
+    weights = neighbors.values.double().pow(power)
+    scores = torch.zeros(labels.shape[0], n_classes, dtype=torch.float64, device=labels.device)
+    scores.scatter_add_(1, labels, weights)
+    return (scores / neighbors.k).float()
+
+
+def predict_from_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax (ties: the smallest label) and the margin between the best two scores.
+
+    Returns
+    -------
+    (Tensor of shape (n_queries,), int64; Tensor of shape (n_queries,), float32)
+    """
+    # argmax returns the first maximum: the smallest label among ties.
+    prediction = scores.argmax(dim=1)
+    top2 = scores.topk(min(2, scores.shape[1]), dim=1).values
+    margin = top2[:, 0] - top2[:, 1] if top2.shape[1] > 1 else top2[:, 0]
+    return prediction, margin.float()

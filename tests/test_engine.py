@@ -1,0 +1,111 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ensemble_kernel import dense_kernel, plan_memory, top_k_neighbors
+from ensemble_kernel.errors import BudgetError, InputError
+
+from conftest import assert_same_neighbors, make_ensemble
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("tile_size,chunk_models", [(None, None), (7, 1), (33, 4), (50, 3), (200, 7)])
+def test_engine_agrees_with_the_dense_twin(precision, tile_size, chunk_models):
+    ens = make_ensemble(n_models=7, n_train=120, n_test=40)
+    got = top_k_neighbors(ens.test, ens.train, 9, precision=precision, tile_size=tile_size,
+                          chunk_models=chunk_models, memory_budget=64 * MiB)
+    assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 9)
+
+
+def test_fast_mode_with_few_candidates_falls_back_to_exact_rows():
+    # With one candidate beyond k the approximate ranking often misses a neighbour;
+    # the certificate must catch it and recompute those rows exactly.
+    ens = make_ensemble(seed=3, n_models=12, n_train=400, n_test=60, noise=0.3)
+    got = top_k_neighbors(ens.test, ens.train, 10, precision="fast", n_candidates=11,
+                          tile_size=64, memory_budget=64 * MiB)
+    assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 10)
+
+
+def test_leave_one_out_never_returns_the_example_itself():
+    ens = make_ensemble(n_models=5, n_train=90)
+    for precision in ("exact", "fast"):
+        got = top_k_neighbors(ens.train, None, 6, exclude_self=True, tile_size=16,
+                              chunk_models=2, precision=precision, memory_budget=64 * MiB)
+        assert not bool((got.indices == torch.arange(90)[:, None]).any())
+        kernel = dense_kernel(ens.train, ens.train)
+        kernel.fill_diagonal_(float("-inf"))
+        assert_same_neighbors(got.indices, got.values, kernel, 6)
+
+
+def test_exact_ties_go_to_the_smaller_reference_index():
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    train = ens.train.clone()
+    train[:, 25] = train[:, 3]  # an exact duplicate: identical kernel columns
+    train[:, 12] = train[:, 3]
+    for tile_size in (None, 4, 13):
+        got = top_k_neighbors(train, train, 5, tile_size=tile_size, memory_budget=64 * MiB)
+        row = got.indices[3].tolist()
+        assert row[:3] == [3, 12, 25]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), tile=st.integers(1, 50), chunk=st.integers(1, 6))
+def test_result_does_not_depend_on_model_order_tile_or_chunk(seed, tile, chunk):
+    ens = make_ensemble(seed=seed, n_models=6, n_train=50, n_test=12, n_classes=3)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
+    got = top_k_neighbors(ens.test[perm], ens.train[perm], 4, tile_size=tile, chunk_models=chunk,
+                          memory_budget=16 * MiB)
+    assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 4)
+
+
+def test_input_arrays_are_not_modified():
+    ens = make_ensemble(n_models=3)
+    train, test = ens.train.clone(), ens.test.clone()
+    top_k_neighbors(test, train, 3, chunk_models=1, memory_budget=16 * MiB)
+    assert torch.equal(train, ens.train) and torch.equal(test, ens.test)
+
+
+def test_k_must_fit_the_references():
+    ens = make_ensemble(n_train=20)
+    with pytest.raises(InputError, match="k must be between 1 and 20 .*got 21"):
+        top_k_neighbors(ens.test, ens.train, 21)
+    with pytest.raises(InputError, match="k must be between 1 and 19 .*other than the query"):
+        top_k_neighbors(ens.train, None, 20, exclude_self=True)
+    with pytest.raises(InputError, match="precision must be 'exact' or 'fast'"):
+        top_k_neighbors(ens.test, ens.train, 3, precision="bf16")
+
+
+def test_plan_fits_the_budget_and_uses_one_tile_when_the_kernel_fits():
+    big = plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=8 << 30)
+    assert big.n_tiles == 1
+    small = plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 30)
+    assert small.n_tiles > 1
+    acc = 10_000 * small.tile_size * 4
+    block = (10_000 + small.tile_size) * 10 * 24 * small.chunk_models
+    assert acc + block <= 1 << 30
+    with pytest.raises(BudgetError, match="too small for 10000 queries.*raise --memory-budget"):
+        plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 20)
+
+
+def test_progress_reports_every_stage():
+    ens = make_ensemble(n_models=4)
+    seen = []
+    top_k_neighbors(ens.test, ens.train, 3, precision="fast", tile_size=50, chunk_models=2,
+                    memory_budget=16 * MiB, progress=seen.append)
+    stages = {p.stage for p in seen}
+    assert {"statistics", "kernel", "rescore"} <= stages
+    last_kernel = [p for p in seen if p.stage == "kernel"][-1]
+    assert last_kernel.done == last_kernel.total and last_kernel.tiles_done == last_kernel.n_tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu():
+    ens = make_ensemble(n_models=8, n_train=500, n_test=100)
+    for precision in ("exact", "fast"):
+        got = top_k_neighbors(ens.test, ens.train, 5, device="cuda", precision=precision,
+                              tile_size=128)
+        assert_same_neighbors(got.indices.cpu(), got.values.cpu(),
+                              dense_kernel(ens.test, ens.train), 5)
