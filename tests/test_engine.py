@@ -109,3 +109,18 @@ def test_cuda_agrees_with_cpu():
                               tile_size=128)
         assert_same_neighbors(got.indices.cpu(), got.values.cpu(),
                               dense_kernel(ens.test, ens.train), 5)
+
+
+def test_tiles_without_the_query_cache_agree():
+    import dataclasses
+
+    from ensemble_kernel.engine import _prepare_engine
+
+    ens = make_ensemble(n_models=5, n_train=100, n_test=30)
+    engine = _prepare_engine(ens.test, ens.train, 4, log_softmax=True, classes=None,
+                             exclude_self=False, precision="exact", memory_budget=64 * MiB,
+                             device="cpu", chunk_models=2, tile_size=17, progress=None, k_keep=4)
+    assert engine.plan.cache_queries
+    engine.plan = dataclasses.replace(engine.plan, cache_queries=False)
+    got = engine.search(4, dtype=torch.float32)
+    assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 4)

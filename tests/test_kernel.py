@@ -16,7 +16,8 @@ def test_hand_computed_three_examples():
     # +-1/sqrt(2) (unbiased std), so K is easy to write down by hand.
     a = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]],
                       [[3.0, 0.0], [0.0, 0.0], [5.0, 1.0]]])  # (2 runs, 3 examples, 2 classes)
-    kernel = compute_kernel(a, a, log_softmax=False, memory_budget=1 << 26)
+    with pytest.warns(RuntimeWarning, match="3 \\(example, class\\) outputs"):
+        kernel = compute_kernel(a, a, log_softmax=False, memory_budget=1 << 26)
     # z for each example/class over the two runs: sign pattern / sqrt(2); a constant
     # output (example 0 class 1, example 2 class 0) is 0.
     s = 1 / math.sqrt(2)

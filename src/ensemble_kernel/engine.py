@@ -98,6 +98,8 @@ class Plan:
     chunk_models : runs per block in the kernel pass.
     rescore_chunk_models : runs per block in fast mode's exact re-score.
     example_block : examples per block in the statistics pass.
+    cache_queries : keep the normalised query features between tiles (when they fit in
+        a third of the budget) instead of normalising the queries again for every tile.
     budget : bytes the plan was made for.
     """
 
@@ -106,6 +108,7 @@ class Plan:
     chunk_models: int
     rescore_chunk_models: int
     example_block: int
+    cache_queries: bool
     budget: int
 
 
@@ -185,6 +188,11 @@ def plan_memory(
         room = (avail - tile * acc_per_column) // ((n_queries + tile) * per_run_row)
         cap = max(1, _MAX_CONTRACTION // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
+    cache_bytes = n_queries * n_models * n_used_classes * (2 if precision == "fast" else 4)
+    room = (avail - cache_bytes - tile * acc_per_column) // ((n_queries + tile) * per_run_row)
+    cache_queries = cache_bytes <= 0.3 * avail and room >= 1
+    if cache_queries and chunk_models is None:  # the cache's room comes from the blocks
+        models = int(max(1, min(room, models)))
     rescore_room = (avail - n_queries * k_keep * 8) // ((n_queries + n_references) * per_run_row)
     rescore_models = int(max(1, min(rescore_room, models, n_models)))
     # The statistics pass also holds float64 copies of its block: twice the room per element.
@@ -195,6 +203,7 @@ def plan_memory(
         chunk_models=models,
         rescore_chunk_models=rescore_models,
         example_block=example_block,
+        cache_queries=cache_queries,
         budget=budget,
     )
 
@@ -226,6 +235,7 @@ class _Engine:
         self.n_models = queries.n_models
         self.n_used = len(classes) if classes is not None else queries.n_classes
         self.start = time.perf_counter()
+        self._query_cache: dict[tuple, torch.Tensor] = {}
         self.stats_q = self._statistics(queries, "query")
         self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
 
@@ -284,25 +294,41 @@ class _Engine:
         -------
         Tensor of shape (n_rows, tile width), float32, scaled by 1 / (n_models * n_used).
         """
-        n_rows = self.queries.n_examples if rows is None else len(rows)
-        acc = torch.zeros(n_rows, tile.stop - tile.start, device=self.device)
-        step, all_queries = self.plan.chunk_models, slice(0, self.queries.n_examples)
-        for m0 in range(0, self.n_models, step):
-            models = slice(m0, min(m0 + step, self.n_models))
-            fa = self._features(self.queries, self.stats_q, models, all_queries, dtype)
-            if rows is not None:
-                fa = fa[rows]
+        acc = None
+        for models in self._model_blocks():
+            fa = self._query_features(models, rows, dtype)
             fb = self._features(self.references, self.stats_r, models, tile, dtype)
             if dtype == torch.float32:
-                acc.addmm_(fa, fb.T)  # (n_rows, tile) += (n_rows, d) @ (d, tile)
-            else:
-                acc += fa @ fb.T  # low-precision product, float32 accumulation
+                # (n_rows, tile) += (n_rows, d) @ (d, tile); the first block writes it.
+                acc = fa @ fb.T if acc is None else acc.addmm_(fa, fb.T)
+            else:  # low-precision product, float32 accumulation
+                product = fa @ fb.T.contiguous()  # a contiguous (d, tile) operand is faster
+                acc = product.float() if acc is None else acc.add_(product)
+                del product
             del fa, fb
             self._report(stage, done_before + models.stop, total, tiles_done)
         acc *= 1.0 / (self.n_models * self.n_used)
         if self.exclude_self:
             self._mask_self(acc, tile, rows)
         return acc
+
+    def _model_blocks(self) -> list[slice]:
+        step = self.plan.chunk_models
+        return [slice(m, min(m + step, self.n_models)) for m in range(0, self.n_models, step)]
+
+    def _query_features(self, models: slice, rows: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """Normalised query features of a block of runs, from the cache when the plan has one."""
+        key = (models.start, models.stop, dtype)
+        if key in self._query_cache:
+            return self._query_cache[key]
+        fa = self._features(self.queries, self.stats_q, models,
+                            slice(0, self.queries.n_examples), dtype)
+        if rows is not None:
+            fa = fa[rows]
+        if self.plan.cache_queries and self.plan.n_tiles > 1:
+            self._query_cache[key] = fa
+        return fa
 
     def _mask_self(self, acc: torch.Tensor, tile: slice, rows: torch.Tensor | None) -> None:
         query_index = (torch.arange(acc.shape[0], device=self.device) if rows is None
@@ -324,9 +350,12 @@ class _Engine:
         for i, tile in enumerate(tiles):
             block = self.accumulate_tile(tile, rows=rows, dtype=dtype, stage=stage,
                                          tiles_done=i, total=total, done_before=i * self.n_models)
-            best = merge_topk(best, topk_block(block, k_keep, offset=tile.start), k_keep)
+            found = topk_block(block, k_keep, offset=tile.start,
+                               exact_ties=dtype == torch.float32)
+            best = merge_topk(best, found, k_keep)
             del block
             self._report(stage, (i + 1) * self.n_models, total, i + 1)
+        self._query_cache.clear()
         return best
 
     def rescore(self, candidates: torch.Tensor) -> torch.Tensor:

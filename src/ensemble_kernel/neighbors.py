@@ -67,7 +67,8 @@ def empty_topk(n_queries: int, k: int, device: torch.device | str = "cpu") -> Ne
     )
 
 
-def topk_block(block: torch.Tensor, k: int, offset: int = 0, row_chunk: int = 4096) -> Neighbors:
+def topk_block(block: torch.Tensor, k: int, offset: int = 0, *, exact_ties: bool = True,
+               row_chunk: int = 1024) -> Neighbors:
     """Top-k of each row of a kernel block, under the order rule.
 
     Parameters
@@ -75,27 +76,27 @@ def topk_block(block: torch.Tensor, k: int, offset: int = 0, row_chunk: int = 40
     block : Tensor of shape (n_queries, n_block_references), float32.
     k : how many to keep; at most the block's width.
     offset : the global index of the block's first reference.
+    exact_ties : enforce the tie rule at the k-th place. A value equal to the k-th can
+        only have been left out if the (k+1)-th value equals the k-th, so one extra
+        column of `topk` finds the rows to repair. Approximate passes (fast mode's
+        candidates) skip it.
 
     Returns
     -------
     Neighbors with Tensors of shape (n_queries, min(k, n_block_references)).
     """
     k = min(k, block.shape[1])
-    values, local = block.topk(k, dim=1, sorted=False)
-    kth = values.min(dim=1, keepdim=True).values  # (n_queries, 1)
-    # Rows where a value equal to the k-th was left out: topk may have kept a larger
-    # index than the rule allows. Counting ties is one pass; chunked to bound memory.
-    n_tied_kept = (values == kth).sum(dim=1)
-    n_tied = torch.cat(
-        [
-            (block[r : r + row_chunk] == kth[r : r + row_chunk]).sum(dim=1)
-            for r in range(0, block.shape[0], row_chunk)
-        ]
-    )
-    for row in (n_tied > n_tied_kept).nonzero().flatten().tolist():
-        order = block[row].argsort(descending=True, stable=True)[:k]
-        values[row], local[row] = block[row, order], order
-    return Neighbors(*reversed(_order(values, local + offset, k)))
+    extra = 1 if exact_ties and k < block.shape[1] else 0
+    values, local = block.topk(k + extra, dim=1)  # sorted, descending
+    if extra:
+        tied = (values[:, k] == values[:, k - 1]).nonzero().flatten()
+        values, local = values[:, :k].clone(), local[:, :k].clone()
+        for r in range(0, len(tied), row_chunk):
+            rows = tied[r : r + row_chunk]
+            order = block[rows].argsort(dim=1, descending=True, stable=True)[:, :k]
+            values[rows], local[rows] = block[rows].gather(1, order), order
+    values, indices = _order(values, local + offset, k)
+    return Neighbors(indices, values)
 
 
 def merge_topk(a: Neighbors, b: Neighbors, k: int) -> Neighbors:
