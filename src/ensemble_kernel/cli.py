@@ -27,7 +27,9 @@ from . import __version__
 from .engine import Progress, top_k_neighbors
 from .errors import EnsembleKernelError, InputError
 from .evaluate import evaluate, select_by_leave_one_out
-from .formats import RunSet, open_runs
+from .formats import (RunSet, check_labels, find_run_files, open_runs, read_labels,
+                      read_run_file)
+from .store import RunStore, is_store
 from .neighbors import knn_scores, predict_from_scores, weighted_scores
 from .sources import parse_runs, select_runs
 
@@ -59,9 +61,10 @@ def parse_size(text: str) -> int:
 
 # ---- shared options -------------------------------------------------------------------
 
-SrcArg = typer.Argument(..., help="Run files: a .pt or .npz file, or a directory searched "
-                                  "recursively for .pt files (lexicographic order). Several "
-                                  "are concatenated along the runs.", show_default=False)
+SrcArg = typer.Argument(..., help="A store made by ingest, or run files: a .pt or .npz file, "
+                                  "or a directory searched recursively for .pt files "
+                                  "(lexicographic order). Several are concatenated along the "
+                                  "runs.", show_default=False)
 LabelsOpt = typer.Option(None, "--labels", help="An .npz with arrays labels_train and "
                                                 "labels_test, when the run files carry none.")
 RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for a slice.")
@@ -122,7 +125,16 @@ def _progress_bar(quiet: bool) -> Iterator:
 
 
 def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[RunSet, slice]:
-    runset = open_runs(src, labels=labels)
+    if len(src) == 1 and is_store(src[0]):
+        store = RunStore(src[0])
+        labels_train, labels_test = (read_labels(labels) if labels is not None
+                                     else (store.labels("train"), store.labels("test")))
+        check_labels(labels_train, store.source("train").n_examples, store.n_classes, "train")
+        check_labels(labels_test, store.source("test").n_examples, store.n_classes, "test")
+        runset = RunSet(store.source("train"), store.source("test"), labels_train, labels_test,
+                        (str(src[0]),))
+    else:
+        runset = open_runs(src, labels=labels)
     chosen = parse_runs(runs, runset.n_models)
     if chosen.stop - chosen.start < 2:
         raise InputError(f"the kernel needs at least 2 runs, got {chosen.stop - chosen.start} "
@@ -332,6 +344,115 @@ def predict_cmd(
                                                            scores, margin, meta))
     if not quiet:
         err.print(f"wrote {out} ({len(prediction)} predictions)")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    src: List[Path] = typer.Argument(..., help="Run files (.pt, .npz) or directories of .pt "
+                                     "files; each file is one commit.", show_default=False),
+    store: Path = typer.Option(..., "--store", help="The store directory (created if absent)."),
+    labels: Optional[Path] = LabelsOpt,
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="An .npz with inputs_train and "
+                                          "inputs_test ((n, L) signals or (n, H, W[, C]) images)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="An .npz with "
+                                            "features_train and features_test, (n, D)."),
+    class_names: Optional[str] = typer.Option(None, "--class-names",
+                                              help="Comma-separated names, one per class."),
+    dtype: str = typer.Option("float16", "--dtype", help="How logits are kept: float16 or "
+                              "float32 (bfloat16 sources are widened to float32 first)."),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates",
+                                          help="Add files whose content is already stored."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Create a store or append runs to it, one source file per atomic commit.
+
+    A killed ingest leaves exactly the files committed before it; running the same
+    command again skips those (by content hash) and adds the rest.
+    """
+    with _user_errors():
+        files = [f for s in src for f in find_run_files(s)]
+        if is_store(store):
+            target = RunStore(store)
+        else:
+            first = read_run_file(files[0])
+            names = class_names.split(",") if class_names else None
+            target = RunStore.create(store, n_train=first.train.shape[1],
+                                     n_test=first.test.shape[1], n_classes=first.train.shape[2],
+                                     dtype=dtype, class_names=names)
+        if labels is not None:
+            labels_train, labels_test = read_labels(labels)
+            target.set_labels("train", labels_train)
+            target.set_labels("test", labels_test)
+        for name, path in (("inputs", inputs), ("features", features)):
+            if path is not None:
+                _store_extra(target, name, path)
+        added = skipped = 0
+        with _progress_bar(quiet) as report:
+            for i, f in enumerate(files):
+                result = target.append_file(f, allow_duplicates=allow_duplicates)
+                if result.status == "skipped":
+                    skipped += 1
+                    err.print(f"skipped {f}: its content is already in the store "
+                              "(--allow-duplicates adds it anyway)", markup=False, soft_wrap=True)
+                else:
+                    added += result.runs[1] - result.runs[0]
+                if report is not None:
+                    report(Progress("ingest", i + 1, len(files), 0, 1, 0.0))
+    if not quiet:
+        err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
+
+
+def _store_extra(target: RunStore, name: str, path: Path) -> None:
+    from .formats import _load_npz
+
+    arrays = _load_npz(path)
+    for split in ("train", "test"):
+        key = f"{name}_{split}"
+        if key not in arrays:
+            raise InputError(f"{path}: missing {key}; keys found: {sorted(arrays)}")
+        start, stop = target.split_range(split)
+        if arrays[key].shape[0] != stop - start:
+            raise InputError(f"{path}: {key} has {arrays[key].shape[0]} rows but the {split} "
+                             f"split has {stop - start} examples")
+        dims = ("example", "feature") if name == "features" else (
+            ("example", "position") if arrays[key].ndim == 2 else
+            ("example", "height", "width") if arrays[key].ndim == 3 else
+            ("example", "height", "width", "channel"))
+        target.set_array(key, arrays[key], dims)
+
+
+@app.command("info")
+def info_cmd(
+    store: Path = typer.Argument(..., help="A store made by ingest.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    runs: bool = typer.Option(False, "--runs", help="List the run records too."),
+) -> None:
+    """What a store holds: runs, splits, shapes, dtype, size, labels, inputs, features."""
+    with _user_errors():
+        target = RunStore(store)
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        splits = {s: target.source(s).n_examples for s in ("train", "test")}
+        present = {name: target.optional(f"{name}_train") is not None
+                   for name in ("labels", "inputs", "features")}
+        records = target.records()
+        out = {"path": str(store), "format_version": target.attrs["format_version"],
+               "n_models": target.n_models, "n_classes": target.n_classes,
+               "class_names": target.class_names, "splits": splits,
+               "dtype": target.dtype,
+               "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
+               "n_sources": len(records)}
+        if runs:
+            out["records"] = records
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"{store}: {out['n_models']} runs from {out['n_sources']} files, "
+               f"{out['n_classes']} classes, logits {out['dtype']}, {size / 2**20:.1f} MiB")
+    typer.echo(f"  train {splits['train']} examples, test {splits['test']} examples; "
+               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
+    for r in out.get("records", []):
+        typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']} "
+                   f"sha256 {r['sha256'][:12]} seed {r['seeds']}")
 
 
 def _write_predictions(path: Path, suffix: str, prediction, scores, margin, meta: str) -> None:

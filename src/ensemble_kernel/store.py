@@ -1,0 +1,300 @@
+"""The chunked on-disk store: create, append (crash-safe), read (DESIGN §3).
+
+Layout (format version 1), a zarr v3 group:
+
+    STORE/zarr.json            root group; attributes["ensemble_kernel"] marks a store
+    STORE/logits/              (n_runs, n_train + n_test, n_classes), dims (run, example, class);
+                               train examples first, then test; one run per chunk
+    STORE/labels_train/ ...    optional (n,) int64 arrays: labels_*, and inputs_*, features_*
+    STORE/records/000000012.json   one per committed source file, named by its first run
+    STORE/code/<sha256>.txt    training-code strings, once per distinct content
+
+**The commit point** is the growing write of `logits/zarr.json` (zarr's local store
+writes it to a temporary file and renames it): its shape publishes the new run count.
+Chunks, records and code of an append are written before it; anything beyond the
+published count is ignored by readers and overwritten by the next append. Other tools
+(zarr, xarray, Dask) read the array's shape, so they also see only whole runs.
+Because every chunk holds exactly one run, an append never rewrites a committed chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from .errors import InputError, StoreError
+from .formats import RunFile, check_labels, file_hash, read_run_file
+
+__all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "is_store", "IngestReport"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_MARK = "ensemble_kernel"
+_EXAMPLE_CHUNK = 16384  # examples per chunk: 16384 x 10 classes x 2 bytes = 320 KiB
+_WRITE_BLOCK = 32  # runs converted and written at a time
+_TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_WRITE_DELAY", "0"))  # seconds
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether `path` is a directory whose root metadata marks an ensemble-kernel store."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return _MARK in json.loads(meta.read_text()).get("attributes", {})
+    except (ValueError, OSError):
+        return False
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one `append_file` did: 'added' runs, or 'skipped' (already in the store)."""
+
+    source: str
+    status: str
+    runs: tuple[int, int]
+
+
+class StoreSource:
+    """One split of a store as a LogitSource (the runs committed when it was opened)."""
+
+    def __init__(self, store: "RunStore", split: str):
+        self.store, self.split = store, split
+        self._start, self._stop = store.split_range(split)
+        self.n_models = store.n_models
+        self.n_examples = self._stop - self._start
+        self.n_classes = store.n_classes
+
+    def read(self, models: slice, examples: slice) -> torch.Tensor:
+        m0, m1, _ = models.indices(self.n_models)
+        e0, e1, _ = examples.indices(self.n_examples)
+        return torch.from_numpy(self.store.read_logits(slice(m0, m1),
+                                                       slice(self._start + e0, self._start + e1)))
+
+    def describe_run(self, model: int) -> str:
+        return f"run {model} ({self.store.path}: {self.store.run_source(model)})"
+
+
+class RunStore:
+    """An ensemble-kernel store on local disk.
+
+    Open an existing one with `RunStore(path)`, make one with `RunStore.create(...)`.
+    `n_models` is the committed run count when it was opened (or last appended to).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such store (create one with ingest)")
+        if not is_store(self.path):
+            raise StoreError(f"{self.path}: not an ensemble-kernel store (no store metadata "
+                             "in its zarr.json); pass run files or a store made by ingest")
+        self._group = zarr.open_group(self.path, mode="r+" if os.access(self.path, os.W_OK)
+                                      else "r")
+        attrs = dict(self._group.attrs)[_MARK]
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format version {version}, but this "
+                             f"ensemble-kernel reads version {FORMAT_VERSION}; re-ingest the "
+                             "run files with this version")
+        self.attrs = attrs
+        self._logits = self._group["logits"]
+
+    # ---- creation ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, *, n_train: int, n_test: int, n_classes: int,
+               dtype: str = "float16", class_names: Sequence[str] | None = None) -> "RunStore":
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists and is not an empty directory or a store")
+        if dtype not in ("float16", "float32"):
+            raise InputError(f"the store keeps logits as float16 or float32, got {dtype}")
+        if class_names is not None and len(class_names) != n_classes:
+            raise InputError(f"{len(class_names)} class names given for {n_classes} classes")
+        splits = {"train": [0, n_train], "test": [n_train, n_train + n_test]}
+        group = zarr.open_group(path, mode="w")
+        group.create_array(
+            "logits", shape=(0, n_train + n_test, n_classes), dtype=dtype,
+            chunks=(1, min(_EXAMPLE_CHUNK, n_train + n_test), n_classes),
+            dimension_names=("run", "example", "class"), compressors=None, fill_value=0,
+            attributes={"splits": splits, "format_version": FORMAT_VERSION},
+        )
+        # The root mark comes last: a half-made directory is not a store.
+        group.attrs[_MARK] = {"format_version": FORMAT_VERSION, "n_classes": n_classes,
+                              "class_names": list(class_names) if class_names else None,
+                              "splits": splits, "logits_dtype": dtype}
+        return cls(path)
+
+    # ---- reading -----------------------------------------------------------------------
+
+    @property
+    def n_models(self) -> int:
+        return self._logits.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self._logits.shape[2]
+
+    @property
+    def dtype(self) -> str:
+        return str(np.dtype(self._logits.dtype))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.attrs.get("class_names")
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        if split not in ("train", "test"):
+            raise InputError(f"split must be 'train' or 'test', got {split!r}")
+        start, stop = self.attrs["splits"][split]
+        return start, stop
+
+    def source(self, split: str) -> StoreSource:
+        return StoreSource(self, split)
+
+    def read_logits(self, models: slice, examples: slice) -> np.ndarray:
+        """Committed logits, checking that every chunk read is present and whole."""
+        chunk_e = self._logits.chunks[1]
+        for m in range(models.start, models.stop):
+            for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1):
+                key = self.path / "logits" / "c" / str(m) / str(c) / "0"
+                if not key.is_file():
+                    raise StoreError(f"{self.path}: chunk logits/c/{m}/{c}/0 (run {m}) is "
+                                     "missing; the store is damaged: re-ingest that run's file")
+        try:
+            return self._logits[models, examples]
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{self.path}: a chunk of runs {models.start}..{models.stop - 1} "
+                             f"could not be read ({e}); the store is damaged: re-ingest "
+                             "those runs' files") from e
+
+    def optional(self, name: str) -> np.ndarray | None:
+        """An optional array (labels_train, inputs_test, ...), or None."""
+        return self._group[name][...] if name in self._group else None
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        labels = self.optional(f"labels_{split}")
+        return None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+    def records(self) -> list[dict]:
+        """Run records of committed source files, in run order."""
+        folder = self.path / "records"
+        out = []
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            record = json.loads(f.read_text())
+            if record["runs"][1] <= self.n_models:
+                out.append(record)
+        return out
+
+    def run_source(self, model: int) -> str:
+        for record in self.records():
+            if record["runs"][0] <= model < record["runs"][1]:
+                return f"{record['source']}, run {model - record['runs'][0]} in it"
+        return "source unknown"
+
+    # ---- appending ---------------------------------------------------------------------
+
+    def _check_file(self, run: RunFile) -> None:
+        n_train = self.split_range("train")[1] - self.split_range("train")[0]
+        n_test = self.split_range("test")[1] - self.split_range("test")[0]
+        for split, logits, want in (("train", run.train, n_train), ("test", run.test, n_test)):
+            if logits.shape[2] != self.n_classes:
+                raise InputError(f"{run.path}: {split} logits have {logits.shape[2]} classes "
+                                 f"but the store {self.path} has {self.n_classes}")
+            if logits.shape[1] != want:
+                raise InputError(f"{run.path}: {logits.shape[1]} {split} examples but the "
+                                 f"store {self.path} has {want}")
+
+    def set_array(self, name: str, values: np.ndarray | torch.Tensor, dims: Sequence[str]) -> None:
+        """Write an optional array (labels, inputs, features); refuse to contradict one stored."""
+        values = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        if name in self._group:
+            stored = self._group[name][...]
+            if stored.shape != values.shape or not np.array_equal(stored, values):
+                raise InputError(f"{name} given differs from the {name} already in the store "
+                                 f"{self.path}; the store keeps one set per split")
+            return
+        array = self._group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                         dimension_names=tuple(dims))
+        array[...] = values
+
+    def set_labels(self, split: str, labels: torch.Tensor | None) -> None:
+        if labels is None:
+            return
+        start, stop = self.split_range(split)
+        check_labels(labels, stop - start, self.n_classes, split)
+        self.set_array(f"labels_{split}", labels.to(torch.int64), ("example",))
+
+    def committed_hashes(self) -> set[str]:
+        return {r["sha256"] for r in self.records()}
+
+    def append_file(self, path: str | Path, *, allow_duplicates: bool = False,
+                    on_runs: Callable[[int], None] | None = None) -> IngestReport:
+        """Append the runs of one run file, as one commit; skip it if its content is stored."""
+        path = Path(path)
+        digest = file_hash(path)
+        n = self.n_models
+        if not allow_duplicates and digest in self.committed_hashes():
+            return IngestReport(str(path), "skipped", (n, n))
+        run = read_run_file(path)
+        self._check_file(run)
+        self.set_labels("train", run.labels_train)
+        self.set_labels("test", run.labels_test)
+        r = run.n_runs
+        writer = zarr.Array(type(self._logits._async_array)(
+            metadata=self._logits.metadata.update_shape((n + r,) + self._logits.shape[1:]),
+            store_path=self._logits._async_array.store_path,
+            config={"write_empty_chunks": True},
+        ))
+        train_stop = self.split_range("train")[1]
+        dtype = np.dtype(self._logits.dtype)
+        for b in range(0, r, _WRITE_BLOCK):
+            block = slice(b, min(b + _WRITE_BLOCK, r))
+            both = torch.cat([run.train[block], run.test[block]], dim=1)
+            writer[n + block.start:n + block.stop] = both.float().numpy().astype(dtype)
+            if on_runs is not None:
+                on_runs(block.stop - block.start)
+            if _TEST_DELAY:  # crash tests: widen the window in which a kill lands mid-append
+                time.sleep(_TEST_DELAY)
+        code_hash = None
+        if run.code is not None:
+            code_hash = _sha256_text(run.code)
+            code_path = self.path / "code" / f"{code_hash}.txt"
+            if not code_path.exists():
+                _atomic_write_text(code_path, run.code)
+        record = {"source": str(path), "sha256": digest, "runs": [n, n + r],
+                  "stored_dtype": str(dtype), "source_dtype": str(run.train.dtype).replace(
+                      "torch.", ""), "code_sha256": code_hash, "seeds": None}
+        _atomic_write_text(self.path / "records" / f"{n:09d}.json", json.dumps(record))
+        self._logits.resize((n + r,) + self._logits.shape[1:])  # the commit
+        return IngestReport(str(path), "added", (n, n + r))
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()

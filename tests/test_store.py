@@ -1,0 +1,168 @@
+"""The store: layout other tools can read, commits, de-duplication, crash safety, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel.cli import app
+from ensemble_kernel.errors import InputError, StoreError
+from ensemble_kernel.store import RunStore, is_store
+
+from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def files_of(tmp_path, ens, per_file=2):
+    for i in range(0, ens.train.shape[0], per_file):
+        save_pt(tmp_path / "runs" / f"f{i:03d}.pt", ens.train[i:i + per_file],
+                ens.test[i:i + per_file])
+    return tmp_path / "runs"
+
+
+def test_ingest_then_every_command_reads_the_store(tmp_path):
+    ens = make_ensemble(n_models=6)
+    runs = files_of(tmp_path, ens)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    code, _, _ = run("ingest", runs, "--store", tmp_path / "st", "--labels", labels,
+                     "--class-names", "a,b,c,d,e", "-q")
+    assert code == 0 and is_store(tmp_path / "st")
+    code, from_store, _ = run("evaluate", tmp_path / "st", "--json")
+    code2, from_files, _ = run("evaluate", runs, "--labels", labels, "--json")
+    assert code == code2 == 0
+    a, b = json.loads(from_store), json.loads(from_files)
+    for key in ("n_models", "knn_accuracy", "weighted_accuracy", "ensemble_accuracy"):
+        assert a[key] == pytest.approx(b[key])  # float16 storage of float32 logits
+    code, out, _ = run("info", tmp_path / "st", "--json", "--runs")
+    info = json.loads(out)
+    assert info["n_models"] == 6 and info["has_labels"] and info["class_names"][0] == "a"
+    assert [r["runs"] for r in info["records"]] == [[0, 2], [2, 4], [4, 6]]
+
+
+def test_plain_zarr_sees_committed_runs_with_named_dimensions(tmp_path):
+    ens = make_ensemble(n_models=4)
+    runs = files_of(tmp_path, ens)
+    assert run("ingest", runs, "--store", tmp_path / "st", "-q")[0] == 0
+    group = zarr.open_group(tmp_path / "st", mode="r")
+    logits = group["logits"]
+    assert logits.shape == (4, 160, 5)
+    assert tuple(logits.metadata.dimension_names) == ("run", "example", "class")
+    assert logits.attrs["splits"] == {"train": [0, 120], "test": [120, 160]}
+    np.testing.assert_array_equal(logits[:, :120], ens.train.half().numpy())
+
+
+def test_reingest_skips_by_content_and_allow_duplicates_adds(tmp_path):
+    ens = make_ensemble(n_models=4)
+    runs = files_of(tmp_path, ens)
+    run("ingest", runs, "--store", tmp_path / "st", "-q")
+    code, _, err = run("ingest", runs, "--store", tmp_path / "st")
+    n_skipped = sum(line.startswith("skipped ") for line in err.splitlines())
+    assert code == 0 and n_skipped == 2 and RunStore(tmp_path / "st").n_models == 4
+    run("ingest", runs / "f000.pt", "--store", tmp_path / "st", "--allow-duplicates", "-q")
+    assert RunStore(tmp_path / "st").n_models == 6
+
+
+def test_bad_sources_leave_the_store_unchanged(tmp_path):
+    ens = make_ensemble(n_models=2)
+    save_pt(tmp_path / "good.pt", ens.train, ens.test)
+    run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "-q")
+    before = (tmp_path / "st" / "logits" / "zarr.json").read_bytes()
+    save_pt(tmp_path / "classes.pt", ens.train[..., :4], ens.test[..., :4])
+    save_pt(tmp_path / "examples.pt", ens.train[:, :100], ens.test[:, :100])
+    cases = [
+        (tmp_path / "classes.pt", r"classes.pt: train logits have 4 classes but the store .* has 5"),
+        (tmp_path / "examples.pt", r"examples.pt: 100 train examples but the store .* has 120"),
+    ]
+    for src, match in cases:
+        code, _, err = run("ingest", src, "--store", tmp_path / "st")
+        assert code == 2 and __import__("re").search(match, err), err
+    np.savez(tmp_path / "other.npz", labels_train=(ens.labels_train + 1) % 5,
+             labels_test=ens.labels_test)
+    run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "--labels",
+        save_labels(tmp_path / "l.npz", ens), "--allow-duplicates", "-q")
+    code, _, err = run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "--labels",
+                       tmp_path / "other.npz")
+    assert code == 2 and "labels_train given differs from the labels_train already in the store" in err
+    assert RunStore(tmp_path / "st").n_models == 4
+
+
+def test_not_a_store_other_version_and_damaged_chunks(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="plain: not an ensemble-kernel store"):
+        RunStore(tmp_path / "plain")
+    code, _, err = run("info", tmp_path / "plain")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    ens = make_ensemble(n_models=2)
+    save_pt(tmp_path / "good.pt", ens.train, ens.test)
+    run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "-q")
+    meta = json.loads((tmp_path / "st" / "zarr.json").read_text())
+    meta["attributes"]["ensemble_kernel"]["format_version"] = 99
+    (tmp_path / "st2").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "st", tmp_path / "st2", dirs_exist_ok=True)
+    (tmp_path / "st2" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="store format version 99, but this ensemble-kernel reads version 1"):
+        RunStore(tmp_path / "st2")
+    os.remove(tmp_path / "st" / "logits" / "c" / "1" / "0" / "0")
+    code, _, err = run("neighbors", tmp_path / "st", "--out", tmp_path / "n.npz", "-q")
+    assert code == 2 and "chunk logits/c/1/0/0 (run 1) is missing" in err
+    assert not (tmp_path / "n.npz").exists()
+
+
+def test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes(tmp_path):
+    ens = make_ensemble(n_models=40, n_train=300, n_test=60)
+    runs = files_of(tmp_path, ens, per_file=4)  # 10 files
+    store = tmp_path / "st"
+    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_WRITE_DELAY="0.05")
+    cmd = [sys.executable, "-m", "ensemble_kernel", "ingest", str(runs), "--store", str(store), "-q"]
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.time() + 60
+    # Kill once a few files are in: the append then in flight is cut part-way.
+    while time.time() < deadline:
+        meta = store / "logits" / "zarr.json"
+        if meta.exists() and is_store(store):
+            # A reader opening the store during the append sees whole committed files only.
+            reader = RunStore(store)
+            seen = reader.n_models
+            assert seen % 4 == 0
+            np.testing.assert_array_equal(reader.read_logits(slice(0, seen), slice(0, 300)),
+                                          ens.train[:seen].half().numpy())
+            if seen >= 12:
+                break
+        time.sleep(0.01)
+    time.sleep(0.07)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = RunStore(store)
+    n = committed.n_models
+    assert 12 <= n < 40 and n % 4 == 0  # whole files only
+    assert [r["runs"] for r in committed.records()] == [[i, i + 4] for i in range(0, n, 4)]
+    # A reader of the store sees exactly those runs, and their neighbours.
+    found = top_k_neighbors(committed.source("test"), committed.source("train"), 5,
+                            memory_budget=1 << 26)
+    half = lambda x: x[:n].half().float()
+    assert_same_neighbors(found.indices, found.values,
+                          dense_kernel(half(ens.test), half(ens.train)), 5)
+    # Re-running the same command completes the job, skipping what is in.
+    done = subprocess.run(cmd[:-1], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert sum(line.startswith("skipped ") for line in done.stderr.splitlines()) == n // 4
+    final = RunStore(store)
+    assert final.n_models == 40
+    np.testing.assert_array_equal(final.read_logits(slice(0, 40), slice(0, 300)),
+                                  ens.train.half().numpy())
