@@ -166,3 +166,30 @@ def test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes(tmp_path):
     assert final.n_models == 40
     np.testing.assert_array_equal(final.read_logits(slice(0, 40), slice(0, 300)),
                                   ens.train.half().numpy())
+
+
+def test_neighbors_resumes_after_sigkill_and_writes_the_same_result(tmp_path):
+    ens = make_ensemble(n_models=6, n_train=2000, n_test=200)
+    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
+    base = [sys.executable, "-m", "ensemble_kernel", "neighbors", str(src), "--k", "5",
+            "--memory-budget", "6MiB", "-q"]
+    whole = subprocess.run(base + ["--out", str(tmp_path / "whole.npz"), "--no-resume"])
+    assert whole.returncode == 0
+    out = tmp_path / "resumed.npz"
+    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_TILE_DELAY="0.3")
+    proc = subprocess.Popen(base + ["--out", str(out)], env=env)
+    partial = tmp_path / "resumed.npz.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(partial.glob("tile-*.npz"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(list(partial.glob("tile-*.npz"))) >= 2
+    again = subprocess.run(base + ["--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 0 and "resuming: " in again.stderr
+    assert not partial.exists()
+    with np.load(tmp_path / "whole.npz") as a, np.load(out) as b:
+        assert np.array_equal(a["indices"], b["indices"])
+        assert np.array_equal(a["values"], b["values"])
+    assert_same_neighbors(np.load(out)["indices"], np.load(out)["values"],
+                          dense_kernel(ens.test, ens.train), 5)

@@ -24,7 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
-from .engine import Progress, top_k_neighbors
+from .checkpoint import TileCheckpoint
+from .engine import (Progress, candidates_per_query, default_memory_budget, plan_memory,
+                     top_k_neighbors)
 from .errors import EnsembleKernelError, InputError
 from .evaluate import evaluate, select_by_leave_one_out
 from .formats import (RunSet, check_labels, find_run_files, open_runs, read_labels,
@@ -263,9 +265,14 @@ def neighbors_cmd(
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Save finished tiles in "
+                                "OUT.partial/ and reuse them after a kill."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Top-k training neighbours of every test example, best first, into an .npz.
+
+    Finished tiles are saved in OUT.partial/ as they complete: after a kill, the same
+    command resumes where it stopped and writes the same result.
 
     The file holds `indices` (int64, n_test x k), `values` (float32 kernel values) and
     `meta` (a JSON string: options, runs, version).
@@ -277,12 +284,33 @@ def neighbors_cmd(
             raise InputError(f"--out must name an .npz file, got {out}")
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
+        options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
+                   "memory_budget": budget, "device": device}
+        # The tile plan is fixed by the first attempt and kept in the checkpoint manifest,
+        # so that a restart (whose free memory may differ) cuts the same tiles.
+        plan = plan_memory(runset.test.n_examples, runset.train.n_examples, runset.n_models,
+                           runset.n_classes, k_keep=candidates_per_query(k, precision),
+                           budget=budget or default_memory_budget(device), precision=precision)
+        manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
+                    "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
+                    "version": __version__}
+        checkpoint = TileCheckpoint(out, manifest)
+        previous = checkpoint.load() if resume else {}
+        if previous:
+            manifest_plan = json.loads((checkpoint.folder / "plan.json").read_text())
+            tile_size, chunk_models = manifest_plan["tile_size"], manifest_plan["chunk_models"]
+            err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
+        else:
+            tile_size, chunk_models = plan.tile_size, plan.chunk_models
+            if resume:
+                checkpoint._write(checkpoint.folder / "plan.json", lambda f: f.write(json.dumps(
+                    {"tile_size": tile_size, "chunk_models": chunk_models}).encode()))
         with _progress_bar(quiet) as report:
             result = top_k_neighbors(runset.test, runset.train, k, log_softmax=not no_log_softmax,
                                      precision=precision, memory_budget=budget, device=device,
-                                     progress=report)
-        options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
-                   "memory_budget": budget, "device": device}
+                                     progress=report, tile_size=tile_size,
+                                     chunk_models=chunk_models, finished_tiles=previous,
+                                     on_tile=checkpoint.save if resume else None)
         meta = json.dumps(_meta(options, runset, chosen, started))
 
         def write(tmp: Path) -> None:
@@ -291,6 +319,7 @@ def neighbors_cmd(
                          values=result.values.cpu().numpy(), meta=np.array(meta))
 
         _atomic_write(out, write)
+        checkpoint.remove()
     if not quiet:
         err.print(f"wrote {out} ({result.indices.shape[0]} test examples x {k} neighbours)")
 

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import psutil
@@ -85,6 +85,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+TileCallback = Callable[[int, Neighbors], None]
 
 
 @dataclass(frozen=True)
@@ -341,19 +342,31 @@ class _Engine:
         return [slice(s, min(s + t, n)) for s in range(0, n, t)]
 
     def search(self, k_keep: int, *, dtype: torch.dtype, rows: torch.Tensor | None = None,
-               stage: str = "kernel") -> Neighbors:
-        """Pass 2: the running top-`k_keep` over every tile."""
+               stage: str = "kernel", finished: Mapping[int, Neighbors] | None = None,
+               on_tile: TileCallback | None = None) -> Neighbors:
+        """Pass 2: the running top-`k_keep` over every tile.
+
+        `finished` holds tiles computed before (resume); `on_tile(i, top_k)` is called as
+        each new tile completes, so that a caller can save it.
+        """
         n_rows = self.queries.n_examples if rows is None else len(rows)
         best = empty_topk(n_rows, k_keep, self.device)
         tiles = self.tiles()
         total = len(tiles) * self.n_models
         for i, tile in enumerate(tiles):
-            block = self.accumulate_tile(tile, rows=rows, dtype=dtype, stage=stage,
-                                         tiles_done=i, total=total, done_before=i * self.n_models)
-            found = topk_block(block, k_keep, offset=tile.start,
-                               exact_ties=dtype == torch.float32)
+            if finished is not None and i in finished:
+                found = Neighbors(finished[i].indices.to(self.device),
+                                  finished[i].values.to(self.device))
+            else:
+                block = self.accumulate_tile(tile, rows=rows, dtype=dtype, stage=stage,
+                                             tiles_done=i, total=total,
+                                             done_before=i * self.n_models)
+                found = topk_block(block, k_keep, offset=tile.start,
+                                   exact_ties=dtype == torch.float32)
+                del block
+                if on_tile is not None:
+                    on_tile(i, found)
             best = merge_topk(best, found, k_keep)
-            del block
             self._report(stage, (i + 1) * self.n_models, total, i + 1)
         self._query_cache.clear()
         return best
@@ -439,6 +452,8 @@ def top_k_neighbors(
     chunk_models: int | None = None,
     tile_size: int | None = None,
     progress: ProgressCallback | None = None,
+    finished_tiles: Mapping[int, Neighbors] | None = None,
+    on_tile: TileCallback | None = None,
 ) -> Neighbors:
     """The top-k references of every query under the ensemble kernel.
 
@@ -458,32 +473,41 @@ def top_k_neighbors(
     device : 'cpu' or 'cuda'.
     chunk_models, tile_size : override the plan (tests and benchmarks).
     progress : called with a `Progress` as the work advances.
+    finished_tiles, on_tile : resumption. `on_tile(i, top_k)` receives each finished
+        tile's top-`candidates_per_query(k, precision)`; passing those back as
+        `finished_tiles` (with the same `tile_size` and `chunk_models`) skips them.
 
     Returns
     -------
     Neighbors with indices and values of shape (n_queries, k), best first; equal values
     are ordered by smaller reference index.
     """
-    if precision == "fast":
-        n_candidates = n_candidates or max(2 * k, k + 32)
-        if n_candidates < k:
-            raise InputError(f"n_candidates must be at least k={k}, got {n_candidates}")
-    k_keep = k if precision == "exact" else n_candidates
+    if precision == "fast" and n_candidates is not None and n_candidates < k:
+        raise InputError(f"n_candidates must be at least k={k}, got {n_candidates}")
+    n_candidates = k_keep = candidates_per_query(k, precision, n_candidates)
     engine = _prepare_engine(queries, references, k, log_softmax=log_softmax, classes=classes,
                              exclude_self=exclude_self, precision=precision,
                              memory_budget=memory_budget, device=device,
                              chunk_models=chunk_models, tile_size=tile_size, progress=progress,
                              k_keep=k_keep)
+    resume = dict(finished=finished_tiles, on_tile=on_tile)
     if precision == "exact":
         with exact_float32_matmul(engine.device):
-            return engine.search(k, dtype=torch.float32)
-    return _fast_search(engine, k, n_candidates)
+            return engine.search(k, dtype=torch.float32, **resume)
+    return _fast_search(engine, k, n_candidates, resume)
 
 
-def _fast_search(engine: _Engine, k: int, n_candidates: int) -> Neighbors:
+def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:
+    """How many neighbours each tile keeps: k, or fast mode's candidates (max(2k, k + 32))."""
+    if precision == "exact":
+        return k
+    return n_candidates or max(2 * k, k + 32)
+
+
+def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict) -> Neighbors:
     n_refs = engine.references.n_examples
     n_c = min(n_candidates, n_refs)
-    approx = engine.search(n_c, dtype=torch.bfloat16)
+    approx = engine.search(n_c, dtype=torch.bfloat16, **resume)
     with exact_float32_matmul(engine.device):
         exact = engine.rescore(approx.indices)
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)

@@ -1,0 +1,79 @@
+"""Finished tiles on disk, so that a killed `neighbors` resumes instead of starting over.
+
+Next to the output `OUT` lives `OUT.partial/`: `manifest.json` (everything the result
+depends on: sources, runs, options and the tile plan) and one `tile-NNNNN.npz` per
+finished tile, each written atomically. A restart with a matching manifest reuses the
+tiles; with any difference it starts over. The folder is removed once `OUT` is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .neighbors import Neighbors
+
+__all__ = ["TileCheckpoint"]
+
+logger = logging.getLogger(__name__)
+_TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_TILE_DELAY", "0"))  # crash tests
+
+
+class TileCheckpoint:
+    """The `OUT.partial/` folder of one computation, described by `manifest`."""
+
+    def __init__(self, out: Path, manifest: dict):
+        self.folder = out.with_name(out.name + ".partial")
+        self.manifest = manifest
+
+    def load(self) -> dict[int, Neighbors]:
+        """Tiles finished by an earlier run with the same manifest; otherwise start afresh."""
+        path = self.folder / "manifest.json"
+        if path.is_file():
+            try:
+                same = json.loads(path.read_text()) == self.manifest
+            except ValueError:
+                same = False
+            if same:
+                tiles = {}
+                for f in sorted(self.folder.glob("tile-*.npz")):
+                    with np.load(f) as data:
+                        tiles[int(f.stem.split("-")[1])] = Neighbors(
+                            torch.from_numpy(data["indices"]), torch.from_numpy(data["values"]))
+                logger.info("resuming: %d finished tiles in %s", len(tiles), self.folder)
+                return tiles
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self._write(self.folder / "manifest.json", lambda f: f.write(
+            json.dumps(self.manifest).encode()))
+        return {}
+
+    def save(self, index: int, found: Neighbors) -> None:
+        """Write one finished tile (atomically)."""
+        self._write(self.folder / f"tile-{index:05d}.npz", lambda f: np.savez(
+            f, indices=found.indices.cpu().numpy(), values=found.values.cpu().numpy()))
+        if _TEST_DELAY:
+            import time
+
+            time.sleep(_TEST_DELAY)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @staticmethod
+    def _write(path: Path, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
