@@ -9,13 +9,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from typer.testing import CliRunner
 
 from ensemble_kernel import dense_kernel, top_k_neighbors
 from ensemble_kernel.cli import app
-from ensemble_kernel.errors import InputError, StoreError
+from ensemble_kernel.errors import StoreError
 from ensemble_kernel.store import RunStore, is_store
 
 from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt
@@ -91,6 +90,7 @@ def test_bad_sources_leave_the_store_unchanged(tmp_path):
     for src, match in cases:
         code, _, err = run("ingest", src, "--store", tmp_path / "st")
         assert code == 2 and __import__("re").search(match, err), err
+        assert (tmp_path / "st" / "logits" / "zarr.json").read_bytes() == before
     np.savez(tmp_path / "other.npz", labels_train=(ens.labels_train + 1) % 5,
              labels_test=ens.labels_test)
     run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "--labels",

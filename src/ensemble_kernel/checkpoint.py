@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .neighbors import Neighbors
 
 __all__ = ["TileCheckpoint"]
@@ -51,13 +51,12 @@ class TileCheckpoint:
                 return tiles
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
-        self._write(self.folder / "manifest.json", lambda f: f.write(
-            json.dumps(self.manifest).encode()))
+        atomic_write_text(self.folder / "manifest.json", json.dumps(self.manifest))
         return {}
 
     def save(self, index: int, found: Neighbors) -> None:
         """Write one finished tile (atomically)."""
-        self._write(self.folder / f"tile-{index:05d}.npz", lambda f: np.savez(
+        atomic_write(self.folder / f"tile-{index:05d}.npz", lambda f: np.savez(
             f, indices=found.indices.cpu().numpy(), values=found.values.cpu().numpy()))
         if _TEST_DELAY:
             import time
@@ -66,14 +65,3 @@ class TileCheckpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    @staticmethod
-    def _write(path: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise

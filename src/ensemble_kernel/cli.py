@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
+from .atomic import atomic_write, atomic_write_text
 from .checkpoint import TileCheckpoint
 from .engine import (Progress, candidates_per_query, default_memory_budget, plan_memory,
                      top_k_neighbors)
@@ -148,19 +148,6 @@ def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple
 def _check_precision(precision: str) -> None:
     if precision not in ("exact", "fast"):
         raise InputError(f"--precision takes exact or fast, got {precision!r}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _meta(options: dict, runset: RunSet, runs: slice, started: float) -> dict:
@@ -303,8 +290,8 @@ def neighbors_cmd(
         else:
             tile_size, chunk_models = plan.tile_size, plan.chunk_models
             if resume:
-                checkpoint._write(checkpoint.folder / "plan.json", lambda f: f.write(json.dumps(
-                    {"tile_size": tile_size, "chunk_models": chunk_models}).encode()))
+                atomic_write_text(checkpoint.folder / "plan.json", json.dumps(
+                    {"tile_size": tile_size, "chunk_models": chunk_models}))
         with _progress_bar(quiet) as report:
             result = top_k_neighbors(runset.test, runset.train, k, log_softmax=not no_log_softmax,
                                      precision=precision, memory_budget=budget, device=device,
@@ -313,12 +300,9 @@ def neighbors_cmd(
                                      on_tile=checkpoint.save if resume else None)
         meta = json.dumps(_meta(options, runset, chosen, started))
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, indices=result.indices.cpu().numpy(),
-                         values=result.values.cpu().numpy(), meta=np.array(meta))
-
-        _atomic_write(out, write)
+        atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
+                                             values=result.values.cpu().numpy(),
+                                             meta=np.array(meta)))
         checkpoint.remove()
     if not quiet:
         err.print(f"wrote {out} ({result.indices.shape[0]} test examples x {k} neighbours)")
@@ -369,8 +353,8 @@ def predict_cmd(
                    "power": power if weighted else None, "log_softmax": not no_log_softmax,
                    "precision": precision, "memory_budget": budget, "device": device}
         meta = json.dumps(_meta(options, runset, chosen, started))
-        _atomic_write(out, lambda tmp: _write_predictions(tmp, out.suffix.lower(), prediction,
-                                                           scores, margin, meta))
+        atomic_write(out, lambda f: _write_predictions(f, out.suffix.lower(), prediction,
+                                                       scores, margin, meta))
     if not quiet:
         err.print(f"wrote {out} ({len(prediction)} predictions)")
 
@@ -484,17 +468,16 @@ def info_cmd(
                    f"sha256 {r['sha256'][:12]} seed {r['seeds']}")
 
 
-def _write_predictions(path: Path, suffix: str, prediction, scores, margin, meta: str) -> None:
+def _write_predictions(f, suffix: str, prediction, scores, margin, meta: str) -> None:
     if suffix == ".npz":
-        with open(path, "wb") as f:
-            np.savez(f, prediction=prediction.numpy(), scores=scores.numpy(),
-                     margin=margin.numpy(), meta=np.array(meta))
+        np.savez(f, prediction=prediction.numpy(), scores=scores.numpy(),
+                 margin=margin.numpy(), meta=np.array(meta))
         return
     n_classes = scores.shape[1]
-    with open(path, "w") as f:
-        f.write("index,prediction,margin," + ",".join(f"score_{c}" for c in range(n_classes)) + "\n")
-        for i, (p, m, row) in enumerate(zip(prediction.tolist(), margin.tolist(), scores.tolist())):
-            f.write(f"{i},{p},{m:.6g}," + ",".join(f"{s:.6g}" for s in row) + "\n")
+    lines = ["index,prediction,margin," + ",".join(f"score_{c}" for c in range(n_classes))]
+    for i, (p, m, row) in enumerate(zip(prediction.tolist(), margin.tolist(), scores.tolist())):
+        lines.append(f"{i},{p},{m:.6g}," + ",".join(f"{s:.6g}" for s in row))
+    f.write(("\n".join(lines) + "\n").encode())
 
 
 def main() -> None:

@@ -22,16 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import zarr
 
+from .atomic import atomic_write_text
 from .errors import InputError, StoreError
 from .formats import RunFile, check_labels, file_hash, read_run_file
 
@@ -55,18 +55,6 @@ def is_store(path: str | Path) -> bool:
         return _MARK in json.loads(meta.read_text()).get("attributes", {})
     except (ValueError, OSError):
         return False
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -270,7 +258,6 @@ class RunStore:
             store_path=self._logits._async_array.store_path,
             config={"write_empty_chunks": True},
         ))
-        train_stop = self.split_range("train")[1]
         dtype = np.dtype(self._logits.dtype)
         for b in range(0, r, _WRITE_BLOCK):
             block = slice(b, min(b + _WRITE_BLOCK, r))
@@ -285,11 +272,11 @@ class RunStore:
             code_hash = _sha256_text(run.code)
             code_path = self.path / "code" / f"{code_hash}.txt"
             if not code_path.exists():
-                _atomic_write_text(code_path, run.code)
+                atomic_write_text(code_path, run.code)
         record = {"source": str(path), "sha256": digest, "runs": [n, n + r],
                   "stored_dtype": str(dtype), "source_dtype": str(run.train.dtype).replace(
                       "torch.", ""), "code_sha256": code_hash, "seeds": None}
-        _atomic_write_text(self.path / "records" / f"{n:09d}.json", json.dumps(record))
+        atomic_write_text(self.path / "records" / f"{n:09d}.json", json.dumps(record))
         self._logits.resize((n + r,) + self._logits.shape[1:])  # the commit
         return IngestReport(str(path), "added", (n, n + r))
 
