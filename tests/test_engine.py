@@ -83,8 +83,9 @@ def test_plan_fits_the_budget_and_uses_one_tile_when_the_kernel_fits():
     small = plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 30)
     assert small.n_tiles > 1
     acc = 10_000 * small.tile_size * 4
-    block = (10_000 + small.tile_size) * 10 * 24 * small.chunk_models
-    assert acc + block <= 1 << 30
+    block = (10_000 + small.tile_size) * 10 * (4 + 4) * small.chunk_models  # raw + features
+    cache = 10_000 * 500 * 10 * 4 if small.cache_queries else 0
+    assert acc + block + cache <= 1 << 30
     with pytest.raises(BudgetError, match="too small for 10000 queries.*raise --memory-budget"):
         plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 20)
 
@@ -124,3 +125,17 @@ def test_tiles_without_the_query_cache_agree():
     engine.plan = dataclasses.replace(engine.plan, cache_queries=False)
     got = engine.search(4, dtype=torch.float32)
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 4)
+
+
+def test_tile_subsets_merged_equal_the_whole():
+    # What torchrun ranks do: each computes some tiles; the merge is the whole answer.
+    from ensemble_kernel.neighbors import merge_topk
+
+    ens = make_ensemble(n_models=5, n_train=100, n_test=30)
+    common = dict(tile_size=23, chunk_models=2, memory_budget=16 * MiB)  # 5 tiles
+    whole = top_k_neighbors(ens.test, ens.train, 4, **common)
+    odd = top_k_neighbors(ens.test, ens.train, 4, tiles={1, 3}, **common)
+    even = top_k_neighbors(ens.test, ens.train, 4, tiles={0, 2, 4},
+                           combine=lambda found: merge_topk(found, odd, 4), **common)
+    assert torch.equal(even.indices, whole.indices)
+    assert torch.equal(even.values, whole.values)

@@ -33,8 +33,12 @@ class TileCheckpoint:
         self.folder = out.with_name(out.name + ".partial")
         self.manifest = manifest
 
-    def load(self) -> dict[int, Neighbors]:
-        """Tiles finished by an earlier run with the same manifest; otherwise start afresh."""
+    def load(self, reset: bool = True) -> dict[int, Neighbors]:
+        """Tiles finished by an earlier run with the same manifest; otherwise start afresh.
+
+        With `reset=False` (the other ranks of a torchrun job) a mismatching folder is left
+        alone: rank 0 resets it.
+        """
         path = self.folder / "manifest.json"
         if path.is_file():
             try:
@@ -49,6 +53,8 @@ class TileCheckpoint:
                             torch.from_numpy(data["indices"]), torch.from_numpy(data["values"]))
                 logger.info("resuming: %d finished tiles in %s", len(tiles), self.folder)
                 return tiles
+        if not reset:
+            return {}
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         atomic_write_text(self.folder / "manifest.json", json.dumps(self.manifest))

@@ -273,37 +273,23 @@ def neighbors_cmd(
         runset, chosen = _open(src, labels, runs)
         options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
                    "memory_budget": budget, "device": device}
-        # The tile plan is fixed by the first attempt and kept in the checkpoint manifest,
-        # so that a restart (whose free memory may differ) cuts the same tiles.
-        plan = plan_memory(runset.test.n_examples, runset.train.n_examples, runset.n_models,
-                           runset.n_classes, k_keep=candidates_per_query(k, precision),
-                           budget=budget or default_memory_budget(device), precision=precision)
-        manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
-                    "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
-                    "version": __version__}
-        checkpoint = TileCheckpoint(out, manifest)
-        previous = checkpoint.load() if resume else {}
-        if previous:
-            manifest_plan = json.loads((checkpoint.folder / "plan.json").read_text())
-            tile_size, chunk_models = manifest_plan["tile_size"], manifest_plan["chunk_models"]
-            err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
-        else:
-            tile_size, chunk_models = plan.tile_size, plan.chunk_models
-            if resume:
-                atomic_write_text(checkpoint.folder / "plan.json", json.dumps(
-                    {"tile_size": tile_size, "chunk_models": chunk_models}))
-        with _progress_bar(quiet) as report:
-            result = top_k_neighbors(runset.test, runset.train, k, log_softmax=not no_log_softmax,
-                                     precision=precision, memory_budget=budget, device=device,
-                                     progress=report, tile_size=tile_size,
-                                     chunk_models=chunk_models, finished_tiles=previous,
-                                     on_tile=checkpoint.save if resume else None)
-        meta = json.dumps(_meta(options, runset, chosen, started))
-
-        atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
-                                             values=result.values.cpu().numpy(),
-                                             meta=np.array(meta)))
-        checkpoint.remove()
+        group = _distributed_group(device)
+        try:
+            result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
+            if group is None or group.is_main:
+                meta = json.dumps(_meta({**options, "processes": group.world_size if group
+                                         else 1}, runset, chosen, started))
+                atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
+                                                     values=result.values.cpu().numpy(),
+                                                     meta=np.array(meta)))
+                TileCheckpoint(out, {}).remove()
+            if group is not None:
+                group.barrier()  # the others wait until the file is written
+        finally:
+            if group is not None:
+                group.close()
+    if group is not None and not group.is_main:
+        return
     if not quiet:
         err.print(f"wrote {out} ({result.indices.shape[0]} test examples x {k} neighbours)")
 
@@ -466,6 +452,60 @@ def info_cmd(
     for r in out.get("records", []):
         typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']} "
                    f"sha256 {r['sha256'][:12]} seed {r['seeds']}")
+
+
+def _distributed_group(device: str):
+    """The torchrun group, when this process is one of several; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from . import distributed  # lazily: torch.distributed is not needed otherwise
+
+    return distributed.from_env(device)
+
+
+def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resume: bool,
+                   quiet: bool, group):
+    """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
+
+    The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
+    the checkpoint, so every rank and every restart cuts the same tiles.
+    """
+    main = group is None or group.is_main
+    k, precision, device = options["k"], options["precision"], options["device"]
+    budget = options["memory_budget"]
+    manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
+                "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
+                "version": __version__}
+    checkpoint = TileCheckpoint(out, manifest)
+    previous = checkpoint.load(reset=main) if resume else {}
+    plan_file = checkpoint.folder / "plan.json"
+    if main:
+        if previous and plan_file.is_file():
+            tiles = json.loads(plan_file.read_text())
+            err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
+        else:
+            plan = plan_memory(runset.test.n_examples, runset.train.n_examples,
+                               runset.n_models, runset.n_classes,
+                               k_keep=candidates_per_query(k, precision),
+                               budget=budget or default_memory_budget(device),
+                               precision=precision)
+            tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
+            if resume:
+                atomic_write_text(plan_file, json.dumps(tiles))
+    if group is not None:
+        tiles = group.broadcast(tiles if main else None)
+        if not main and resume:  # rank 0 may have reset the folder: read it after it did
+            previous = checkpoint.load(reset=False)
+    n_tiles = -(-runset.train.n_examples // tiles["tile_size"])
+    with _progress_bar(quiet or not main) as report:
+        return top_k_neighbors(
+            runset.test, runset.train, k, log_softmax=options["log_softmax"],
+            precision=precision, memory_budget=budget, device=device, progress=report,
+            tile_size=tiles["tile_size"], chunk_models=tiles["chunk_models"],
+            finished_tiles=previous, on_tile=checkpoint.save if resume else None,
+            tiles=group.my_tiles(n_tiles) if group is not None else None,
+            combine=group.combine if group is not None else None,
+        )
 
 
 def _write_predictions(f, suffix: str, prediction, scores, margin, meta: str) -> None:

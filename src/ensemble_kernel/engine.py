@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Collection, Literal, Mapping, Sequence
 
 import numpy as np
 import psutil
@@ -55,13 +55,15 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["exact", "fast"]
 
-# Bytes of working memory per logit element of a block of runs: the raw read (up to
-# float64), its float32 copy, the log-softmax output and a bfloat16 copy in fast mode.
-_BYTES_PER_ELEMENT = 24
-# Contraction width (runs x classes) below which products lose efficiency.
-_MIN_CONTRACTION = 512
-# Contraction width above which a larger block of runs buys nothing but memory.
-_MAX_CONTRACTION = 4096
+# Contraction width (runs x classes) of a block below which products lose efficiency; fast
+# mode wants wide blocks so that widening each bfloat16 product into float32 is amortised.
+_MIN_CONTRACTION = {"exact": 512, "fast": 2048}
+# Contraction width above which a wider block buys nothing but memory.
+_MAX_CONTRACTION = {"exact": 4096, "fast": 16384}
+# Temporaries of normalising one piece of rows (float32 copy, log-softmax scratch).
+_PIECE_BYTES = 64 << 20
+# The statistics pass per (example, run, class): raw read, float32, float64 copy, deviations.
+_STATS_BYTES = 40
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Plan:
     example_block : examples per block in the statistics pass.
     cache_queries : keep the normalised query features between tiles (when they fit in
         a third of the budget) instead of normalising the queries again for every tile.
+    piece_bytes : scratch for normalising one piece of rows of a block.
     budget : bytes the plan was made for.
     """
 
@@ -110,6 +113,7 @@ class Plan:
     rescore_chunk_models: int
     example_block: int
     cache_queries: bool
+    piece_bytes: int
     budget: int
 
 
@@ -141,43 +145,52 @@ def plan_memory(
     precision: Precision = "exact",
     chunk_models: int | None = None,
     tile_size: int | None = None,
+    raw_bytes: int = 4,
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
+
+    What is counted (bytes): per (query, reference) pair of a tile, the float32
+    accumulator (and fast mode's bfloat16 product); per (example, run, class) of a block,
+    the raw read (`raw_bytes`, the source's item size) and the normalised features (float32,
+    or bfloat16 plus a transposed copy); the normalised query features of every run when
+    they are cached; statistics, running top-k and a fixed allowance for the temporaries of
+    normalising one piece of rows.
 
     Raises
     ------
     BudgetError
         If even one reference per tile and one run per block do not fit.
     """
-    per_run_row = n_used_classes * _BYTES_PER_ELEMENT  # bytes per (run, example) in a block
-    acc_per_column = n_queries * (6 if precision == "fast" else 4) + 4096
+    fast = precision == "fast"
+    feature = 2 if fast else 4
+    piece_bytes = min(_PIECE_BYTES, budget // 8)
+    per_query = (raw_bytes + feature) * n_used_classes  # per (query, run) in a block
+    per_reference = (raw_bytes + feature * (2 if fast else 1)) * n_used_classes
+    acc_per_column = n_queries * (6 if fast else 4) + 4096
     fixed = (
         (n_queries + n_references) * n_used_classes * 8  # float32 mean and scale, both splits
         + n_queries * k_keep * 16 * 6  # running top-k and its merge temporaries
+        + piece_bytes  # normalising one piece of rows
         + (4 << 20)  # allocator slack, small tensors
     )
-    avail = budget - fixed
-    want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION / n_used_classes)))
+    cache_bytes = n_queries * n_models * n_used_classes * feature
+    cache_queries = cache_bytes <= 0.3 * (budget - fixed)
+    avail = budget - fixed - (cache_bytes if cache_queries else 0)
+    want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
 
-    def chunk_fits(t: int, models: int) -> bool:
-        return t * acc_per_column + (n_queries + t) * per_run_row * models <= avail
+    def fits(t: int, models: int) -> bool:
+        return t * acc_per_column + (n_queries * per_query + t * per_reference) * models <= avail
 
     if tile_size is not None:
         tile = max(1, min(tile_size, n_references))
     else:
-        tile = n_references
-        while tile > 1 and not chunk_fits(tile, want_models):
-            # Largest tile that leaves room for a block of `want_models` runs.
-            spare = avail - n_queries * per_run_row * want_models
-            fit = spare // (acc_per_column + per_run_row * want_models)
-            tile = max(1, min(tile - 1, int(fit)))
-            if fit < 1 and want_models > 1:
-                want_models = max(1, want_models // 2)
-                tile = n_references
-        n_tiles = math.ceil(n_references / tile)
-        tile = math.ceil(n_references / n_tiles)  # even tiles
-    if not chunk_fits(tile, 1):
-        need = fixed + tile * acc_per_column + (n_queries + tile) * per_run_row
+        while want_models > 1 and not fits(1, want_models):
+            want_models //= 2
+        spare = avail - n_queries * per_query * want_models
+        tile = int(max(1, min(n_references, spare // (acc_per_column + per_reference * want_models))))
+        tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
+    if not fits(tile, 1):
+        need = budget - avail + tile * acc_per_column + n_queries * per_query + tile * per_reference
         raise BudgetError(
             f"a memory budget of {_format_bytes(budget)} is too small for {n_queries} queries "
             f"and {n_classes_text(n_used_classes)}; at least {_format_bytes(need)} is needed: "
@@ -186,18 +199,14 @@ def plan_memory(
     if chunk_models is not None:
         models = max(1, min(chunk_models, n_models))
     else:
-        room = (avail - tile * acc_per_column) // ((n_queries + tile) * per_run_row)
-        cap = max(1, _MAX_CONTRACTION // n_used_classes)
+        room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
+        cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
-    cache_bytes = n_queries * n_models * n_used_classes * (2 if precision == "fast" else 4)
-    room = (avail - cache_bytes - tile * acc_per_column) // ((n_queries + tile) * per_run_row)
-    cache_queries = cache_bytes <= 0.3 * avail and room >= 1
-    if cache_queries and chunk_models is None:  # the cache's room comes from the blocks
-        models = int(max(1, min(room, models)))
-    rescore_room = (avail - n_queries * k_keep * 8) // ((n_queries + n_references) * per_run_row)
-    rescore_models = int(max(1, min(rescore_room, models, n_models)))
-    # The statistics pass also holds float64 copies of its block: twice the room per element.
-    example_block = int(max(1, min(n_references + n_queries, avail // (2 * per_run_row * models))))
+    # Fast mode's re-score holds float32 features of every query and every reference.
+    rescore_room = (budget - fixed) // ((n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
+    rescore_models = int(max(1, min(rescore_room, n_models)))
+    example_block = int(max(1, min(n_references + n_queries,
+                                   (budget - fixed) // (_STATS_BYTES * n_used_classes * models))))
     return Plan(
         tile_size=tile,
         n_tiles=math.ceil(n_references / tile),
@@ -205,6 +214,7 @@ def plan_memory(
         rescore_chunk_models=rescore_models,
         example_block=example_block,
         cache_queries=cache_queries,
+        piece_bytes=piece_bytes,
         budget=budget,
     )
 
@@ -247,10 +257,6 @@ class _Engine:
                          time.perf_counter() - self.start)
             )
 
-    def _prepared(self, source: LogitSource, models: slice, examples: slice) -> torch.Tensor:
-        raw = source.read(models, examples)
-        return prepare(raw, log_softmax=self.log_softmax, classes=self.classes, device=self.device)
-
     def _statistics(self, source: LogitSource, split: str) -> ClassStats:
         """Pass 1: mean and std per (example, class), checking every value is finite."""
         n, step = source.n_examples, self.plan.chunk_models
@@ -284,8 +290,23 @@ class _Engine:
 
     def _features(self, source: LogitSource, stats: ClassStats, models: slice,
                   examples: slice, dtype: torch.dtype) -> torch.Tensor:
-        x = self._prepared(source, models, examples)
-        return normalized_features(x, stats.rows(examples), dtype)
+        """Normalised features of a block, built piece by piece of rows into one buffer.
+
+        Returns
+        -------
+        Tensor of shape (n_examples, n_block_models * n_used), `dtype`.
+        """
+        raw = source.read(models, examples)  # (n_block_models, n_examples, n_classes)
+        n_block, n_rows = raw.shape[0], raw.shape[1]
+        out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
+        piece = max(1, self.plan.piece_bytes // (16 * n_block * raw.shape[2]))
+        for r0 in range(0, n_rows, piece):
+            r1 = min(r0 + piece, n_rows)
+            x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
+                        device=self.device)
+            rows = slice(examples.start + r0, examples.start + r1)
+            out[r0:r1] = normalized_features(x, stats.rows(rows), torch.float32)
+        return out
 
     def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,
                         stage: str, tiles_done: int, total: int, done_before: int) -> torch.Tensor:
@@ -343,7 +364,8 @@ class _Engine:
 
     def search(self, k_keep: int, *, dtype: torch.dtype, rows: torch.Tensor | None = None,
                stage: str = "kernel", finished: Mapping[int, Neighbors] | None = None,
-               on_tile: TileCallback | None = None) -> Neighbors:
+               on_tile: TileCallback | None = None,
+               only: Collection[int] | None = None) -> Neighbors:
         """Pass 2: the running top-`k_keep` over every tile.
 
         `finished` holds tiles computed before (resume); `on_tile(i, top_k)` is called as
@@ -354,6 +376,8 @@ class _Engine:
         tiles = self.tiles()
         total = len(tiles) * self.n_models
         for i, tile in enumerate(tiles):
+            if only is not None and i not in only:  # another rank's tile
+                continue
             if finished is not None and i in finished:
                 found = Neighbors(finished[i].indices.to(self.device),
                                   finished[i].values.to(self.device))
@@ -429,9 +453,11 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
+                    references.read(slice(0, 1), slice(0, 1)).element_size())
     plan = plan_memory(queries.n_examples, references.n_examples, queries.n_models, n_used,
                        k_keep=k_keep, budget=budget, precision=precision,
-                       chunk_models=chunk_models, tile_size=tile_size)
+                       chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes)
     logger.info("plan: %s", plan)
     return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
                    plan=plan, exclude_self=exclude_self, progress=progress)
@@ -454,6 +480,8 @@ def top_k_neighbors(
     progress: ProgressCallback | None = None,
     finished_tiles: Mapping[int, Neighbors] | None = None,
     on_tile: TileCallback | None = None,
+    tiles: Collection[int] | None = None,
+    combine: Callable[[Neighbors], Neighbors] | None = None,
 ) -> Neighbors:
     """The top-k references of every query under the ensemble kernel.
 
@@ -476,6 +504,9 @@ def top_k_neighbors(
     finished_tiles, on_tile : resumption. `on_tile(i, top_k)` receives each finished
         tile's top-`candidates_per_query(k, precision)`; passing those back as
         `finished_tiles` (with the same `tile_size` and `chunk_models`) skips them.
+    tiles, combine : distribution. Compute only the reference tiles `tiles` (indices into
+        the plan's tiles), then pass the partial top-k through `combine` (for example an
+        all-gather and merge across ranks) before fast mode's re-score.
 
     Returns
     -------
@@ -490,11 +521,12 @@ def top_k_neighbors(
                              memory_budget=memory_budget, device=device,
                              chunk_models=chunk_models, tile_size=tile_size, progress=progress,
                              k_keep=k_keep)
-    resume = dict(finished=finished_tiles, on_tile=on_tile)
+    resume = dict(finished=finished_tiles, on_tile=on_tile, only=tiles)
+    combine = combine or (lambda found: found)
     if precision == "exact":
         with exact_float32_matmul(engine.device):
-            return engine.search(k, dtype=torch.float32, **resume)
-    return _fast_search(engine, k, n_candidates, resume)
+            return combine(engine.search(k, dtype=torch.float32, **resume))
+    return _fast_search(engine, k, n_candidates, resume, combine)
 
 
 def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:
@@ -504,10 +536,11 @@ def candidates_per_query(k: int, precision: Precision, n_candidates: int | None 
     return n_candidates or max(2 * k, k + 32)
 
 
-def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict) -> Neighbors:
+def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
+                 combine: Callable[[Neighbors], Neighbors]) -> Neighbors:
     n_refs = engine.references.n_examples
     n_c = min(n_candidates, n_refs)
-    approx = engine.search(n_c, dtype=torch.bfloat16, **resume)
+    approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
     with exact_float32_matmul(engine.device):
         exact = engine.rescore(approx.indices)
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
