@@ -146,6 +146,7 @@ def plan_memory(
     chunk_models: int | None = None,
     tile_size: int | None = None,
     raw_bytes: int = 4,
+    cache_queries: bool | None = None,
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
 
@@ -174,7 +175,8 @@ def plan_memory(
         + (4 << 20)  # allocator slack, small tensors
     )
     cache_bytes = n_queries * n_models * n_used_classes * feature
-    cache_queries = cache_bytes <= 0.3 * (budget - fixed)
+    fits_cache = cache_bytes <= 0.3 * (budget - fixed)
+    cache_queries = fits_cache if cache_queries is None else (cache_queries and fits_cache)
     avail = budget - fixed - (cache_bytes if cache_queries else 0)
     want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
 
@@ -203,7 +205,8 @@ def plan_memory(
         cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
     # Fast mode's re-score holds float32 features of every query and every reference.
-    rescore_room = (budget - fixed) // ((n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
+    rescore_room = int(0.6 * (budget - fixed)) // (
+        (n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
     rescore_models = int(max(1, min(rescore_room, n_models)))
     example_block = int(max(1, min(n_references + n_queries,
                                    (budget - fixed) // (_STATS_BYTES * n_used_classes * models))))
@@ -434,7 +437,8 @@ def _resolve_device(device: torch.device | str) -> torch.device:
 
 
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
-                    memory_budget, device, chunk_models, tile_size, progress, k_keep):
+                    memory_budget, device, chunk_models, tile_size, progress, k_keep,
+                    cache_queries=None):
     if precision not in ("exact", "fast"):
         raise InputError(f"precision must be 'exact' or 'fast', got {precision!r}")
     queries = as_source(queries, "query logits")
@@ -457,7 +461,8 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                     references.read(slice(0, 1), slice(0, 1)).element_size())
     plan = plan_memory(queries.n_examples, references.n_examples, queries.n_models, n_used,
                        k_keep=k_keep, budget=budget, precision=precision,
-                       chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes)
+                       chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes,
+                       cache_queries=cache_queries)
     logger.info("plan: %s", plan)
     return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
                    plan=plan, exclude_self=exclude_self, progress=progress)
@@ -482,6 +487,7 @@ def top_k_neighbors(
     on_tile: TileCallback | None = None,
     tiles: Collection[int] | None = None,
     combine: Callable[[Neighbors], Neighbors] | None = None,
+    cache_queries: bool | None = None,
 ) -> Neighbors:
     """The top-k references of every query under the ensemble kernel.
 
@@ -507,6 +513,8 @@ def top_k_neighbors(
     tiles, combine : distribution. Compute only the reference tiles `tiles` (indices into
         the plan's tiles), then pass the partial top-k through `combine` (for example an
         all-gather and merge across ranks) before fast mode's re-score.
+    cache_queries : keep normalised query features between tiles; None: when they fit
+        in 30% of the budget. False measures the engine as it runs when they do not.
 
     Returns
     -------
@@ -520,7 +528,7 @@ def top_k_neighbors(
                              exclude_self=exclude_self, precision=precision,
                              memory_budget=memory_budget, device=device,
                              chunk_models=chunk_models, tile_size=tile_size, progress=progress,
-                             k_keep=k_keep)
+                             k_keep=k_keep, cache_queries=cache_queries)
     resume = dict(finished=finished_tiles, on_tile=on_tile, only=tiles)
     combine = combine or (lambda found: found)
     if precision == "exact":
