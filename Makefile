@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench clean
+.PHONY: test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/ensemble-kernel demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

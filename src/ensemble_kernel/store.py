@@ -33,7 +33,7 @@ import zarr
 
 from .atomic import atomic_write_text
 from .errors import InputError, StoreError
-from .formats import RunFile, check_labels, file_hash, read_run_file
+from .formats import check_labels, file_hash, read_run_file
 
 __all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "is_store", "IngestReport"]
 
@@ -206,16 +206,29 @@ class RunStore:
 
     # ---- appending ---------------------------------------------------------------------
 
-    def _check_file(self, run: RunFile) -> None:
+    def _check_arrays(self, train: torch.Tensor, test: torch.Tensor, source: str) -> None:
         n_train = self.split_range("train")[1] - self.split_range("train")[0]
         n_test = self.split_range("test")[1] - self.split_range("test")[0]
-        for split, logits, want in (("train", run.train, n_train), ("test", run.test, n_test)):
+        for split, logits, want in (("train", train, n_train), ("test", test, n_test)):
+            if logits.ndim != 3 or not logits.is_floating_point():
+                raise InputError(f"{source}: {split} logits must be floating point of shape "
+                                 f"(n_runs, n_examples, n_classes), got {logits.dtype} "
+                                 f"{tuple(logits.shape)}")
             if logits.shape[2] != self.n_classes:
-                raise InputError(f"{run.path}: {split} logits have {logits.shape[2]} classes "
+                raise InputError(f"{source}: {split} logits have {logits.shape[2]} classes "
                                  f"but the store {self.path} has {self.n_classes}")
             if logits.shape[1] != want:
-                raise InputError(f"{run.path}: {logits.shape[1]} {split} examples but the "
+                raise InputError(f"{source}: {logits.shape[1]} {split} examples but the "
                                  f"store {self.path} has {want}")
+        if train.shape[0] != test.shape[0]:
+            raise InputError(f"{source}: {train.shape[0]} runs of train logits but "
+                             f"{test.shape[0]} of test logits")
+        for split, logits in (("train", train), ("test", test)):
+            bad = ~torch.isfinite(logits)
+            if bool(bad.any()):
+                m, e, c = (int(i) for i in bad.nonzero()[0])
+                raise InputError(f"{source}: {split} logits of run {m}, example {e}, class {c} "
+                                 "are not finite; nothing was written")
 
     def set_array(self, name: str, values: np.ndarray | torch.Tensor, dims: Sequence[str]) -> None:
         """Write an optional array (labels, inputs, features); refuse to contradict one stored."""
@@ -245,14 +258,33 @@ class RunStore:
         """Append the runs of one run file, as one commit; skip it if its content is stored."""
         path = Path(path)
         digest = file_hash(path)
-        n = self.n_models
         if not allow_duplicates and digest in self.committed_hashes():
-            return IngestReport(str(path), "skipped", (n, n))
+            return IngestReport(str(path), "skipped", (self.n_models, self.n_models))
         run = read_run_file(path)
-        self._check_file(run)
         self.set_labels("train", run.labels_train)
         self.set_labels("test", run.labels_test)
-        r = run.n_runs
+        return self.append_arrays(run.train, run.test, source=str(path), sha256=digest,
+                                  code=run.code, on_runs=on_runs)
+
+    def append_arrays(self, train, test, *, source: str, sha256: str | None = None,
+                      code: str | None = None, seeds: Sequence[int] | None = None,
+                      on_runs: Callable[[int], None] | None = None) -> IngestReport:
+        """Append runs held in memory, as one commit.
+
+        Parameters
+        ----------
+        train, test : arrays of shape (n_runs, n_train | n_test, n_classes).
+        source : what to record as their origin.
+        sha256 : their content hash for de-duplication; default: a hash of the arrays.
+        seeds : one per run, recorded.
+        """
+        train, test = torch.as_tensor(train), torch.as_tensor(test)
+        self._check_arrays(train, test, source)
+        r, n = train.shape[0], self.n_models
+        if seeds is not None and len(seeds) != r:
+            raise InputError(f"{source}: {len(seeds)} seeds for {r} runs")
+        if sha256 is None:
+            sha256 = _sha256_arrays(train, test)
         writer = zarr.Array(type(self._logits._async_array)(
             metadata=self._logits.metadata.update_shape((n + r,) + self._logits.shape[1:]),
             store_path=self._logits._async_array.store_path,
@@ -261,24 +293,35 @@ class RunStore:
         dtype = np.dtype(self._logits.dtype)
         for b in range(0, r, _WRITE_BLOCK):
             block = slice(b, min(b + _WRITE_BLOCK, r))
-            both = torch.cat([run.train[block], run.test[block]], dim=1)
+            both = torch.cat([train[block], test[block]], dim=1)
             writer[n + block.start:n + block.stop] = both.float().numpy().astype(dtype)
             if on_runs is not None:
                 on_runs(block.stop - block.start)
             if _TEST_DELAY:  # crash tests: widen the window in which a kill lands mid-append
                 time.sleep(_TEST_DELAY)
         code_hash = None
-        if run.code is not None:
-            code_hash = _sha256_text(run.code)
+        if code is not None:
+            code_hash = _sha256_text(code)
             code_path = self.path / "code" / f"{code_hash}.txt"
             if not code_path.exists():
-                atomic_write_text(code_path, run.code)
-        record = {"source": str(path), "sha256": digest, "runs": [n, n + r],
-                  "stored_dtype": str(dtype), "source_dtype": str(run.train.dtype).replace(
-                      "torch.", ""), "code_sha256": code_hash, "seeds": None}
+                atomic_write_text(code_path, code)
+        record = {"source": source, "sha256": sha256, "runs": [n, n + r],
+                  "stored_dtype": str(dtype), "source_dtype": str(train.dtype).replace(
+                      "torch.", ""), "code_sha256": code_hash,
+                  "seeds": list(map(int, seeds)) if seeds is not None else None}
         atomic_write_text(self.path / "records" / f"{n:09d}.json", json.dumps(record))
         self._logits.resize((n + r,) + self._logits.shape[1:])  # the commit
-        return IngestReport(str(path), "added", (n, n + r))
+        return IngestReport(source, "added", (n, n + r))
+
+
+def _sha256_arrays(*arrays: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str((tuple(a.shape), str(a.dtype))).encode())
+        h.update(a.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sha256_text(text: str) -> str:

@@ -1,0 +1,52 @@
+"""The whole report: evaluate, sweep and draw every view; write OUT.html and OUT_files/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..atomic import atomic_write_text
+from ..evaluate import Evaluation, evaluate
+from ..neighbors import Neighbors
+from ..sources import LogitSource
+from ..sweep import SweepResult, sweep
+from .files import write_sweep
+from .grids import InputRenderer
+from .html import build_views, render_report, write_views
+from .plots import plot_sweep
+
+__all__ = ["build_report"]
+
+
+def build_report(train: LogitSource, test: LogitSource, labels_train, labels_test, *,
+                 found: Neighbors, out: Path, source: str, renderer: InputRenderer,
+                 class_names: Sequence[str] | None = None, features_train=None,
+                 features_test=None, ranks: slice = slice(0, 48),
+                 evaluation: Evaluation | None = None, sweep_result: SweepResult | None = None,
+                 precision: str = "exact") -> list[Path]:
+    """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
+
+    `found` are the test -> train neighbours (k >= 20 for the weighted vote and the
+    failures); `evaluation` and `sweep_result` are computed when not given.
+    """
+    e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found)
+    result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision)
+    views = build_views(found, labels_train=labels_train, labels_test=labels_test,
+                        renderer=renderer, class_names=class_names, ranks=ranks,
+                        features_train=features_train, features_test=features_test)
+    files = out.with_name(out.stem + "_files")
+    written = write_views(views, files) + write_sweep(result, files)
+    accuracy = [("average single model", e.single_model_accuracy),
+                (f"ensemble average ({e.n_models} runs)", e.ensemble_accuracy),
+                (f"kernel k-NN (k={e.k})", e.knn_accuracy),
+                (f"weighted vote (k={e.weighted_k}, K**{e.power})", e.weighted_accuracy)]
+    html = render_report(
+        views=views, source=source, n_models=train.n_models, n_train=train.n_examples,
+        n_test=test.n_examples, accuracy=accuracy, sweep_figure=plot_sweep(result),
+        significance=result.significance, ablations=result.ablations,
+        has_inputs=renderer.has_inputs)
+    atomic_write_text(out, html)
+    accuracy_csv = files / "accuracy.csv"
+    atomic_write_text(accuracy_csv, "method,accuracy\n" + "".join(
+        f"{name},{value}\n" for name, value in accuracy))
+    return written + [accuracy_csv, out]

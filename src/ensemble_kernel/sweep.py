@@ -1,0 +1,199 @@
+"""Accuracy against the number of runs, ablations, and whether the gain is real.
+
+For each n, the runs are cut into disjoint contiguous subsets of n runs (at most
+`max_subsets`), and every metric is computed on each subset: the mean single-model
+accuracy, the ensemble average, kernel k-NN for several k, and the weighted vote. The
+sweep reports the mean and spread over subsets. At the largest n it adds the ablations
+(no log-softmax; each per-class kernel alone) and a paired comparison of kernel k-NN with
+the ensemble average on the same test examples: McNemar's exact test and a bootstrap
+confidence interval of the accuracy difference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .engine import top_k_neighbors
+from .errors import InputError
+from .evaluate import (accuracy, ensemble_logits, knn_predict, single_model_accuracies,
+                       weighted_predict)
+from .sources import LogitSource, select_runs
+
+__all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
+           "mcnemar_exact", "bootstrap_difference", "default_run_counts"]
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One metric at one run count: mean and spread over the disjoint subsets."""
+
+    n_models: int
+    metric: str  # 'single', 'ensemble', 'knn_k3', ..., 'weighted'
+    mean: float
+    std: float
+    min: float
+    max: float
+    n_subsets: int
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Kernel k-NN against the ensemble average on the same test examples."""
+
+    n_models: int
+    k: int
+    knn_accuracy: float
+    ensemble_accuracy: float
+    only_knn_correct: int  # McNemar's b
+    only_ensemble_correct: int  # McNemar's c
+    mcnemar_p: float  # exact two-sided
+    difference: float  # knn - ensemble
+    ci_low: float  # bootstrap 95% interval of the difference
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: tuple[SweepRow, ...]
+    ablations: dict[str, float] = field(default_factory=dict)  # name -> accuracy
+    significance: Significance | None = None
+
+    def table(self) -> list[dict]:
+        return [row.__dict__ for row in self.rows]
+
+
+def default_run_counts(n_models: int) -> list[int]:
+    """1, 2, 4, ... up to n_models (and n_models itself)."""
+    counts = [2 ** i for i in range(int(math.log2(n_models)) + 1)]
+    return counts if counts[-1] == n_models else counts + [n_models]
+
+
+def disjoint_subsets(n_models: int, n: int, max_subsets: int) -> list[slice]:
+    """Disjoint contiguous slices of n runs: [0, n), [n, 2n), ... (at most max_subsets)."""
+    if not 1 <= n <= n_models:
+        raise InputError(f"a run count must be between 1 and {n_models}, got {n}")
+    return [slice(i * n, (i + 1) * n) for i in range(min(n_models // n, max_subsets))]
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of b against b + c at 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
+                         n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(correct_a) - mean(correct_b), resampling examples."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(correct_a)
+    diff = (correct_a.double() - correct_b.double())
+    idx = torch.randint(0, n, (n_resamples, n), generator=g)
+    means = diff[idx].mean(dim=1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common):
+    n_classes = train.n_classes
+    out = {"single": float(single_model_accuracies(test, labels_test).mean()),
+           "ensemble": accuracy(ensemble_logits(test).argmax(1), labels_test)}
+    if train.n_models < 2:
+        return out, None
+    k_max = max(list(ks) + [weighted[0]])
+    found = top_k_neighbors(test, train, k_max, **common)
+    for k in ks:
+        out[f"knn_k{k}"] = accuracy(knn_predict(found, labels_train, n_classes, k), labels_test)
+    out["weighted"] = accuracy(weighted_predict(found, labels_train, n_classes, *weighted),
+                               labels_test)
+    return out, found
+
+
+def sweep(
+    train: LogitSource,
+    test: LogitSource,
+    labels_train: torch.Tensor,
+    labels_test: torch.Tensor,
+    *,
+    runs: Sequence[int] | None = None,
+    ks: Sequence[int] = (1, 3, 5, 9),
+    weighted: tuple[int, int] = (20, 4),
+    max_subsets: int = 8,
+    significance_k: int = 3,
+    precision: str = "exact",
+    memory_budget: int | None = None,
+    device: str = "cpu",
+) -> SweepResult:
+    """Accuracy against the number of runs over disjoint subsets, plus ablations.
+
+    Parameters
+    ----------
+    train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
+    runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = _sweep(train, test, labels_train, labels_test, runs=runs, ks=ks,
+                        weighted=weighted, max_subsets=max_subsets,
+                        significance_k=significance_k, precision=precision,
+                        memory_budget=memory_budget, device=device)
+    constant = [w for w in caught if "identical in every run" in str(w.message)]
+    for w in caught:
+        if w not in constant:
+            warnings.warn(w.message, w.category, stacklevel=2)
+    if constant:
+        warnings.warn(f"{len(constant)} of the sweep's kernels met outputs identical in every "
+                      "run of their subset (std 0: common with few runs and float16 storage); "
+                      "those contribute 0", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
+           significance_k, precision, memory_budget, device) -> SweepResult:
+    n_models, n_classes = train.n_models, train.n_classes
+    runs = sorted(set(runs or default_run_counts(n_models)))
+    ks = sorted(set(ks))
+    common = dict(precision=precision, memory_budget=memory_budget, device=device)
+    rows: list[SweepRow] = []
+    largest = None
+    for n in runs:
+        values: dict[str, list[float]] = {}
+        for part in disjoint_subsets(n_models, n, max_subsets):
+            metrics, found = _subset_metrics(select_runs(train, part), select_runs(test, part),
+                                             labels_train, labels_test, ks, weighted, common)
+            for name, v in metrics.items():
+                values.setdefault(name, []).append(v)
+            if n == runs[-1] and largest is None:
+                largest = (part, found)
+        for name, vs in values.items():
+            t = torch.tensor(vs, dtype=torch.float64)
+            rows.append(SweepRow(n, name, float(t.mean()),
+                                 float(t.std()) if len(vs) > 1 else 0.0,
+                                 float(t.min()), float(t.max()), len(vs)))
+    result_ablations, significance = {}, None
+    if largest is not None and largest[1] is not None:
+        part, found = largest
+        sub_train, sub_test = select_runs(train, part), select_runs(test, part)
+        k3 = significance_k
+        for name, options in [("no_log_softmax", {"log_softmax": False})] + [
+                (f"class_{c}_only", {"classes": [c]}) for c in range(n_classes)]:
+            alone = top_k_neighbors(sub_test, sub_train, k3, **options, **common)
+            result_ablations[name] = accuracy(knn_predict(alone, labels_train, n_classes, k3),
+                                              labels_test)
+        knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test
+        ens_ok = ensemble_logits(sub_test).argmax(1) == labels_test
+        b, c = int((knn_ok & ~ens_ok).sum()), int((~knn_ok & ens_ok).sum())
+        low, high = bootstrap_difference(knn_ok, ens_ok)
+        significance = Significance(
+            n_models=part.stop - part.start, k=k3, knn_accuracy=float(knn_ok.double().mean()),
+            ensemble_accuracy=float(ens_ok.double().mean()), only_knn_correct=b,
+            only_ensemble_correct=c, mcnemar_p=mcnemar_exact(b, c),
+            difference=float(knn_ok.double().mean() - ens_ok.double().mean()),
+            ci_low=low, ci_high=high)
+    return SweepResult(tuple(rows), result_ablations, significance)

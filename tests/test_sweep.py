@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from ensemble_kernel.errors import InputError
+from ensemble_kernel.sources import ArraySource
+from ensemble_kernel.sweep import (bootstrap_difference, default_run_counts, disjoint_subsets,
+                                   mcnemar_exact, sweep)
+
+from conftest import make_ensemble
+
+
+def test_subsets_are_disjoint_and_within_range():
+    for n_models, n in [(16, 1), (16, 4), (16, 5), (10, 10)]:
+        parts = disjoint_subsets(n_models, n, max_subsets=8)
+        runs = [r for p in parts for r in range(p.start, p.stop)]
+        assert len(runs) == len(set(runs))
+        assert all(p.stop - p.start == n and p.stop <= n_models for p in parts)
+        assert len(parts) == min(n_models // n, 8)
+    with pytest.raises(InputError, match="between 1 and 16, got 17"):
+        disjoint_subsets(16, 17, 8)
+    assert default_run_counts(12) == [1, 2, 4, 8, 12]
+
+
+def test_mcnemar_by_hand():
+    # b=1, c=6: two-sided exact p = 2 * (C(7,0) + C(7,1)) / 2^7 = 16/128.
+    assert mcnemar_exact(1, 6) == pytest.approx(16 / 128)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+
+
+def test_bootstrap_interval_contains_the_difference():
+    a = torch.tensor([1, 1, 1, 0] * 50, dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0] * 50, dtype=torch.bool)
+    low, high = bootstrap_difference(a, b)
+    assert low < 0.25 < high and low > 0
+
+
+def test_sweep_rows_and_ablations():
+    ens = make_ensemble(n_models=8, n_train=100, n_test=40)
+    result = sweep(ArraySource(ens.train), ArraySource(ens.test), ens.labels_train,
+                   ens.labels_test, runs=[1, 2, 8])
+    metrics = {(r.n_models, r.metric): r for r in result.rows}
+    assert (1, "knn_k3") not in metrics  # one run makes no kernel
+    assert metrics[2, "knn_k3"].n_subsets == 4 and metrics[8, "knn_k3"].n_subsets == 1
+    single = metrics[1, "single"]
+    assert single.n_subsets == 8 and single.min <= single.mean <= single.max
+    assert set(result.ablations) == {"no_log_softmax"} | {f"class_{c}_only" for c in range(5)}
+    sig = result.significance
+    assert sig.n_models == 8 and 0 <= sig.mcnemar_p <= 1
+    assert math.isclose(sig.difference, sig.knn_accuracy - sig.ensemble_accuracy)
