@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from ensemble_kernel import top_k_neighbors
 from ensemble_kernel.report.build import build_report

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 import zarr
 from typer.testing import CliRunner
@@ -193,3 +194,43 @@ def test_neighbors_resumes_after_sigkill_and_writes_the_same_result(tmp_path):
         assert np.array_equal(a["values"], b["values"])
     assert_same_neighbors(np.load(out)["indices"], np.load(out)["values"],
                           dense_kernel(ens.test, ens.train), 5)
+
+
+def test_golden_on_disk_metadata(tmp_path):
+    # Pins format version 1. If this changes, the format changed: bump FORMAT_VERSION.
+    store = RunStore.create(tmp_path / "st", n_train=5, n_test=3, n_classes=4,
+                            class_names=["a", "b", "c", "d"])
+    root = json.loads((tmp_path / "st" / "zarr.json").read_text())
+    assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    assert root["attributes"]["ensemble_kernel"] == {
+        "format_version": 1, "n_classes": 4, "class_names": ["a", "b", "c", "d"],
+        "splits": {"train": [0, 5], "test": [5, 8]}, "logits_dtype": "float16"}
+    logits = json.loads((tmp_path / "st" / "logits" / "zarr.json").read_text())
+    assert {k: logits[k] for k in ("shape", "data_type", "dimension_names", "attributes",
+                                   "fill_value")} == {
+        "shape": [0, 8, 4], "data_type": "float16",
+        "dimension_names": ["run", "example", "class"],
+        "attributes": {"splits": {"train": [0, 5], "test": [5, 8]}, "format_version": 1},
+        "fill_value": 0.0}
+    assert logits["chunk_grid"]["configuration"]["chunk_shape"] == [1, 8, 4]
+    assert [c["name"] for c in logits["codecs"]] == ["bytes"]  # uncompressed
+    store.append_arrays(torch.zeros(2, 5, 4), torch.zeros(2, 3, 4), source="golden",
+                        seeds=[7, 8])
+    record = json.loads((tmp_path / "st" / "records" / "000000000.json").read_text())
+    assert set(record) == {"source", "sha256", "runs", "stored_dtype", "source_dtype",
+                           "code_sha256", "seeds"}
+    assert record["runs"] == [0, 2] and record["seeds"] == [7, 8]
+
+
+def test_a_truncated_chunk_is_an_error_naming_it(tmp_path):
+    ens = make_ensemble(n_models=3)
+    save_pt(tmp_path / "good.pt", ens.train, ens.test)
+    run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "-q")
+    chunk = tmp_path / "st" / "logits" / "c" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    code, _, err = run("evaluate", tmp_path / "st", "--labels",
+                       save_labels(tmp_path / "l.npz", ens))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "chunk logits/c/2/0/0 (run 2) could not be read" in err and "re-ingest" in err
+    # The other runs are unaffected.
+    assert RunStore(tmp_path / "st").read_logits(slice(0, 2), slice(0, 160)).shape == (2, 160, 5)

@@ -450,8 +450,11 @@ def info_cmd(
     typer.echo(f"  train {splits['train']} examples, test {splits['test']} examples; "
                + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
     for r in out.get("records", []):
+        seeds = r.get("seeds")
+        seed_text = ("-" if not seeds else str(seeds[0]) if len(seeds) == 1
+                     else f"{seeds[0]}..{seeds[-1]}")
         typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']} "
-                   f"sha256 {r['sha256'][:12]} seed {r['seeds']}")
+                   f"sha256 {r['sha256'][:12]} seeds {seed_text}")
 
 
 @app.command("sweep")

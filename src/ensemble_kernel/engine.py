@@ -274,9 +274,12 @@ class _Engine:
             for m0 in range(0, self.n_models, step):
                 models = slice(m0, min(m0 + step, self.n_models))
                 raw = source.read(models, rows)
-                check_finite(raw, first_model=m0, first_example=e0, describe=source.describe_run)
-                acc.update(prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
-                                   device=self.device))
+                x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
+                            device=self.device, runs_first=True)
+                if not acc.update(x):  # find and name the culprit
+                    check_finite(raw, first_model=m0, first_example=e0,
+                                 describe=source.describe_run)
+                    raise RuntimeError("non-finite statistics from finite logits")  # a bug
                 self._report("statistics", b * self.n_models + models.stop,
                              n_blocks * self.n_models)
             part = acc.finalize()

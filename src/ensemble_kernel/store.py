@@ -176,9 +176,20 @@ class RunStore:
         try:
             return self._logits[models, examples]
         except (ValueError, OSError) as e:
-            raise StoreError(f"{self.path}: a chunk of runs {models.start}..{models.stop - 1} "
-                             f"could not be read ({e}); the store is damaged: re-ingest "
-                             "those runs' files") from e
+            raise StoreError(f"{self.path}: {self._find_bad_chunk(models, examples)} could not "
+                             f"be read ({e}); the store is damaged: re-ingest that run's "
+                             "file") from e
+
+    def _find_bad_chunk(self, models: slice, examples: slice) -> str:
+        """Name the first chunk of a failed read that does not decode."""
+        chunk_e = self._logits.chunks[1]
+        for m in range(models.start, models.stop):
+            for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1):
+                try:
+                    self._logits[m, c * chunk_e:min((c + 1) * chunk_e, self._logits.shape[1])]
+                except (ValueError, OSError):
+                    return f"chunk logits/c/{m}/{c}/0 (run {m})"
+        return f"a chunk of runs {models.start}..{models.stop - 1}"
 
     def optional(self, name: str) -> np.ndarray | None:
         """An optional array (labels_train, inputs_test, ...), or None."""
