@@ -23,10 +23,9 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Collection, Literal, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
-import psutil
 import torch
 
 from .errors import BudgetError, InputError
@@ -40,6 +39,7 @@ from .kernel import (
     prepare,
 )
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
+from .plan import Plan, Precision, default_memory_budget, format_bytes, plan_memory
 from .sources import LogitSource, as_source, check_pair
 
 __all__ = [
@@ -52,18 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-Precision = Literal["exact", "fast"]
-
-# Contraction width (runs x classes) of a block below which products lose efficiency; fast
-# mode wants wide blocks so that widening each bfloat16 product into float32 is amortised.
-_MIN_CONTRACTION = {"exact": 512, "fast": 2048}
-# Contraction width above which a wider block buys nothing but memory.
-_MAX_CONTRACTION = {"exact": 4096, "fast": 16384}
-# Temporaries of normalising one piece of rows (float32 copy, log-softmax scratch).
-_PIECE_BYTES = 64 << 20
-# The statistics pass per (example, run, class): raw read, float32, float64 copy, deviations.
-_STATS_BYTES = 40
 
 
 @dataclass(frozen=True)
@@ -88,142 +76,6 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 TileCallback = Callable[[int, Neighbors], None]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the engine cuts the work to stay within its memory budget.
-
-    Attributes
-    ----------
-    tile_size : references per tile.
-    n_tiles : tiles on the reference axis.
-    chunk_models : runs per block in the kernel pass.
-    rescore_chunk_models : runs per block in fast mode's exact re-score.
-    example_block : examples per block in the statistics pass.
-    cache_queries : keep the normalised query features between tiles (when they fit in
-        a third of the budget) instead of normalising the queries again for every tile.
-    piece_bytes : scratch for normalising one piece of rows of a block.
-    budget : bytes the plan was made for.
-    """
-
-    tile_size: int
-    n_tiles: int
-    chunk_models: int
-    rescore_chunk_models: int
-    example_block: int
-    cache_queries: bool
-    piece_bytes: int
-    budget: int
-
-
-def default_memory_budget(device: torch.device | str = "cpu") -> int:
-    """A quarter of the memory available now (host RAM, or free memory of a CUDA device)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 2)
-    return int(psutil.virtual_memory().available // 4)
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def plan_memory(
-    n_queries: int,
-    n_references: int,
-    n_models: int,
-    n_used_classes: int,
-    *,
-    k_keep: int,
-    budget: int,
-    precision: Precision = "exact",
-    chunk_models: int | None = None,
-    tile_size: int | None = None,
-    raw_bytes: int = 4,
-    cache_queries: bool | None = None,
-) -> Plan:
-    """Choose tile and block sizes so that the engine's working memory fits `budget`.
-
-    What is counted (bytes): per (query, reference) pair of a tile, the float32
-    accumulator (and fast mode's bfloat16 product); per (example, run, class) of a block,
-    the raw read (`raw_bytes`, the source's item size) and the normalised features (float32,
-    or bfloat16 plus a transposed copy); the normalised query features of every run when
-    they are cached; statistics, running top-k and a fixed allowance for the temporaries of
-    normalising one piece of rows.
-
-    Raises
-    ------
-    BudgetError
-        If even one reference per tile and one run per block do not fit.
-    """
-    fast = precision == "fast"
-    feature = 2 if fast else 4
-    piece_bytes = min(_PIECE_BYTES, budget // 8)
-    per_query = (raw_bytes + feature) * n_used_classes  # per (query, run) in a block
-    per_reference = (raw_bytes + feature * (2 if fast else 1)) * n_used_classes
-    acc_per_column = n_queries * (6 if fast else 4) + 4096
-    fixed = (
-        (n_queries + n_references) * n_used_classes * 8  # float32 mean and scale, both splits
-        + n_queries * k_keep * 16 * 6  # running top-k and its merge temporaries
-        + piece_bytes  # normalising one piece of rows
-        + (4 << 20)  # allocator slack, small tensors
-    )
-    cache_bytes = n_queries * n_models * n_used_classes * feature
-    fits_cache = cache_bytes <= 0.3 * (budget - fixed)
-    cache_queries = fits_cache if cache_queries is None else (cache_queries and fits_cache)
-    avail = budget - fixed - (cache_bytes if cache_queries else 0)
-    want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
-
-    def fits(t: int, models: int) -> bool:
-        return t * acc_per_column + (n_queries * per_query + t * per_reference) * models <= avail
-
-    if tile_size is not None:
-        tile = max(1, min(tile_size, n_references))
-    else:
-        while want_models > 1 and not fits(1, want_models):
-            want_models //= 2
-        spare = avail - n_queries * per_query * want_models
-        tile = int(max(1, min(n_references, spare // (acc_per_column + per_reference * want_models))))
-        tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
-    if not fits(tile, 1):
-        need = budget - avail + tile * acc_per_column + n_queries * per_query + tile * per_reference
-        raise BudgetError(
-            f"a memory budget of {_format_bytes(budget)} is too small for {n_queries} queries "
-            f"and {n_classes_text(n_used_classes)}; at least {_format_bytes(need)} is needed: "
-            "raise --memory-budget"
-        )
-    if chunk_models is not None:
-        models = max(1, min(chunk_models, n_models))
-    else:
-        room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
-        cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
-        models = int(max(1, min(room, cap, n_models)))
-    # Fast mode's re-score holds float32 features of every query and every reference.
-    rescore_room = int(0.6 * (budget - fixed)) // (
-        (n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
-    rescore_models = int(max(1, min(rescore_room, n_models)))
-    example_block = int(max(1, min(n_references + n_queries,
-                                   (budget - fixed) // (_STATS_BYTES * n_used_classes * models))))
-    return Plan(
-        tile_size=tile,
-        n_tiles=math.ceil(n_references / tile),
-        chunk_models=models,
-        rescore_chunk_models=rescore_models,
-        example_block=example_block,
-        cache_queries=cache_queries,
-        piece_bytes=piece_bytes,
-        budget=budget,
-    )
-
-
-def n_classes_text(n: int) -> str:
-    return f"{n} class" if n == 1 else f"{n} classes"
 
 
 class _Engine:
@@ -610,8 +462,8 @@ def compute_kernel(
         size = queries.n_examples * references.n_examples * 4
         raise BudgetError(
             f"the full kernel ({queries.n_examples} x {references.n_examples} float32, "
-            f"{_format_bytes(size)}) does not fit the memory budget of "
-            f"{_format_bytes(engine.plan.budget)}: raise it, or use top_k_neighbors"
+            f"{format_bytes(size)}) does not fit the memory budget of "
+            f"{format_bytes(engine.plan.budget)}: raise it, or use top_k_neighbors"
         )
     with exact_float32_matmul(engine.device):
         return engine.accumulate_tile(slice(0, references.n_examples), rows=None,

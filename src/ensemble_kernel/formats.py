@@ -29,7 +29,7 @@ import torch
 from .errors import InputError, RunFileError
 from .sources import ArraySource, LogitSource, sequence_of
 
-__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels",
+__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels", "load_npz",
            "check_labels"]
 
 _TEST_KEYS = ("logits", "logits_test")
@@ -140,7 +140,7 @@ def _load_pt(path: Path) -> dict:
     return obj
 
 
-def _load_npz(path: Path) -> dict:
+def load_npz(path: Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
@@ -159,7 +159,7 @@ def read_run_file(path: str | Path) -> RunFile:
         test_key = next((k for k in _TEST_KEYS if k in obj), None)
         train_key = "logits_train"
     elif suffix == ".npz":
-        obj = _load_npz(path)
+        obj = load_npz(path)
         test_key = "logits_test" if "logits_test" in obj else None
         train_key = "logits_train"
     else:
@@ -208,7 +208,7 @@ def read_labels(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(path)
     if path.suffix.lower() != ".npz":
         raise InputError(f"{path}: --labels takes an .npz file with labels_train and labels_test")
-    arrays = _load_npz(path) if path.is_file() else None
+    arrays = load_npz(path) if path.is_file() else None
     if arrays is None:
         raise InputError(f"{path}: no such labels file")
     missing = [k for k in ("labels_train", "labels_test") if k not in arrays]

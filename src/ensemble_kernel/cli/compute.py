@@ -1,0 +1,264 @@
+"""evaluate, neighbors (resumable, torchrun) and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from .. import __version__
+from ..atomic import atomic_write, atomic_write_text
+from ..checkpoint import TileCheckpoint
+from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
+from ..errors import InputError
+from ..evaluate import evaluate, select_by_leave_one_out
+from ..formats import RunSet
+from ..neighbors import knn_scores, predict_from_scores, weighted_scores
+from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
+                     RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
+                     _user_errors, app, err, format_card, parse_size)
+
+
+# ---- commands ------------------------------------------------------------------------
+
+@app.command("evaluate")
+def evaluate_cmd(
+    src: List[Path] = SrcArg,
+    labels: Optional[Path] = LabelsOpt,
+    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote (the card: 3)."),
+    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    select: bool = typer.Option(False, "--select", help="Choose the vote, k and power by "
+                                "leave-one-out on the training set (no test labels used)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """The model card's table: single models, their average, kernel k-NN, weighted vote.
+
+    Example: ensemble-kernel evaluate runs/ --labels labels.npz --runs 500
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        common = dict(log_softmax=not no_log_softmax, precision=precision,
+                      memory_budget=budget, device=device)
+        selection = None
+        with _progress_bar(quiet or as_json) as report:
+            if select:
+                if runset.labels_train is None:
+                    raise InputError("--select needs train labels: pass --labels FILE.npz")
+                selection = select_by_leave_one_out(runset.train, runset.labels_train,
+                                                    progress=report, **common)
+                if selection.vote == "knn":
+                    k = selection.k
+                else:
+                    weighted_k, power = selection.k, selection.power
+            result = evaluate(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                              k=k, weighted_k=weighted_k, power=power, progress=report, **common)
+    options = {"k": k, "weighted_k": weighted_k, "power": power, "log_softmax": not no_log_softmax,
+               "precision": precision, "memory_budget": budget, "device": device,
+               "runs": [chosen.start, chosen.stop], "select": select,
+               "labels": str(labels) if labels else None}
+    if as_json:
+        out = {"n_models": result.n_models, "k": result.k,
+               "single_model_accuracy": result.single_model_accuracy,
+               "ensemble_accuracy": result.ensemble_accuracy,
+               "knn_accuracy": result.knn_accuracy,
+               "weighted_accuracy": result.weighted_accuracy,
+               "weighted_k": result.weighted_k, "power": result.power,
+               "options": options, "version": __version__,
+               "elapsed_s": round(time.perf_counter() - started, 3)}
+        if selection is not None:
+            out["selection"] = {"vote": selection.vote, "k": selection.k, "power": selection.power,
+                                "leave_one_out_accuracy": selection.accuracy,
+                                "table": [dict(zip(("vote", "k", "power", "accuracy"), row))
+                                          for row in selection.table]}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if selection is not None:
+        what = (f"k-NN w/ k={selection.k}" if selection.vote == "knn"
+                else f"weighted, k={selection.k}, power {selection.power}")
+        typer.echo(f"leave-one-out on train chose {what} (accuracy {100 * selection.accuracy:.2f})")
+    typer.echo(format_card(result))
+
+
+@app.command("neighbors")
+def neighbors_cmd(
+    src: List[Path] = SrcArg,
+    out: Path = typer.Option(..., "--out", help="Where to write the .npz (indices, values, meta)."),
+    k: int = typer.Option(20, "--k", help="Neighbours per test example."),
+    labels: Optional[Path] = LabelsOpt,
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Save finished tiles in "
+                                "OUT.partial/ and reuse them after a kill."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Top-k training neighbours of every test example, best first, into an .npz.
+
+    Finished tiles are saved in OUT.partial/ as they complete: after a kill, the same
+    command resumes where it stopped and writes the same result.
+
+    The file holds `indices` (int64, n_test x k), `values` (float32 kernel values) and
+    `meta` (a JSON string: options, runs, version).
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        if out.suffix.lower() != ".npz":
+            raise InputError(f"--out must name an .npz file, got {out}")
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
+                   "memory_budget": budget, "device": device}
+        group = _distributed_group(device)
+        try:
+            result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
+            if group is None or group.is_main:
+                meta = json.dumps(_meta({**options, "processes": group.world_size if group
+                                         else 1}, runset, chosen, started))
+                atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
+                                                     values=result.values.cpu().numpy(),
+                                                     meta=np.array(meta)))
+                TileCheckpoint(out, {}).remove()
+            if group is not None:
+                group.barrier()  # the others wait until the file is written
+        finally:
+            if group is not None:
+                group.close()
+    if group is not None and not group.is_main:
+        return
+    if not quiet:
+        err.print(f"wrote {out} ({result.indices.shape[0]} test examples x {k} neighbours)")
+
+
+@app.command("predict")
+def predict_cmd(
+    src: List[Path] = SrcArg,
+    out: Path = typer.Option(..., "--out", help="Where to write: .csv or .npz, by suffix."),
+    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote."),
+    weighted: bool = typer.Option(False, "--weighted", help="Weighted vote instead: each "
+                                  "neighbour counts K ** power."),
+    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    labels: Optional[Path] = LabelsOpt,
+    runs: Optional[str] = RunsOpt,
+    no_log_softmax: bool = NoLogSoftmaxOpt,
+    precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Labels for the test examples from their training neighbours (train labels needed).
+
+    Writes per example the prediction, the per-class scores (vote fractions, or summed
+    weights / k) and the margin between the best two scores.
+    """
+    started = time.perf_counter()
+    with _user_errors():
+        _check_precision(precision)
+        if out.suffix.lower() not in (".csv", ".npz"):
+            raise InputError(f"--out must end in .csv or .npz, got {out}")
+        budget = parse_size(memory_budget) if memory_budget else None
+        runset, chosen = _open(src, labels, runs)
+        if runset.labels_train is None:
+            raise InputError("predict needs train labels: the run files carry none; pass "
+                             "--labels FILE.npz with labels_train (labels_test may be empty)")
+        n_classes = runset.n_classes
+        k_used = weighted_k if weighted else k
+        with _progress_bar(quiet) as report:
+            found = top_k_neighbors(runset.test, runset.train, k_used,
+                                    log_softmax=not no_log_softmax, precision=precision,
+                                    memory_budget=budget, device=device, progress=report)
+        scores = (weighted_scores(found, runset.labels_train, n_classes, power) if weighted
+                  else knn_scores(found, runset.labels_train, n_classes))
+        prediction, margin = predict_from_scores(scores)
+        options = {"vote": "weighted" if weighted else "knn", "k": k_used,
+                   "power": power if weighted else None, "log_softmax": not no_log_softmax,
+                   "precision": precision, "memory_budget": budget, "device": device}
+        meta = json.dumps(_meta(options, runset, chosen, started))
+        atomic_write(out, lambda f: _write_predictions(f, out.suffix.lower(), prediction,
+                                                       scores, margin, meta))
+    if not quiet:
+        err.print(f"wrote {out} ({len(prediction)} predictions)")
+
+
+def _distributed_group(device: str):
+    """The torchrun group, when this process is one of several; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from .. import distributed  # lazily: torch.distributed is not needed otherwise
+
+    return distributed.from_env(device)
+
+
+def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resume: bool,
+                   quiet: bool, group):
+    """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
+
+    The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
+    the checkpoint, so every rank and every restart cuts the same tiles.
+    """
+    main = group is None or group.is_main
+    k, precision, device = options["k"], options["precision"], options["device"]
+    budget = options["memory_budget"]
+    manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
+                "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
+                "version": __version__}
+    checkpoint = TileCheckpoint(out, manifest)
+    previous = checkpoint.load(reset=main) if resume else {}
+    plan_file = checkpoint.folder / "plan.json"
+    if main:
+        if previous and plan_file.is_file():
+            tiles = json.loads(plan_file.read_text())
+            err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
+        else:
+            plan = plan_memory(runset.test.n_examples, runset.train.n_examples,
+                               runset.n_models, runset.n_classes,
+                               k_keep=candidates_per_query(k, precision),
+                               budget=budget or default_memory_budget(device),
+                               precision=precision)
+            tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
+            if resume:
+                atomic_write_text(plan_file, json.dumps(tiles))
+    if group is not None:
+        tiles = group.broadcast(tiles if main else None)
+        if not main and resume:  # rank 0 may have reset the folder: read it after it did
+            previous = checkpoint.load(reset=False)
+    n_tiles = -(-runset.train.n_examples // tiles["tile_size"])
+    with _progress_bar(quiet or not main) as report:
+        return top_k_neighbors(
+            runset.test, runset.train, k, log_softmax=options["log_softmax"],
+            precision=precision, memory_budget=budget, device=device, progress=report,
+            tile_size=tiles["tile_size"], chunk_models=tiles["chunk_models"],
+            finished_tiles=previous, on_tile=checkpoint.save if resume else None,
+            tiles=group.my_tiles(n_tiles) if group is not None else None,
+            combine=group.combine if group is not None else None,
+        )
+
+
+def _write_predictions(f, suffix: str, prediction, scores, margin, meta: str) -> None:
+    if suffix == ".npz":
+        np.savez(f, prediction=prediction.numpy(), scores=scores.numpy(),
+                 margin=margin.numpy(), meta=np.array(meta))
+        return
+    n_classes = scores.shape[1]
+    lines = ["index,prediction,margin," + ",".join(f"score_{c}" for c in range(n_classes))]
+    for i, (p, m, row) in enumerate(zip(prediction.tolist(), margin.tolist(), scores.tolist())):
+        lines.append(f"{i},{p},{m:.6g}," + ",".join(f"{s:.6g}" for s in row))
+    f.write(("\n".join(lines) + "\n").encode())

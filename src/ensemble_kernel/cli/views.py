@@ -1,0 +1,236 @@
+"""The views: pairs, duplicates, failures, compare, and the whole report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..atomic import atomic_write, atomic_write_text
+from ..engine import top_k_neighbors
+from ..errors import InputError
+from ..formats import RunSet
+from ..store import RunStore, is_store
+from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
+                     _check_precision, _open, _progress_bar, _user_errors, app, err, parse_size)
+
+
+# ---- the views ------------------------------------------------------------------------
+
+InputsOpt = typer.Option(None, "--inputs", help="An .npz with inputs_train and inputs_test, "
+                         "when SRC is run files (a store carries its own).")
+FeaturesOpt = typer.Option(None, "--features", help="An .npz with features_train and "
+                           "features_test (n, D), when SRC is run files.")
+ViewsOutOpt = typer.Option(Path("views"), "--out", help="Folder for the PNG and CSV files.")
+
+
+def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path]) -> dict:
+    """Inputs, features and class names: from the store, or from --inputs/--features."""
+    from ..formats import load_npz
+
+    out = {"inputs_train": None, "inputs_test": None, "features_train": None,
+           "features_test": None, "class_names": None}
+    if len(src) == 1 and is_store(src[0]):
+        store = RunStore(src[0])
+        out.update({k: store.optional(k) for k in list(out)[:4]}, class_names=store.class_names)
+    for name, path in (("inputs", inputs), ("features", features)):
+        if path is not None:
+            arrays = load_npz(path)
+            for split in ("train", "test"):
+                if f"{name}_{split}" not in arrays:
+                    raise InputError(f"{path}: missing {name}_{split}; keys found: "
+                                     f"{sorted(arrays)}")
+                out[f"{name}_{split}"] = arrays[f"{name}_{split}"]
+    return out
+
+
+def _view_inputs(runset: RunSet, extras: dict, draws: bool = True):
+    from ..report.grids import InputRenderer
+
+    for split, n in (("train", runset.train.n_examples), ("test", runset.test.n_examples)):
+        for kind in ("inputs", "features"):
+            arr = extras[f"{kind}_{split}"]
+            if arr is not None and arr.shape[0] != n:
+                raise InputError(f"{kind}_{split} has {arr.shape[0]} rows but the {split} split "
+                                 f"has {n} examples")
+    renderer = InputRenderer(extras["inputs_train"], extras["inputs_test"])
+    if draws and not renderer.has_inputs:
+        err.print("note: no inputs for this source: tables only (a store keeps them with "
+                  "ingest --inputs; for run files pass --inputs FILE.npz)", markup=False,
+                  soft_wrap=True)
+    return renderer
+
+
+def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
+           draws=True):
+    """Open SRC, compute test -> train neighbours once, gather what the views draw."""
+    _check_precision(precision)
+    budget = parse_size(memory_budget) if memory_budget else None
+    runset, _ = _open(src, labels, None)
+    extras = _extras(src, inputs, features)
+    renderer = _view_inputs(runset, extras, draws)
+    with _progress_bar(quiet) as report:
+        found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
+                                precision=precision, memory_budget=budget, device=device,
+                                progress=report)
+    return runset, extras, renderer, found
+
+
+@app.command("pairs")
+def pairs_cmd(
+    src: List[Path] = SrcArg, ranks: str = typer.Option("0:48", "--ranks", help="Which ranks: "
+    "0-based, half-open, like a Python slice (the card's 601st to 648th is 600:648)."),
+    labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
+    out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Test examples ranked by the kernel value of their best training match: grid and CSV."""
+    from ..explain import parse_ranks, similar_pairs
+    from ..report.grids import render_pairs
+    from ..report.html import Table, png_bytes
+
+    with _user_errors():
+        runset, extras, renderer, found = _views(src, labels, inputs, None, memory_budget,
+                                                 precision, device, quiet, k=1)
+        chosen = parse_ranks(ranks, runset.test.n_examples)
+        pairs = similar_pairs(found, chosen, runset.labels_train, runset.labels_test)
+        written = []
+        if renderer.has_inputs:
+            image = render_pairs(pairs, renderer, extras["class_names"])
+            atomic_write(out / "pairs.png", lambda f: f.write(png_bytes(image)))
+            written.append(out / "pairs.png")
+        table = Table(("rank", "test index", "train index", "K", "test label", "train label"),
+                      tuple((p.rank, p.test_index, p.train_index, f"{p.value:.6f}",
+                             "" if p.test_label is None else p.test_label,
+                             "" if p.train_label is None else p.train_label) for p in pairs))
+        atomic_write_text(out / "pairs.csv", table.to_csv())
+        written.append(out / "pairs.csv")
+    if not quiet:
+        err.print("wrote " + ", ".join(map(str, written)))
+
+
+@app.command("duplicates")
+def duplicates_cmd(
+    src: List[Path] = SrcArg,
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Kernel value above "
+                                              "which a pair is a near-duplicate [default: "
+                                              "chosen from the distribution of top-1 values]."),
+    top: Optional[int] = typer.Option(None, "--top", help="At most this many pairs."),
+    labels: Optional[Path] = LabelsOpt, out: Path = ViewsOutOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the pairs as JSON."),
+    precision: str = PrecisionOpt, memory_budget: Optional[str] = BudgetOpt,
+    device: str = DeviceOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Near-duplicate (test, train) pairs, best first, and how the threshold was set."""
+    from ..report.html import build_views, write_views
+    from ..report.grids import InputRenderer
+
+    with _user_errors():
+        runset, extras, _, found = _views(src, labels, None, None, memory_budget, precision,
+                                          device, quiet=True, k=1, draws=False)
+        views = build_views(found, labels_train=runset.labels_train,
+                            labels_test=runset.labels_test, renderer=InputRenderer(None, None),
+                            class_names=extras["class_names"], threshold=threshold,
+                            top_duplicates=top, ranks=slice(0, 1), top_failures=0)
+        written = write_views(views, out, names=("duplicates",))
+    d = views.duplicates
+    if as_json:
+        typer.echo(json.dumps({"threshold": d.threshold, "method": d.method,
+                               "pairs": [p.__dict__ for p in d.pairs]}, indent=2))
+        return
+    typer.echo(f"threshold: {d.method}")
+    typer.echo(f"{len(d.pairs)} near-duplicate pairs")
+    for p in d.pairs[:20]:
+        typer.echo(f"  test {p.test_index:>6}  train {p.train_index:>6}  K {p.value:.4f}")
+    if not quiet:
+        err.print("wrote " + ", ".join(map(str, written)))
+
+
+@app.command("failures")
+def failures_cmd(
+    src: List[Path] = SrcArg,
+    top: int = typer.Option(8, "--top", help="How many failing test examples."),
+    n_neighbors: int = typer.Option(9, "--neighbors", help="Training neighbours shown per row."),
+    labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
+    out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+) -> None:
+    """The most similar pairs whose labels differ: each test example and its nearest examples."""
+    from ..report.html import build_views, write_views
+
+    with _user_errors():
+        runset, extras, renderer, found = _views(src, labels, inputs, None, memory_budget,
+                                                 precision, device, quiet, k=n_neighbors)
+        if runset.labels_train is None or runset.labels_test is None:
+            raise InputError("failures needs train and test labels: pass --labels FILE.npz")
+        views = build_views(found, labels_train=runset.labels_train,
+                            labels_test=runset.labels_test, renderer=renderer,
+                            class_names=extras["class_names"], top_failures=top,
+                            n_failure_neighbors=n_neighbors, ranks=slice(0, 1))
+        written = write_views(views, out, names=("failures",))
+    if not quiet:
+        err.print(f"{len(views.failures)} failures; wrote " + ", ".join(map(str, written)))
+
+
+@app.command("compare")
+def compare_cmd(
+    src: List[Path] = SrcArg, features: Optional[Path] = FeaturesOpt,
+    examples: int = typer.Option(10, "--examples", help="Random test examples shown."),
+    seed: int = typer.Option(0, "--seed", help="Which random test examples."),
+    labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
+    out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+) -> None:
+    """Kernel neighbours beside feature-space (cosine) neighbours of random test examples."""
+    from ..report.html import build_views, write_views
+
+    with _user_errors():
+        runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
+                                                 precision, device, quiet, k=2)
+        if extras["features_train"] is None:
+            raise InputError("compare needs features: a store made with ingest --features, or "
+                             "--features FILE.npz with features_train and features_test")
+        views = build_views(found, labels_train=runset.labels_train,
+                            labels_test=runset.labels_test, renderer=renderer,
+                            class_names=extras["class_names"], ranks=slice(0, 1),
+                            features_train=extras["features_train"],
+                            features_test=extras["features_test"], n_compare=examples,
+                            seed=seed, top_failures=0)
+        written = write_views(views, out, names=("compare",))
+    if not quiet:
+        err.print("wrote " + ", ".join(map(str, written)))
+
+
+@app.command("report")
+def report_cmd(
+    src: List[Path] = SrcArg,
+    out: Path = typer.Option(..., "--out", help="The .html file to write; figures and tables "
+                             "also go to OUT_files/ beside it."),
+    ranks: str = typer.Option("0:48", "--ranks", help="Ranks of the similar pairs shown."),
+    labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
+    features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
+    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+) -> None:
+    """One self-contained HTML file: accuracy, the sweep, pairs, duplicates, failures, comparison.
+
+    Opens in any browser with no server and no network (images are embedded).
+    """
+    from ..explain import parse_ranks
+    from ..report.build import build_report
+
+    with _user_errors():
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise InputError(f"--out must name an .html file, got {out}")
+        runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
+                                                 precision, device, quiet)
+        if runset.labels_train is None or runset.labels_test is None:
+            raise InputError("report needs train and test labels: pass --labels FILE.npz")
+        build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                     found=found, out=out, source=str(src[0]), renderer=renderer,
+                     class_names=extras["class_names"], features_train=extras["features_train"],
+                     features_test=extras["features_test"],
+                     ranks=parse_ranks(ranks, runset.test.n_examples), precision=precision)
+    if not quiet:
+        err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
