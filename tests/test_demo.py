@@ -74,4 +74,5 @@ def test_demo_end_to_end_small(tmp_path):
     assert ev.exit_code == 0
     assert json.loads(ev.stdout)["knn_accuracy"] == pytest.approx(summary["knn_accuracy"])
     record = json.loads((out / "record.json").read_text())
-    assert record["seed"] == 3 and "training_s" in record["timings"]
+    assert record["seed"] == 3 and {"training_s", "sweep_s", "report_s"} <= set(record["timings"])
+    assert (out / "report.html").is_file()

@@ -22,6 +22,7 @@ __all__ = [
     "Selection",
     "ensemble_logits",
     "single_model_accuracies",
+    "singles_and_ensemble",
     "accuracy",
     "evaluate",
     "select_by_leave_one_out",
@@ -42,6 +43,21 @@ def _model_blocks(source: LogitSource, block: int = 64):
     for m0 in range(0, source.n_models, block):
         yield m0, source.read(slice(m0, min(m0 + block, source.n_models)),
                               slice(0, source.n_examples))
+
+
+def singles_and_ensemble(source: LogitSource, labels: torch.Tensor):
+    """Each run's accuracy and the ensemble's mean logits, in one pass over the runs.
+
+    Returns
+    -------
+    (Tensor of shape (n_models,), float64; Tensor of shape (n_examples, n_classes), float64)
+    """
+    total = torch.zeros(source.n_examples, source.n_classes, dtype=torch.float64)
+    singles = []
+    for _, raw in _model_blocks(source):
+        singles.append((raw.float().argmax(dim=-1) == labels).double().mean(dim=1))
+        total += raw.to(torch.float64).sum(dim=0)
+    return torch.cat(singles), total / source.n_models
 
 
 def ensemble_logits(source: LogitSource) -> torch.Tensor:
@@ -147,8 +163,8 @@ def evaluate(
         neighbors = top_k_neighbors(test, train, k_max, log_softmax=log_softmax, classes=classes,
                                     precision=precision, memory_budget=memory_budget,
                                     device=device, progress=progress)
-    singles = single_model_accuracies(test, labels_test)
-    ensemble = ensemble_logits(test).argmax(dim=1)
+    singles, mean_logits = singles_and_ensemble(test, labels_test)
+    ensemble = mean_logits.argmax(dim=1)
     return Evaluation(
         n_models=test.n_models,
         k=k,

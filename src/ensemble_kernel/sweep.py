@@ -20,7 +20,7 @@ import torch
 
 from .engine import top_k_neighbors
 from .errors import InputError
-from .evaluate import (accuracy, ensemble_logits, knn_predict, single_model_accuracies,
+from .evaluate import (accuracy, ensemble_logits, knn_predict, singles_and_ensemble,
                        weighted_predict)
 from .sources import LogitSource, select_runs
 
@@ -102,8 +102,9 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
 
 def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common):
     n_classes = train.n_classes
-    out = {"single": float(single_model_accuracies(test, labels_test).mean()),
-           "ensemble": accuracy(ensemble_logits(test).argmax(1), labels_test)}
+    singles, mean_logits = singles_and_ensemble(test, labels_test)
+    out = {"single": float(singles.mean()),
+           "ensemble": accuracy(mean_logits.argmax(1), labels_test)}
     if train.n_models < 2:
         return out, None
     k_max = max(list(ks) + [weighted[0]])

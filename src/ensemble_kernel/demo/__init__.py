@@ -140,10 +140,6 @@ def run_demo(options: DemoOptions,
                "ablations": result.ablations}
     paths["summary"] = out / "summary.json"
     atomic_write_text(paths["summary"], json.dumps(summary, indent=2))
-    record = {"options": {**asdict(options), "out": str(options.out)},
-              "versions": _versions(), "seed": options.seed,
-              "timings": {k: round(v, 3) for k, v in timings.items()},
-              "n_train": len(data.y_train), "n_test": len(data.y_test)}
     t0 = time.perf_counter()
     from ..report.build import build_report
     from ..report.grids import InputRenderer
@@ -154,6 +150,10 @@ def run_demo(options: DemoOptions,
                  class_names=data.class_names, features_train=feat_train.numpy(),
                  features_test=feat_test.numpy(), evaluation=evaluation, sweep_result=result)
     timings["report_s"] = time.perf_counter() - t0
+    record = {"options": {**asdict(options), "out": str(options.out)},
+              "versions": _versions(), "seed": options.seed,
+              "timings": {k: round(v, 3) for k, v in timings.items()},
+              "n_train": len(data.y_train), "n_test": len(data.y_test)}
     paths["record"] = out / "record.json"
     atomic_write_text(paths["record"], json.dumps(record, indent=2, default=str))
     return DemoResult(evaluation, result, paths, timings)
