@@ -51,6 +51,7 @@ def test_ingest_then_every_command_reads_the_store(tmp_path):
     code, out, _ = run("info", tmp_path / "st", "--json", "--runs")
     info = json.loads(out)
     assert info["n_models"] == 6 and info["has_labels"] and info["class_names"][0] == "a"
+    assert info["shapes"] == {"logits": [6, 160, 5], "labels_test": [40], "labels_train": [120]}
     assert [r["runs"] for r in info["records"]] == [[0, 2], [2, 4], [4, 6]]
 
 
@@ -64,6 +65,23 @@ def test_plain_zarr_sees_committed_runs_with_named_dimensions(tmp_path):
     assert tuple(logits.metadata.dimension_names) == ("run", "example", "class")
     assert logits.attrs["splits"] == {"train": [0, 120], "test": [120, 160]}
     np.testing.assert_array_equal(logits[:, :120], ens.train.half().numpy())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a valid hierarchy: listing it warns about nothing
+        members = dict(group.members(max_depth=None))
+    assert {"logits", "records", "records/000000000", "records/000000002", "code"} <= set(members)
+
+
+def test_training_code_is_stored_once_per_content(tmp_path):
+    ens = make_ensemble(n_models=4)
+    for i in range(2):
+        save_pt(tmp_path / "runs" / f"f{i}.pt", ens.train[2 * i:2 * i + 2],
+                ens.test[2 * i:2 * i + 2], code="train(seed)")
+    assert run("ingest", tmp_path / "runs", "--store", tmp_path / "st", "-q")[0] == 0
+    store = RunStore(tmp_path / "st")
+    hashes = {r["code_sha256"] for r in store.records()}
+    assert len(hashes) == 1 and store.code(hashes.pop()) == "train(seed)"
+    assert len(list((tmp_path / "st" / "code").glob("*/zarr.json"))) == 1
 
 
 def test_reingest_skips_by_content_and_allow_duplicates_adds(tmp_path):
@@ -216,7 +234,7 @@ def test_golden_on_disk_metadata(tmp_path):
     assert [c["name"] for c in logits["codecs"]] == ["bytes"]  # uncompressed
     store.append_arrays(torch.zeros(2, 5, 4), torch.zeros(2, 3, 4), source="golden",
                         seeds=[7, 8])
-    record = json.loads((tmp_path / "st" / "records" / "000000000.json").read_text())
+    record = zarr.open_group(tmp_path / "st", mode="r")["records/000000000"].attrs["record"]
     assert set(record) == {"source", "sha256", "runs", "stored_dtype", "source_dtype",
                            "code_sha256", "seeds"}
     assert record["runs"] == [0, 2] and record["seeds"] == [7, 8]

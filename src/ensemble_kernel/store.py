@@ -6,8 +6,13 @@ Layout (format version 1), a zarr v3 group:
     STORE/logits/              (n_runs, n_train + n_test, n_classes), dims (run, example, class);
                                train examples first, then test; one run per chunk
     STORE/labels_train/ ...    optional (n,) int64 arrays: labels_*, and inputs_*, features_*
-    STORE/records/000000012.json   one per committed source file, named by its first run
-    STORE/code/<sha256>.txt    training-code strings, once per distinct content
+    STORE/records/000000012/   one zarr group per committed source file, named by its first
+                               run; its attributes["record"] holds source, sha256, runs, seeds
+    STORE/code/<sha256>/       training-code strings, once per distinct content, in
+                               attributes["code"]
+
+Records and code are zarr groups (a zarr.json each) so that the whole directory is a
+valid zarr hierarchy: zarr, xarray and Dask list it without complaint and can read them.
 
 **The commit point** is the growing write of `logits/zarr.json` (zarr's local store
 writes it to a temporary file and renames it): its shape publishes the new run count.
@@ -131,6 +136,8 @@ class RunStore:
             dimension_names=("run", "example", "class"), compressors=None, fill_value=0,
             attributes={"splits": splits, "format_version": FORMAT_VERSION},
         )
+        for folder in ("records", "code"):
+            _write_group(path / folder, {})
         # The root mark comes last: a half-made directory is not a store.
         group.attrs[_MARK] = {"format_version": FORMAT_VERSION, "n_classes": n_classes,
                               "class_names": list(class_names) if class_names else None,
@@ -195,19 +202,31 @@ class RunStore:
         """An optional array (labels_train, inputs_test, ...), or None."""
         return self._group[name][...] if name in self._group else None
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Shape of every array: logits (committed runs) and the optional ones present."""
+        out = {"logits": [self.n_models, *self._logits.shape[1:]]}
+        for name in sorted(self._group.array_keys()):
+            if name != "logits":
+                out[name] = list(self._group[name].shape)
+        return out
+
     def labels(self, split: str) -> torch.Tensor | None:
         labels = self.optional(f"labels_{split}")
         return None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
     def records(self) -> list[dict]:
         """Run records of committed source files, in run order."""
-        folder = self.path / "records"
         out = []
-        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            record = json.loads(f.read_text())
+        for meta in sorted((self.path / "records").glob("*/zarr.json")):
+            record = json.loads(meta.read_text())["attributes"]["record"]
             if record["runs"][1] <= self.n_models:
                 out.append(record)
         return out
+
+    def code(self, sha256: str) -> str | None:
+        """The training code stored under its content hash, or None."""
+        meta = self.path / "code" / sha256 / "zarr.json"
+        return json.loads(meta.read_text())["attributes"]["code"] if meta.is_file() else None
 
     def run_source(self, model: int) -> str:
         for record in self.records():
@@ -313,16 +332,21 @@ class RunStore:
         code_hash = None
         if code is not None:
             code_hash = _sha256_text(code)
-            code_path = self.path / "code" / f"{code_hash}.txt"
-            if not code_path.exists():
-                atomic_write_text(code_path, code)
+            if self.code(code_hash) is None:
+                _write_group(self.path / "code" / code_hash, {"code": code})
         record = {"source": source, "sha256": sha256, "runs": [n, n + r],
                   "stored_dtype": str(dtype), "source_dtype": str(train.dtype).replace(
                       "torch.", ""), "code_sha256": code_hash,
                   "seeds": list(map(int, seeds)) if seeds is not None else None}
-        atomic_write_text(self.path / "records" / f"{n:09d}.json", json.dumps(record))
+        _write_group(self.path / "records" / f"{n:09d}", {"record": record})
         self._logits.resize((n + r,) + self._logits.shape[1:])  # the commit
         return IngestReport(source, "added", (n, n + r))
+
+
+def _write_group(folder: Path, attributes: dict) -> None:
+    """A zarr v3 group's metadata, written atomically (one file: the unit of a record)."""
+    atomic_write_text(folder / "zarr.json", json.dumps(
+        {"zarr_format": 3, "node_type": "group", "attributes": attributes}))
 
 
 def _sha256_arrays(*arrays: torch.Tensor) -> str:

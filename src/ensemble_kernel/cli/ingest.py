@@ -109,7 +109,7 @@ def info_cmd(
                "class_names": target.class_names, "splits": splits,
                "dtype": target.dtype,
                "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
-               "n_sources": len(records)}
+               "n_sources": len(records), "shapes": target.shapes()}
         if runs:
             out["records"] = records
     if as_json:
@@ -119,6 +119,8 @@ def info_cmd(
                f"{out['n_classes']} classes, logits {out['dtype']}, {size / 2**20:.1f} MiB")
     typer.echo(f"  train {splits['train']} examples, test {splits['test']} examples; "
                + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
+    typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
+                                         for name, shape in out["shapes"].items()))
     for r in out.get("records", []):
         seeds = r.get("seeds")
         seed_text = ("-" if not seeds else str(seeds[0]) if len(seeds) == 1
