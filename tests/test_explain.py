@@ -30,11 +30,13 @@ def planted_ensemble(seed=0):
 def test_planted_near_duplicates_rank_at_the_top():
     ens = planted_ensemble()
     found = top_k_neighbors(ens.test, ens.train, 9, memory_budget=1 << 26)
-    dups = near_duplicates(found, labels_train=ens.labels_train, labels_test=ens.labels_test)
+    dups = near_duplicates(found, labels_train=ens.labels_train, labels_test=ens.labels_test,
+                           n_models=16)
     top = {(p.test_index, p.train_index) for p in dups.pairs[:len(PLANTED)]}
     assert top == set(PLANTED)
     assert len(dups.pairs) >= len(PLANTED)  # the automatic threshold keeps them all
     assert "median" in dups.method and dups.top1_values.shape == (60,)
+    assert dups.threshold < 15 / 16  # never above the largest possible kernel value
     given = near_duplicates(found, threshold=0.9, top=2)
     assert len(given.pairs) == 2 and given.method == "given: 0.9"
 

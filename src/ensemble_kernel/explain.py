@@ -103,28 +103,36 @@ def similar_pairs(neighbors: Neighbors, ranks: slice, labels_train=None,
             for r in range(ranks.start, ranks.stop)]
 
 
-def choose_threshold(top1: torch.Tensor, n_sigmas: float = 5.0) -> tuple[float, str]:
+def choose_threshold(top1: torch.Tensor, n_models: int | None = None,
+                     n_sigmas: float = 5.0) -> tuple[float, str]:
     """A near-duplicate threshold from the distribution of top-1 kernel values.
 
-    Near-duplicates are the upper outliers of that distribution: the threshold is its
-    median plus `n_sigmas` robust standard deviations (1.4826 x the median absolute
-    deviation), which a few hundred outliers do not move.
+    Near-duplicates are the outliers whose kernel value is unusually close to its maximum,
+    (n_models - 1) / n_models (an example's kernel with itself; 1 when n_models is not
+    given). On the scale d = log(maximum - K), where closeness to the maximum spreads out,
+    the threshold is the median minus `n_sigmas` robust standard deviations (1.4826 x the
+    median absolute deviation), which a few hundred outliers do not move; mapped back,
+    K >= maximum - exp(that), always below the maximum.
     """
-    values = top1.double()
-    median = values.median()
-    sigma = 1.4826 * (values - median).abs().median()
-    threshold = float(median + n_sigmas * sigma)
-    method = (f"median {float(median):.4f} + {n_sigmas:g} x robust std {float(sigma):.4f} "
-              f"(1.4826 x MAD) of the top-1 kernel values = {threshold:.4f}")
+    ceiling = 1.0 if n_models is None else (n_models - 1) / n_models
+    d = torch.log((ceiling - top1.double()).clamp(min=1e-9))
+    median = d.median()
+    sigma = 1.4826 * (d - median).abs().median()
+    threshold = float(ceiling - torch.exp(median - n_sigmas * sigma))
+    method = (f"on d = log({ceiling:.4f} - K) of the top-1 kernel values "
+              f"({ceiling:.4f}: the largest possible K): median {float(median):.3f} - "
+              f"{n_sigmas:g} x robust std {float(sigma):.3f} (1.4826 x MAD), i.e. K >= "
+              f"{threshold:.4f}")
     return threshold, method
 
 
 def near_duplicates(neighbors: Neighbors, *, threshold: float | None = None,
-                    top: int | None = None, labels_train=None, labels_test=None) -> Duplicates:
+                    top: int | None = None, labels_train=None, labels_test=None,
+                    n_models: int | None = None) -> Duplicates:
     """(test, train) pairs whose kernel value is at least `threshold`, best first."""
     top1 = neighbors.values[:, 0].cpu()
     if threshold is None:
-        threshold, method = choose_threshold(top1)
+        threshold, method = choose_threshold(top1, n_models)
     else:
         method = f"given: {threshold:g}"
     order = rank_by_top1(neighbors)

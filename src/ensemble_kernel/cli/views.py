@@ -133,7 +133,8 @@ def duplicates_cmd(
         views = build_views(found, labels_train=runset.labels_train,
                             labels_test=runset.labels_test, renderer=InputRenderer(None, None),
                             class_names=extras["class_names"], threshold=threshold,
-                            top_duplicates=top, ranks=slice(0, 1), top_failures=0)
+                            top_duplicates=top, ranks=slice(0, 1), top_failures=0,
+                            n_models=runset.n_models)
         written = write_views(views, out, names=("duplicates",))
     d = views.duplicates
     if as_json:

@@ -33,7 +33,8 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
     result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,
-                        features_train=features_train, features_test=features_test)
+                        features_train=features_train, features_test=features_test,
+                        n_models=train.n_models)
     files = out.with_name(out.stem + "_files")
     written = write_views(views, files) + write_sweep(result, files)
     accuracy = [("average single model", e.single_model_accuracy),

@@ -66,12 +66,14 @@ def build_views(neighbors: Neighbors, *, labels_train, labels_test, renderer: In
                 class_names: Sequence[str] | None = None, ranks: slice = slice(0, 48),
                 threshold: float | None = None, top_duplicates: int | None = None,
                 top_failures: int = 8, n_failure_neighbors: int = 9, features_train=None,
-                features_test=None, n_compare: int = 10, seed: int = 0) -> Views:
+                features_test=None, n_compare: int = 10, seed: int = 0,
+                n_models: int | None = None) -> Views:
     """Compute pairs, near-duplicates, failures and (with features) the comparison."""
     names = class_names
     pairs = similar_pairs(neighbors, ranks, labels_train, labels_test)
     dups = near_duplicates(neighbors, threshold=threshold, top=top_duplicates,
-                           labels_train=labels_train, labels_test=labels_test)
+                           labels_train=labels_train, labels_test=labels_test,
+                           n_models=n_models)
     fails = (failures(neighbors, labels_train, labels_test, top=top_failures,
                       n_neighbors=n_failure_neighbors)
              if labels_train is not None and labels_test is not None and top_failures > 0

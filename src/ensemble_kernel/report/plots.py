@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from matplotlib.figure import Figure
 
 from ..sweep import SweepResult
@@ -50,6 +52,6 @@ def plot_threshold(top1_values, threshold: float, method: str) -> Figure:
     ax.set_xlabel("kernel value of the most similar training example")
     ax.set_ylabel("test examples")
     ax.legend(fontsize=8)
-    ax.set_title(method, fontsize=7)
+    ax.set_title(textwrap.fill(method, 110), fontsize=7)
     fig.tight_layout()
     return fig
