@@ -8,7 +8,6 @@ from typing import List, Optional
 
 import typer
 
-from ..atomic import atomic_write, atomic_write_text
 from ..engine import top_k_neighbors
 from ..errors import InputError
 from ..formats import RunSet
@@ -87,26 +86,18 @@ def pairs_cmd(
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Test examples ranked by the kernel value of their best training match: grid and CSV."""
-    from ..explain import parse_ranks, similar_pairs
-    from ..report.grids import render_pairs
-    from ..report.html import Table, png_bytes
+    from ..explain import parse_ranks
+    from ..report.html import build_views, write_views
 
     with _user_errors():
         runset, extras, renderer, found = _views(src, labels, inputs, None, memory_budget,
                                                  precision, device, quiet, k=1)
-        chosen = parse_ranks(ranks, runset.test.n_examples)
-        pairs = similar_pairs(found, chosen, runset.labels_train, runset.labels_test)
-        written = []
-        if renderer.has_inputs:
-            image = render_pairs(pairs, renderer, extras["class_names"])
-            atomic_write(out / "pairs.png", lambda f: f.write(png_bytes(image)))
-            written.append(out / "pairs.png")
-        table = Table(("rank", "test index", "train index", "K", "test label", "train label"),
-                      tuple((p.rank, p.test_index, p.train_index, f"{p.value:.6f}",
-                             "" if p.test_label is None else p.test_label,
-                             "" if p.train_label is None else p.train_label) for p in pairs))
-        atomic_write_text(out / "pairs.csv", table.to_csv())
-        written.append(out / "pairs.csv")
+        views = build_views(found, labels_train=runset.labels_train,
+                            labels_test=runset.labels_test, renderer=renderer,
+                            class_names=extras["class_names"],
+                            ranks=parse_ranks(ranks, runset.test.n_examples), top_failures=0,
+                            n_models=runset.n_models)
+        written = write_views(views, out, names=("pairs",))
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 
