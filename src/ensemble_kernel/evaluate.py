@@ -82,15 +82,16 @@ def single_model_accuracies(source: LogitSource, labels: torch.Tensor) -> torch.
 
 
 def knn_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int, k: int):
-    """Majority vote of the first k neighbours; ties: the smallest label."""
-    return predict_from_scores(knn_scores(neighbors.first(k), reference_labels, n_classes))[0]
+    """Majority vote of the first k neighbours; ties: the smallest label. On the CPU."""
+    scores = knn_scores(neighbors.first(k), reference_labels, n_classes)
+    return predict_from_scores(scores)[0].cpu()
 
 
 def weighted_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int,
                      k: int, power: int):
-    """Weighted vote (K ** power) of the first k neighbours; ties: the smallest label."""
+    """Weighted vote (K ** power) of the first k neighbours; ties: the smallest label. On the CPU."""
     scores = weighted_scores(neighbors.first(k), reference_labels, n_classes, power)
-    return predict_from_scores(scores)[0]
+    return predict_from_scores(scores)[0].cpu()
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ class RunStore:
 
     def set_array(self, name: str, values: np.ndarray | torch.Tensor, dims: Sequence[str]) -> None:
         """Write an optional array (labels, inputs, features); refuse to contradict one stored."""
-        values = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
         if name in self._group:
             stored = self._group[name][...]
             if stored.shape != values.shape or not np.array_equal(stored, values):
@@ -308,7 +308,7 @@ class RunStore:
         sha256 : their content hash for de-duplication; default: a hash of the arrays.
         seeds : one per run, recorded.
         """
-        train, test = torch.as_tensor(train), torch.as_tensor(test)
+        train, test = torch.as_tensor(train).cpu(), torch.as_tensor(test).cpu()
         self._check_arrays(train, test, source)
         r, n = train.shape[0], self.n_models
         if seeds is not None and len(seeds) != r:

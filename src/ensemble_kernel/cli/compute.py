@@ -187,6 +187,7 @@ def predict_cmd(
                                     memory_budget=budget, device=device, progress=report)
         scores = (weighted_scores(found, runset.labels_train, n_classes, power) if weighted
                   else knn_scores(found, runset.labels_train, n_classes))
+        scores = scores.cpu()  # (from a GPU with --device cuda)
         prediction, margin = predict_from_scores(scores)
         options = {"vote": "weighted" if weighted else "knn", "k": k_used,
                    "power": power if weighted else None, "log_softmax": not no_log_softmax,
