@@ -106,3 +106,15 @@ def test_view_commands_write_files_and_refuse_bad_ranks(tmp_path):
     assert bad.exit_code == 2 and "--ranks 50:70 is outside the 60 test examples" in bad.stderr
     nofeat = runner.invoke(app, ["compare", *common])
     assert nofeat.exit_code == 2 and "compare needs features" in nofeat.stderr
+
+
+@pytest.mark.parametrize("shape", [(4, 40), (4, 8, 8), (4, 8, 8, 1), (4, 32, 32, 3)])
+def test_inputs_of_every_kind_are_drawn_at_a_visible_size(shape):
+    from ensemble_kernel.report.grids import InputRenderer
+
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    image = InputRenderer(x, x).draw("test", 2)
+    assert image.size == (96, 96) and image.mode == "RGB"
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2  # not a blank cell
+    blank = InputRenderer(None, None)
+    assert not blank.has_inputs and blank.draw("train", 5).size == (96, 96)
