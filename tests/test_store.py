@@ -252,3 +252,24 @@ def test_a_truncated_chunk_is_an_error_naming_it(tmp_path):
     assert "chunk logits/c/2/0/0 (run 2) could not be read" in err and "re-ingest" in err
     # The other runs are unaffected.
     assert RunStore(tmp_path / "st").read_logits(slice(0, 2), slice(0, 160)).shape == (2, 160, 5)
+
+
+def test_xarray_opens_the_store_with_named_axes(tmp_path):
+    xr = pytest.importorskip("xarray", reason="xarray is not installed")
+    ens = make_ensemble(n_models=4)
+    runs = files_of(tmp_path, ens)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    np.savez(tmp_path / "inputs.npz", inputs_train=np.zeros((120, 8, 8)),
+             inputs_test=np.zeros((40, 8, 8)))
+    assert run("ingest", runs, "--store", tmp_path / "st", "--labels", labels,
+               "--inputs", tmp_path / "inputs.npz", "-q")[0] == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(tmp_path / "st", consolidated=False, zarr_format=3)
+    assert ds["logits"].dims == ("run", "example", "class")
+    assert ds.sizes["run"] == 4 and ds.sizes["example"] == 160
+    assert ds["labels_train"].dims == ("train_example",) and ds.sizes["test_example"] == 40
+    assert ds["inputs_test"].dims == ("test_example", "height", "width")
+    start, stop = ds["logits"].attrs["splits"]["test"]
+    np.testing.assert_array_equal(ds["logits"][:, start:stop].values, ens.test.half().numpy())

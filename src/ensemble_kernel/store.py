@@ -261,8 +261,16 @@ class RunStore:
                                  "are not finite; nothing was written")
 
     def set_array(self, name: str, values: np.ndarray | torch.Tensor, dims: Sequence[str]) -> None:
-        """Write an optional array (labels, inputs, features); refuse to contradict one stored."""
+        """Write an optional array (labels, inputs, features); refuse to contradict one stored.
+
+        A split's arrays (NAME_train, NAME_test) name their first axis `train_example` or
+        `test_example`: the splits differ in length, and xarray needs one length per
+        dimension name (the logits' `example` axis spans both splits).
+        """
         values = values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        split = name.rsplit("_", 1)[-1]
+        if split in ("train", "test") and dims and dims[0] == "example":
+            dims = (f"{split}_example", *dims[1:])
         if name in self._group:
             stored = self._group[name][...]
             if stored.shape != values.shape or not np.array_equal(stored, values):
