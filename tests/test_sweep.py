@@ -50,3 +50,15 @@ def test_sweep_rows_and_ablations():
     sig = result.significance
     assert sig.n_models == 8 and 0 <= sig.mcnemar_p <= 1
     assert math.isclose(sig.difference, sig.knn_accuracy - sig.ensemble_accuracy)
+
+
+def test_known_neighbours_are_reused_without_changing_the_result():
+    from ensemble_kernel import top_k_neighbors
+
+    ens = make_ensemble(n_models=8, n_train=100, n_test=40)
+    train, test = ArraySource(ens.train), ArraySource(ens.test)
+    plain = sweep(train, test, ens.labels_train, ens.labels_test, runs=[2, 8])
+    known = top_k_neighbors(test, train, 20, memory_budget=1 << 26)
+    reused = sweep(train, test, ens.labels_train, ens.labels_test, runs=[2, 8], neighbors=known)
+    assert reused.table() == plain.table()
+    assert reused.significance == plain.significance and reused.ablations == plain.ablations

@@ -163,7 +163,7 @@ class _Engine:
             x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
                         device=self.device)
             rows = slice(examples.start + r0, examples.start + r1)
-            out[r0:r1] = normalized_features(x, stats.rows(rows), torch.float32)
+            out[r0:r1] = normalized_features(x, stats.rows(rows))  # cast to `dtype` here
         return out
 
     def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,

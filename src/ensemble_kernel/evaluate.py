@@ -20,8 +20,6 @@ from .sources import LogitSource
 __all__ = [
     "Evaluation",
     "Selection",
-    "ensemble_logits",
-    "single_model_accuracies",
     "singles_and_ensemble",
     "accuracy",
     "evaluate",
@@ -58,27 +56,6 @@ def singles_and_ensemble(source: LogitSource, labels: torch.Tensor):
         singles.append((raw.float().argmax(dim=-1) == labels).double().mean(dim=1))
         total += raw.to(torch.float64).sum(dim=0)
     return torch.cat(singles), total / source.n_models
-
-
-def ensemble_logits(source: LogitSource) -> torch.Tensor:
-    """The mean of the logits over runs.
-
-    Returns
-    -------
-    Tensor of shape (n_examples, n_classes), float64.
-    """
-    total = torch.zeros(source.n_examples, source.n_classes, dtype=torch.float64)
-    for _, raw in _model_blocks(source):
-        total += raw.to(torch.float64).sum(dim=0)
-    return total / source.n_models
-
-
-def single_model_accuracies(source: LogitSource, labels: torch.Tensor) -> torch.Tensor:
-    """Accuracy of each run alone. Returns Tensor of shape (n_models,), float64."""
-    out = []
-    for _, raw in _model_blocks(source):
-        out.append((raw.float().argmax(dim=-1) == labels).double().mean(dim=1))
-    return torch.cat(out)
 
 
 def knn_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int, k: int):

@@ -186,7 +186,7 @@ def check_finite(raw: torch.Tensor, *, first_model: int, first_example: int, des
     )
 
 
-def normalized_features(x: torch.Tensor, stats: ClassStats, dtype: torch.dtype) -> torch.Tensor:
+def normalized_features(x: torch.Tensor, stats: ClassStats) -> torch.Tensor:
     """Standardised features of a block.
 
     Parameters
@@ -196,11 +196,10 @@ def normalized_features(x: torch.Tensor, stats: ClassStats, dtype: torch.dtype) 
 
     Returns
     -------
-    Tensor of shape (n_examples, n_block_models * n_used_classes) in `dtype`.
+    Tensor of shape (n_examples, n_block_models * n_used_classes), float32.
     """
     x = x.sub_(stats.mean.unsqueeze(1)).mul_(stats.scale.unsqueeze(1))
-    features = x.reshape(x.shape[0], -1)  # (n_examples, n_block_models * n_used_classes)
-    return features if dtype == torch.float32 else features.to(dtype)
+    return x.reshape(x.shape[0], -1)  # (n_examples, n_block_models * n_used_classes)
 
 
 def dense_kernel(

@@ -20,8 +20,8 @@ import torch
 
 from .engine import top_k_neighbors
 from .errors import InputError
-from .evaluate import (accuracy, ensemble_logits, knn_predict, singles_and_ensemble,
-                       weighted_predict)
+from .evaluate import accuracy, knn_predict, singles_and_ensemble, weighted_predict
+from .neighbors import Neighbors
 from .sources import LogitSource, select_runs
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
@@ -100,20 +100,25 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
-def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common):
+def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common, known=None):
+    """Metrics of one subset; also its neighbours and ensemble predictions (for the tests).
+
+    `known`: neighbours of this very subset computed before (k >= what is needed), reused.
+    """
     n_classes = train.n_classes
     singles, mean_logits = singles_and_ensemble(test, labels_test)
-    out = {"single": float(singles.mean()),
-           "ensemble": accuracy(mean_logits.argmax(1), labels_test)}
+    ensemble = mean_logits.argmax(1)
+    out = {"single": float(singles.mean()), "ensemble": accuracy(ensemble, labels_test)}
     if train.n_models < 2:
-        return out, None
+        return out, None, ensemble
     k_max = max(list(ks) + [weighted[0]])
-    found = top_k_neighbors(test, train, k_max, **common)
+    found = (known.first(k_max) if known is not None and known.k >= k_max
+             else top_k_neighbors(test, train, k_max, **common))
     for k in ks:
         out[f"knn_k{k}"] = accuracy(knn_predict(found, labels_train, n_classes, k), labels_test)
     out["weighted"] = accuracy(weighted_predict(found, labels_train, n_classes, *weighted),
                                labels_test)
-    return out, found
+    return out, found, ensemble
 
 
 def sweep(
@@ -130,6 +135,7 @@ def sweep(
     precision: str = "exact",
     memory_budget: int | None = None,
     device: str = "cpu",
+    neighbors: Neighbors | None = None,
 ) -> SweepResult:
     """Accuracy against the number of runs over disjoint subsets, plus ablations.
 
@@ -137,13 +143,15 @@ def sweep(
     ----------
     train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
     runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
+    neighbors : test -> train neighbours over all runs, if already computed (k >= 20):
+        reused for the subset of all runs instead of computing that kernel again.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = _sweep(train, test, labels_train, labels_test, runs=runs, ks=ks,
                         weighted=weighted, max_subsets=max_subsets,
                         significance_k=significance_k, precision=precision,
-                        memory_budget=memory_budget, device=device)
+                        memory_budget=memory_budget, device=device, neighbors=neighbors)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -156,7 +164,7 @@ def sweep(
 
 
 def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
-           significance_k, precision, memory_budget, device) -> SweepResult:
+           significance_k, precision, memory_budget, device, neighbors) -> SweepResult:
     n_models, n_classes = train.n_models, train.n_classes
     runs = sorted(set(runs or default_run_counts(n_models)))
     ks = sorted(set(ks))
@@ -166,12 +174,14 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
     for n in runs:
         values: dict[str, list[float]] = {}
         for part in disjoint_subsets(n_models, n, max_subsets):
-            metrics, found = _subset_metrics(select_runs(train, part), select_runs(test, part),
-                                             labels_train, labels_test, ks, weighted, common)
+            whole = (part.start, part.stop) == (0, n_models)
+            metrics, found, ensemble = _subset_metrics(
+                select_runs(train, part), select_runs(test, part), labels_train, labels_test,
+                ks, weighted, common, known=neighbors if whole else None)
             for name, v in metrics.items():
                 values.setdefault(name, []).append(v)
             if n == runs[-1] and largest is None:
-                largest = (part, found)
+                largest = (part, found, ensemble)
         for name, vs in values.items():
             t = torch.tensor(vs, dtype=torch.float64)
             rows.append(SweepRow(n, name, float(t.mean()),
@@ -179,7 +189,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                                  float(t.min()), float(t.max()), len(vs)))
     result_ablations, significance = {}, None
     if largest is not None and largest[1] is not None:
-        part, found = largest
+        part, found, ensemble = largest
         sub_train, sub_test = select_runs(train, part), select_runs(test, part)
         k3 = significance_k
         for name, options in [("no_log_softmax", {"log_softmax": False})] + [
@@ -188,7 +198,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
             result_ablations[name] = accuracy(knn_predict(alone, labels_train, n_classes, k3),
                                               labels_test)
         knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test
-        ens_ok = ensemble_logits(sub_test).argmax(1) == labels_test
+        ens_ok = ensemble == labels_test
         b, c = int((knn_ok & ~ens_ok).sum()), int((~knn_ok & ens_ok).sum())
         low, high = bootstrap_difference(knn_ok, ens_ok)
         significance = Significance(

@@ -77,6 +77,34 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     return runset, extras, renderer, found
 
 
+def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
+                quiet, out: Path, *, k: int, draws: bool = True, needs_labels: bool = False,
+                needs_features: bool = False, **options):
+    """Open SRC, build the one view `name` and write its files; return (views, paths).
+
+    `options` go to `build_views`; the other views are switched off (one pair rank, no
+    failures) unless `options` ask for them.
+    """
+    from ..report.html import build_views, write_views
+
+    runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
+                                             precision, device, quiet, k=k, draws=draws)
+    if needs_labels and (runset.labels_train is None or runset.labels_test is None):
+        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
+    if needs_features and extras["features_train"] is None:
+        raise InputError(f"{name} needs features: a store made with ingest --features, or "
+                         "--features FILE.npz with features_train and features_test")
+    options = {"ranks": slice(0, 1), "top_failures": 0, **options}
+    if callable(options["ranks"]):  # parsed once the number of test examples is known
+        options["ranks"] = options["ranks"](runset.test.n_examples)
+    features = {f"features_{s}": extras[f"features_{s}"] for s in ("train", "test")}
+    views = build_views(found, labels_train=runset.labels_train, labels_test=runset.labels_test,
+                        renderer=renderer, class_names=extras["class_names"],
+                        n_models=runset.n_models, **(features if needs_features else {}),
+                        **options)
+    return views, write_views(views, out, names=(name,))
+
+
 @app.command("pairs")
 def pairs_cmd(
     src: List[Path] = SrcArg, ranks: str = typer.Option("0:48", "--ranks", help="Which ranks: "
@@ -87,17 +115,11 @@ def pairs_cmd(
 ) -> None:
     """Test examples ranked by the kernel value of their best training match: grid and CSV."""
     from ..explain import parse_ranks
-    from ..report.html import build_views, write_views
 
     with _user_errors():
-        runset, extras, renderer, found = _views(src, labels, inputs, None, memory_budget,
-                                                 precision, device, quiet, k=1)
-        views = build_views(found, labels_train=runset.labels_train,
-                            labels_test=runset.labels_test, renderer=renderer,
-                            class_names=extras["class_names"],
-                            ranks=parse_ranks(ranks, runset.test.n_examples), top_failures=0,
-                            n_models=runset.n_models)
-        written = write_views(views, out, names=("pairs",))
+        _, written = _write_view("pairs", src, labels, inputs, None, memory_budget, precision,
+                                 device, quiet, out, k=1,
+                                 ranks=lambda n_test: parse_ranks(ranks, n_test))
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 
@@ -115,18 +137,10 @@ def duplicates_cmd(
     device: str = DeviceOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Near-duplicate (test, train) pairs, best first, and how the threshold was set."""
-    from ..report.html import build_views, write_views
-    from ..report.grids import InputRenderer
-
     with _user_errors():
-        runset, extras, _, found = _views(src, labels, None, None, memory_budget, precision,
-                                          device, quiet=True, k=1, draws=False)
-        views = build_views(found, labels_train=runset.labels_train,
-                            labels_test=runset.labels_test, renderer=InputRenderer(None, None),
-                            class_names=extras["class_names"], threshold=threshold,
-                            top_duplicates=top, ranks=slice(0, 1), top_failures=0,
-                            n_models=runset.n_models)
-        written = write_views(views, out, names=("duplicates",))
+        views, written = _write_view("duplicates", src, labels, None, None, memory_budget,
+                                     precision, device, True, out, k=1, draws=False,
+                                     threshold=threshold, top_duplicates=top)
     d = views.duplicates
     if as_json:
         typer.echo(json.dumps({"threshold": d.threshold, "method": d.method,
@@ -150,18 +164,11 @@ def failures_cmd(
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
 ) -> None:
     """The most similar pairs whose labels differ: each test example and its nearest examples."""
-    from ..report.html import build_views, write_views
-
     with _user_errors():
-        runset, extras, renderer, found = _views(src, labels, inputs, None, memory_budget,
-                                                 precision, device, quiet, k=n_neighbors)
-        if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("failures needs train and test labels: pass --labels FILE.npz")
-        views = build_views(found, labels_train=runset.labels_train,
-                            labels_test=runset.labels_test, renderer=renderer,
-                            class_names=extras["class_names"], top_failures=top,
-                            n_failure_neighbors=n_neighbors, ranks=slice(0, 1))
-        written = write_views(views, out, names=("failures",))
+        views, written = _write_view("failures", src, labels, inputs, None, memory_budget,
+                                     precision, device, quiet, out, k=n_neighbors,
+                                     needs_labels=True, top_failures=top,
+                                     n_failure_neighbors=n_neighbors)
     if not quiet:
         err.print(f"{len(views.failures)} failures; wrote " + ", ".join(map(str, written)))
 
@@ -176,21 +183,10 @@ def compare_cmd(
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Kernel neighbours beside feature-space (cosine) neighbours of random test examples."""
-    from ..report.html import build_views, write_views
-
     with _user_errors():
-        runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                                 precision, device, quiet, k=2)
-        if extras["features_train"] is None:
-            raise InputError("compare needs features: a store made with ingest --features, or "
-                             "--features FILE.npz with features_train and features_test")
-        views = build_views(found, labels_train=runset.labels_train,
-                            labels_test=runset.labels_test, renderer=renderer,
-                            class_names=extras["class_names"], ranks=slice(0, 1),
-                            features_train=extras["features_train"],
-                            features_test=extras["features_test"], n_compare=examples,
-                            seed=seed, top_failures=0)
-        written = write_views(views, out, names=("compare",))
+        _, written = _write_view("compare", src, labels, inputs, features, memory_budget,
+                                 precision, device, quiet, out, k=2, needs_features=True,
+                                 n_compare=examples, seed=seed)
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 

@@ -127,7 +127,7 @@ def run_demo(options: DemoOptions,
     timings["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = sweep(train, test, labels_train, labels_test)
+    result = sweep(train, test, labels_train, labels_test, neighbors=found)
     timings["sweep_s"] = time.perf_counter() - t0
 
     from ..report.files import sweep_json, write_sweep  # matplotlib only when writing

@@ -30,7 +30,8 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
     failures); `evaluation` and `sweep_result` are computed when not given.
     """
     e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found)
-    result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision)
+    result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision,
+                                   neighbors=found)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,
                         features_train=features_train, features_test=features_test,
