@@ -25,15 +25,18 @@ FeaturesOpt = typer.Option(None, "--features", help="An .npz with features_train
 ViewsOutOpt = typer.Option(Path("views"), "--out", help="Folder for the PNG and CSV files.")
 
 
-def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path]) -> dict:
-    """Inputs, features and class names: from the store, or from --inputs/--features."""
+def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
+            kinds: tuple[str, ...] = ("inputs", "features")) -> dict:
+    """Class names and the `kinds` of extra arrays: from the store, or --inputs/--features."""
     from ..formats import load_npz
 
     out = {"inputs_train": None, "inputs_test": None, "features_train": None,
            "features_test": None, "class_names": None}
     if len(src) == 1 and is_store(src[0]):
         store = RunStore(src[0])
-        out.update({k: store.optional(k) for k in list(out)[:4]}, class_names=store.class_names)
+        out.update({f"{kind}_{split}": store.optional(f"{kind}_{split}")
+                    for kind in kinds for split in ("train", "test")},
+                   class_names=store.class_names)
     for name, path in (("inputs", inputs), ("features", features)):
         if path is not None:
             arrays = load_npz(path)
@@ -63,12 +66,15 @@ def _view_inputs(runset: RunSet, extras: dict, draws: bool = True):
 
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
-           draws=True):
-    """Open SRC, compute test -> train neighbours once, gather what the views draw."""
+           draws=True, kinds=("inputs", "features")):
+    """Open SRC, compute test -> train neighbours once, gather what the views draw.
+
+    Only the `kinds` of extra arrays a view uses are read from a store.
+    """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
     runset, _ = _open(src, labels, None)
-    extras = _extras(src, inputs, features)
+    extras = _extras(src, inputs, features, kinds)
     renderer = _view_inputs(runset, extras, draws)
     with _progress_bar(quiet) as report:
         found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
@@ -87,8 +93,10 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     """
     from ..report.html import build_views, write_views
 
+    kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
     runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                             precision, device, quiet, k=k, draws=draws)
+                                             precision, device, quiet, k=k, draws=draws,
+                                             kinds=kinds)
     if needs_labels and (runset.labels_train is None or runset.labels_test is None):
         raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
     if needs_features and extras["features_train"] is None:
