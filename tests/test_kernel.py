@@ -113,10 +113,20 @@ def test_precision_setting_is_restored():
 
 
 def test_exact_mode_product_is_float32_accurate():
-    # Whatever backend setting exact mode picks must keep float32 accuracy (not bf16/TF32).
+    # Even when the caller asked for 'medium' (bfloat16 products on CPUs with AMX), the
+    # products exact mode runs (mm, addmm_, bmm) keep float32 accuracy inside the context.
     g = torch.Generator().manual_seed(1)
     a = torch.randn(64, 2048, generator=g, dtype=torch.float64)
-    b = torch.randn(64, 2048, generator=g, dtype=torch.float64)
-    with exact_float32_matmul("cpu"):
-        got = (a.float() @ b.float().T).double()
-    assert float(((got - a @ b.T).abs().max()) / (a @ b.T).abs().max()) < 1e-5
+    b = torch.randn(96, 2048, generator=g, dtype=torch.float64)
+    want = a @ b.T
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with exact_float32_matmul("cpu"):
+            mm = (a.float() @ b.float().T).double()
+            addmm = torch.zeros(64, 96).addmm_(a.float(), b.float().T).double()
+            bmm = torch.bmm(b.float()[None].expand(64, 96, 2048), a.float()[:, :, None])
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for got in (mm, addmm, bmm.squeeze(2).double()):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5

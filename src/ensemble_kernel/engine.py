@@ -10,10 +10,11 @@ Two passes over the logits:
    is merged into the running top-k of each query.
 
 Fast mode does pass 2 with bfloat16 products to find `n_candidates` per query, then
-re-scores those candidates exactly in float32 and keeps the top-k. A query whose exact
-k-th value is not clearly above what any non-candidate could reach (judged from the
-approximation error measured on its own candidates) is recomputed in exact mode, so
-fast mode returns exact mode's neighbours.
+re-scores those candidates exactly in float32 and keeps the top-k. A query is final only
+when a rigorous bound on the bfloat16 error (`bounds.py`, from the unit roundoffs and
+the feature norms) proves that no reference outside its candidates can reach its exact
+k-th value; any other query is recomputed in exact mode. So fast mode returns exact
+mode's neighbours, whatever the data.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ import numpy as np
 import torch
 
 from .errors import BudgetError, InputError
+from .bounds import ABSOLUTE_SLACK, NORM_SLACK, RECOMPUTED_ROUNDOFF, product_error_coefficient
 from .kernel import (
     ClassStats,
     StatsAccumulator,
     check_classes,
     check_finite,
+    check_prepared,
+    bfloat16_matmul,
     exact_float32_matmul,
     normalized_features,
     prepare,
@@ -116,8 +120,8 @@ class _Engine:
         """Pass 1: mean and std per (example, class), checking every value is finite."""
         n, step = source.n_examples, self.plan.chunk_models
         block = self.plan.example_block
-        mean = torch.empty(n, self.n_used, device=self.device)
-        scale = torch.empty(n, self.n_used, device=self.device)
+        mean = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
+        scale = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
         n_constant = 0
         n_blocks = math.ceil(n / block)
         for b, e0 in enumerate(range(0, n, block)):
@@ -128,10 +132,8 @@ class _Engine:
                 raw = source.read(models, rows)
                 x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
                             device=self.device, runs_first=True)
-                if not acc.update(x):  # find and name the culprit
-                    check_finite(raw, first_model=m0, first_example=e0,
-                                 describe=source.describe_run)
-                    raise RuntimeError("non-finite statistics from finite logits")  # a bug
+                if not acc.update(x):
+                    self._update_precisely(acc, raw, m0, e0, source)
                 self._report("statistics", b * self.n_models + models.stop,
                              n_blocks * self.n_models)
             part = acc.finalize()
@@ -144,7 +146,32 @@ class _Engine:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return ClassStats(mean, scale, n_constant)
+        if not self.log_softmax:  # log-softmax blocks this fine are computed in float64
+            self._check_resolution(scale, split)
+        return ClassStats.from_float64(mean, scale, n_constant)
+
+    @staticmethod
+    def _check_resolution(scale: torch.Tensor, split: str) -> None:
+        """Raw logits that vary less than float32 can standardise are an input error."""
+        too_fine = scale > torch.finfo(torch.float32).max
+        if bool(too_fine.any()):
+            e, c = (int(i) for i in too_fine.nonzero()[0])
+            raise InputError(
+                f"example {e}, class {c} of the {split} split varies across runs by a std of "
+                f"{1 / float(scale[e, c]):.3g}, too little for float32 features; rescale the "
+                "logits"
+            )
+
+    def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
+                          source: LogitSource) -> None:
+        """A block whose float32 sums were not finite: name a bad input, or redo it in float64."""
+        where = dict(first_model=m0, first_example=e0, describe=source.describe_run)
+        check_finite(raw, **where)  # NaN or Inf in the logits themselves
+        x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
+                    device=self.device, runs_first=True)
+        check_prepared(x, raw, **where)  # log-softmax overflow, or a spread beyond float32
+        if not acc.update(x.double()):  # finite float32 values always fit float64's sums
+            raise RuntimeError("float64 statistics of finite float32 values overflowed")
 
     def _features(self, source: LogitSource, stats: ClassStats, models: slice,
                   examples: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -253,26 +280,35 @@ class _Engine:
         self._query_cache.clear()
         return best
 
-    def rescore(self, candidates: torch.Tensor) -> torch.Tensor:
-        """Exact float32 kernel values of (query, candidate) pairs.
+    def rescore(self, candidates: torch.Tensor, rows: torch.Tensor | None = None) -> Rescored:
+        """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
 
         Parameters
         ----------
-        candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
+        candidates : Tensor of shape (n_rows, n_candidates), int64 reference indices, for
+            every query or for the queries `rows`.
 
         Returns
         -------
-        Tensor of shape (n_queries, n_candidates), float32.
+        Rescored: values of shape (n_rows, n_candidates), float32, and the squared norms
+        of the float32 feature rows of those queries and of every reference (float64).
         """
         n_q, n_c = candidates.shape
         out = torch.zeros(n_q, n_c, device=self.device)
+        query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
+        reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
+                                      device=self.device)
         step = self.plan.rescore_chunk_models
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
+            if rows is not None:
+                fa = fa[rows]
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
+            query_norms += fa.square().sum(1, dtype=torch.float64)
+            reference_norms += fb.square().sum(1, dtype=torch.float64)
             # Gathered rows: bound the (rows, n_candidates, d) temporary to ~64 MiB.
             rows_per_block = max(1, (64 << 20) // (n_c * fa.shape[1] * 4))
             for q0 in range(0, n_q, rows_per_block):
@@ -281,7 +317,41 @@ class _Engine:
                 out[q] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
             del fa, fb
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
-        return out * (1.0 / (self.n_models * self.n_used))
+        return Rescored(out * (1.0 / (self.n_models * self.n_used)), query_norms, reference_norms)
+
+    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
+        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+
+        The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
+        float32 sums) plus the re-score's own float32 error, from `bounds`: the
+        coefficient times ||a|| * max_b ||b|| / (n_models * n_used).
+
+        Returns
+        -------
+        Tensor of shape (n_rows,), float64.
+        """
+        n_blocks = math.ceil(self.n_models / self.plan.chunk_models)
+        low = product_error_coefficient(
+            width=self.plan.chunk_models * self.n_used, n_blocks=n_blocks,
+            unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
+        step = self.plan.rescore_chunk_models
+        exact = product_error_coefficient(
+            width=step * self.n_used, n_blocks=math.ceil(self.n_models / step), unit=0.0,
+            output_rounding=False)
+        slack = 1 + NORM_SLACK
+        query = rescored.query_norms.sqrt() * slack
+        reference = float(rescored.reference_norms.max().sqrt()) * slack
+        scale = 1.0 / (self.n_models * self.n_used)
+        return (low + exact) * query * reference * scale + ABSOLUTE_SLACK
+
+
+@dataclass(frozen=True)
+class Rescored:
+    """Exact values of candidate pairs and the squared norms of the feature rows."""
+
+    values: torch.Tensor  # (n_rows, n_candidates) float32
+    query_norms: torch.Tensor  # (n_rows,) float64: squared norm of each query's features
+    reference_norms: torch.Tensor  # (n_references,) float64
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:
@@ -401,23 +471,26 @@ def candidates_per_query(k: int, precision: Precision, n_candidates: int | None 
 
 def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
                  combine: Callable[[Neighbors], Neighbors]) -> Neighbors:
-    n_refs = engine.references.n_examples
-    n_c = min(n_candidates, n_refs)
-    approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
+    """bfloat16 candidates, an exact re-score, and a proof per query that nothing was missed.
+
+    A reference left out of a query's candidates has a bfloat16 value no larger than the
+    last candidate's; its exact value exceeds that by at most the query's error bound
+    (`_Engine.low_precision_bound`). When even that cannot reach the exact k-th value,
+    the query's top-k is final. Any other query is recomputed in exact mode.
+    """
+    n_c = min(n_candidates, engine.references.n_examples)
+    with bfloat16_matmul(engine.device):
+        approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
     with exact_float32_matmul(engine.device):
-        exact = engine.rescore(approx.indices)
+        rescored = engine.rescore(approx.indices)
+        exact = rescored.values
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
         best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
                           Neighbors(approx.indices, exact), k)
-        # A non-candidate has approx <= the last candidate's approx value. Its exact value
-        # could exceed that by about the approximation error, measured on the candidates.
-        finite = torch.isfinite(exact)
-        error = torch.where(finite, (exact - approx.values).abs(), torch.zeros_like(exact))
-        slack = 2 * error.max(dim=1).values + 1e-6
-        reachable = approx.values[:, -1] + slack
-        uncertain = (best.values[:, -1] <= reachable) if n_c < n_refs - engine.exclude_self \
-            else torch.zeros(exact.shape[0], dtype=torch.bool, device=exact.device)
-        rows = uncertain.nonzero().flatten()
+        if n_c >= engine.references.n_examples - engine.exclude_self:
+            return best  # every reference was re-scored
+        reachable = approx.values[:, -1].double() + engine.low_precision_bound(rescored)
+        rows = (best.values[:, -1].double() <= reachable).nonzero().flatten()
         logger.info("fast mode: %d of %d queries recomputed exactly", len(rows), exact.shape[0])
         if len(rows):
             redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")

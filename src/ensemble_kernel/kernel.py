@@ -17,7 +17,6 @@ Nothing here touches files, prints, or leaves a torch setting changed.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -29,10 +28,12 @@ __all__ = [
     "ClassStats",
     "StatsAccumulator",
     "prepare",
+    "check_prepared",
     "precise_log_softmax_",
     "normalized_features",
     "dense_kernel",
     "exact_float32_matmul",
+    "bfloat16_matmul",
     "check_classes",
 ]
 
@@ -62,6 +63,12 @@ def prepare(
 ) -> torch.Tensor:
     """Float32 (log-softmax) outputs of a block of raw logits, restricted to `classes`.
 
+    Where a run is so confident that float32 cannot hold its top class's log-probability
+    (the other classes' total probability below 2**-100, a logit margin beyond ~70), that
+    (run, example) row is computed in float64 and the block returned in float64: those
+    tiny values still vary across runs, and their standardised features are ordinary
+    numbers. Every other row keeps its float32 value, whichever block it is read in.
+
     Parameters
     ----------
     raw : Tensor of shape (n_models, n_examples, n_classes), any float dtype.
@@ -70,18 +77,29 @@ def prepare(
 
     Returns
     -------
-    Tensor of shape (n_examples, n_models, n_used_classes), float32, contiguous: the
-    example-major layout the matrix product wants (or (n_models, n_examples, ...)).
+    Tensor of shape (n_examples, n_models, n_used_classes), float32 (float64 for a block
+    with such rows), contiguous: the example-major layout the matrix product wants (or
+    (n_models, n_examples, ...)).
     """
+    layout = raw if runs_first else raw.permute(1, 0, 2)
     # One copying conversion: everything after it works in place on our own buffer.
-    x = (raw if runs_first else raw.permute(1, 0, 2)).to(
-        device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
-    )
+    x = layout.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format,
+                  copy=True)
     if log_softmax:
-        x = precise_log_softmax_(x)
+        deep = _log_softmax_(x) < _SMALLEST_MASS  # (..., 1): rows float32 cannot hold
+        if bool(deep.any()):
+            # Those rows in float64, every other row as float32 computed it: an output's
+            # value never depends on which block it was read in.
+            exact = layout.to(device=device, dtype=torch.float64,
+                              memory_format=torch.contiguous_format, copy=True)
+            _log_softmax_(exact)
+            x = torch.where(deep, exact, x.double())
     if classes is not None:
         x = x[..., list(classes)]
     return x.contiguous()
+
+
+_SMALLEST_MASS = 2.0**-100  # below this, float32 loses the top class's log-probability
 
 
 def precise_log_softmax_(x: torch.Tensor) -> torch.Tensor:
@@ -90,12 +108,25 @@ def precise_log_softmax_(x: torch.Tensor) -> torch.Tensor:
     ``torch.log_softmax`` computes ``y - log(sum(exp(y)))`` with ``y = x - max``; for a
     confident class the sum is ``1 + s`` with tiny ``s`` and float32 keeps few digits of
     ``s``. The standardisation then divides that error by a tiny std. Here the largest
-    term is left out of the sum and ``log1p`` takes the rest: full float32 precision.
+    term is left out of the sum and ``log1p`` takes the rest: full precision.
+    """
+    _log_softmax_(x)
+    return x
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """`precise_log_softmax_`; returns the mass `s` of the classes left out, per row.
+
+    Returns
+    -------
+    Tensor of shape x.shape[:-1] + (1,).
     """
     x -= x.amax(dim=-1, keepdim=True)  # y = x - max <= 0
     others = x.exp()
     others.scatter_(-1, x.argmax(dim=-1, keepdim=True), 0.0)  # leave one maximum out
-    return x.sub_(others.sum(dim=-1, keepdim=True).log1p_())
+    mass = others.sum(dim=-1, keepdim=True)
+    x.sub_(mass.log1p())
+    return mass
 
 
 @dataclass(frozen=True)
@@ -104,55 +135,83 @@ class ClassStats:
 
     Attributes
     ----------
-    mean : Tensor of shape (n_examples, n_used_classes), float32.
-    scale : Tensor of shape (n_examples, n_used_classes), float32: 1 / std, and 0 where
+    mean : Tensor of shape (n_examples, n_used_classes), float64.
+    scale : Tensor of shape (n_examples, n_used_classes), float64: 1 / std, and 0 where
         no run changes the output (std == 0), so that those entries contribute 0.
     n_constant : int
         How many (example, class) entries had std == 0.
+    mean32, scale32 : the same in float32, for float32 blocks (scale capped at float32's
+        largest value: such an entry's blocks are computed in float64).
     """
 
     mean: torch.Tensor
     scale: torch.Tensor
     n_constant: int
+    mean32: torch.Tensor
+    scale32: torch.Tensor
+
+    @classmethod
+    def from_float64(cls, mean: torch.Tensor, scale: torch.Tensor, n_constant: int) -> "ClassStats":
+        largest = torch.finfo(torch.float32).max
+        return cls(mean, scale, n_constant, mean.to(torch.float32),
+                   scale.clamp(max=largest).to(torch.float32))
 
     def rows(self, examples: slice) -> "ClassStats":
-        return ClassStats(self.mean[examples], self.scale[examples], -1)
+        return ClassStats(self.mean[examples], self.scale[examples], -1,
+                          self.mean32[examples], self.scale32[examples])
+
+
+_TINY_SQUARES = 2.0**-100  # a float32 sum of squares below this may hold subnormal terms
 
 
 class StatsAccumulator:
     """Streams blocks of runs and keeps mean and M2 per (example, class).
 
-    Within a block, sums are taken in float32 of deviations from a fixed shift (the first
-    run's value), which are of the order of the std, so float32 keeps their precision;
-    blocks are merged in float64 (Chan's parallel update). An output no run changes has
-    deviations exactly 0, so M2 == 0 exactly and it is recognised as constant.
+    Within a block, the corrected two-pass formula in float32: deviations from the block's
+    own mean, M2 = sum(dev**2) - sum(dev)**2 / n_b, accurate to a few float32 roundings
+    relative to M2 whatever the offset or scale of the block (an outlier run first or
+    last, logits near 1e6); blocks are merged in float64 (Chan's parallel update), so the
+    result does not depend on the order of the runs beyond float32 accuracy. The block
+    mean is taken relative to the block's first run, so an output no run changes has
+    deviations exactly 0, M2 == 0 exactly, and is recognised as constant. A block whose
+    float32 sums overflow (logits beyond ~1e18) or underflow (deviations below ~1e-15)
+    is redone in float64 by the caller.
     """
 
     def __init__(self, n_examples: int, n_classes: int, device: torch.device | str = "cpu"):
         self.count = 0
-        self.shift: torch.Tensor | None = None  # (n_examples, n_classes) float32
         self.mean = torch.zeros(n_examples, n_classes, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(n_examples, n_classes, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> bool:
-        """Add a block; return whether all its values were finite.
+        """Add a block; return False, adding nothing, if its float32 sums cannot be trusted.
+
+        That is: a sum is not finite (NaN or Inf in the input, or squares that overflow),
+        or a sum of squares is so small that its terms may have underflowed while the
+        output is not constant. The caller then names a bad input or passes the block
+        again in float64.
 
         Parameters
         ----------
-        x : Tensor of shape (n_block_models, n_examples, n_classes), float32; used as
-            scratch (overwritten).
+        x : Tensor of shape (n_block_models, n_examples, n_classes), float32 or float64;
+            used as scratch (overwritten).
         """
-        if self.shift is None:
-            self.shift = x[0].clone()
         n_b = x.shape[0]
-        deviation = x.sub_(self.shift)  # in place: x is the caller's scratch
-        # float32 sums (15x faster than float64 ones here) of deviations of the order of
-        # the std: their relative error stays ~1e-6; the merge below is in float64.
-        s1 = deviation.sum(dim=0).double()
-        if not bool(torch.isfinite(s1.sum())):  # NaN and Inf reach every sum they enter
+        first = x[0].clone()
+        deviation = x.sub_(first)  # exactly 0 where no run changes the output
+        centre = deviation.mean(dim=0)  # the block's mean, relative to its first run
+        deviation.sub_(centre)  # deviations from the block mean: no cancellation below
+        s1 = deviation.sum(dim=0)
+        s2 = deviation.square().sum(dim=0)
+        # NaN and Inf reach every sum they enter; squares that overflow give Inf.
+        if not bool(torch.isfinite(s1.sum() + s2.sum())):
             return False
-        s2 = deviation.square_().sum(dim=0).double()
-        mean_b = self.shift.double() + s1 / n_b
+        if x.dtype == torch.float32:
+            small = s2 < _TINY_SQUARES  # constant, or squares that may have underflowed
+            if bool(small.any()) and not bool((deviation[:, small] == 0).all()):
+                return False
+        s1, s2 = s1.double(), s2.double()
+        mean_b = first.double() + centre.double() + s1 / n_b
         m2_b = (s2 - s1.square() / n_b).clamp_(min=0)
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self.mean
@@ -167,11 +226,36 @@ class StatsAccumulator:
         constant = self.m2 <= 0
         std = (self.m2 / (self.count - 1)).sqrt()
         scale = torch.where(constant, torch.zeros_like(std), 1.0 / std)
-        return ClassStats(
-            mean=self.mean.to(torch.float32),
-            scale=scale.to(torch.float32),
-            n_constant=int(constant.sum()),
+        return ClassStats.from_float64(self.mean, scale, int(constant.sum()))
+
+
+def check_prepared(x: torch.Tensor, raw: torch.Tensor, *, first_model: int, first_example: int,
+                   describe) -> None:
+    """Raise InputError naming the first output that log-softmax or centring cannot hold.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n_block_models, n_examples, n_used_classes), from `prepare` with
+        `runs_first`, of finite logits `raw`.
+    """
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        m, e, c = (int(i) for i in bad.nonzero()[0])
+        value = float(raw[m, e, c])
+        raise InputError(
+            f"{describe(first_model + m)}: example {first_example + e}, class {c}: the logit "
+            f"{value:.3g} does not fit float32, which the kernel computes in; rescale the logits"
         )
+    spread = x.amax(dim=0).double() - x.amin(dim=0).double()  # (n_examples, n_used_classes)
+    too_wide = spread > torch.finfo(torch.float32).max
+    if bool(too_wide.any()):
+        e, c = (int(i) for i in too_wide.nonzero()[0])
+        raise InputError(
+            f"{describe(first_model)} and the {x.shape[0] - 1} runs after it: example "
+            f"{first_example + e}, class {c} varies by {float(spread[e, c]):.3g} across them, "
+            "beyond float32's range, which the kernel computes in; rescale the logits"
+        )
+
 
 def check_finite(raw: torch.Tensor, *, first_model: int, first_example: int, describe) -> None:
     """Raise NonFiniteError naming the first run and example with NaN or Inf."""
@@ -191,14 +275,17 @@ def normalized_features(x: torch.Tensor, stats: ClassStats) -> torch.Tensor:
 
     Parameters
     ----------
-    x : Tensor of shape (n_examples, n_block_models, n_used_classes), float32, from `prepare`.
+    x : Tensor of shape (n_examples, n_block_models, n_used_classes), float32 or float64,
+        from `prepare`.
     stats : the rows of ClassStats for these examples.
 
     Returns
     -------
-    Tensor of shape (n_examples, n_block_models * n_used_classes), float32.
+    Tensor of shape (n_examples, n_block_models * n_used_classes), of x's dtype.
     """
-    x = x.sub_(stats.mean.unsqueeze(1)).mul_(stats.scale.unsqueeze(1))
+    mean, scale = (stats.mean, stats.scale) if x.dtype == torch.float64 else (
+        stats.mean32, stats.scale32)
+    x = x.sub_(mean.unsqueeze(1)).mul_(scale.unsqueeze(1))
     return x.reshape(x.shape[0], -1)  # (n_examples, n_block_models * n_used_classes)
 
 
@@ -223,52 +310,34 @@ def dense_kernel(
 
     def standardise(logits: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(logits).to(torch.float64)
-        if log_softmax:
-            x = x.log_softmax(-1)
+        if log_softmax:  # the definition, with log1p: float64's log(1 + s) drops s < 1e-16
+            y = x - x.amax(-1, keepdim=True)
+            others = y.exp().scatter(-1, y.argmax(-1, keepdim=True), 0.0)
+            x = y - others.sum(-1, keepdim=True).log1p()
         if classes is not None:
             x = x[..., list(classes)]
         std = x.std(0, keepdim=True)
         z = (x - x.mean(0, keepdim=True)) / std
-        return torch.where(std == 0, torch.zeros_like(z), z)
+        constant = (x == x[:1]).all(0, keepdim=True)  # its float64 mean may be an ulp off
+        return torch.where(constant, torch.zeros_like(z), z)
 
     za, zb = standardise(queries), standardise(references)
     n_models, _, n_used = za.shape
     return torch.einsum("mac,mbc->ab", za, zb) / (n_models * n_used)
 
 
-@functools.lru_cache(maxsize=None)
-def _medium_precision_is_exact(device_type: str) -> bool:
-    """Whether 'medium' float32 matmul precision keeps float32 accuracy on this device.
-
-    On CPUs without AMX, 'medium' routes float32 products to oneDNN's AVX-512 kernels
-    (faster, still float32). Where AMX or tensor cores exist it may compute in bfloat16
-    or TF32, which exact mode must not: measure instead of trusting the name.
-    """
-    if device_type != "cpu":
-        return False  # on CUDA 'medium' means bf16/TF32 products
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 1024, generator=gen, dtype=torch.float64)
-    b = torch.randn(256, 1024, generator=gen, dtype=torch.float64)
-    exact = a @ b.T
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")
-        got = (a.float() @ b.float().T).double()
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    # float32 accumulation: relative error ~1e-6; bfloat16 inputs: ~1e-3.
-    return float((got - exact).abs().max() / exact.abs().max()) < 1e-5
-
-
 @contextlib.contextmanager
 def exact_float32_matmul(device: torch.device | str) -> Iterator[None]:
-    """Set the fastest float32 product setting that stays float32-accurate; restore it after."""
+    """True float32 products (no TF32, no bfloat16 passes) around a block; restored after.
+
+    'medium' or 'high' float32 precision lets oneDNN compute float32 products in bfloat16
+    on CPUs with AMX and lets CUDA use TF32, so exact mode always asks for 'highest'.
+    """
     device_type = torch.device(device).type
     previous = torch.get_float32_matmul_precision()
-    wanted = "medium" if _medium_precision_is_exact(device_type) else "highest"
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32 if device_type == "cuda" else None
     try:
-        torch.set_float32_matmul_precision(wanted)
+        torch.set_float32_matmul_precision("highest")
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
         yield
@@ -276,3 +345,22 @@ def exact_float32_matmul(device: torch.device | str) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
         if cuda_tf32 is not None:
             torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+
+
+@contextlib.contextmanager
+def bfloat16_matmul(device: torch.device | str) -> Iterator[None]:
+    """bfloat16 products with float32 accumulation, as `bounds.py` assumes; restored after.
+
+    CUDA may otherwise reduce split-K partial sums in bfloat16
+    (`allow_bf16_reduced_precision_reduction`), which the error bound does not cover.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction
+    try:
+        matmul.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = previous

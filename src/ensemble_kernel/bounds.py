@@ -1,0 +1,97 @@
+"""Rigorous bounds on the rounding error of the engine's products (README, "Fast mode").
+
+Fast mode finds candidates with bfloat16 products and re-scores them in float32. It
+returns exact mode's neighbours only if no reference left out of the candidate list could
+belong to the top-k, and that needs a bound on |approximate - exact| that holds for every
+(query, reference) pair, including those never re-scored. This module derives it from
+the unit roundoff of each format; nothing here is measured on the data.
+
+Notation: `a`, `b` are one query's and one reference's float32 feature rows of length
+d = n_models * n_used_classes, cut into `n_blocks` blocks of at most `width` entries (one
+block of runs each). `u` is the unit roundoff of the low-precision format (bfloat16:
+2**-8), `v` that of float32 (2**-24), and gamma(n) = n v / (1 - n v) the standard bound of
+an n-term float32 sum (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1).
+
+1. Inputs: a_hat = fl(a) with |a_hat - a| <= u |a|, the same for b, so
+   |a_hat b_hat - a b| <= (2u + u**2) |a b| term by term.
+2. Each block's product is accumulated in float32 (bfloat16 products are exact in float32),
+   in any order: error <= gamma(width) * sum |a_hat b_hat| <= gamma(width) (1+u)**2 sum |a b|.
+3. Each block's result s is rounded to bfloat16 once: error <= u |s| with
+   |s| <= (1 + gamma(width)) (1+u)**2 sum_block |a b|.
+4. The blocks are added in float32: error <= gamma(n_blocks) * sum |block results|
+   <= gamma(n_blocks) (1+u)**3 (1 + gamma(width)) sum |a b|.
+5. The sum is multiplied by 1/(n_models * n_classes), itself rounded: two more float32
+   roundings, (1+v)**2.
+
+Summing 1-4 gives a coefficient c with |approx - exact| <= c * sum_j |a_j b_j| <= c ||a|| ||b||
+(Cauchy-Schwarz), scaled as the kernel is. For bfloat16, c is about 3u = 1.2% of
+||a|| ||b|| / (n_models n_classes), which is about 1.2% of the largest possible kernel value.
+The float32 re-score has the same form with u = 0 (no input or output rounding).
+
+The re-score recomputes the float32 features; should a recomputed feature differ from the
+one the candidate pass rounded in its last bit, the input error grows from u to u + 2v
+(`RECOMPUTED_ROUNDOFF`), which the fast search uses.
+
+Flushing subnormal results to zero (AMX, AVX512-BF16) adds at most 2**-126 per operation;
+`ABSOLUTE_SLACK` covers it for any d below 2**60.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BFLOAT16_ROUNDOFF",
+    "FLOAT32_ROUNDOFF",
+    "RECOMPUTED_ROUNDOFF",
+    "ABSOLUTE_SLACK",
+    "NORM_SLACK",
+    "gamma",
+    "product_error_coefficient",
+]
+
+BFLOAT16_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest
+FLOAT32_ROUNDOFF = 2.0**-24
+RECOMPUTED_ROUNDOFF = BFLOAT16_ROUNDOFF + 2 * FLOAT32_ROUNDOFF
+ABSOLUTE_SLACK = 2.0**-60  # subnormal flushes: (number of operations) * 2**-126, generously
+
+
+def gamma(n: int, unit: float = FLOAT32_ROUNDOFF) -> float:
+    """The bound n u / (1 - n u) on the relative error of an n-term sum in any order."""
+    if n * unit >= 1:
+        raise ValueError(f"a {n}-term sum has no useful error bound at unit roundoff {unit}")
+    return n * unit / (1 - n * unit)
+
+
+def product_error_coefficient(*, width: int, n_blocks: int, unit: float,
+                              output_rounding: bool) -> float:
+    """c such that |computed - exact| <= c * sum_j |a_j b_j| for the engine's blocked product.
+
+    Parameters
+    ----------
+    width : the largest contraction width of one block (runs per block * classes used).
+    n_blocks : blocks summed in float32 after their products.
+    unit : the unit roundoff of the inputs' format (0 for float32 inputs used as they are).
+    output_rounding : whether each block's result is rounded to that format (bfloat16
+        products on the CPU return bfloat16) before the float32 sum.
+
+    Returns
+    -------
+    float: the coefficient, including the final scaling's two float32 roundings.
+    """
+    g_w, g_b = gamma(width), gamma(n_blocks)
+    grow = (1 + unit) ** 2  # |a_hat b_hat| <= grow |a b|
+    inputs = 2 * unit + unit**2
+    accumulate = g_w * grow
+    block_bound = (1 + g_w) * grow  # |block result before its rounding| / sum |a b|
+    rounding = unit * block_bound if output_rounding else 0.0
+    after_rounding = block_bound * ((1 + unit) if output_rounding else 1.0)
+    blocks = g_b * after_rounding
+    c = inputs + accumulate + rounding + blocks
+    v = FLOAT32_ROUNDOFF
+    # K = fl(sum * fl(1 / (n_models n_classes))): two float32 roundings of the scaled sum.
+    return (1 + v) ** 2 * c + 2 * v + v**2
+
+
+# Relative slack on a feature norm: its squared norm is summed in float64 (error below
+# d * 2**-53), and the re-score recomputes the float32 features, which may differ from those
+# of the candidate pass in their last bit (2**-24 relative). 2**-20 covers both for d < 2**30.
+NORM_SLACK = 2.0**-20

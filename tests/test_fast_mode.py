@@ -1,0 +1,231 @@
+"""Fast mode returns exact mode's neighbours on inputs built to fool a bfloat16 pass.
+
+The candidate pass rounds features to bfloat16 and each block's product to bfloat16. A
+reference whose features sit just below a rounding midpoint loses up to 2**-8 of its
+value, while references with features in {-1, 0, 1} lose nothing: the old rule, which
+judged the error from the candidates alone, accepted rows that had missed a neighbour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel.bounds import (
+    BFLOAT16_ROUNDOFF,
+    RECOMPUTED_ROUNDOFF,
+    gamma,
+    product_error_coefficient,
+)
+from ensemble_kernel import engine as engine_module
+
+from conftest import assert_same_neighbors
+
+MiB = 1 << 20
+
+
+def sign_pattern(n_models: int, n_classes: int) -> torch.Tensor:
+    """Per class, half the runs +1, half -1, one 0: mean 0 and unbiased std exactly 1.
+
+    Returns
+    -------
+    Tensor of shape (n_models, n_classes), float32; n_models must be odd.
+    """
+    half = (n_models - 1) // 2
+    column = torch.tensor([1.0] * half + [-1.0] * half + [0.0])
+    g = torch.Generator().manual_seed(n_models * 31 + n_classes)
+    return torch.stack([column[torch.randperm(n_models, generator=g)] for _ in range(n_classes)],
+                       dim=1)
+
+
+def move_zero(pattern: torch.Tensor, cls: int, to: int) -> torch.Tensor:
+    """The pattern with class `cls`'s 0 moved to run `to` (still mean 0, std 1, in {-1,0,1})."""
+    out = pattern.clone()
+    zero = int((out[:, cls] == 0).nonzero()[0])
+    out[zero, cls], out[to, cls] = out[to, cls], 0.0
+    return out
+
+
+def blurred_copy(pattern: torch.Tensor) -> torch.Tensor:
+    """Nearly the query itself, with features bfloat16 rounds down in magnitude.
+
+    Half the nonzero entries of each class become +-1.00389 (just below the midpoint
+    1 + 2**-8, so they round to +-1), the other half +-0.99610 (rounding to 0.99609375),
+    balanced between signs so that the mean stays 0 and the std 1. Its exact kernel value
+    with the query is within 1e-5 of the maximum; its bfloat16 value is about 2**-9 lower.
+    """
+    up = 1.00389
+    down = math.sqrt(2.0 - up * up)
+    out = pattern.clone()
+    for c in range(pattern.shape[1]):
+        for sign in (1.0, -1.0):
+            runs = (pattern[:, c] == sign).nonzero().flatten()
+            half = len(runs) // 2
+            out[runs[:half], c] = sign * up
+            out[runs[half:], c] = sign * down
+    return out
+
+
+def adversarial_case(n_models: int = 513, n_classes: int = 4, n_fillers: int = 48):
+    """One query; references: leader, fillers, and the blurred copy (the true best), last.
+
+    Without log-softmax the features are the logits themselves. The leader loses 1 (of
+    n_models - 1) in one class, every filler 2; all are exact in bfloat16, as are their
+    products, when each block of runs holds few classes.
+    """
+    p = sign_pattern(n_models, n_classes)
+    leader = move_zero(p, 0, 0)
+    fillers = [move_zero(move_zero(p, 1, 1 + i), 2, 2 + i) for i in range(n_fillers)]
+    refs = torch.stack([leader, *fillers, blurred_copy(p)], dim=1)  # (n_models, n_refs, C)
+    return p[:, None, :], refs
+
+
+def test_old_rule_would_miss_the_blurred_copy():
+    # The construction does what it claims: the blurred copy is the exact best ...
+    query, refs = adversarial_case()
+    kernel = dense_kernel(query, refs, log_softmax=False)[0]
+    assert int(kernel.argmax()) == refs.shape[1] - 1
+    # ... and in bfloat16 it falls below every filler.
+    q, r = query[:, 0].bfloat16().float(), refs.bfloat16().float()
+    approx = torch.einsum("mc,mrc->r", q, r)
+    assert float(approx[-1]) < float(approx[1:-1].min())
+
+
+@pytest.mark.parametrize("chunk_models", [1, 3, None])
+@pytest.mark.parametrize("k", [1, 2])
+def test_fast_mode_finds_a_neighbour_bfloat16_hides(chunk_models, k):
+    query, refs = adversarial_case()
+    stages = []
+    got = top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
+                          chunk_models=chunk_models, memory_budget=64 * MiB,
+                          progress=lambda p: stages.append(p.stage))
+    exact = top_k_neighbors(query, refs, k, log_softmax=False, precision="exact",
+                            memory_budget=64 * MiB)
+    assert int(got.indices[0, 0]) == refs.shape[1] - 1
+    assert torch.equal(got.indices, exact.indices)
+    assert "fallback" in stages  # the bound, not luck, sent this query to the exact pass
+
+
+def test_fast_mode_skips_the_fallback_when_the_bound_proves_the_candidates():
+    # Well separated neighbours: every row is settled by the bound, none recomputed.
+    g = torch.Generator().manual_seed(0)
+    n_models, n_classes = 33, 5
+    centres = torch.randn(4, n_classes, generator=g) * 4
+    train = centres.repeat_interleave(30, 0)[None] + torch.randn(n_models, 120, n_classes,
+                                                                 generator=g)
+    test = train[:, ::30] + 0.01 * torch.randn(n_models, 4, n_classes, generator=g)
+    stages = []
+    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=40,
+                          memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
+    assert "fallback" not in stages
+    assert got.indices[:, 0].tolist() == [0, 30, 60, 90]
+
+
+def test_bound_covers_the_worst_rounding_of_one_block():
+    # Every term rounds to its worst case: the bound still holds (and is not vacuous).
+    d = 512
+    a = torch.full((d,), 1.00389)  # rounds down by ~2**-8 relative
+    b = torch.full((d,), 1.00389)
+    exact = float(a.double() @ b.double())
+    approx = float((a.bfloat16() @ b.bfloat16()).float())
+    c = product_error_coefficient(width=d, n_blocks=1, unit=BFLOAT16_ROUNDOFF,
+                                  output_rounding=True)
+    norm = float(a.double().norm() * b.double().norm())
+    assert abs(approx - exact) <= c * norm
+    assert abs(approx - exact) > 0.2 * c * norm  # the rounding here is of the bound's order
+
+
+def test_error_coefficient_is_the_sum_of_its_parts():
+    u = BFLOAT16_ROUNDOFF
+    c = product_error_coefficient(width=1000, n_blocks=10, unit=u, output_rounding=True)
+    assert 3 * u < c < 3 * u + 4 * gamma(1000) + 1e-4
+    exact = product_error_coefficient(width=1000, n_blocks=10, unit=0.0, output_rounding=False)
+    assert gamma(1000) < exact < 1.01 * (gamma(1000) + gamma(10)) + 3 * 2.0**-24
+    assert RECOMPUTED_ROUNDOFF > BFLOAT16_ROUNDOFF
+
+
+def test_fast_mode_is_exact_against_an_adversarial_approximation(monkeypatch):
+    """Replace the bfloat16 pass by one that errs by nearly the whole bound.
+
+    Each query's true best neighbour is pushed down by the bound; the other references
+    keep their exact values, so the candidates show no error at all. Any rule judged from
+    the candidates' errors, or looser than the bound, returns a wrong neighbour here.
+    """
+    g = torch.Generator().manual_seed(5)
+    test = torch.randn(9, 6, 4, generator=g)
+    steps = torch.linspace(0.05, 0.3, 30)  # near-copies, each a little further away
+    near = test[:, :, None, :] + steps[None, None, :, None] * torch.randn(9, 6, 30, 4, generator=g)
+    train = torch.cat([near.reshape(9, 180, 4), torch.randn(9, 60, 4, generator=g)], dim=1)
+    truth = dense_kernel(test, train)
+    best = truth.argmax(dim=1)
+    original = engine_module._Engine.accumulate_tile
+
+    def adversarial(self, tile, *, rows, dtype, **kw):
+        block = original(self, tile, rows=rows, dtype=torch.float32, **kw)
+        if dtype == torch.float32:
+            return block
+        queries = torch.linalg.vector_norm(_features(self, self.queries, self.stats_q), dim=1)
+        if rows is not None:
+            queries = queries[rows]
+        reference = float(torch.linalg.vector_norm(
+            _features(self, self.references, self.stats_r), dim=1).max())
+        c = product_error_coefficient(width=self.plan.chunk_models * self.n_used,
+                                      n_blocks=math.ceil(self.n_models / self.plan.chunk_models),
+                                      unit=BFLOAT16_ROUNDOFF, output_rounding=True)
+        eps = 0.999 * c * queries * reference / (self.n_models * self.n_used)
+        hit = torch.arange(tile.start, tile.stop)[None, :] == best[:, None]
+        return block - hit * eps[:, None]
+
+    monkeypatch.setattr(engine_module._Engine, "accumulate_tile", adversarial)
+    stages = []
+    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=4,
+                          memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
+    assert torch.equal(got.indices[:, 0], best)
+    assert "fallback" in stages
+
+
+def _features(engine, source, stats):
+    everything = slice(0, source.n_examples)
+    return engine._features(source, stats, slice(0, engine.n_models), everything, torch.float32)
+
+
+@st.composite
+def near_tie_cases(draw):
+    """References around a query: exact {-1,0,1} patterns next to bfloat16-unfriendly ones."""
+    n_models = draw(st.sampled_from([9, 17, 33, 65]))
+    n_classes = draw(st.integers(2, 5))
+    p = sign_pattern(n_models, n_classes)
+    refs = []
+    for _ in range(draw(st.integers(3, 30))):
+        kind = draw(st.sampled_from(["moved", "blurred", "scaled", "copy"]))
+        if kind == "moved":
+            r = p
+            for _ in range(draw(st.integers(1, 3))):
+                r = move_zero(r, draw(st.integers(0, n_classes - 1)),
+                              draw(st.integers(0, n_models - 1)))
+        elif kind == "blurred":
+            r = blurred_copy(p)
+        elif kind == "scaled":  # the same features after standardisation: an exact tie
+            r = p * draw(st.sampled_from([1.0, 2.0, 0.5, 1.0035]))
+        else:
+            r = p.clone()
+        refs.append(r)
+    refs = torch.stack(refs, dim=1)
+    k = draw(st.integers(1, refs.shape[1]))
+    chunk = draw(st.sampled_from([1, 2, None]))
+    return p[:, None, :], refs, k, chunk
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_tie_cases(), st.integers(0, 2))
+def test_fast_equals_exact_on_near_ties(case, extra):
+    query, refs, k, chunk = case
+    n_candidates = min(k + extra, refs.shape[1])
+    got = top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
+                          n_candidates=n_candidates, chunk_models=chunk, memory_budget=64 * MiB)
+    kernel = dense_kernel(query, refs, log_softmax=False)
+    assert_same_neighbors(got.indices, got.values, kernel, k)

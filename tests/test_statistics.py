@@ -1,0 +1,134 @@
+"""The statistics pass holds for any finite input: outlier runs, extreme scales, saturation.
+
+The kernel depends on the logits only through per-(example, class) standardisation, so
+scaling every logit by s (without log-softmax) must leave it unchanged, and so must moving
+an outlier run from last to first. The float64 twin is the judge.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ensemble_kernel import compute_kernel, dense_kernel, top_k_neighbors
+from ensemble_kernel.errors import InputError, NonFiniteError
+
+from conftest import make_ensemble
+
+MiB = 1 << 20
+
+
+def kernel_error(test, train, **options) -> float:
+    got = compute_kernel(test, train, memory_budget=256 * MiB, **options).double()
+    twin = dense_kernel(test, train, log_softmax=options.get("log_softmax", True))
+    return float((got - twin).abs().max())
+
+
+@pytest.mark.parametrize("log_softmax", [True, False])
+@pytest.mark.parametrize("where", [0, -1])
+def test_an_outlier_run_first_or_last_gives_the_same_kernel(log_softmax, where):
+    # The old accumulator shifted by the first run: an outlier there cost 3e-5.
+    ens = make_ensemble(seed=2, n_models=300, n_train=60, n_test=20, n_classes=10)
+    train, test = ens.train.clone(), ens.test.clone()
+    train[where] *= 3000
+    test[where] *= 3000
+    assert kernel_error(test, train, log_softmax=log_softmax) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_the_kernel_does_not_depend_on_the_scale_of_the_logits(scale):
+    # 1e20: squared deviations overflow float32; 1e-30: they underflow. Both used to be
+    # taken for constant outputs, silently.
+    ens = make_ensemble(seed=4, n_models=7, n_train=50, n_test=20)
+    got = compute_kernel(ens.test * scale, ens.train * scale, log_softmax=False,
+                         memory_budget=64 * MiB).double()
+    want = dense_kernel(ens.test, ens.train, log_softmax=False)
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_constant_outputs_stay_exactly_constant():
+    ens = make_ensemble(seed=5, n_models=9, n_train=40, n_test=10)
+    train = ens.train.clone()
+    train[:, 3, :] = torch.tensor([0.1, 1 / 3, 7.0, -2.2, 1e-3])  # every run the same
+    with pytest.warns(RuntimeWarning, match="5 .example, class. outputs of the reference"):
+        got = compute_kernel(ens.test, train, log_softmax=False, memory_budget=64 * MiB)
+    assert bool((got[:, 3] == 0).all())
+
+
+def test_logits_at_float32s_limits_give_the_twins_kernel():
+    # x - max overflows float32 here: the block is computed in float64, not refused.
+    ens = make_ensemble(seed=6, n_models=5, n_train=30, n_test=10)
+    train = ens.train.clone()
+    train[2, 17, 1], train[2, 17, 3] = 3e38, -3e38
+    assert kernel_error(ens.test, train) < 1e-5
+
+
+@pytest.mark.parametrize("log_softmax", [True, False])
+def test_logits_beyond_float32_name_run_example_and_class(log_softmax):
+    ens = make_ensemble(seed=6, n_models=5, n_train=30, n_test=10)
+    train = ens.train.double()
+    train[2, 17, 3] = 1e300
+    # Without log-softmax the conversion overflows; with it, the float64 block's spread.
+    with pytest.raises(InputError, match=r"run \d.*example 17, class \d.*(does not fit|beyond) "
+                                         r"float32.*rescale the logits"):
+        top_k_neighbors(ens.test.double(), train, 3, log_softmax=log_softmax,
+                        memory_budget=64 * MiB)
+
+
+def test_a_spread_beyond_float32_is_an_input_error():
+    ens = make_ensemble(seed=6, n_models=5, n_train=30, n_test=10)
+    train = ens.train.clone()
+    train[0, 4, 2], train[1, 4, 2] = 3e38, -3e38
+    with pytest.raises(InputError, match=r"example 4, class 2 varies by .* beyond float32"):
+        top_k_neighbors(ens.test, train, 3, log_softmax=False, memory_budget=64 * MiB)
+
+
+def test_nan_is_still_named():
+    ens = make_ensemble(seed=6, n_models=5, n_train=30, n_test=10)
+    train = ens.train.clone()
+    train[3, 8, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"run 3.*example 8, class 0 is nan"):
+        top_k_neighbors(ens.test, train, 3, memory_budget=64 * MiB)
+
+
+@st.composite
+def hard_ensembles(draw):
+    """Logits with outlier runs, extreme scales, saturated softmax and constant entries."""
+    seed = draw(st.integers(0, 10_000))
+    n_models = draw(st.integers(3, 40))
+    n_classes = draw(st.integers(2, 6))
+    ens = make_ensemble(seed=seed, n_models=n_models, n_train=25, n_test=8,
+                        n_classes=n_classes)
+    train, test = ens.train.clone(), ens.test.clone()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(draw(st.integers(0, 3))):  # outlier runs, anywhere in the order
+        run = draw(st.integers(0, n_models - 1))
+        factor = draw(st.sampled_from([30.0, 3000.0, -500.0]))
+        train[run] *= factor
+        test[run] *= factor
+    if draw(st.booleans()):  # saturated softmax: one class far ahead (float32 holds a gap of 60)
+        gap = draw(st.sampled_from([20.0, 40.0, 60.0]))
+        train[:, :, 0] += gap
+        test[:, :, 0] += gap
+    if draw(st.booleans()):  # constant entries
+        train[:, 0, :] = torch.randn(n_classes, generator=g)
+        test[:, 1, -1] = 2.5
+    log_softmax = draw(st.booleans())
+    if not log_softmax:
+        scale = draw(st.sampled_from([1.0, 1e-25, 1e25]))
+        train, test = train * scale, test * scale
+    return test, train, log_softmax, draw(st.sampled_from([None, 1, 2, 7]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hard_ensembles())
+def test_kernel_matches_the_twin_on_hard_inputs(case):
+    test, train, log_softmax, chunk = case
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant entries are expected here
+        got = compute_kernel(test, train, log_softmax=log_softmax, chunk_models=chunk,
+                             memory_budget=64 * MiB).double()
+    twin = dense_kernel(test, train, log_softmax=log_softmax)
+    assert float((got - twin).abs().max()) < 2e-5
