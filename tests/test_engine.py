@@ -23,8 +23,11 @@ def test_fast_mode_with_few_candidates_falls_back_to_exact_rows():
     # With one candidate beyond k the approximate ranking often misses a neighbour;
     # the certificate must catch it and recompute those rows exactly.
     ens = make_ensemble(seed=3, n_models=12, n_train=400, n_test=60, noise=0.3)
+    stages = []
     got = top_k_neighbors(ens.test, ens.train, 10, precision="fast", n_candidates=11,
-                          tile_size=64, memory_budget=64 * MiB)
+                          tile_size=64, memory_budget=64 * MiB,
+                          progress=lambda p: stages.append(p.stage))
+    assert "fallback" in stages  # the recomputation this test is about did run
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 10)
 
 
