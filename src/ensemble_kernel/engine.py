@@ -427,7 +427,7 @@ def top_k_neighbors(
     classes : restrict the kernel to these classes (a per-class kernel); None: all.
     precision : 'exact' (float32 products) or 'fast' (bfloat16 products to find
         candidates, then an exact float32 re-score: the same neighbours as 'exact').
-    n_candidates : fast mode's candidates per query; default max(2k, k + 32).
+    n_candidates : fast mode's candidates per query; default max(2k, k + 128).
     memory_budget : bytes of working memory; default a quarter of what is available.
     device : 'cpu' or 'cuda'.
     chunk_models, tile_size : override the plan (tests and benchmarks).
@@ -463,10 +463,10 @@ def top_k_neighbors(
 
 
 def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:
-    """How many neighbours each tile keeps: k, or fast mode's candidates (max(2k, k + 32))."""
+    """How many neighbours each tile keeps: k, or fast mode's candidates (max(2k, k + 128))."""
     if precision == "exact":
         return k
-    return n_candidates or max(2 * k, k + 32)
+    return n_candidates or max(2 * k, k + 128)
 
 
 def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
