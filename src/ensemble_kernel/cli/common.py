@@ -208,8 +208,8 @@ PrecisionOpt = typer.Option("exact", "--precision", callback=_precision_value,
                             help="exact: float32 products. fast: bfloat16 products to find "
                                  "candidates, then an exact float32 re-score (same neighbours).")
 BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,
-                         help="Working memory for the engine, e.g. 2GB or 512MiB "
-                              "[default: a quarter of the available memory].")
+                         show_default="a quarter of the available memory",
+                         help="Working memory for the engine, e.g. 2GB or 512MiB.")
 DeviceOpt = typer.Option("cpu", "--device", callback=_device_value,
                          help="cpu, cuda or cuda:N.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")

@@ -20,8 +20,8 @@ from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, Sr
 def sweep_cmd(
     src: List[Path] = SrcArg,
     labels: Optional[Path] = LabelsOpt,
-    runs_list: Optional[str] = typer.Option(None, "--runs", help="Run counts, e.g. 1,2,4,8 "
-                                            "[default: powers of 2 up to all runs]."),
+    runs_list: Optional[str] = typer.Option(None, "--runs", help="Run counts, e.g. 1,2,4,8.",
+                                            show_default="powers of 2 up to all runs"),
     out: Path = typer.Option(Path("sweep-output"), "--out", help="Folder for sweep.png, "
                              "sweep.csv and sweep.json."),
     max_subsets: int = typer.Option(8, "--max-subsets", min=1,

@@ -165,9 +165,9 @@ def pairs_cmd(
 def duplicates_cmd(
     src: List[Path] = SrcArg,
     threshold: Optional[float] = typer.Option(None, "--threshold", callback=_finite,
-                                              help="Kernel value above "
-                                              "which a pair is a near-duplicate [default: "
-                                              "chosen from the distribution of top-1 values]."),
+                                              show_default="chosen from the distribution "
+                                              "of top-1 values", help="Kernel value above "
+                                              "which a pair is a near-duplicate."),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="At most this many pairs."),
     labels: Optional[Path] = LabelsOpt, out: Path = ViewsOutOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the pairs as JSON."),
