@@ -152,9 +152,3 @@ def test_parse_size():
     assert parse_size("1000") == 1000
     with pytest.raises(InputError):
         parse_size("-1GB")
-
-
-def test_every_command_has_help():
-    for command in ("evaluate", "neighbors", "predict"):
-        code, out, _ = run(command, "--help")
-        assert code == 0 and "--memory-budget" in out

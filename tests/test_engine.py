@@ -2,8 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ensemble_kernel import dense_kernel, plan_memory, top_k_neighbors
-from ensemble_kernel.errors import BudgetError, InputError
+from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel.errors import InputError
 
 from conftest import assert_same_neighbors, make_ensemble
 
@@ -78,19 +78,6 @@ def test_k_must_fit_the_references():
         top_k_neighbors(ens.train, None, 20, exclude_self=True)
     with pytest.raises(InputError, match="precision must be 'exact' or 'fast'"):
         top_k_neighbors(ens.test, ens.train, 3, precision="bf16")
-
-
-def test_plan_fits_the_budget_and_uses_one_tile_when_the_kernel_fits():
-    big = plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=8 << 30)
-    assert big.n_tiles == 1
-    small = plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 30)
-    assert small.n_tiles > 1
-    acc = 10_000 * small.tile_size * 4
-    block = (10_000 + small.tile_size) * 10 * (4 + 4) * small.chunk_models  # raw + features
-    cache = 10_000 * 500 * 10 * 4 if small.cache_queries else 0
-    assert acc + block + cache <= 1 << 30
-    with pytest.raises(BudgetError, match="too small for 10000 queries.*raise --memory-budget"):
-        plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 20)
 
 
 def test_progress_reports_every_stage():

@@ -4,6 +4,7 @@ Uses Debian's Chromium through Playwright (no browser download). Skips, saying w
 where either is missing; `.ci/run` installs both.
 """
 
+import re
 import shutil
 
 import numpy as np
@@ -37,6 +38,7 @@ def _report(tmp_path, with_inputs=True):
 def test_report_is_self_contained_and_escapes_data(tmp_path):
     out = _report(tmp_path)
     html = out.read_text()
+    assert NO_INPUTS_NOTE not in html  # the note only where there are no inputs
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "a&lt;b" in html and "http://" not in html and "https://" not in html
     assert html.count("data:image/png;base64,") >= 5  # sweep, pairs, threshold, failures, compare
@@ -46,9 +48,26 @@ def test_report_is_self_contained_and_escapes_data(tmp_path):
         assert (files / name).is_file(), name
 
 
+NO_INPUTS_NOTE = "This source has no inputs, so the views above are tables only"
+
+
 def test_report_without_inputs_says_so(tmp_path):
-    html = _report(tmp_path, with_inputs=False).read_text()
-    assert "no inputs" in html and "pairs.png" not in html
+    """Without inputs: the note, no image grid (embedded or as a file), but every table."""
+    out = _report(tmp_path, with_inputs=False)
+    html = out.read_text()
+    assert NO_INPUTS_NOTE in html
+    # Only the two figures that need no inputs: the sweep and the threshold histogram.
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)"', html)
+    assert sorted(alts) == ["accuracy against the number of runs",
+                            "distribution of top-1 kernel values"]
+    files = out.with_name("report_files")
+    assert {p.name for p in files.glob("*.png")} == {"duplicates_threshold.png", "sweep.png"}
+    # The views are still there as tables, one row per pair / failure / comparison.
+    for name, rows in (("pairs", 12), ("failures", None), ("compare", 10)):
+        lines = (files / f"{name}.csv").read_text().splitlines()
+        assert len(lines) > 1 and (rows is None or len(lines) == rows + 1), name
+    first_pair = (files / "pairs.csv").read_text().splitlines()[1].split(",")
+    assert re.search(rf"<td[^>]*>{first_pair[1]}</td>\s*<td[^>]*>{first_pair[2]}</td>", html)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "

@@ -95,11 +95,17 @@ def test_reingest_skips_by_content_and_allow_duplicates_adds(tmp_path):
     assert RunStore(tmp_path / "st").n_models == 6
 
 
+def store_bytes(path):
+    """Every file of a store, by relative path, with its bytes: all that a reader can see."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file()}
+
+
 def test_bad_sources_leave_the_store_unchanged(tmp_path):
     ens = make_ensemble(n_models=2)
     save_pt(tmp_path / "good.pt", ens.train, ens.test)
     run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "-q")
-    before = (tmp_path / "st" / "logits" / "zarr.json").read_bytes()
+    before = store_bytes(tmp_path / "st")
     save_pt(tmp_path / "classes.pt", ens.train[..., :4], ens.test[..., :4])
     save_pt(tmp_path / "examples.pt", ens.train[:, :100], ens.test[:, :100])
     cases = [
@@ -109,15 +115,17 @@ def test_bad_sources_leave_the_store_unchanged(tmp_path):
     for src, match in cases:
         code, _, err = run("ingest", src, "--store", tmp_path / "st")
         assert code == 2 and __import__("re").search(match, err), err
-        assert (tmp_path / "st" / "logits" / "zarr.json").read_bytes() == before
+        assert store_bytes(tmp_path / "st") == before
     np.savez(tmp_path / "other.npz", labels_train=(ens.labels_train + 1) % 5,
              labels_test=ens.labels_test)
     run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "--labels",
         save_labels(tmp_path / "l.npz", ens), "--allow-duplicates", "-q")
+    before = store_bytes(tmp_path / "st")
     code, _, err = run("ingest", tmp_path / "good.pt", "--store", tmp_path / "st", "--labels",
                        tmp_path / "other.npz")
     assert code == 2 and "labels_train given differs from the labels_train already in the store" in err
     assert RunStore(tmp_path / "st").n_models == 4
+    assert store_bytes(tmp_path / "st") == before
 
 
 def test_not_a_store_other_version_and_damaged_chunks(tmp_path):

@@ -110,8 +110,13 @@ def plan_memory(
         + piece_bytes  # normalising one piece of rows
         + (4 << 20)  # allocator slack, small tensors
     )
+    forced_tile = None if tile_size is None else max(1, min(tile_size, n_references))
+    t0 = forced_tile or 1
+    smallest = t0 * acc_per_column + n_queries * per_query + t0 * per_reference  # one run
     cache_bytes = n_queries * n_models * n_used_classes * feature
-    fits_cache = cache_bytes <= 0.3 * (budget - fixed)
+    # The cache is worth it only where it leaves room for the smallest plan.
+    fits_cache = (cache_bytes <= 0.3 * (budget - fixed)
+                  and budget - fixed - cache_bytes >= smallest)
     cache_queries = fits_cache if cache_queries is None else (cache_queries and fits_cache)
     avail = budget - fixed - (cache_bytes if cache_queries else 0)
     want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
@@ -119,8 +124,8 @@ def plan_memory(
     def fits(t: int, models: int) -> bool:
         return t * acc_per_column + (n_queries * per_query + t * per_reference) * models <= avail
 
-    if tile_size is not None:
-        tile = max(1, min(tile_size, n_references))
+    if forced_tile is not None:
+        tile = forced_tile
     else:
         while want_models > 1 and not fits(1, want_models):
             want_models //= 2
@@ -128,7 +133,7 @@ def plan_memory(
         tile = int(max(1, min(n_references, spare // (acc_per_column + per_reference * want_models))))
         tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
     if not fits(tile, 1):
-        need = budget - avail + tile * acc_per_column + n_queries * per_query + tile * per_reference
+        need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest))
         raise BudgetError(
             f"a memory budget of {format_bytes(budget)} is too small for {n_queries} queries "
             f"and {n_classes_text(n_used_classes)}; at least {format_bytes(need)} is needed: "
@@ -156,6 +161,27 @@ def plan_memory(
         piece_bytes=piece_bytes,
         budget=budget,
     )
+
+
+def _smallest_budget(rest: int) -> int:
+    """The smallest budget B that leaves `rest` bytes beside the scratch piece of B
+    (`piece_bytes = min(_PIECE_BYTES, B // 8)`), i.e. B - min(_PIECE_BYTES, B // 8) >= rest."""
+    if rest + _PIECE_BYTES >= 8 * _PIECE_BYTES:
+        return rest + _PIECE_BYTES
+    b = rest + rest // 7
+    while b - min(_PIECE_BYTES, b // 8) < rest:
+        b += 1
+    return b
+
+
+def _round_up_for_display(n: int) -> int:
+    """`n` rounded up to what `format_bytes` shows (one decimal), so the number a message
+    suggests is never below the one needed."""
+    scale = 1
+    while n >= 1024 * scale and scale < 1024**4:
+        scale *= 1024
+    step = scale / 10 if scale > 1 else 1
+    return int(math.ceil(math.ceil(n / step) * step))
 
 
 def n_classes_text(n: int) -> str:

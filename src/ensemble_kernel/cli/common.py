@@ -1,22 +1,27 @@
 """What every command shares: the app, options, error handling, progress, opening SRC.
 
-A user error (an `EnsembleKernelError`, a bad option) prints one line on stderr and exits
-with status 2; no traceback.
+A user error (an `EnsembleKernelError`, a typo'd option, a bad option value, a missing
+argument) prints one line on stderr and exits with status 2; no traceback, no terminal
+escape codes (control characters in the text, e.g. from a file name, are escaped).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
@@ -26,7 +31,89 @@ from ..formats import RunSet, check_labels, open_runs, read_labels
 from ..sources import parse_runs, select_runs
 from ..store import RunStore, is_store
 
+try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_errors
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: whitespace runs become one space, other control
+    characters (ESC of an ANSI sequence, say) are shown escaped, never sent raw."""
+    text = " ".join(str(text).split())
+    return "".join(ch if unicodedata.category(ch) != "Cc" else ascii(ch)[1:-1] for ch in text)
+
+
+def say(line: str) -> None:
+    """Write one line on stderr as plain text (no markup, no colour, no wrapping)."""
+    sys.stderr.write(one_line(line) + "\n")
+    sys.stderr.flush()
+
+
+class OptionError(typer.BadParameter):
+    """A bad option value whose message already names the option and the value."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _given_value(argv: List[str], param) -> Optional[str]:
+    """The text the user gave for option `param` on the command line, if found."""
+    for opt in getattr(param, "opts", ()) or ():
+        for i, arg in enumerate(argv):
+            if arg == opt and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
+
+
+def _usage_line(e, argv: List[str]) -> str:
+    """One line for a click usage error: what was wrong and where to read the usage."""
+    message = e.format_message()
+    param = getattr(e, "param", None)
+    if isinstance(e, _click_errors.BadParameter) and not isinstance(e, OptionError):
+        value = _given_value(argv, param) if param is not None else None
+        if value is not None and repr(value) not in message:
+            message = message.replace(": ", f" (got {value!r}): ", 1)
+    ctx = getattr(e, "ctx", None)
+    where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+    return f"error: {message.rstrip('.')}{where}"
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's command group: a usage error (typo'd option, bad value, missing argument)
+    prints one line on stderr and exits with status 2, instead of a framed rich panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.NoArgsIsHelpError as e:  # no command: show the help
+            if not standalone_mode:
+                raise
+            help_text = e.format_message()  # (rich help is printed when the error is made)
+            if help_text.strip():
+                typer.echo(help_text)
+            sys.exit(2)
+        except _click_errors.ClickException as e:
+            if not standalone_mode:
+                raise
+            say(_usage_line(e, argv))
+            sys.exit(2)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            say("aborted")
+            sys.exit(1)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -63,18 +150,73 @@ LabelsOpt = typer.Option(None, "--labels", help="An .npz with arrays labels_trai
 RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for a slice.")
 NoLogSoftmaxOpt = typer.Option(False, "--no-log-softmax",
                                help="Standardise raw logits instead of log-softmax outputs.")
-PrecisionOpt = typer.Option("exact", "--precision",
+PRECISIONS = ("exact", "fast")
+
+
+def _precision_value(value: str) -> str:
+    if value not in PRECISIONS:
+        raise OptionError(f"--precision takes {' or '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def _budget_value(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        try:
+            parse_size(value)
+        except InputError as e:
+            raise OptionError(str(e)) from e
+    return value
+
+
+def check_device(value: str) -> str:
+    """`value` if it names a device this machine has (cpu, cuda, cuda:N); else InputError."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"--device takes cpu, cuda or cuda:N, got {value!r}") from e
+    if device.type == "cpu":
+        return value
+    if device.type != "cuda":
+        raise InputError(f"--device takes cpu, cuda or cuda:N, got {value!r}")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {value}: no CUDA device is available here (this torch "
+                         f"{torch.__version__} sees none); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return value
+
+
+def _device_value(value: str) -> str:
+    try:
+        return check_device(value)
+    except InputError as e:
+        raise OptionError(str(e)) from e
+
+
+def choice(option: str, values: tuple) -> Callable[[str], str]:
+    """A callback that refuses, at parse time, a value of `option` outside `values`."""
+    def check(value: str) -> str:
+        if value not in values:
+            raise OptionError(f"{option} takes {', '.join(values[:-1])} or {values[-1]}, "
+                              f"got {value!r}")
+        return value
+    return check
+
+
+PrecisionOpt = typer.Option("exact", "--precision", callback=_precision_value,
                             help="exact: float32 products. fast: bfloat16 products to find "
                                  "candidates, then an exact float32 re-score (same neighbours).")
-BudgetOpt = typer.Option(None, "--memory-budget",
-                         help="Working memory for the engine, e.g. 2GB or 512MiB "
-                              "[default: a quarter of the available memory].")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu or cuda.")
+BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,
+                         show_default="a quarter of the available memory",
+                         help="Working memory for the engine, e.g. 2GB or 512MiB.")
+DeviceOpt = typer.Option("cpu", "--device", callback=_device_value,
+                         help="cpu, cuda or cuda:N.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
 def _fail(message: str) -> None:
-    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    say(f"error: {message}")
     raise typer.Exit(2)
 
 
@@ -82,7 +224,7 @@ def _fail(message: str) -> None:
 def _user_errors() -> Iterator[None]:
     """Turn user errors into one line and exit 2; show warnings as one line each."""
     def show(message, category, filename, lineno, file=None, line=None):
-        err.print(f"warning: {message}", markup=False, soft_wrap=True)
+        say(f"warning: {message}")
 
     previous = warnings.showwarning
     warnings.showwarning = show
@@ -155,8 +297,48 @@ def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in ("exact", "fast"):
-        raise InputError(f"--precision takes exact or fast, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision takes {' or '.join(PRECISIONS)}, got {precision!r}")
+
+
+def check_k(option: str, k: int, n_references: int, default: int | None = None) -> None:
+    """A k the command will use must not exceed the training examples (the references).
+
+    The message names the option the user gave (or did not give: its default) and the fix.
+    """
+    if 1 <= k <= n_references:
+        return
+    given = f"its default {k}" if k == default else str(k)
+    raise InputError(f"{option} must be between 1 and {n_references} (the number of training "
+                     f"examples), got {given}: pass {option} {max(1, n_references)} or less")
+
+
+def parse_run_counts(text: Optional[str], n_models: int) -> Optional[List[int]]:
+    """sweep's --runs '1,2,4,8' -> [1, 2, 4, 8], each between 1 and the runs available."""
+    if not text:
+        return None
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError as e:
+        raise InputError(f"--runs takes run counts such as 1,2,4,8, got {text!r}") from e
+    bad = [c for c in counts if not 1 <= c <= n_models]
+    if bad:
+        raise InputError(f"--runs {text}: each run count must be between 1 and {n_models} (the "
+                         f"runs in SRC), got {bad[0]}")
+    return counts
+
+
+# The sweep's weighted vote uses this many neighbours (the authors' k); so does the report's.
+SWEEP_WEIGHTED_K = 20
+
+
+def check_sweep_size(command: str, n_references: int) -> None:
+    """sweep and report vote with k = 20: the training split must have 20 examples."""
+    if n_references < SWEEP_WEIGHTED_K:
+        raise InputError(f"{command} needs at least {SWEEP_WEIGHTED_K} training examples (its "
+                         f"weighted vote uses the {SWEEP_WEIGHTED_K} nearest), but the train "
+                         f"split of SRC has {n_references}: add training examples, or use "
+                         f"evaluate --weighted-k {max(1, n_references)}")
 
 
 def _meta(options: dict, runset: RunSet, runs: slice, started: float) -> dict:

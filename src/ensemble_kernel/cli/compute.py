@@ -21,7 +21,7 @@ from ..formats import RunSet
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
-                     _user_errors, app, err, format_card, parse_size)
+                     _user_errors, app, check_k, err, format_card, parse_size)
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -30,9 +30,11 @@ from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, Precision
 def evaluate_cmd(
     src: List[Path] = SrcArg,
     labels: Optional[Path] = LabelsOpt,
-    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote (the card: 3)."),
-    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
-    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    k: int = typer.Option(3, "--k", min=1,
+                          help="Neighbours in the majority vote (the card: 3)."),
+    weighted_k: int = typer.Option(20, "--weighted-k", min=1,
+                                   help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", min=1, help="Weight of a neighbour: K ** power."),
     runs: Optional[str] = RunsOpt,
     no_log_softmax: bool = NoLogSoftmaxOpt,
     precision: str = PrecisionOpt,
@@ -65,6 +67,8 @@ def evaluate_cmd(
                     k = selection.k
                 else:
                     weighted_k, power = selection.k, selection.power
+            check_k("--k", k, runset.train.n_examples, default=3)
+            check_k("--weighted-k", weighted_k, runset.train.n_examples, default=20)
             result = evaluate(runset.train, runset.test, runset.labels_train, runset.labels_test,
                               k=k, weighted_k=weighted_k, power=power, progress=report, **common)
     options = {"k": k, "weighted_k": weighted_k, "power": power, "log_softmax": not no_log_softmax,
@@ -98,7 +102,7 @@ def evaluate_cmd(
 def neighbors_cmd(
     src: List[Path] = SrcArg,
     out: Path = typer.Option(..., "--out", help="Where to write the .npz (indices, values, meta)."),
-    k: int = typer.Option(20, "--k", help="Neighbours per test example."),
+    k: int = typer.Option(20, "--k", min=1, help="Neighbours per test example."),
     labels: Optional[Path] = LabelsOpt,
     runs: Optional[str] = RunsOpt,
     no_log_softmax: bool = NoLogSoftmaxOpt,
@@ -124,6 +128,7 @@ def neighbors_cmd(
             raise InputError(f"--out must name an .npz file, got {out}")
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
+        check_k("--k", k, runset.train.n_examples, default=20)
         options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
                    "memory_budget": budget, "device": device}
         group = _distributed_group(device)
@@ -151,11 +156,12 @@ def neighbors_cmd(
 def predict_cmd(
     src: List[Path] = SrcArg,
     out: Path = typer.Option(..., "--out", help="Where to write: .csv or .npz, by suffix."),
-    k: int = typer.Option(3, "--k", help="Neighbours in the majority vote."),
+    k: int = typer.Option(3, "--k", min=1, help="Neighbours in the majority vote."),
     weighted: bool = typer.Option(False, "--weighted", help="Weighted vote instead: each "
                                   "neighbour counts K ** power."),
-    weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
-    power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
+    weighted_k: int = typer.Option(20, "--weighted-k", min=1,
+                                   help="Neighbours in the weighted vote."),
+    power: int = typer.Option(4, "--power", min=1, help="Weight of a neighbour: K ** power."),
     labels: Optional[Path] = LabelsOpt,
     runs: Optional[str] = RunsOpt,
     no_log_softmax: bool = NoLogSoftmaxOpt,
@@ -181,6 +187,8 @@ def predict_cmd(
                              "--labels FILE.npz with labels_train (labels_test may be empty)")
         n_classes = runset.n_classes
         k_used = weighted_k if weighted else k
+        check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
+                default=20 if weighted else 3)
         with _progress_bar(quiet) as report:
             found = top_k_neighbors(runset.test, runset.train, k_used,
                                     log_softmax=not no_log_softmax, precision=precision,

@@ -9,21 +9,23 @@ from typing import List, Optional
 
 import typer
 
+from ..demo.data import DATASETS
 from ..errors import InputError
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
-                     _check_precision, _open, _stage_bar, _user_errors, app, err, format_card,
-                     parse_size)
+                     _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
+                     choice, err, format_card, parse_run_counts, parse_size)
 
 
 @app.command("sweep")
 def sweep_cmd(
     src: List[Path] = SrcArg,
     labels: Optional[Path] = LabelsOpt,
-    runs_list: Optional[str] = typer.Option(None, "--runs", help="Run counts, e.g. 1,2,4,8 "
-                                            "[default: powers of 2 up to all runs]."),
+    runs_list: Optional[str] = typer.Option(None, "--runs", help="Run counts, e.g. 1,2,4,8.",
+                                            show_default="powers of 2 up to all runs"),
     out: Path = typer.Option(Path("sweep-output"), "--out", help="Folder for sweep.png, "
                              "sweep.csv and sweep.json."),
-    max_subsets: int = typer.Option(8, "--max-subsets", help="Disjoint subsets per run count."),
+    max_subsets: int = typer.Option(8, "--max-subsets", min=1,
+                                    help="Disjoint subsets per run count."),
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
@@ -45,10 +47,8 @@ def sweep_cmd(
         runset, _ = _open(src, labels, None)
         if runset.labels_train is None or runset.labels_test is None:
             raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
-        try:
-            counts = [int(c) for c in runs_list.split(",")] if runs_list else None
-        except ValueError as e:
-            raise InputError(f"--runs takes run counts such as 1,2,4,8, got {runs_list!r}") from e
+        counts = parse_run_counts(runs_list, runset.n_models)
+        check_sweep_size("sweep", runset.train.n_examples)
         result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
                        runs=counts, max_subsets=max_subsets, precision=precision,
                        memory_budget=budget, device=device)
@@ -86,12 +86,13 @@ def format_sweep(result) -> str:
 
 @app.command("demo")
 def demo_cmd(
-    dataset: str = typer.Option("mnist1d", "--dataset", help="mnist1d (generated locally) or "
+    dataset: str = typer.Option("mnist1d", "--dataset", callback=choice("--dataset", DATASETS),
+                                help="mnist1d (generated locally) or "
                                 "digits (scikit-learn's 8x8 images)."),
-    models: int = typer.Option(192, "--models", help="Networks in the ensemble."),
+    models: int = typer.Option(192, "--models", min=2, help="Networks in the ensemble."),
     out: Path = typer.Option(Path("demo-output"), "--out", help="Output folder."),
-    seed: int = typer.Option(0, "--seed", help="Seeds every network's initialisation and "
-                             "data order."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seeds every network's "
+                             "initialisation and data order."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead."),
     quiet: bool = QuietOpt,
 ) -> None:

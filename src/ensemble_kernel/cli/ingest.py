@@ -12,7 +12,7 @@ from ..engine import Progress
 from ..errors import InputError
 from ..formats import find_run_files, read_labels, read_run_file
 from ..store import RunStore, is_store
-from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, err
+from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
 
 @app.command("ingest")
@@ -27,7 +27,9 @@ def ingest_cmd(
                                             "features_train and features_test, (n, D)."),
     class_names: Optional[str] = typer.Option(None, "--class-names",
                                               help="Comma-separated names, one per class."),
-    dtype: str = typer.Option("float16", "--dtype", help="How logits are kept: float16 or "
+    dtype: str = typer.Option("float16", "--dtype",
+                              callback=choice("--dtype", ("float16", "float32")),
+                              help="How logits are kept: float16 or "
                               "float32 (bfloat16 sources are widened to float32 first)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates",
                                           help="Add files whose content is already stored."),

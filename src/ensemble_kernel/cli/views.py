@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,8 +13,9 @@ from ..engine import top_k_neighbors
 from ..errors import InputError
 from ..formats import RunSet
 from ..store import RunStore, is_store
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
-                     _check_precision, _open, _progress_bar, _user_errors, app, err, parse_size)
+from .common import (BudgetOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt, QuietOpt,
+                     SrcArg, _check_precision, _open, _progress_bar, _user_errors, app,
+                     check_k, check_sweep_size, err, parse_size, say)
 
 
 # ---- the views ------------------------------------------------------------------------
@@ -23,6 +25,22 @@ InputsOpt = typer.Option(None, "--inputs", help="An .npz with inputs_train and i
 FeaturesOpt = typer.Option(None, "--features", help="An .npz with features_train and "
                            "features_test (n, D), when SRC is run files.")
 ViewsOutOpt = typer.Option(Path("views"), "--out", help="Folder for the PNG and CSV files.")
+DEFAULT_RANKS = "0:48"
+
+
+def _ranks(text: str, n_test: int) -> slice:
+    """--ranks as a slice; the default 0:48 shrinks to the test examples there are."""
+    from ..explain import parse_ranks
+
+    if text == DEFAULT_RANKS:
+        return slice(0, min(48, n_test))
+    return parse_ranks(text, n_test)
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise OptionError(f"--threshold takes a finite kernel value, got {value}")
+    return value
 
 
 def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
@@ -39,6 +57,9 @@ def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
                    class_names=store.class_names)
     for name, path in (("inputs", inputs), ("features", features)):
         if path is not None:
+            if path.suffix.lower() != ".npz":
+                raise InputError(f"{path}: --{name} takes an .npz file with {name}_train and "
+                                 f"{name}_test, got a {path.suffix or 'suffix-less'} file")
             arrays = load_npz(path)
             for split in ("train", "test"):
                 if f"{name}_{split}" not in arrays:
@@ -48,7 +69,7 @@ def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
     return out
 
 
-def _view_inputs(runset: RunSet, extras: dict, draws: bool = True):
+def _view_inputs(runset: RunSet, extras: dict):
     from ..report.grids import InputRenderer
 
     for split, n in (("train", runset.train.n_examples), ("test", runset.test.n_examples)):
@@ -57,25 +78,30 @@ def _view_inputs(runset: RunSet, extras: dict, draws: bool = True):
             if arr is not None and arr.shape[0] != n:
                 raise InputError(f"{kind}_{split} has {arr.shape[0]} rows but the {split} split "
                                  f"has {n} examples")
-    renderer = InputRenderer(extras["inputs_train"], extras["inputs_test"])
-    if draws and not renderer.has_inputs:
-        err.print("note: no inputs for this source: tables only (a store keeps them with "
-                  "ingest --inputs; for run files pass --inputs FILE.npz)", markup=False,
-                  soft_wrap=True)
-    return renderer
+    return InputRenderer(extras["inputs_train"], extras["inputs_test"])
+
+
+def _note_no_inputs(renderer) -> None:
+    """After a view that draws inputs was written without any: say why it holds tables only."""
+    if not renderer.has_inputs:
+        say("note: no inputs for this source: tables only (a store keeps them with "
+            "ingest --inputs; for run files pass --inputs FILE.npz)")
 
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
-           draws=True, kinds=("inputs", "features")):
+           kinds=("inputs", "features"), check=None):
     """Open SRC, compute test -> train neighbours once, gather what the views draw.
 
-    Only the `kinds` of extra arrays a view uses are read from a store.
+    Only the `kinds` of extra arrays a view uses are read from a store. `check(runset)`
+    validates the options against SRC before any work.
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
     runset, _ = _open(src, labels, None)
+    if check is not None:
+        check(runset)
     extras = _extras(src, inputs, features, kinds)
-    renderer = _view_inputs(runset, extras, draws)
+    renderer = _view_inputs(runset, extras)
     with _progress_bar(quiet) as report:
         found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
                                 precision=precision, memory_budget=budget, device=device,
@@ -85,7 +111,7 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
                 quiet, out: Path, *, k: int, draws: bool = True, needs_labels: bool = False,
-                needs_features: bool = False, **options):
+                needs_features: bool = False, check=None, **options):
     """Open SRC, build the one view `name` and write its files; return (views, paths).
 
     `options` go to `build_views`; the other views are switched off (one pair rank, no
@@ -95,8 +121,8 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
 
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
     runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                             precision, device, quiet, k=k, draws=draws,
-                                             kinds=kinds)
+                                             precision, device, quiet, k=k, kinds=kinds,
+                                             check=check)
     if needs_labels and (runset.labels_train is None or runset.labels_test is None):
         raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
     if needs_features and extras["features_train"] is None:
@@ -110,24 +136,27 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
                         renderer=renderer, class_names=extras["class_names"],
                         n_models=runset.n_models, **(features if needs_features else {}),
                         **options)
-    return views, write_views(views, out, names=(name,))
+    written = write_views(views, out, names=(name,))
+    if draws:
+        _note_no_inputs(renderer)
+    return views, written
 
 
 @app.command("pairs")
 def pairs_cmd(
-    src: List[Path] = SrcArg, ranks: str = typer.Option("0:48", "--ranks", help="Which ranks: "
+    src: List[Path] = SrcArg,
+    ranks: str = typer.Option(DEFAULT_RANKS, "--ranks", help="Which ranks: "
     "0-based, half-open, like a Python slice (the card's 601st to 648th is 600:648)."),
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
 ) -> None:
     """Test examples ranked by the kernel value of their best training match: grid and CSV."""
-    from ..explain import parse_ranks
-
     with _user_errors():
         _, written = _write_view("pairs", src, labels, inputs, None, memory_budget, precision,
                                  device, quiet, out, k=1,
-                                 ranks=lambda n_test: parse_ranks(ranks, n_test))
+                                 check=lambda r: _ranks(ranks, r.test.n_examples),
+                                 ranks=lambda n_test: _ranks(ranks, n_test))
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 
@@ -135,10 +164,11 @@ def pairs_cmd(
 @app.command("duplicates")
 def duplicates_cmd(
     src: List[Path] = SrcArg,
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Kernel value above "
-                                              "which a pair is a near-duplicate [default: "
-                                              "chosen from the distribution of top-1 values]."),
-    top: Optional[int] = typer.Option(None, "--top", help="At most this many pairs."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", callback=_finite,
+                                              show_default="chosen from the distribution "
+                                              "of top-1 values", help="Kernel value above "
+                                              "which a pair is a near-duplicate."),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="At most this many pairs."),
     labels: Optional[Path] = LabelsOpt, out: Path = ViewsOutOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the pairs as JSON."),
     precision: str = PrecisionOpt, memory_budget: Optional[str] = BudgetOpt,
@@ -165,8 +195,9 @@ def duplicates_cmd(
 @app.command("failures")
 def failures_cmd(
     src: List[Path] = SrcArg,
-    top: int = typer.Option(8, "--top", help="How many failing test examples."),
-    n_neighbors: int = typer.Option(9, "--neighbors", help="Training neighbours shown per row."),
+    top: int = typer.Option(8, "--top", min=1, help="How many failing test examples."),
+    n_neighbors: int = typer.Option(9, "--neighbors", min=1,
+                                    help="Training neighbours shown per row."),
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
@@ -175,6 +206,8 @@ def failures_cmd(
     with _user_errors():
         views, written = _write_view("failures", src, labels, inputs, None, memory_budget,
                                      precision, device, quiet, out, k=n_neighbors,
+                                     check=lambda r: check_k("--neighbors", n_neighbors,
+                                                             r.train.n_examples, default=9),
                                      needs_labels=True, top_failures=top,
                                      n_failure_neighbors=n_neighbors)
     if not quiet:
@@ -184,8 +217,9 @@ def failures_cmd(
 @app.command("compare")
 def compare_cmd(
     src: List[Path] = SrcArg, features: Optional[Path] = FeaturesOpt,
-    examples: int = typer.Option(10, "--examples", help="Random test examples shown."),
-    seed: int = typer.Option(0, "--seed", help="Which random test examples."),
+    examples: int = typer.Option(10, "--examples", min=1, help="Random test examples shown."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1,
+                             help="Which random test examples."),
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
@@ -204,7 +238,7 @@ def report_cmd(
     src: List[Path] = SrcArg,
     out: Path = typer.Option(..., "--out", help="The .html file to write; figures and tables "
                              "also go to OUT_files/ beside it."),
-    ranks: str = typer.Option("0:48", "--ranks", help="Ranks of the similar pairs shown."),
+    ranks: str = typer.Option(DEFAULT_RANKS, "--ranks", help="Ranks of the similar pairs shown."),
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
@@ -213,20 +247,24 @@ def report_cmd(
 
     Opens in any browser with no server and no network (images are embedded).
     """
-    from ..explain import parse_ranks
     from ..report.build import build_report
+
+    def check(runset):
+        if runset.labels_train is None or runset.labels_test is None:
+            raise InputError("report needs train and test labels: pass --labels FILE.npz")
+        check_sweep_size("report", runset.train.n_examples)
+        _ranks(ranks, runset.test.n_examples)
 
     with _user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
         runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                                 precision, device, quiet)
-        if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("report needs train and test labels: pass --labels FILE.npz")
+                                                 precision, device, quiet, check=check)
         build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                      found=found, out=out, source=str(src[0]), renderer=renderer,
                      class_names=extras["class_names"], features_train=extras["features_train"],
                      features_test=extras["features_test"],
-                     ranks=parse_ranks(ranks, runset.test.n_examples), precision=precision)
+                     ranks=_ranks(ranks, runset.test.n_examples), precision=precision)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
+    _note_no_inputs(renderer)

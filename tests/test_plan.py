@@ -1,0 +1,130 @@
+"""What the memory plan promises (DESIGN §2), as properties over any sizes and budgets.
+
+Not the planner's own arithmetic: what the engine must hold at once for the sizes the plan
+chose, that its tiles cover the references, that more memory never makes a feasible
+problem infeasible, one tile when everything fits at once, and that a budget too small
+says so with a number that is enough.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from ensemble_kernel.errors import BudgetError
+from ensemble_kernel.plan import plan_memory
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+problems = st.fixed_dictionaries({
+    "n_queries": st.integers(1, 20_000),
+    "n_references": st.integers(1, 60_000),
+    "n_models": st.integers(2, 600),
+    "n_used_classes": st.integers(1, 100),
+    "k_keep": st.integers(1, 64),
+    "precision": st.sampled_from(["exact", "fast"]),
+    "raw_bytes": st.sampled_from([2, 4]),  # float16 or float32 sources
+})
+budgets = st.integers(1 << 16, 1 << 35)
+
+
+def plan(p: dict, budget: int, **kw):
+    q, r, m, c = p["n_queries"], p["n_references"], p["n_models"], p["n_used_classes"]
+    return plan_memory(q, r, m, c, k_keep=p["k_keep"], budget=budget,
+                       precision=p["precision"], raw_bytes=p["raw_bytes"], **kw)
+
+
+def must_hold(p: dict, chosen) -> int:
+    """Bytes the engine cannot do without at once, for the sizes the plan chose: one tile's
+    float32 kernel block, one block of runs of raw logits and normalised features for the
+    queries and the tile, per-example statistics, the running top-k (int64 index + float32
+    value), and the cached query features if the plan keeps them."""
+    feature = 2 if p["precision"] == "fast" else 4
+    q, r, c = p["n_queries"], p["n_references"], p["n_used_classes"]
+    return (q * chosen.tile_size * 4
+            + (q + chosen.tile_size) * chosen.chunk_models * c * (p["raw_bytes"] + feature)
+            + (q + r) * c * 8
+            + q * p["k_keep"] * 12
+            + (q * p["n_models"] * c * feature if chosen.cache_queries else 0))
+
+
+CIFAR = {"n_queries": 10_000, "n_references": 50_000, "n_models": 600, "n_used_classes": 10,
+         "k_keep": 20, "precision": "exact", "raw_bytes": 2}
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems, budgets)
+@example(CIFAR, 1 << 30)  # the query cache on, and most of the budget spent
+@example({**CIFAR, "precision": "fast"}, 1 << 30)
+def test_a_plan_fits_its_budget_and_covers_the_references(p, budget):
+    try:
+        chosen = plan(p, budget)
+    except BudgetError:
+        return
+    assert chosen.budget == budget
+    assert must_hold(p, chosen) <= budget
+    # Tiles cut the reference axis into n_tiles pieces that cover it, none empty.
+    assert 1 <= chosen.tile_size <= p["n_references"]
+    assert chosen.n_tiles == math.ceil(p["n_references"] / chosen.tile_size)
+    assert (chosen.n_tiles - 1) * chosen.tile_size < p["n_references"]
+    assert 1 <= chosen.chunk_models <= p["n_models"]
+    assert 1 <= chosen.rescore_chunk_models <= p["n_models"]
+    assert 1 <= chosen.example_block <= p["n_queries"] + p["n_references"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems, budgets, st.floats(1.0, 16.0))
+def test_more_memory_never_makes_a_problem_infeasible(p, budget, factor):
+    try:
+        plan(p, budget)
+    except BudgetError:
+        return
+    bigger = plan(p, int(budget * factor))
+    assert must_hold(p, bigger) <= int(budget * factor)
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems, st.integers(1024, 20_000))
+def test_one_tile_when_everything_fits_at_once(p, n_queries):
+    """DESIGN §2: as few tiles as the budget allows; one when the whole kernel fits. Here
+    the budget holds the kernel and every run's features of both splits twice over.
+
+    (From 1,024 queries: the plan counts 4 KiB of bookkeeping per reference column, which
+    outweighs the kernel itself for a handful of queries.)
+    """
+    p = {**p, "n_queries": n_queries}
+    feature = 2 if p["precision"] == "fast" else 4
+    q, r, m, c = p["n_queries"], p["n_references"], p["n_models"], p["n_used_classes"]
+    everything = (q * r * 8 + (q + r) * m * c * (p["raw_bytes"] + 2 * feature)
+                  + (q + r) * c * 8 + q * p["k_keep"] * 96)
+    assert plan(p, 2 * everything + (80 << 20)).n_tiles == 1
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems, st.integers(1 << 10, 1 << 28), st.one_of(st.none(), st.integers(1, 5000)))
+def test_a_budget_too_small_says_how_much_is_enough(p, budget, tile_size):
+    try:
+        plan(p, budget, tile_size=tile_size)
+    except BudgetError as e:
+        message = str(e)
+    else:
+        return
+    assert f"too small for {p['n_queries']} queries" in message
+    assert "raise --memory-budget" in message
+    shown = re.search(r"at least ([0-9.]+) (B|KiB|MiB|GiB|TiB) is needed", message)
+    assert shown, message
+    enough = int(float(shown.group(1)) * UNITS[shown.group(2)])  # as --memory-budget reads it
+    assert enough > budget
+    plan(p, enough, tile_size=tile_size)  # the number suggested is enough ...
+    with pytest.raises(BudgetError):  # ... and not far above what is needed
+        plan(p, int(0.9 * enough), tile_size=tile_size)
+
+
+def test_the_budget_error_for_the_cifar_sizes():
+    with pytest.raises(BudgetError, match=r"a memory budget of 1\.0 MiB is too small for 10000 "
+                       r"queries and 10 classes; at least [0-9.]+ MiB is needed: raise "
+                       r"--memory-budget"):
+        plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 20)
