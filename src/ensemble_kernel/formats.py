@@ -31,8 +31,8 @@ import torch
 from .errors import InputError, RunFileError
 from .sources import ArraySource, LogitSource, sequence_of
 
-__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels", "load_npz",
-           "check_labels", "check_extra", "extra_dims", "read_extras"]
+__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels",
+           "load_npz", "check_labels", "check_extra", "extra_dims", "read_extras"]
 
 _TEST_KEYS = ("logits", "logits_test")
 _LABEL_KEYS = {"train": ("labels_train",), "test": ("labels_test", "labels")}
