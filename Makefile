@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-store clean
+.PHONY: test demo bench bench-store bench-ingest clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench: $(STAMP)
 
 bench-store: $(STAMP)
 	$(BIN)/python benchmarks/store_bench.py
+
+# FILES=2000 for a quick look; the default is 20,000 one-run files.
+bench-ingest: $(STAMP)
+	$(BIN)/python benchmarks/ingest_bench.py --files $(or $(FILES),20000)
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/_data

@@ -17,7 +17,7 @@ from conftest import assert_same_neighbors, make_ensemble, save_pt
 def test_two_gloo_processes_match_one(tmp_path, precision):
     ens = make_ensemble(n_models=6, n_train=1500, n_test=120)
     src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
-    args = ["neighbors", str(src), "--k", "5", "--memory-budget", "6MiB",
+    args = ["neighbors", str(src), "--k", "5", "--memory-budget", "8MiB",
             "--precision", precision, "-q"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "ensemble_kernel", *args,

@@ -70,11 +70,12 @@ def blurred_copy(pattern: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def adversarial_case(n_models: int = 513, n_classes: int = 4, n_fillers: int = 48):
+def adversarial_case(n_models: int = 513, n_classes: int = 4, n_fillers: int = 200):
     """One query; references: leader, fillers, and the blurred copy (the true best), last.
 
     Without log-softmax the features are the logits themselves. The leader loses 1 (of
-    n_models - 1) in one class, every filler 2; all are exact in bfloat16, as are their
+    n_models - 1) in one class, every filler 2 (more fillers than fast mode keeps
+    candidates); all are exact in bfloat16, as are their
     products, when each block of runs holds few classes.
     """
     p = sign_pattern(n_models, n_classes)

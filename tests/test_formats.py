@@ -122,3 +122,55 @@ def test_labels_are_checked(tmp_path):
     np.savez(tmp_path / "nolabels.npz", other=np.zeros(3))
     with pytest.raises(InputError, match="missing labels_train, labels_test"):
         open_runs([tmp_path / "a.pt"], labels=tmp_path / "nolabels.npz")
+
+
+def test_pt_with_numpy_arrays_and_scalars_in_other_keys_loads(tmp_path):
+    ens = make_ensemble(n_models=2)
+    path = save_pt(tmp_path / "np.pt", ens.train, ens.test, accuracy=np.float64(0.93),
+                   epoch=np.int64(17), history=np.array([0.5, 0.7, 0.93]),
+                   mask=np.array([True, False]), labels_test=ens.labels_test.numpy())
+    run = read_run_file(path)
+    assert torch.equal(run.train, ens.train) and torch.equal(run.labels_test, ens.labels_test)
+
+
+class Shell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pt_with_a_malicious_pickle_beside_numpy_is_refused_in_one_line(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"logits": torch.zeros(2, 3), "logits_train": torch.zeros(2, 3),
+                "history": np.array([1.0]), "payload": Shell(marker)}, path)
+    with pytest.raises(RunFileError) as raised:
+        read_run_file(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: refusing to load, it would need to run code to "
+                              "unpickle posix.system")
+    assert "\n" not in message and "\x1b" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind,shape,match", [
+    ("features", (6, 2, 2), r"features must be \(n, D\), got shape \(6, 2, 2\)"),
+    ("inputs", (6,), r"rank 1"),
+    ("inputs", (6, 3, 3, 4), "drop the alpha channel"),
+    ("inputs", (5, 8), "5 rows but the split has 6 examples"),
+])
+def test_extra_arrays_are_checked_when_read(tmp_path, kind, shape, match):
+    from ensemble_kernel.formats import read_extras
+
+    np.savez(tmp_path / "x.npz", **{f"{kind}_train": np.zeros(shape),
+                                   f"{kind}_test": np.zeros((2, *shape[1:]))})
+    with pytest.raises(InputError, match=rf"x.npz '{kind}_train': .*{match}"):
+        read_extras(tmp_path / "x.npz", kind, {"train": 6, "test": 2})
+    nan = np.zeros((6, 4))
+    nan[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", **{f"{kind}_train": nan, f"{kind}_test": np.zeros((2, 4))})
+    with pytest.raises(InputError, match=f"{kind} of example 3 are not finite"):
+        read_extras(tmp_path / "nan.npz", kind, {"train": 6, "test": 2})

@@ -143,7 +143,7 @@ def test_not_a_store_other_version_and_damaged_chunks(tmp_path):
     import shutil
     shutil.copytree(tmp_path / "st", tmp_path / "st2", dirs_exist_ok=True)
     (tmp_path / "st2" / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="store format version 99, but this ensemble-kernel reads version 1"):
+    with pytest.raises(StoreError, match="store format version 99, but this ensemble-kernel reads versions 1, 2"):
         RunStore(tmp_path / "st2")
     os.remove(tmp_path / "st" / "logits" / "c" / "1" / "0" / "0")
     code, _, err = run("neighbors", tmp_path / "st", "--out", tmp_path / "n.npz", "-q")
@@ -223,29 +223,35 @@ def test_neighbors_resumes_after_sigkill_and_writes_the_same_result(tmp_path):
 
 
 def test_golden_on_disk_metadata(tmp_path):
-    # Pins format version 1. If this changes, the format changed: bump FORMAT_VERSION.
+    # Pins format version 2. If this changes, the format changed: bump FORMAT_VERSION.
     store = RunStore.create(tmp_path / "st", n_train=5, n_test=3, n_classes=4,
                             class_names=["a", "b", "c", "d"])
     root = json.loads((tmp_path / "st" / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
     assert root["attributes"]["ensemble_kernel"] == {
-        "format_version": 1, "n_classes": 4, "class_names": ["a", "b", "c", "d"],
+        "format_version": 2, "n_classes": 4, "class_names": ["a", "b", "c", "d"],
         "splits": {"train": [0, 5], "test": [5, 8]}, "logits_dtype": "float16"}
     logits = json.loads((tmp_path / "st" / "logits" / "zarr.json").read_text())
     assert {k: logits[k] for k in ("shape", "data_type", "dimension_names", "attributes",
                                    "fill_value")} == {
         "shape": [0, 8, 4], "data_type": "float16",
         "dimension_names": ["run", "example", "class"],
-        "attributes": {"splits": {"train": [0, 5], "test": [5, 8]}, "format_version": 1},
+        "attributes": {"splits": {"train": [0, 5], "test": [5, 8]}, "format_version": 2,
+                       "arrays": []},
         "fill_value": 0.0}
     assert logits["chunk_grid"]["configuration"]["chunk_shape"] == [1, 8, 4]
     assert [c["name"] for c in logits["codecs"]] == ["bytes"]  # uncompressed
+    assert (tmp_path / "st" / "logits" / ".lock").is_file()
     store.append_arrays(torch.zeros(2, 5, 4), torch.zeros(2, 3, 4), source="golden",
-                        seeds=[7, 8])
-    record = zarr.open_group(tmp_path / "st", mode="r")["records/000000000"].attrs["record"]
+                        seeds=[7, 8], arrays={"labels_test": np.array([0, 1, 3])})
+    group = zarr.open_group(tmp_path / "st", mode="r")
+    record = group["records/000000000"].attrs["record"]
     assert set(record) == {"source", "sha256", "runs", "stored_dtype", "source_dtype",
                            "code_sha256", "seeds"}
     assert record["runs"] == [0, 2] and record["seeds"] == [7, 8]
+    assert dict(group[f"index/{record['sha256']}"].attrs) == {"runs": [0, 2]}
+    assert group["logits"].attrs["arrays"] == ["labels_test"] and group["logits"].shape[0] == 2
+    assert tuple(group["labels_test"].metadata.dimension_names) == ("test_example",)
 
 
 def test_a_truncated_chunk_is_an_error_naming_it(tmp_path):

@@ -10,19 +10,33 @@ from typing import BinaryIO, Callable
 __all__ = ["atomic_write", "atomic_write_text"]
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(f)` on a temporary file in `path`'s folder, then rename it to `path`."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *,
+                 durable: bool = False) -> None:
+    """Call `write(f)` on a temporary file in `path`'s folder, then rename it to `path`.
+
+    durable: fsync the file before the rename and the folder after it, so that after a
+    power loss `path` holds either its old content or the whole new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), durable=durable)

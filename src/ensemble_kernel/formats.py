@@ -16,8 +16,10 @@ Layouts (DESIGN §3):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ import torch
 from .errors import InputError, RunFileError
 from .sources import ArraySource, LogitSource, sequence_of
 
-__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels", "load_npz",
-           "check_labels"]
+__all__ = ["RunFile", "RunSet", "read_run_file", "find_run_files", "open_runs", "read_labels",
+           "load_npz", "check_labels", "check_extra", "extra_dims", "read_extras"]
 
 _TEST_KEYS = ("logits", "logits_test")
 _LABEL_KEYS = {"train": ("labels_train",), "test": ("labels_test", "labels")}
@@ -110,28 +112,65 @@ def _as_labels(value, where: str) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
+def _numpy_globals() -> list:
+    """What unpickling plain NumPy arrays and scalars needs, and nothing that runs code.
+
+    `_reconstruct` and `scalar` only build arrays and scalars from bytes; the dtype classes
+    are the numeric, boolean and text ones (no object or structured dtypes, which could
+    hold other objects). Names are given for NumPy 1 (`numpy.core`) and 2 (`numpy._core`).
+    """
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    out: list = [np.ndarray, np.dtype]
+    for name in ("_reconstruct", "scalar"):
+        fn = getattr(multiarray, name)
+        out += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+    dtypes = getattr(np, "dtypes", None)  # NumPy >= 1.25
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")
+                and n not in ("ObjectDType", "VoidDType")]
+    return out
+
+
+def _torch_load(path: Path, mmap: bool):
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    context = safe_globals(_numpy_globals()) if safe_globals else contextlib.nullcontext()
+    with context:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first meaningful line, without terminal escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _load_pt(path: Path) -> dict:
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = _torch_load(path, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e).lower():
                 raise
             # Legacy (pre-zip) format: cannot be memory-mapped; or a damaged zip.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, mmap=False)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+        blocked = re.search(r"(?:GLOBAL|but got <class) '?([\w.]+)", str(e))
+        if blocked is None and "GLOBAL" not in str(e):
             raise RunFileError(f"{path}: not a readable PyTorch file (truncated or damaged?): "
-                               f"{str(e).splitlines()[0]}") from e
+                               f"{_first_line(e)}") from e
+        what = blocked.group(1) if blocked else "an object that is not plain data"
         raise RunFileError(
-            f"{path}: refusing to load, it would need to run code to unpickle "
-            f"(only plain tensors, dicts, lists, numbers and strings are allowed): "
-            f"{str(e).splitlines()[0]}"
+            f"{path}: refusing to load, it would need to run code to unpickle {what} "
+            "(only tensors, NumPy arrays, dicts, lists, numbers and strings are allowed); "
+            "re-save the file with plain tensors"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise RunFileError(
-            f"{path}: not a readable PyTorch file (truncated or damaged?): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{path}: not a readable PyTorch file (truncated or damaged?): {_first_line(e)}"
         ) from e
     if not isinstance(obj, dict):
         raise RunFileError(
@@ -273,3 +312,58 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def extra_dims(kind: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names of an extra array (inputs or features), checked by `check_extra`."""
+    if kind == "features":
+        return ("example", "feature")
+    return {2: ("example", "position"), 3: ("example", "height", "width"),
+            4: ("example", "height", "width", "channel")}[ndim]
+
+
+def check_extra(kind: str, values: np.ndarray, n_examples: int | None, where: str) -> np.ndarray:
+    """Raise InputError unless `values` are valid `kind` ("inputs" or "features") for a split.
+
+    inputs: (n, L) signals, (n, H, W) grayscale or (n, H, W, C) images with C in {1, 3};
+    features: (n, D). Numeric, finite, one row per example (unless `n_examples` is None).
+    `where` names the array (file and key) in the message.
+    """
+    values = np.asarray(values)
+    shape = tuple(values.shape)
+    if kind == "inputs":
+        if values.ndim not in (2, 3, 4):
+            raise InputError(f"{where}: inputs must be (n, L) signals, (n, H, W) grayscale or "
+                             f"(n, H, W, C) colour images, got shape {shape} (rank "
+                             f"{values.ndim}); reshape them to one of these")
+        if values.ndim == 4 and shape[3] not in (1, 3):
+            hint = ("drop the alpha channel with x[..., :3]" if shape[3] == 4 else
+                    "convert them to grayscale (n, H, W) or RGB (n, H, W, 3)")
+            raise InputError(f"{where}: colour images must have 1 or 3 channels (last axis), "
+                             f"got shape {shape} with {shape[3]}; {hint}")
+    elif values.ndim != 2:
+        raise InputError(f"{where}: features must be (n, D), got shape {shape}")
+    if values.dtype.kind not in "biuf":
+        raise InputError(f"{where}: {kind} must be numbers, got dtype {values.dtype}")
+    if n_examples is not None and shape[0] != n_examples:
+        raise InputError(f"{where}: {shape[0]} rows but the split has {n_examples} examples")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        index = np.argwhere(~np.isfinite(values))[0]
+        raise InputError(f"{where}: {kind} of example {index[0]} are not finite "
+                         f"({values[tuple(index)]}); replace NaN and Inf before ingesting")
+    return values
+
+
+def read_extras(path: str | Path, kind: str, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """`kind`_train and `kind`_test from an `.npz`, checked against the splits' `sizes`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {kind} file")
+    arrays = load_npz(path)
+    out = {}
+    for split, n in sizes.items():
+        key = f"{kind}_{split}"
+        if key not in arrays:
+            raise InputError(f"{path}: missing {key}; keys found: {sorted(arrays)}")
+        out[key] = check_extra(kind, arrays[key], n, f"{path} '{key}'")
+    return out

@@ -1,25 +1,34 @@
-"""The chunked on-disk store: create, append (crash-safe), read (DESIGN §3).
+"""The chunked on-disk store: create, append (crash-safe, one writer at a time), read (DESIGN §3).
 
-Layout (format version 1), a zarr v3 group:
+Layout (format version 2), a zarr v3 group:
 
     STORE/zarr.json            root group; attributes["ensemble_kernel"] marks a store
     STORE/logits/              (n_runs, n_train + n_test, n_classes), dims (run, example, class);
-                               train examples first, then test; one run per chunk
-    STORE/labels_train/ ...    optional (n,) int64 arrays: labels_*, and inputs_*, features_*
+                               train examples first, then test; one run per chunk.
+                               attributes: splits, format_version, and "arrays": the
+                               optional arrays committed so far
+    STORE/logits/.lock         the writers' lock (flock); zarr never lists inside an array
+    STORE/logits/.staging/     optional arrays being written, before their rename into place
+    STORE/labels_train/ ...    optional arrays: labels_*, inputs_*, features_*
     STORE/records/000000012/   one zarr group per committed source file, named by its first
-                               run; its attributes["record"] holds source, sha256, runs, seeds
-    STORE/code/<sha256>/       training-code strings, once per distinct content, in
-                               attributes["code"]
+                               run; attributes["record"]: source, sha256, runs, seeds, ...
+    STORE/index/<sha256>/      the first committed record of each content hash: {"runs"}
+    STORE/code/<sha256>/       training-code strings, once per distinct content
 
-Records and code are zarr groups (a zarr.json each) so that the whole directory is a
-valid zarr hierarchy: zarr, xarray and Dask list it without complaint and can read them.
+**One writer at a time.** Every write (append, optional array) holds an exclusive flock
+on `logits/.lock` from before it reads the committed state to after its commit. Readers
+never lock.
 
-**The commit point** is the growing write of `logits/zarr.json` (zarr's local store
-writes it to a temporary file and renames it): its shape publishes the new run count.
-Chunks, records and code of an append are written before it; anything beyond the
-published count is ignored by readers and overwritten by the next append. Other tools
-(zarr, xarray, Dask) read the array's shape, so they also see only whole runs.
-Because every chunk holds exactly one run, an append never rewrites a committed chunk.
+**The commit point** is one atomic, durable write of `logits/zarr.json` (temporary file,
+fsync, rename, fsync of the folder): its shape publishes the run count and its "arrays"
+attribute the optional arrays. Everything an append writes comes before it and is
+fsynced first: chunks of the new runs, optional arrays (written under `.staging/`, then
+renamed into place), code, record and index entry. Readers ignore runs beyond the
+published count, records that start there, index entries that do not match a committed
+record, and optional arrays not listed. The next append overwrites such leftovers.
+
+Version 1 stores (no index, no "arrays" list: every optional array present counts) are
+read as they are; the first append upgrades them to version 2 in place.
 """
 
 from __future__ import annotations
@@ -27,10 +36,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,21 +51,42 @@ import zarr
 
 from .atomic import atomic_write_text
 from .errors import InputError, StoreError
-from .formats import check_labels, file_hash, read_run_file
+from .formats import check_extra, file_hash, read_run_file
+from .store_checks import StoreSpec, array_dims, check_array, check_runs
+from .store_io import chunks_exist, fsync_dir, fsync_files, fsync_tree, grown_writer, writer_lock
 
-__all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "is_store", "IngestReport"]
+__all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "StoreSpec", "is_store", "IngestReport",
+           "check_runs", "check_array"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READS = (1, 2)  # format versions this code reads
 _MARK = "ensemble_kernel"
 _EXAMPLE_CHUNK = 16384  # examples per chunk: 16384 x 10 classes x 2 bytes = 320 KiB
 _WRITE_BLOCK = 32  # runs converted and written at a time
 _TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_WRITE_DELAY", "0"))  # seconds
 
+# Fault injection (tests): called with a step's name after each write step of an append.
+fault_hook: Callable[[str], None] | None = None
+
+
+def _wrote(step: str) -> None:
+    if fault_hook is not None:
+        fault_hook(step)
+
+
+def _is_url(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path
+
 
 def is_store(path: str | Path) -> bool:
-    """Whether `path` is a directory whose root metadata marks an ensemble-kernel store."""
+    """Whether `path` (a folder, or an fsspec URL) holds an ensemble-kernel store."""
+    if _is_url(path):
+        try:
+            return _MARK in zarr.open_group(str(path), mode="r").attrs
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            return False
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
         return False
@@ -92,57 +126,110 @@ class StoreSource:
 
 
 class RunStore:
-    """An ensemble-kernel store on local disk.
+    """An ensemble-kernel store: a local folder, or (read-only) an fsspec URL.
 
-    Open an existing one with `RunStore(path)`, make one with `RunStore.create(...)`.
-    `n_models` is the committed run count when it was opened (or last appended to).
+    Open an existing one with `RunStore(path)`, make one with `RunStore.create(...)` or
+    `RunStore.open_or_create(...)`. `n_models` is the committed run count when it was
+    opened (or last written to).
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
+        self._local = not _is_url(path)
+        self.path = Path(path) if self._local else str(path)
+        if self._local and not self.path.exists():
             raise StoreError(f"{self.path}: no such store (create one with ingest)")
         if not is_store(self.path):
             raise StoreError(f"{self.path}: not an ensemble-kernel store (no store metadata "
                              "in its zarr.json); pass run files or a store made by ingest")
-        self._group = zarr.open_group(self.path, mode="r+" if os.access(self.path, os.W_OK)
-                                      else "r")
+        self._open()
+
+    def _open(self) -> None:
+        writable = self._local and os.access(self.path, os.W_OK)
+        self._group = zarr.open_group(self.path if self._local else str(self.path),
+                                      mode="r+" if writable else "r")
         attrs = dict(self._group.attrs)[_MARK]
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in _READS:
             raise StoreError(f"{self.path}: store format version {version}, but this "
-                             f"ensemble-kernel reads version {FORMAT_VERSION}; re-ingest the "
-                             "run files with this version")
+                             f"ensemble-kernel reads versions {', '.join(map(str, _READS))}; "
+                             "re-ingest the run files with this version, or upgrade "
+                             "ensemble-kernel")
         self.attrs = attrs
         self._logits = self._group["logits"]
+        self._committed_meta = None  # logits/zarr.json as last read under the lock
+        listed = self._logits.attrs.get("arrays")
+        self._arrays = (set(listed) if listed is not None else
+                        {k for k in self._group.array_keys() if k != "logits"})
+        (a, b), (c, d) = attrs["splits"]["train"], attrs["splits"]["test"]
+        self.spec = StoreSpec(b - a, d - c, self._logits.shape[2], self.dtype,
+                              tuple(attrs["class_names"]) if attrs.get("class_names") else None)
 
     # ---- creation ----------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | Path, *, n_train: int, n_test: int, n_classes: int,
-               dtype: str = "float16", class_names: Sequence[str] | None = None) -> "RunStore":
+               dtype: str = "float16", class_names: Sequence[str] | None = None,
+               arrays: dict[str, object] | None = None) -> "RunStore":
+        """A new, empty store, with optional arrays (e.g. labels_train): all or nothing.
+
+        Built in a temporary folder beside `path` and renamed into place, so a failed or
+        killed create leaves no store behind. If another process creates a store at
+        `path` first, raises StoreError (see `open_or_create`).
+        """
+        spec = StoreSpec(n_train, n_test, n_classes, dtype,
+                         tuple(class_names) if class_names else None)
+        arrays = {name: check_array(spec, name, v, "given") for name, v in (arrays or {}).items()}
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an empty directory or a store")
-        if dtype not in ("float16", "float32"):
-            raise InputError(f"the store keeps logits as float16 or float32, got {dtype}")
-        if class_names is not None and len(class_names) != n_classes:
-            raise InputError(f"{len(class_names)} class names given for {n_classes} classes")
-        splits = {"train": [0, n_train], "test": [n_train, n_train + n_test]}
-        group = zarr.open_group(path, mode="w")
-        group.create_array(
-            "logits", shape=(0, n_train + n_test, n_classes), dtype=dtype,
-            chunks=(1, min(_EXAMPLE_CHUNK, n_train + n_test), n_classes),
-            dimension_names=("run", "example", "class"), compressors=None, fill_value=0,
-            attributes={"splits": splits, "format_version": FORMAT_VERSION},
-        )
-        for folder in ("records", "code"):
-            _write_group(path / folder, {})
-        # The root mark comes last: a half-made directory is not a store.
-        group.attrs[_MARK] = {"format_version": FORMAT_VERSION, "n_classes": n_classes,
-                              "class_names": list(class_names) if class_names else None,
-                              "splits": splits, "logits_dtype": dtype}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
+        try:
+            _build(tmp, spec, arrays)
+            try:
+                os.rename(tmp, path)
+            except OSError as e:
+                raise StoreError(f"{path}: was created by another process meanwhile") from e
+            fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return cls(path)
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, spec: StoreSpec,
+                       arrays: dict[str, object] | None = None) -> "RunStore":
+        """The store at `path`, created to `spec` if absent; refuse one that does not fit."""
+        if not is_store(path):
+            try:
+                return cls.create(path, n_train=spec.n_train, n_test=spec.n_test,
+                                  n_classes=spec.n_classes, dtype=spec.dtype,
+                                  class_names=spec.class_names, arrays=arrays)
+            except StoreError:
+                if not is_store(path):  # not a lost race: a real error
+                    raise
+        store = cls(path)
+        store._check_fits(spec)
+        store.set_arrays(arrays or {})
+        return store
+
+    def check_options(self, *, dtype: str | None = None,
+                      class_names: Sequence[str] | None = None) -> None:
+        """Refuse creation options that contradict this store (they apply when creating)."""
+        if dtype is not None and dtype != self.dtype:
+            raise InputError(f"{self.path} keeps logits as {self.dtype}, not {dtype}: --dtype "
+                             "applies when a store is created; ingest into a new store")
+        if class_names is not None and tuple(class_names) != self.spec.class_names:
+            have = ",".join(self.spec.class_names) if self.spec.class_names else "none"
+            raise InputError(f"{self.path} has class names {have}, not "
+                             f"{','.join(class_names)}; drop --class-names or use a new store")
+
+    def _check_fits(self, spec: StoreSpec) -> None:
+        if (spec.n_train, spec.n_test, spec.n_classes) != (self.spec.n_train, self.spec.n_test,
+                                                           self.spec.n_classes):
+            raise InputError(f"{self.path} holds {self.spec.n_train} train and "
+                             f"{self.spec.n_test} test examples of {self.spec.n_classes} classes,"
+                             f" not {spec.n_train}, {spec.n_test} and {spec.n_classes}")
+        self.check_options(dtype=spec.dtype, class_names=spec.class_names)
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -171,15 +258,19 @@ class RunStore:
     def source(self, split: str) -> StoreSource:
         return StoreSource(self, split)
 
+    def _chunks_of(self, models: slice, examples: slice) -> list[tuple[int, int, int]]:
+        chunk_e = self._logits.chunks[1]
+        return [(m, c, 0) for m in range(models.start, models.stop)
+                for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1)]
+
     def read_logits(self, models: slice, examples: slice) -> np.ndarray:
         """Committed logits, checking that every chunk read is present and whole."""
-        chunk_e = self._logits.chunks[1]
-        for m in range(models.start, models.stop):
-            for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1):
-                key = self.path / "logits" / "c" / str(m) / str(c) / "0"
-                if not key.is_file():
-                    raise StoreError(f"{self.path}: chunk logits/c/{m}/{c}/0 (run {m}) is "
-                                     "missing; the store is damaged: re-ingest that run's file")
+        coords = self._chunks_of(models, examples)
+        for (m, c, z), present in zip(coords, chunks_exist(self._logits, coords)):
+            if not present:
+                key = self._logits.metadata.encode_chunk_key((m, c, z))
+                raise StoreError(f"{self.path}: chunk logits/{key} (run {m}) is missing; the "
+                                 "store is damaged: re-ingest that run's file")
         try:
             return self._logits[models, examples]
         except (ValueError, OSError) as e:
@@ -190,43 +281,62 @@ class RunStore:
     def _find_bad_chunk(self, models: slice, examples: slice) -> str:
         """Name the first chunk of a failed read that does not decode."""
         chunk_e = self._logits.chunks[1]
-        for m in range(models.start, models.stop):
-            for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1):
-                try:
-                    self._logits[m, c * chunk_e:min((c + 1) * chunk_e, self._logits.shape[1])]
-                except (ValueError, OSError):
-                    return f"chunk logits/c/{m}/{c}/0 (run {m})"
+        for m, c, z in self._chunks_of(models, examples):
+            try:
+                self._logits[m, c * chunk_e:min((c + 1) * chunk_e, self._logits.shape[1])]
+            except (ValueError, OSError):
+                key = self._logits.metadata.encode_chunk_key((m, c, z))
+                return f"chunk logits/{key} (run {m})"
         return f"a chunk of runs {models.start}..{models.stop - 1}"
 
     def optional(self, name: str) -> np.ndarray | None:
-        """An optional array (labels_train, inputs_test, ...), or None."""
-        return self._group[name][...] if name in self._group else None
+        """A committed optional array (labels_train, inputs_test, ...), or None."""
+        if name not in self._arrays:
+            return None
+        values = self._group[name][...]
+        kind, _, split = name.rpartition("_")
+        if kind in ("inputs", "features"):  # stores of version 1 were not checked
+            check_extra(kind, values, self.spec.size(split), f"{self.path} '{name}'")
+        return values
 
     def shapes(self) -> dict[str, list[int]]:
-        """Shape of every array: logits (committed runs) and the optional ones present."""
+        """Shape of every array: logits (committed runs) and the committed optional ones."""
         out = {"logits": [self.n_models, *self._logits.shape[1:]]}
-        for name in sorted(self._group.array_keys()):
-            if name != "logits":
-                out[name] = list(self._group[name].shape)
+        for name in sorted(self._arrays):
+            out[name] = list(self._group[name].shape)
         return out
 
     def labels(self, split: str) -> torch.Tensor | None:
         labels = self.optional(f"labels_{split}")
         return None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
+    def _doc(self, key: str) -> dict | None:
+        """The attributes of the group at `key`, or None (local: one file read)."""
+        if self._local:
+            meta = self.path / key / "zarr.json"
+            try:
+                return json.loads(meta.read_text())["attributes"]
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        try:
+            return dict(self._group[key].attrs)
+        except KeyError:
+            return None
+
     def records(self) -> list[dict]:
         """Run records of committed source files, in run order."""
-        out = []
-        for meta in sorted((self.path / "records").glob("*/zarr.json")):
-            record = json.loads(meta.read_text())["attributes"]["record"]
-            if record["runs"][1] <= self.n_models:
-                out.append(record)
-        return out
+        if self._local:
+            docs = (json.loads(m.read_text())["attributes"]
+                    for m in (self.path / "records").glob("*/zarr.json"))
+        else:
+            docs = (dict(g.attrs) for _, g in self._group["records"].groups())
+        out = [d["record"] for d in docs if d["record"]["runs"][1] <= self.n_models]
+        return sorted(out, key=lambda r: r["runs"][0])
 
     def code(self, sha256: str) -> str | None:
         """The training code stored under its content hash, or None."""
-        meta = self.path / "code" / sha256 / "zarr.json"
-        return json.loads(meta.read_text())["attributes"]["code"] if meta.is_file() else None
+        doc = self._doc(f"code/{sha256}")
+        return None if doc is None else doc["code"]
 
     def run_source(self, model: int) -> str:
         for record in self.records():
@@ -234,79 +344,104 @@ class RunStore:
                 return f"{record['source']}, run {model - record['runs'][0]} in it"
         return "source unknown"
 
-    # ---- appending ---------------------------------------------------------------------
+    def committed_runs(self, sha256: str) -> tuple[int, int] | None:
+        """The runs of the first committed file with this content hash, or None. O(1)."""
+        if self.attrs.get("format_version") == 1:  # no index yet
+            found = next((r for r in self.records() if r["sha256"] == sha256), None)
+            return None if found is None else tuple(found["runs"])
+        return self._indexed_runs(sha256)
 
-    def _check_arrays(self, train: torch.Tensor, test: torch.Tensor, source: str) -> None:
-        n_train = self.split_range("train")[1] - self.split_range("train")[0]
-        n_test = self.split_range("test")[1] - self.split_range("test")[0]
-        for split, logits, want in (("train", train, n_train), ("test", test, n_test)):
-            if logits.ndim != 3 or not logits.is_floating_point():
-                raise InputError(f"{source}: {split} logits must be floating point of shape "
-                                 f"(n_runs, n_examples, n_classes), got {logits.dtype} "
-                                 f"{tuple(logits.shape)}")
-            if logits.shape[2] != self.n_classes:
-                raise InputError(f"{source}: {split} logits have {logits.shape[2]} classes "
-                                 f"but the store {self.path} has {self.n_classes}")
-            if logits.shape[1] != want:
-                raise InputError(f"{source}: {logits.shape[1]} {split} examples but the "
-                                 f"store {self.path} has {want}")
-        if train.shape[0] != test.shape[0]:
-            raise InputError(f"{source}: {train.shape[0]} runs of train logits but "
-                             f"{test.shape[0]} of test logits")
-        for split, logits in (("train", train), ("test", test)):
-            bad = ~torch.isfinite(logits)
-            if bool(bad.any()):
-                m, e, c = (int(i) for i in bad.nonzero()[0])
-                raise InputError(f"{source}: {split} logits of run {m}, example {e}, class {c} "
-                                 "are not finite; nothing was written")
-
-    def set_array(self, name: str, values: np.ndarray | torch.Tensor, dims: Sequence[str]) -> None:
-        """Write an optional array (labels, inputs, features); refuse to contradict one stored.
-
-        A split's arrays (NAME_train, NAME_test) name their first axis `train_example` or
-        `test_example`: the splits differ in length, and xarray needs one length per
-        dimension name (the logits' `example` axis spans both splits).
-        """
-        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-        split = name.rsplit("_", 1)[-1]
-        if split in ("train", "test") and dims and dims[0] == "example":
-            dims = (f"{split}_example", *dims[1:])
-        if name in self._group:
-            stored = self._group[name][...]
-            if stored.shape != values.shape or not np.array_equal(stored, values):
-                raise InputError(f"{name} given differs from the {name} already in the store "
-                                 f"{self.path}; the store keeps one set per split")
-            return
-        array = self._group.create_array(name, shape=values.shape, dtype=values.dtype,
-                                         dimension_names=tuple(dims))
-        array[...] = values
-
-    def set_labels(self, split: str, labels: torch.Tensor | None) -> None:
-        if labels is None:
-            return
-        start, stop = self.split_range(split)
-        check_labels(labels, stop - start, self.n_classes, split)
-        self.set_array(f"labels_{split}", labels.to(torch.int64), ("example",))
+    def _indexed_runs(self, sha256: str) -> tuple[int, int] | None:
+        entry = self._doc(f"index/{sha256}")
+        if entry is None or entry["runs"][1] > self.n_models:
+            return None
+        first = self._doc(f"records/{entry['runs'][0]:09d}")
+        if first is None or first["record"]["sha256"] != sha256 \
+                or first["record"]["runs"] != entry["runs"]:
+            return None  # left by an append that never committed
+        return tuple(entry["runs"])
 
     def committed_hashes(self) -> set[str]:
         return {r["sha256"] for r in self.records()}
 
+    # ---- writing: one writer at a time ---------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writers' lock; re-read the committed state under it."""
+        if not self._local:
+            raise StoreError(f"{self.path}: appending needs a store on a local or mounted "
+                             "filesystem; ingest into one and copy it")
+        with writer_lock(self.path / "logits" / ".lock", str(self.path)):
+            self._refresh()
+            if self.attrs["format_version"] == 1:
+                self._upgrade_v1()
+            yield
+
+    def _refresh(self) -> None:
+        """Re-read the committed state (under the lock): reopen only if another writer
+        committed since (one small file read when nothing changed)."""
+        meta = json.loads((self.path / "logits" / "zarr.json").read_text())
+        if meta != self._committed_meta:
+            self._open()
+            self._committed_meta = meta
+
+    def set_array(self, name: str, values: np.ndarray | torch.Tensor,
+                  dims: Sequence[str] = ()) -> None:
+        """Write an optional array (labels, inputs, features) as one commit; refuse to
+        contradict one stored. `dims` is ignored (kept for callers): names follow the kind."""
+        self.set_arrays({name: values})
+
+    def set_arrays(self, arrays: dict[str, object], source: str = "given") -> None:
+        """Write optional arrays, all checked first, as one commit."""
+        checked = {name: check_array(self.spec, name, v, source) for name, v in arrays.items()}
+        if not checked:
+            return
+        with self._writing():
+            new = self._new_arrays(checked)
+            if new:
+                self._publish(new)
+                self._commit(self.n_models, self._arrays | set(new))
+
+    def set_labels(self, split: str, labels: torch.Tensor | None) -> None:
+        if labels is not None:
+            self.set_array(f"labels_{split}", labels.to(torch.int64))
+
+    def _new_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Those not yet committed; InputError for one that differs from the stored one."""
+        new = {}
+        for name, values in arrays.items():
+            if name not in self._arrays:
+                new[name] = values
+                continue
+            stored = self._group[name][...]
+            if stored.shape != values.shape or not np.array_equal(stored, values):
+                raise InputError(f"{name} given differs from the {name} already in the store "
+                                 f"{self.path}; the store keeps one set per split")
+        return new
+
     def append_file(self, path: str | Path, *, allow_duplicates: bool = False,
                     on_runs: Callable[[int], None] | None = None) -> IngestReport:
-        """Append the runs of one run file, as one commit; skip it if its content is stored."""
+        """Append the runs of one run file, as one commit; skip it if its content is stored.
+
+        Labels the file carries are checked against the store's and committed with its runs.
+        """
         path = Path(path)
         digest = file_hash(path)
-        if not allow_duplicates and digest in self.committed_hashes():
-            return IngestReport(str(path), "skipped", (self.n_models, self.n_models))
+        if not allow_duplicates and (runs := self.committed_runs(digest)) is not None:
+            return IngestReport(str(path), "skipped", runs)  # committed is forever: no lock
         run = read_run_file(path)
-        self.set_labels("train", run.labels_train)
-        self.set_labels("test", run.labels_test)
+        arrays = {f"labels_{split}": labels for split, labels in
+                  (("train", run.labels_train), ("test", run.labels_test)) if labels is not None}
         return self.append_arrays(run.train, run.test, source=str(path), sha256=digest,
-                                  code=run.code, on_runs=on_runs)
+                                  code=run.code, on_runs=on_runs, arrays=arrays,
+                                  skip_committed=not allow_duplicates)
 
     def append_arrays(self, train, test, *, source: str, sha256: str | None = None,
                       code: str | None = None, seeds: Sequence[int] | None = None,
-                      on_runs: Callable[[int], None] | None = None) -> IngestReport:
+                      on_runs: Callable[[int], None] | None = None,
+                      arrays: dict[str, object] | None = None,
+                      skip_committed: bool = False) -> IngestReport:
         """Append runs held in memory, as one commit.
 
         Parameters
@@ -315,46 +450,148 @@ class RunStore:
         source : what to record as their origin.
         sha256 : their content hash for de-duplication; default: a hash of the arrays.
         seeds : one per run, recorded.
+        arrays : optional arrays (labels_train, ...) committed with these runs.
+        skip_committed : return 'skipped' if a file of this sha256 is already committed.
         """
-        train, test = torch.as_tensor(train).cpu(), torch.as_tensor(test).cpu()
-        self._check_arrays(train, test, source)
-        r, n = train.shape[0], self.n_models
+        train, test = check_runs(self.spec, train, test, source, f"the store {self.path}")
+        r = train.shape[0]
         if seeds is not None and len(seeds) != r:
             raise InputError(f"{source}: {len(seeds)} seeds for {r} runs")
-        if sha256 is None:
-            sha256 = _sha256_arrays(train, test)
-        writer = zarr.Array(type(self._logits._async_array)(
-            metadata=self._logits.metadata.update_shape((n + r,) + self._logits.shape[1:]),
-            store_path=self._logits._async_array.store_path,
-            config={"write_empty_chunks": True},
-        ))
-        dtype = np.dtype(self._logits.dtype)
+        checked = {name: check_array(self.spec, name, v, source)
+                   for name, v in (arrays or {}).items()}
+        sha256 = sha256 or _sha256_arrays(train, test)
+        with self._writing():
+            n = self.n_models
+            if skip_committed and (runs := self.committed_runs(sha256)) is not None:
+                return IngestReport(source, "skipped", runs)
+            try:
+                new = self._new_arrays(checked)
+            except InputError as e:
+                raise InputError(f"{source}: {e}; nothing was written") from e
+            # ---- every check passed: the first byte is written below -----------------
+            self._publish(new)
+            written = self._write_runs(n, train, test, on_runs)
+            code_hash = _sha256_text(code) if code is not None else None
+            if code is not None and self.code(code_hash) is None:
+                written.append(self._write_group(f"code/{code_hash}", {"code": code}, "code"))
+            record = {"source": source, "sha256": sha256, "runs": [n, n + r],
+                      "stored_dtype": self.dtype,
+                      "source_dtype": str(train.dtype).replace("torch.", ""),
+                      "code_sha256": code_hash,
+                      "seeds": list(map(int, seeds)) if seeds is not None else None}
+            written.append(self._write_group(f"records/{n:09d}", {"record": record}, "record"))
+            if self.committed_runs(sha256) is None:
+                written.append(self._write_group(f"index/{sha256}", {"runs": [n, n + r]},
+                                                 "index"))
+            fsync_files(written, up_to=self.path)  # one journal commit for all of them
+            _wrote("fsync")
+            self._commit(n + r, self._arrays | set(new))
+        return IngestReport(source, "added", (n, n + r))
+
+    def _write_runs(self, n: int, train: torch.Tensor, test: torch.Tensor,
+                    on_runs: Callable[[int], None] | None) -> list[Path]:
+        """Chunks of runs n.. (not yet fsynced); returns their files."""
+        r = train.shape[0]
+        writer = grown_writer(self._logits, (n + r,) + self._logits.shape[1:])
+        dtype = np.dtype(self.dtype)
         for b in range(0, r, _WRITE_BLOCK):
             block = slice(b, min(b + _WRITE_BLOCK, r))
-            both = torch.cat([train[block], test[block]], dim=1)
+            both = torch.cat([train[block], test[block]], dim=1)  # (runs, n_train + n_test, C)
             writer[n + block.start:n + block.stop] = both.float().numpy().astype(dtype)
             if on_runs is not None:
                 on_runs(block.stop - block.start)
             if _TEST_DELAY:  # crash tests: widen the window in which a kill lands mid-append
                 time.sleep(_TEST_DELAY)
-        code_hash = None
-        if code is not None:
-            code_hash = _sha256_text(code)
-            if self.code(code_hash) is None:
-                _write_group(self.path / "code" / code_hash, {"code": code})
-        record = {"source": source, "sha256": sha256, "runs": [n, n + r],
-                  "stored_dtype": str(dtype), "source_dtype": str(train.dtype).replace(
-                      "torch.", ""), "code_sha256": code_hash,
-                  "seeds": list(map(int, seeds)) if seeds is not None else None}
-        _write_group(self.path / "records" / f"{n:09d}", {"record": record})
-        self._logits.resize((n + r,) + self._logits.shape[1:])  # the commit
-        return IngestReport(source, "added", (n, n + r))
+            _wrote(f"runs {n + block.start}..{n + block.stop - 1}")
+        return [self.path / "logits" / self._logits.metadata.encode_chunk_key(c)
+                for c in self._chunks_of(slice(n, n + r), slice(0, self._logits.shape[1]))]
+
+    def _write_group(self, key: str, attributes: dict, step: str) -> Path:
+        """A zarr v3 group's metadata, one atomic file (the unit of a record); not fsynced."""
+        meta = self.path / key / "zarr.json"
+        atomic_write_text(meta, json.dumps(
+            {"zarr_format": 3, "node_type": "group", "attributes": attributes}))
+        _wrote(step)
+        return meta
+
+    def _publish(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write each array under logits/.staging/, fsync it, rename it into place.
+
+        A folder of that name that is not committed (left by a killed writer) is removed
+        first. Readers see an array only once a commit lists it.
+        """
+        if not arrays:
+            return
+        staging = self.path / "logits" / ".staging"
+        if staging.exists():
+            shutil.rmtree(staging)  # leftovers of killed writers; we hold the lock
+        for name, values in sorted(arrays.items()):
+            tmp = staging / f"{name}-{uuid.uuid4().hex}"
+            array = zarr.create_array(zarr.storage.LocalStore(tmp), shape=values.shape,
+                                      dtype=values.dtype, fill_value=0,
+                                      dimension_names=array_dims(name, values))
+            array[...] = values
+            fsync_tree(tmp)
+            target = self.path / name
+            if target.exists():  # not committed (checked by the caller): a leftover
+                os.rename(target, staging / f"old-{uuid.uuid4().hex}")
+            os.rename(tmp, target)
+            fsync_dir(self.path)
+            _wrote(f"array {name}")
+        shutil.rmtree(staging)
+
+    def _commit(self, n_runs: int, arrays: set[str]) -> None:
+        """The commit point: one durable atomic write of logits/zarr.json."""
+        meta_path = self.path / "logits" / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["shape"][0] = n_runs
+        meta["attributes"].update(format_version=FORMAT_VERSION, arrays=sorted(arrays))
+        atomic_write_text(meta_path, json.dumps(meta, indent=2), durable=True)
+        _wrote("commit")
+        self._logits = grown_writer(self._logits, (n_runs,) + self._logits.shape[1:])
+        self._arrays = set(arrays)
+        self._committed_meta = meta
+
+    def _upgrade_v1(self) -> None:
+        """Format 1 -> 2, under the lock: index the records, list the arrays, then mark."""
+        written = [self._write_group("index", {}, "upgrade index")]  # a valid hierarchy
+        for record in self.records():
+            if self._indexed_runs(record["sha256"]) is None:
+                written.append(self._write_group(f"index/{record['sha256']}",
+                                                 {"runs": record["runs"]}, "upgrade index"))
+        fsync_files(written, up_to=self.path)
+        self._commit(self.n_models, self._arrays)
+        root = json.loads((self.path / "zarr.json").read_text())
+        root["attributes"][_MARK]["format_version"] = FORMAT_VERSION
+        atomic_write_text(self.path / "zarr.json", json.dumps(root, indent=2), durable=True)
+        _wrote("upgrade")
+        self._open()
+        logger.info("%s: upgraded from format version 1 to %d", self.path, FORMAT_VERSION)
 
 
-def _write_group(folder: Path, attributes: dict) -> None:
-    """A zarr v3 group's metadata, written atomically (one file: the unit of a record)."""
-    atomic_write_text(folder / "zarr.json", json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": attributes}))
+def _build(folder: Path, spec: StoreSpec, arrays: dict[str, np.ndarray]) -> None:
+    """A whole new store in `folder` (private to its creator), fsynced."""
+    splits = {"train": [0, spec.n_train], "test": [spec.n_train, spec.n_train + spec.n_test]}
+    group = zarr.open_group(folder, mode="w")
+    n_examples = spec.n_train + spec.n_test
+    group.create_array(
+        "logits", shape=(0, n_examples, spec.n_classes), dtype=spec.dtype,
+        chunks=(1, max(1, min(_EXAMPLE_CHUNK, n_examples)), spec.n_classes),
+        dimension_names=("run", "example", "class"), compressors=None, fill_value=0,
+        attributes={"splits": splits, "format_version": FORMAT_VERSION,
+                    "arrays": sorted(arrays)},
+    )
+    for name, values in arrays.items():
+        group.create_array(name, shape=values.shape, dtype=values.dtype,
+                           dimension_names=array_dims(name, values), fill_value=0)[...] = values
+    for sub in ("records", "index", "code"):
+        group.create_group(sub)
+    (folder / "logits" / ".lock").touch()
+    # The root mark comes last: a half-made directory is not a store.
+    group.attrs[_MARK] = {"format_version": FORMAT_VERSION, "n_classes": spec.n_classes,
+                          "class_names": list(spec.class_names) if spec.class_names else None,
+                          "splits": splits, "logits_dtype": spec.dtype}
+    fsync_tree(folder)
 
 
 def _sha256_arrays(*arrays: torch.Tensor) -> str:

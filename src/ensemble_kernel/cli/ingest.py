@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 
 from ..engine import Progress
 from ..errors import InputError
-from ..formats import find_run_files, read_labels, read_run_file
-from ..store import RunStore, is_store
+from ..formats import find_run_files, read_extras, read_labels, read_run_file
+from ..store import RunStore, StoreSpec, check_array, check_runs, is_store
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
+
+
+_DTYPE = choice("--dtype", ("float16", "float32"))
 
 
 @app.command("ingest")
@@ -27,36 +31,38 @@ def ingest_cmd(
                                             "features_train and features_test, (n, D)."),
     class_names: Optional[str] = typer.Option(None, "--class-names",
                                               help="Comma-separated names, one per class."),
-    dtype: str = typer.Option("float16", "--dtype",
-                              callback=choice("--dtype", ("float16", "float32")),
-                              help="How logits are kept: float16 or "
-                              "float32 (bfloat16 sources are widened to float32 first)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", callback=lambda v: v if v is None else _DTYPE(v),
+        help="How a new store keeps logits: float16 (default) or float32 (bfloat16 sources "
+             "are widened to float32 first)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates",
                                           help="Add files whose content is already stored."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Create a store or append runs to it, one source file per atomic commit.
 
-    A killed ingest leaves exactly the files committed before it; running the same
-    command again skips those (by content hash) and adds the rest.
+    Everything given is checked before the first byte is written. A killed ingest leaves
+    exactly the files committed before it; running the same command again skips those
+    (by content hash) and adds the rest. Several ingests may append to one store at once.
     """
     with _user_errors():
         files = [f for s in src for f in find_run_files(s)]
+        names = tuple(class_names.split(",")) if class_names else None
         if is_store(store):
             target = RunStore(store)
+            target.check_options(dtype=dtype, class_names=names)
+            spec = target.spec
         else:
-            first = read_run_file(files[0])
-            names = class_names.split(",") if class_names else None
-            target = RunStore.create(store, n_train=first.train.shape[1],
-                                     n_test=first.test.shape[1], n_classes=first.train.shape[2],
-                                     dtype=dtype, class_names=names)
-        if labels is not None:
-            labels_train, labels_test = read_labels(labels)
-            target.set_labels("train", labels_train)
-            target.set_labels("test", labels_test)
-        for name, path in (("inputs", inputs), ("features", features)):
-            if path is not None:
-                _store_extra(target, name, path)
+            target, first = None, read_run_file(files[0])
+            spec = StoreSpec(first.train.shape[1], first.test.shape[1], first.train.shape[2],
+                             dtype or "float16", names)
+            check_runs(spec, first.train, first.test, str(files[0]), f"the new store {store}")
+        extras = _extras(spec, labels, inputs, features)
+        if target is None:
+            _check_first_labels(spec, first, extras)
+            target = RunStore.open_or_create(store, spec, arrays=extras)
+        else:
+            target.set_arrays(extras)
         added = skipped = 0
         with _progress_bar(quiet) as report:
             for i, f in enumerate(files):
@@ -73,23 +79,32 @@ def ingest_cmd(
         err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
 
 
-def _store_extra(target: RunStore, name: str, path: Path) -> None:
-    from ..formats import load_npz
+def _extras(spec: StoreSpec, labels: Optional[Path], inputs: Optional[Path],
+            features: Optional[Path]) -> dict:
+    """--labels, --inputs and --features as optional arrays, each checked against `spec`."""
+    out = {}
+    if labels is not None:
+        out["labels_train"], out["labels_test"] = read_labels(labels)
+        for name in ("labels_train", "labels_test"):
+            out[name] = check_array(spec, name, out[name], str(labels))
+    sizes = {"train": spec.n_train, "test": spec.n_test}
+    for kind, path in (("inputs", inputs), ("features", features)):
+        if path is not None:
+            out.update(read_extras(path, kind, sizes))
+    return out
 
-    arrays = load_npz(path)
+
+def _check_first_labels(spec: StoreSpec, first, extras: dict) -> None:
+    """A new store: the first file's labels must be valid and agree with --labels."""
     for split in ("train", "test"):
-        key = f"{name}_{split}"
-        if key not in arrays:
-            raise InputError(f"{path}: missing {key}; keys found: {sorted(arrays)}")
-        start, stop = target.split_range(split)
-        if arrays[key].shape[0] != stop - start:
-            raise InputError(f"{path}: {key} has {arrays[key].shape[0]} rows but the {split} "
-                             f"split has {stop - start} examples")
-        dims = ("example", "feature") if name == "features" else (
-            ("example", "position") if arrays[key].ndim == 2 else
-            ("example", "height", "width") if arrays[key].ndim == 3 else
-            ("example", "height", "width", "channel"))
-        target.set_array(key, arrays[key], dims)
+        mine = getattr(first, f"labels_{split}")
+        if mine is None:
+            continue
+        name = f"labels_{split}"
+        mine = check_array(spec, name, mine, str(first.path))
+        if name in extras and not np.array_equal(mine, extras[name]):
+            raise InputError(f"{first.path}: its {split} labels differ from those of --labels; "
+                             "nothing was written")
 
 
 @app.command("info")

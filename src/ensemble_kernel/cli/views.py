@@ -46,7 +46,7 @@ def _finite(value: Optional[float]) -> Optional[float]:
 def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
             kinds: tuple[str, ...] = ("inputs", "features")) -> dict:
     """Class names and the `kinds` of extra arrays: from the store, or --inputs/--features."""
-    from ..formats import load_npz
+    from ..formats import check_extra, load_npz
 
     out = {"inputs_train": None, "inputs_test": None, "features_train": None,
            "features_test": None, "class_names": None}
@@ -65,7 +65,8 @@ def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
                 if f"{name}_{split}" not in arrays:
                     raise InputError(f"{path}: missing {name}_{split}; keys found: "
                                      f"{sorted(arrays)}")
-                out[f"{name}_{split}"] = arrays[f"{name}_{split}"]
+                out[f"{name}_{split}"] = check_extra(name, arrays[f"{name}_{split}"], None,
+                                                     f"{path} '{name}_{split}'")
     return out
 
 
