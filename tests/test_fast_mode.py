@@ -230,3 +230,58 @@ def test_fast_equals_exact_on_near_ties(case, extra):
                           n_candidates=n_candidates, chunk_models=chunk, memory_budget=64 * MiB)
     kernel = dense_kernel(query, refs, log_softmax=False)
     assert_same_neighbors(got.indices, got.values, kernel, k)
+
+
+@pytest.mark.parametrize("chunk_models", [1, 5, None])
+def test_fast_equals_exact_when_one_confident_run_sends_rows_to_float64(chunk_models):
+    # One run so confident that its row is computed in float64; the other outputs sit at
+    # -50 and differ by 2**-18, far below float32's resolution of a plain mean there. An
+    # output's feature must not depend on which block of runs it was read in.
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 300, 3)
+    x[..., 1] = -50 + 2.0**-18 * torch.randint(-3, 4, (64, 300), generator=g).float()
+    x[0, 0, 1] = x[0, 0, 2] = -1000.0
+    kernel = dense_kernel(x, x)
+    kernel.fill_diagonal_(float("-inf"))
+    for precision in ("exact", "fast"):
+        got = top_k_neighbors(x, None, 3, exclude_self=True, precision=precision,
+                              chunk_models=chunk_models, memory_budget=9 * MiB)
+        assert_same_neighbors(got.indices, got.values, kernel, 3)
+
+
+@st.composite
+def option_cases(draw):
+    """Clustered logits under every option fast mode takes, some far from 0."""
+    from conftest import make_ensemble
+
+    ens = make_ensemble(seed=draw(st.integers(0, 1000)), n_models=draw(st.integers(2, 12)),
+                        n_train=draw(st.integers(20, 120)), n_test=draw(st.integers(1, 15)),
+                        n_classes=draw(st.integers(2, 6)), noise=draw(st.sampled_from([0.05, 1.0])))
+    train, test = ens.train, ens.test
+    if draw(st.booleans()):
+        offset = draw(st.sampled_from([-60.0, 40.0, 1e4]))
+        train, test = offset + 1e-3 * train, offset + 1e-3 * test
+    n_classes = train.shape[2]
+    classes = draw(st.one_of(st.none(), st.lists(st.integers(0, n_classes - 1), min_size=1,
+                                                 max_size=n_classes, unique=True)))
+    exclude_self = draw(st.booleans())
+    queries = train if exclude_self else test
+    n_refs = train.shape[1] - exclude_self
+    k = draw(st.integers(1, min(n_refs, 12)))
+    return dict(queries=queries, references=None if exclude_self else train, k=k,
+                exclude_self=exclude_self, classes=classes, log_softmax=draw(st.booleans()),
+                n_candidates=draw(st.sampled_from([None, k, k + 1, k + 5])),
+                chunk_models=draw(st.sampled_from([None, 1, 3])),
+                tile_size=draw(st.sampled_from([None, 7, 33])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option_cases())
+def test_fast_equals_exact_under_every_option(case):
+    queries, references = case.pop("queries"), case.pop("references")
+    got = top_k_neighbors(queries, references, precision="fast", memory_budget=64 * MiB, **case)
+    kernel = dense_kernel(queries, queries if references is None else references,
+                          log_softmax=case["log_softmax"], classes=case["classes"])
+    if case["exclude_self"]:
+        kernel.fill_diagonal_(float("-inf"))
+    assert_same_neighbors(got.indices, got.values, kernel, case["k"])

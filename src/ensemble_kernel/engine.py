@@ -36,7 +36,8 @@ from .kernel import (
     StatsAccumulator,
     check_classes,
     check_finite,
-    check_prepared,
+    check_fits_float32,
+    needs_float64,
     bfloat16_matmul,
     exact_float32_matmul,
     normalized_features,
@@ -117,26 +118,27 @@ class _Engine:
             )
 
     def _statistics(self, source: LogitSource, split: str) -> ClassStats:
-        """Pass 1: mean and std per (example, class), checking every value is finite."""
-        n, step = source.n_examples, self.plan.chunk_models
-        block = self.plan.example_block
+        """Pass 1: mean and std per (example, class), checking every value is finite.
+
+        Examples that float32 cannot standardise (`needs_float64`) are passed again in
+        float64, and marked so that their features are computed in float64 too.
+        """
+        n, block = source.n_examples, self.plan.example_block
         mean = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
         scale = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
+        precise = torch.zeros(n, dtype=torch.bool, device=self.device)
         n_constant = 0
         n_blocks = math.ceil(n / block)
         for b, e0 in enumerate(range(0, n, block)):
             rows = slice(e0, min(e0 + block, n))
-            acc = StatsAccumulator(rows.stop - rows.start, self.n_used, self.device)
-            for m0 in range(0, self.n_models, step):
-                models = slice(m0, min(m0 + step, self.n_models))
-                raw = source.read(models, rows)
-                x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
-                            device=self.device, runs_first=True)
-                if not acc.update(x):
-                    self._update_precisely(acc, raw, m0, e0, source)
-                self._report("statistics", b * self.n_models + models.stop,
-                             n_blocks * self.n_models)
-            part = acc.finalize()
+            part = self._block_statistics(source, rows, None, b, n_blocks)
+            shaky = needs_float64(part.mean, part.scale, self.n_models)
+            if bool(shaky.any()):
+                again = self._block_statistics(source, rows, shaky, b, n_blocks)
+                scale_b = torch.where(shaky[:, None], again.scale, part.scale)
+                part = ClassStats.from_float64(torch.where(shaky[:, None], again.mean, part.mean),
+                                               scale_b, int((scale_b == 0).sum()), shaky)
+                precise[rows] = shaky
             mean[rows], scale[rows] = part.mean, part.scale
             n_constant += part.n_constant
         if n_constant:
@@ -146,30 +148,32 @@ class _Engine:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        if not self.log_softmax:  # log-softmax blocks this fine are computed in float64
-            self._check_resolution(scale, split)
-        return ClassStats.from_float64(mean, scale, n_constant)
+        return ClassStats.from_float64(mean, scale, n_constant, precise)
 
-    @staticmethod
-    def _check_resolution(scale: torch.Tensor, split: str) -> None:
-        """Raw logits that vary less than float32 can standardise are an input error."""
-        too_fine = scale > torch.finfo(torch.float32).max
-        if bool(too_fine.any()):
-            e, c = (int(i) for i in too_fine.nonzero()[0])
-            raise InputError(
-                f"example {e}, class {c} of the {split} split varies across runs by a std of "
-                f"{1 / float(scale[e, c]):.3g}, too little for float32 features; rescale the "
-                "logits"
-            )
+    def _block_statistics(self, source: LogitSource, rows: slice, precise: torch.Tensor | None,
+                          b: int, n_blocks: int) -> ClassStats:
+        """Statistics of the examples `rows`, in float64 for those marked in `precise`."""
+        acc = StatsAccumulator(rows.stop - rows.start, self.n_used, self.device)
+        for m0 in range(0, self.n_models, self.plan.chunk_models):
+            models = slice(m0, min(m0 + self.plan.chunk_models, self.n_models))
+            raw = source.read(models, rows)
+            x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
+                        device=self.device, runs_first=True, precise=precise)
+            if not acc.update(x):
+                self._update_precisely(acc, raw, m0, rows.start, source, precise)
+            if precise is None:
+                self._report("statistics", b * self.n_models + models.stop,
+                             n_blocks * self.n_models)
+        return acc.finalize()
 
     def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
-                          source: LogitSource) -> None:
+                          source: LogitSource, precise: torch.Tensor | None) -> None:
         """A block whose float32 sums were not finite: name a bad input, or redo it in float64."""
         where = dict(first_model=m0, first_example=e0, describe=source.describe_run)
         check_finite(raw, **where)  # NaN or Inf in the logits themselves
+        check_fits_float32(raw, **where)  # a float64 logit beyond float32
         x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
-                    device=self.device, runs_first=True)
-        check_prepared(x, raw, **where)  # log-softmax overflow, or a spread beyond float32
+                    device=self.device, runs_first=True, precise=precise)
         if not acc.update(x.double()):  # finite float32 values always fit float64's sums
             raise RuntimeError("float64 statistics of finite float32 values overflowed")
 
@@ -187,9 +191,9 @@ class _Engine:
         piece = max(1, self.plan.piece_bytes // (16 * n_block * raw.shape[2]))
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
-            x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
-                        device=self.device)
             rows = slice(examples.start + r0, examples.start + r1)
+            x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
+                        device=self.device, precise=stats.precise[rows])
             out[r0:r1] = normalized_features(x, stats.rows(rows))  # cast to `dtype` here
         return out
 
@@ -309,8 +313,8 @@ class _Engine:
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
             query_norms += fa.square().sum(1, dtype=torch.float64)
             reference_norms += fb.square().sum(1, dtype=torch.float64)
-            # Gathered rows: bound the (rows, n_candidates, d) temporary to ~64 MiB.
-            rows_per_block = max(1, (64 << 20) // (n_c * fa.shape[1] * 4))
+            # Gathered rows: the (rows, n_candidates, d) temporary within the plan.
+            rows_per_block = max(1, self.plan.rescore_gather_bytes // (n_c * fa.shape[1] * 4))
             for q0 in range(0, n_q, rows_per_block):
                 q = slice(q0, min(q0 + rows_per_block, n_q))
                 gathered = fb[candidates[q]]  # (rows, n_candidates, d)

@@ -17,6 +17,7 @@ Nothing here touches files, prints, or leaves a torch setting changed.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -28,7 +29,8 @@ __all__ = [
     "ClassStats",
     "StatsAccumulator",
     "prepare",
-    "check_prepared",
+    "check_fits_float32",
+    "needs_float64",
     "precise_log_softmax_",
     "normalized_features",
     "dense_kernel",
@@ -60,20 +62,27 @@ def prepare(
     classes: tuple[int, ...] | None,
     device: torch.device | str = "cpu",
     runs_first: bool = False,
+    precise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 (log-softmax) outputs of a block of raw logits, restricted to `classes`.
 
-    Where a run is so confident that float32 cannot hold its top class's log-probability
-    (the other classes' total probability below 2**-100, a logit margin beyond ~70), that
-    (run, example) row is computed in float64 and the block returned in float64: those
-    tiny values still vary across runs, and their standardised features are ordinary
-    numbers. Every other row keeps its float32 value, whichever block it is read in.
+    The logits are taken at float32 precision. Two kinds of rows are computed in float64
+    instead, and the block is then returned in float64:
+
+    - a (run, example) row so confident that float32 cannot hold its top class's
+      log-probability (the other classes' total probability below 2**-100, a logit
+      margin beyond ~70): those tiny values still vary across runs;
+    - every row of an example marked in `precise` (its outputs vary too little across
+      runs, relative to their size, for float32 to standardise; see `ClassStats`).
+
+    Every other row keeps its float32 value, whichever block it is read in.
 
     Parameters
     ----------
     raw : Tensor of shape (n_models, n_examples, n_classes), any float dtype.
     runs_first : keep the (n_models, n_examples, ...) layout (the statistics pass sums
         over runs, fastest along the leading axis).
+    precise : bool Tensor of shape (n_examples,), or None.
 
     Returns
     -------
@@ -85,15 +94,20 @@ def prepare(
     # One copying conversion: everything after it works in place on our own buffer.
     x = layout.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format,
                   copy=True)
+    wide = None  # rows to compute in float64, broadcastable to x
+    if precise is not None and bool(precise.any()):
+        wide = precise.to(x.device)[None, :, None] if runs_first else \
+            precise.to(x.device)[:, None, None]
     if log_softmax:
         deep = _log_softmax_(x) < _SMALLEST_MASS  # (..., 1): rows float32 cannot hold
         if bool(deep.any()):
-            # Those rows in float64, every other row as float32 computed it: an output's
-            # value never depends on which block it was read in.
-            exact = layout.to(device=device, dtype=torch.float64,
-                              memory_format=torch.contiguous_format, copy=True)
+            wide = deep if wide is None else (deep | wide)
+    if wide is not None:
+        exact = layout.to(device=device, dtype=torch.float32).to(
+            torch.float64, memory_format=torch.contiguous_format, copy=True)
+        if log_softmax:
             _log_softmax_(exact)
-            x = torch.where(deep, exact, x.double())
+        x = torch.where(wide, exact, x.double())
     if classes is not None:
         x = x[..., list(classes)]
     return x.contiguous()
@@ -140,25 +154,55 @@ class ClassStats:
         no run changes the output (std == 0), so that those entries contribute 0.
     n_constant : int
         How many (example, class) entries had std == 0.
-    mean32, scale32 : the same in float32, for float32 blocks (scale capped at float32's
-        largest value: such an entry's blocks are computed in float64).
+    precise : bool Tensor of shape (n_examples,): examples whose outputs are prepared and
+        standardised in float64 (see `needs_float64`).
+    mean32, mean_low32, scale32 : for float32 blocks, the mean as a float32 pair
+        (mean32 + mean_low32 holds it to ~2**-48 relative, so centring is exact to float32
+        rounding of the deviation) and 1 / std in float32 (capped at float32's largest value:
+        such an example is `precise`).
     """
 
     mean: torch.Tensor
     scale: torch.Tensor
     n_constant: int
+    precise: torch.Tensor
     mean32: torch.Tensor
+    mean_low32: torch.Tensor
     scale32: torch.Tensor
 
     @classmethod
-    def from_float64(cls, mean: torch.Tensor, scale: torch.Tensor, n_constant: int) -> "ClassStats":
+    def from_float64(cls, mean: torch.Tensor, scale: torch.Tensor, n_constant: int,
+                     precise: torch.Tensor) -> "ClassStats":
+        high = mean.to(torch.float32)
         largest = torch.finfo(torch.float32).max
-        return cls(mean, scale, n_constant, mean.to(torch.float32),
+        return cls(mean, scale, n_constant, precise, high, (mean - high.double()).float(),
                    scale.clamp(max=largest).to(torch.float32))
 
     def rows(self, examples: slice) -> "ClassStats":
         return ClassStats(self.mean[examples], self.scale[examples], -1,
-                          self.mean32[examples], self.scale32[examples])
+                          self.precise[examples], self.mean32[examples],
+                          self.mean_low32[examples], self.scale32[examples])
+
+
+def needs_float64(mean: torch.Tensor, scale: torch.Tensor, n_models: int) -> torch.Tensor:
+    """Examples whose outputs float32 cannot standardise to float32 accuracy.
+
+    An output whose mean is more than 64 stds from 0 (float32 log-softmax rounds it by
+    ~2**-24 |mean|, up to 4e-6 std), whose std is below 2**-100 (float32's scale and
+    products lose digits), or whose deviations may pass 2**120 (near float32's range).
+
+    Parameters
+    ----------
+    mean, scale : Tensors of shape (n_examples, n_used_classes), float64.
+
+    Returns
+    -------
+    bool Tensor of shape (n_examples,).
+    """
+    varies = scale > 0
+    shaky = (mean.abs() * scale > 64) | (scale > 2.0**100) | (
+        math.sqrt(max(n_models - 1, 1)) > 2.0**120 * scale)
+    return (varies & shaky).any(dim=1)
 
 
 _TINY_SQUARES = 2.0**-100  # a float32 sum of squares below this may hold subnormal terms
@@ -226,34 +270,25 @@ class StatsAccumulator:
         constant = self.m2 <= 0
         std = (self.m2 / (self.count - 1)).sqrt()
         scale = torch.where(constant, torch.zeros_like(std), 1.0 / std)
-        return ClassStats.from_float64(self.mean, scale, int(constant.sum()))
+        precise = torch.zeros(self.mean.shape[0], dtype=torch.bool, device=self.mean.device)
+        return ClassStats.from_float64(self.mean, scale, int(constant.sum()), precise)
 
 
-def check_prepared(x: torch.Tensor, raw: torch.Tensor, *, first_model: int, first_example: int,
-                   describe) -> None:
-    """Raise InputError naming the first output that log-softmax or centring cannot hold.
+def check_fits_float32(raw: torch.Tensor, *, first_model: int, first_example: int,
+                       describe) -> None:
+    """Raise InputError naming the first (finite) logit beyond float32's range.
 
     Parameters
     ----------
-    x : Tensor of shape (n_block_models, n_examples, n_used_classes), from `prepare` with
-        `runs_first`, of finite logits `raw`.
+    raw : Tensor of shape (n_block_models, n_examples, n_classes), finite.
     """
-    bad = ~torch.isfinite(x)
+    bad = ~torch.isfinite(raw.to(torch.float32))
     if bool(bad.any()):
         m, e, c = (int(i) for i in bad.nonzero()[0])
-        value = float(raw[m, e, c])
         raise InputError(
             f"{describe(first_model + m)}: example {first_example + e}, class {c}: the logit "
-            f"{value:.3g} does not fit float32, which the kernel computes in; rescale the logits"
-        )
-    spread = x.amax(dim=0).double() - x.amin(dim=0).double()  # (n_examples, n_used_classes)
-    too_wide = spread > torch.finfo(torch.float32).max
-    if bool(too_wide.any()):
-        e, c = (int(i) for i in too_wide.nonzero()[0])
-        raise InputError(
-            f"{describe(first_model)} and the {x.shape[0] - 1} runs after it: example "
-            f"{first_example + e}, class {c} varies by {float(spread[e, c]):.3g} across them, "
-            "beyond float32's range, which the kernel computes in; rescale the logits"
+            f"{float(raw[m, e, c]):.3g} does not fit float32, which the kernel computes in; "
+            "rescale the logits"
         )
 
 
@@ -276,16 +311,19 @@ def normalized_features(x: torch.Tensor, stats: ClassStats) -> torch.Tensor:
     Parameters
     ----------
     x : Tensor of shape (n_examples, n_block_models, n_used_classes), float32 or float64,
-        from `prepare`.
+        from `prepare` (the rows of `stats.precise` examples in float64).
     stats : the rows of ClassStats for these examples.
 
     Returns
     -------
-    Tensor of shape (n_examples, n_block_models * n_used_classes), of x's dtype.
+    Tensor of shape (n_examples, n_block_models * n_used_classes), of x's dtype. A float32
+    feature and the float64 one of the same output agree to a few float32 roundings.
     """
-    mean, scale = (stats.mean, stats.scale) if x.dtype == torch.float64 else (
-        stats.mean32, stats.scale32)
-    x = x.sub_(mean.unsqueeze(1)).mul_(scale.unsqueeze(1))
+    if x.dtype == torch.float64:
+        x = x.sub_(stats.mean.unsqueeze(1)).mul_(stats.scale.unsqueeze(1))
+    else:  # (x - mean) with the mean as a float32 pair: exact but for one rounding
+        x = x.sub_(stats.mean32.unsqueeze(1)).sub_(stats.mean_low32.unsqueeze(1))
+        x = x.mul_(stats.scale32.unsqueeze(1))
     return x.reshape(x.shape[0], -1)  # (n_examples, n_block_models * n_used_classes)
 
 

@@ -36,6 +36,7 @@ class Plan:
     n_tiles : tiles on the reference axis.
     chunk_models : runs per block in the kernel pass.
     rescore_chunk_models : runs per block in fast mode's exact re-score.
+    rescore_gather_bytes : the re-score's gathered candidate features, per block of rows.
     example_block : examples per block in the statistics pass.
     cache_queries : keep the normalised query features between tiles (when they fit in
         a third of the budget) instead of normalising the queries again for every tile.
@@ -47,6 +48,7 @@ class Plan:
     n_tiles: int
     chunk_models: int
     rescore_chunk_models: int
+    rescore_gather_bytes: int
     example_block: int
     cache_queries: bool
     piece_bytes: int
@@ -105,7 +107,8 @@ def plan_memory(
     per_reference = (raw_bytes + feature * (2 if fast else 1)) * n_used_classes
     acc_per_column = n_queries * (6 if fast else 4) + 4096
     fixed = (
-        (n_queries + n_references) * n_used_classes * 8  # float32 mean and scale, both splits
+        # ClassStats, both splits: float64 mean and scale, float32 mean pair and scale
+        (n_queries + n_references) * n_used_classes * 28
         + n_queries * k_keep * 16 * 6  # running top-k and its merge temporaries
         + piece_bytes  # normalising one piece of rows
         + (4 << 20)  # allocator slack, small tensors
@@ -145,10 +148,12 @@ def plan_memory(
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
-    # Fast mode's re-score holds float32 features of every query and every reference.
-    rescore_room = int(0.6 * (budget - fixed)) // (
+    # Fast mode's re-score holds float32 features of every query and every reference
+    # (half the room), and gathers candidates' features in blocks of rows (a fifth).
+    rescore_room = int(0.5 * (budget - fixed)) // (
         (n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
     rescore_models = int(max(1, min(rescore_room, n_models)))
+    gather_bytes = int(max(1 << 16, 0.2 * (budget - fixed)))
     example_block = int(max(1, min(n_references + n_queries,
                                    (budget - fixed) // (_STATS_BYTES * n_used_classes * models))))
     return Plan(
@@ -156,6 +161,7 @@ def plan_memory(
         n_tiles=math.ceil(n_references / tile),
         chunk_models=models,
         rescore_chunk_models=rescore_models,
+        rescore_gather_bytes=gather_bytes,
         example_block=example_block,
         cache_queries=cache_queries,
         piece_bytes=piece_bytes,
