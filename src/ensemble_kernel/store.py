@@ -33,10 +33,13 @@ read as they are; the first append upgrades them to version 2 in place.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -56,7 +59,7 @@ from .store_checks import StoreSpec, array_dims, check_array, check_runs
 from .store_io import chunks_exist, fsync_dir, fsync_files, fsync_tree, grown_writer, writer_lock
 
 __all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "StoreSpec", "is_store", "IngestReport",
-           "check_runs", "check_array"]
+           "check_runs", "check_array", "sweep_stale_creations"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,7 @@ class RunStore:
 
     def __init__(self, path: str | Path):
         self._local = not _is_url(path)
+        self._swept = False  # stale creation folders beside it: swept at the first write
         self.path = Path(path) if self._local else str(path)
         if self._local and not self.path.exists():
             raise StoreError(f"{self.path}: no such store (create one with ingest)")
@@ -172,9 +176,12 @@ class RunStore:
                arrays: dict[str, object] | None = None) -> "RunStore":
         """A new, empty store, with optional arrays (e.g. labels_train): all or nothing.
 
-        Built in a temporary folder beside `path` and renamed into place, so a failed or
-        killed create leaves no store behind. If another process creates a store at
-        `path` first, raises StoreError (see `open_or_create`).
+        Built in a hidden folder beside `path`, `.NAME.creating-HOST-PID-XXXX`, and renamed
+        into place, so a failed or killed create leaves no store behind. A failed create
+        removes its folder; one killed leaves it until the next create at `path`, or the
+        next write to the store there, sweeps it (`sweep_stale_creations`: this host's
+        folders whose process is gone). If another process creates a store at `path`
+        first, raises StoreError (see `open_or_create`).
         """
         spec = StoreSpec(n_train, n_test, n_classes, dtype,
                          tuple(class_names) if class_names else None)
@@ -183,9 +190,11 @@ class RunStore:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an empty directory or a store")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
+        sweep_stale_creations(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_creating_prefix(path)))
         try:
             _build(tmp, spec, arrays)
+            _wrote("create: built")
             try:
                 os.rename(tmp, path)
             except OSError as e:
@@ -372,6 +381,9 @@ class RunStore:
         if not self._local:
             raise StoreError(f"{self.path}: appending needs a store on a local or mounted "
                              "filesystem; ingest into one and copy it")
+        if not self._swept:  # once per instance: it lists the store's parent folder
+            sweep_stale_creations(self.path)
+            self._swept = True
         with writer_lock(self.path / "logits" / ".lock", str(self.path)):
             self._refresh()
             if self.attrs["format_version"] == 1:
@@ -392,16 +404,25 @@ class RunStore:
         contradict one stored. `dims` is ignored (kept for callers): names follow the kind."""
         self.set_arrays({name: values})
 
-    def set_arrays(self, arrays: dict[str, object], source: str = "given") -> None:
-        """Write optional arrays, all checked first, as one commit."""
+    def set_arrays(self, arrays: dict[str, object], source: str = "given") -> list[str]:
+        """Write optional arrays, all checked first, as one commit; returns the names
+        written (those not already committed)."""
         checked = {name: check_array(self.spec, name, v, source) for name, v in arrays.items()}
         if not checked:
-            return
+            return []
         with self._writing():
             new = self._new_arrays(checked)
             if new:
                 self._publish(new)
                 self._commit(self.n_models, self._arrays | set(new))
+        return sorted(new)
+
+    def check_arrays(self, arrays: dict[str, object], source: str = "given") -> list[str]:
+        """Check optional arrays as `set_arrays` would, writing nothing: InputError for one
+        that does not fit or differs from the committed one; returns the names that
+        `set_arrays` would write now."""
+        checked = {name: check_array(self.spec, name, v, source) for name, v in arrays.items()}
+        return sorted(self._new_arrays(checked))
 
     def set_labels(self, split: str, labels: torch.Tensor | None) -> None:
         if labels is not None:
@@ -567,6 +588,48 @@ class RunStore:
         _wrote("upgrade")
         self._open()
         logger.info("%s: upgraded from format version 1 to %d", self.path, FORMAT_VERSION)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _creating_prefix(path: Path) -> str:
+    """`.NAME.creating-HOST-PID-`: the folder a create builds in names its owner."""
+    return f".{path.name}.creating-{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_creations(path: str | Path) -> list[Path]:
+    """Remove the folders `.NAME.creating-HOST-PID-*` beside `path` that killed creates
+    left: those of this host whose process no longer runs. A live creator's folder (its
+    pid alive, or a reused pid) and other hosts' folders are kept. Returns those removed.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.creating-{_host()}-") + r"(\d+)-")
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.creating-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        match = pattern.match(folder.name)
+        if match is None or _alive(int(match.group(1))) or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # another sweeper may remove it too
+        if not folder.exists():
+            removed.append(folder)
+            logger.info("removed %s, left by a killed create", folder)
+    return removed
 
 
 def _build(folder: Path, spec: StoreSpec, arrays: dict[str, np.ndarray]) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import typer
 
 from ..engine import Progress
-from ..errors import InputError
-from ..formats import find_run_files, read_extras, read_labels, read_run_file
+from ..errors import EnsembleKernelError, InputError, StoreError
+from ..formats import file_hash, find_run_files, read_extras, read_labels, read_run_file
 from ..store import RunStore, StoreSpec, check_array, check_runs, is_store
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
@@ -41,42 +41,117 @@ def ingest_cmd(
 ) -> None:
     """Create a store or append runs to it, one source file per atomic commit.
 
-    Everything given is checked before the first byte is written. A killed ingest leaves
-    exactly the files committed before it; running the same command again skips those
-    (by content hash) and adds the rest. Several ingests may append to one store at once.
+    First every file (except those already stored, found by content hash) and every
+    --labels, --inputs, --features and --class-names is checked against the store and
+    against each other; if any is refused, nothing is written. Then the store is created
+    (with those arrays) or they are committed to it, and each file is committed in turn.
+    A killed ingest leaves exactly what it committed before; an error after a commit (a
+    file changed since it was checked, a full disk) says what was kept. Running the same
+    command again skips the files stored (by content hash) and adds the rest. Several
+    ingests may append to one store at once.
     """
     with _user_errors():
         files = [f for s in src for f in find_run_files(s)]
         names = tuple(class_names.split(",")) if class_names else None
+        # ---- 1. check everything; nothing is written here --------------------------------
         if is_store(store):
             target = RunStore(store)
             target.check_options(dtype=dtype, class_names=names)
-            spec = target.spec
+            spec, where = target.spec, f"the store {store}"
         else:
             target, first = None, read_run_file(files[0])
             spec = StoreSpec(first.train.shape[1], first.test.shape[1], first.train.shape[2],
                              dtype or "float16", names)
-            check_runs(spec, first.train, first.test, str(files[0]), f"the new store {store}")
+            del first
+            where = f"the new store {store}"
         extras = _extras(spec, labels, inputs, features)
-        if target is None:
-            _check_first_labels(spec, first, extras)
-            target = RunStore.open_or_create(store, spec, arrays=extras)
-        else:
-            target.set_arrays(extras)
-        added = skipped = 0
+        if target is not None:
+            target.check_arrays(extras, "given")
         with _progress_bar(quiet) as report:
-            for i, f in enumerate(files):
-                result = target.append_file(f, allow_duplicates=allow_duplicates)
-                if result.status == "skipped":
-                    skipped += 1
-                    err.print(f"skipped {f}: its content is already in the store "
-                              "(--allow-duplicates adds it anyway)", markup=False, soft_wrap=True)
+            _check_files(spec, target, files, extras, where, allow_duplicates, report)
+            # ---- 2. write: the store (or the given arrays), then one commit per file -----
+            done = _Done(store)
+            try:
+                if target is None:
+                    target = RunStore.open_or_create(store, spec, arrays=extras)
+                    done.store = True
                 else:
-                    added += result.runs[1] - result.runs[0]
-                if report is not None:
-                    report(Progress("ingest", i + 1, len(files), 0, 1, 0.0))
+                    done.arrays = target.set_arrays(extras)
+                added = skipped = 0
+                for i, f in enumerate(files):
+                    result = target.append_file(f, allow_duplicates=allow_duplicates)
+                    if result.status == "skipped":
+                        skipped += 1
+                        err.print(f"skipped {f}: its content is already in the store "
+                                  "(--allow-duplicates adds it anyway)", markup=False,
+                                  soft_wrap=True)
+                    else:
+                        added += result.runs[1] - result.runs[0]
+                        done.files += 1
+                    if report is not None:
+                        report(Progress("ingest", i + 1, len(files), 0, 1, 0.0))
+            except (EnsembleKernelError, OSError) as e:
+                done.fail(e)
     if not quiet:
         err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
+
+
+def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path], extras: dict,
+                 where: str, allow_duplicates: bool, report) -> None:
+    """Every file as its append would check it, writing nothing: shapes, finite values,
+    the dtype's range, its labels against the store's, --labels and the files before it.
+
+    One file at a time (memory-mapped where the format allows), dropped once checked.
+    A file already stored is skipped by its content hash without reading its runs.
+    """
+    known = {}  # split -> (labels, where they come from)
+    for split in ("train", "test"):
+        name = f"labels_{split}"
+        stored = target.optional(name) if target is not None else None
+        if stored is not None:
+            known[split] = (stored, f"the store {target.path}")
+        elif name in extras:
+            known[split] = (extras[name], "--labels")
+    for i, f in enumerate(files):
+        if target is None or allow_duplicates or \
+                target.committed_runs(file_hash(f)) is None:
+            run = read_run_file(f)
+            check_runs(spec, run.train, run.test, str(f), where)
+            for split in ("train", "test"):
+                mine = getattr(run, f"labels_{split}")
+                if mine is None:
+                    continue
+                mine = check_array(spec, f"labels_{split}", mine, str(f))
+                if split not in known:
+                    known[split] = (mine, str(f))
+                elif not np.array_equal(mine, known[split][0]):
+                    raise InputError(f"{f}: its {split} labels differ from those of "
+                                     f"{known[split][1]}; nothing was written")
+            del run
+        if report is not None:
+            report(Progress("check", i + 1, len(files), 0, 1, 0.0))
+
+
+class _Done:
+    """What this ingest has committed so far, for an error that comes after it."""
+
+    def __init__(self, store: Path):
+        self.path, self.store, self.arrays, self.files = store, False, [], 0
+
+    def fail(self, e: BaseException) -> None:
+        if isinstance(e, OSError) and not isinstance(e, EnsembleKernelError):
+            text = f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": ")
+        else:
+            text = str(e)
+        if not (self.store or self.arrays or self.files):
+            raise e
+        parts = (["the new store"] if self.store else []) + \
+            ([", ".join(self.arrays)] if self.arrays else []) + \
+            ([f"{self.files} file{'s' if self.files != 1 else ''}"] if self.files else [])
+        text = text.replace("; nothing was written", "")
+        raise StoreError(f"{text}; {self.path} keeps what this ingest committed before it "
+                         f"({', '.join(parts)}); fix the cause and run the same command "
+                         "again to add the rest") from e
 
 
 def _extras(spec: StoreSpec, labels: Optional[Path], inputs: Optional[Path],
@@ -92,19 +167,6 @@ def _extras(spec: StoreSpec, labels: Optional[Path], inputs: Optional[Path],
         if path is not None:
             out.update(read_extras(path, kind, sizes))
     return out
-
-
-def _check_first_labels(spec: StoreSpec, first, extras: dict) -> None:
-    """A new store: the first file's labels must be valid and agree with --labels."""
-    for split in ("train", "test"):
-        mine = getattr(first, f"labels_{split}")
-        if mine is None:
-            continue
-        name = f"labels_{split}"
-        mine = check_array(spec, name, mine, str(first.path))
-        if name in extras and not np.array_equal(mine, extras[name]):
-            raise InputError(f"{first.path}: its {split} labels differ from those of --labels; "
-                             "nothing was written")
 
 
 @app.command("info")
