@@ -232,6 +232,7 @@ def test_fast_equals_exact_on_near_ties(case, extra):
     assert_same_neighbors(got.indices, got.values, kernel, k)
 
 
+@pytest.mark.filterwarnings("ignore:.*identical in every run")  # class 0 is 0 in every run
 @pytest.mark.parametrize("chunk_models", [1, 5, None])
 def test_fast_equals_exact_when_one_confident_run_sends_rows_to_float64(chunk_models):
     # One run so confident that its row is computed in float64; the other outputs sit at
@@ -275,6 +276,7 @@ def option_cases(draw):
                 tile_size=draw(st.sampled_from([None, 7, 33])))
 
 
+@pytest.mark.filterwarnings("ignore:.*identical in every run")  # offsets quantise some outputs
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(option_cases())
 def test_fast_equals_exact_under_every_option(case):
