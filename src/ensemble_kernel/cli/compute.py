@@ -13,7 +13,7 @@ import typer
 
 from .. import __version__
 from ..atomic import atomic_write, atomic_write_text
-from ..checkpoint import TileCheckpoint
+from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
 from ..errors import InputError
 from ..evaluate import evaluate, select_by_leave_one_out
@@ -135,7 +135,7 @@ def neighbors_cmd(
                 atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
                                                      values=result.values.cpu().numpy(),
                                                      meta=np.array(meta)))
-                TileCheckpoint(out, {}).remove()
+                TileCheckpoint(out, {}).remove()  # only if neighbors made it
             if group is not None:
                 group.barrier()  # the others wait until the file is written
         finally:
@@ -213,35 +213,45 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
 
     The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
-    the checkpoint, so every rank and every restart cuts the same tiles.
+    the checkpoint's manifest, so every rank and every restart cuts the same tiles. The
+    manifest binds the tiles to the content of the logits (see `checkpoint`). Everything
+    is checked before the checkpoint is started afresh, so a refused command leaves an
+    earlier checkpoint as it was.
     """
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
     budget = options["memory_budget"]
-    manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
+    n_refs = runset.train.n_examples
+    if not 1 <= k <= n_refs:
+        raise InputError(f"--k must be between 1 and {n_refs} (the training examples), got {k}")
+    k_keep = candidates_per_query(k, precision)
+    checkpoint = TileCheckpoint(out, {})
+    tiles, previous = None, {}
+    if main:  # the other ranks touch the checkpoint only once rank 0 has set it up
+        if resume:
+            checkpoint.check_owner()  # before hashing anything: a user's folder is refused
+            checkpoint.inputs = {
+                "content": content_fingerprint(runset.sources, chosen),
+                "runs": [chosen.start, chosen.stop],
+                "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
                 "version": __version__}
-    checkpoint = TileCheckpoint(out, manifest)
-    previous = checkpoint.load(reset=main) if resume else {}
-    plan_file = checkpoint.folder / "plan.json"
-    if main:
-        if previous and plan_file.is_file():
-            tiles = json.loads(plan_file.read_text())
+            tiles, previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)
+        if tiles is not None:
             err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
         else:
-            plan = plan_memory(runset.test.n_examples, runset.train.n_examples,
-                               runset.n_models, runset.n_classes,
-                               k_keep=candidates_per_query(k, precision),
+            plan = plan_memory(runset.test.n_examples, n_refs, runset.n_models,
+                               runset.n_classes, k_keep=k_keep,
                                budget=budget or default_memory_budget(device),
                                precision=precision)
             tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
             if resume:
-                atomic_write_text(plan_file, json.dumps(tiles))
+                checkpoint.start(tiles)
     if group is not None:
-        tiles = group.broadcast(tiles if main else None)
-        if not main and resume:  # rank 0 may have reset the folder: read it after it did
-            previous = checkpoint.load(reset=False)
-    n_tiles = -(-runset.train.n_examples // tiles["tile_size"])
+        tiles, checkpoint.inputs = group.broadcast((tiles, checkpoint.inputs) if main else None)
+        if not main and resume:
+            previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
+    n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
         return top_k_neighbors(
             runset.test, runset.train, k, log_softmax=options["log_softmax"],
