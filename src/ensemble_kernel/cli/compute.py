@@ -22,6 +22,7 @@ from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
                      _user_errors, app, err, format_card, parse_size)
+from .outputs import check_output_file
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -122,6 +123,7 @@ def neighbors_cmd(
         _check_precision(precision)
         if out.suffix.lower() != ".npz":
             raise InputError(f"--out must name an .npz file, got {out}")
+        check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
@@ -174,6 +176,7 @@ def predict_cmd(
         _check_precision(precision)
         if out.suffix.lower() not in (".csv", ".npz"):
             raise InputError(f"--out must end in .csv or .npz, got {out}")
+        check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         if runset.labels_train is None:

@@ -14,6 +14,7 @@ from ..formats import RunSet
 from ..store import RunStore, is_store
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
                      _check_precision, _open, _progress_bar, _user_errors, app, err, parse_size)
+from .outputs import check_output_file, check_output_folder
 
 
 # ---- the views ------------------------------------------------------------------------
@@ -66,15 +67,31 @@ def _view_inputs(runset: RunSet, extras: dict, draws: bool = True):
 
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
-           draws=True, kinds=("inputs", "features")):
-    """Open SRC, compute test -> train neighbours once, gather what the views draw.
+           draws=True, kinds=("inputs", "features"), *, name: str, out: Path,
+           needs_labels: bool = False, needs_features: bool = False, ranks: str | None = None):
+    """Check every option, open SRC, compute test -> train neighbours once, gather what
+    the views draw. Nothing is computed before the checks (labels, features, `out`).
 
     Only the `kinds` of extra arrays a view uses are read from a store.
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
+    if name == "report":
+        check_output_file(out)
+        check_output_folder(out.with_name(out.stem + "_files"))
+    else:
+        check_output_folder(out)
     runset, _ = _open(src, labels, None)
+    if needs_labels and (runset.labels_train is None or runset.labels_test is None):
+        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
+    if ranks is not None:
+        from ..explain import parse_ranks
+
+        parse_ranks(ranks, runset.test.n_examples)  # a bad --ranks is refused before work
     extras = _extras(src, inputs, features, kinds)
+    if needs_features and extras["features_train"] is None:
+        raise InputError(f"{name} needs features: a store made with ingest --features, or "
+                         "--features FILE.npz with features_train and features_test")
     renderer = _view_inputs(runset, extras, draws)
     with _progress_bar(quiet) as report:
         found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
@@ -96,12 +113,10 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
     runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
                                              precision, device, quiet, k=k, draws=draws,
-                                             kinds=kinds)
-    if needs_labels and (runset.labels_train is None or runset.labels_test is None):
-        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
-    if needs_features and extras["features_train"] is None:
-        raise InputError(f"{name} needs features: a store made with ingest --features, or "
-                         "--features FILE.npz with features_train and features_test")
+                                             kinds=kinds, name=name, out=out,
+                                             needs_labels=needs_labels,
+                                             needs_features=needs_features,
+                                             ranks=options.pop("ranks_spec", None))
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -127,7 +142,8 @@ def pairs_cmd(
     with _user_errors():
         _, written = _write_view("pairs", src, labels, inputs, None, memory_budget, precision,
                                  device, quiet, out, k=1,
-                                 ranks=lambda n_test: parse_ranks(ranks, n_test))
+                                 ranks=lambda n_test: parse_ranks(ranks, n_test),
+                                 ranks_spec=ranks)
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 
@@ -220,9 +236,8 @@ def report_cmd(
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
         runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                                 precision, device, quiet)
-        if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("report needs train and test labels: pass --labels FILE.npz")
+                                                 precision, device, quiet, name="report",
+                                                 out=out, needs_labels=True, ranks=ranks)
         build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                      found=found, out=out, source=str(src[0]), renderer=renderer,
                      class_names=extras["class_names"], features_train=extras["features_train"],
