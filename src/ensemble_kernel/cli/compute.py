@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 import typer
 
 from .. import __version__
@@ -17,7 +18,7 @@ from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
 from ..errors import InputError
 from ..evaluate import evaluate, select_by_leave_one_out
-from ..formats import RunSet
+from ..formats import RunSet, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
@@ -158,7 +159,9 @@ def predict_cmd(
                                   "neighbour counts K ** power."),
     weighted_k: int = typer.Option(20, "--weighted-k", help="Neighbours in the weighted vote."),
     power: int = typer.Option(4, "--power", help="Weight of a neighbour: K ** power."),
-    labels: Optional[Path] = LabelsOpt,
+    labels: Optional[Path] = typer.Option(None, "--labels", help="An .npz with labels_train "
+                                          "(labels_test is not needed and not read), when "
+                                          "SRC carries no train labels."),
     runs: Optional[str] = RunsOpt,
     no_log_softmax: bool = NoLogSoftmaxOpt,
     precision: str = PrecisionOpt,
@@ -168,8 +171,10 @@ def predict_cmd(
 ) -> None:
     """Labels for the test examples from their training neighbours (train labels needed).
 
-    Writes per example the prediction, the per-class scores (vote fractions, or summed
-    weights / k) and the margin between the best two scores.
+    The test examples need no labels: a store without test labels, an .npz without
+    labels_test, .pt files without labels (with --labels holding labels_train only) all
+    work. Writes per example the prediction, the per-class scores (vote fractions, or
+    summed weights / k) and the margin between the best two scores.
     """
     started = time.perf_counter()
     with _user_errors():
@@ -178,18 +183,20 @@ def predict_cmd(
             raise InputError(f"--out must end in .csv or .npz, got {out}")
         check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
-        runset, chosen = _open(src, labels, runs)
-        if runset.labels_train is None:
-            raise InputError("predict needs train labels: the run files carry none; pass "
-                             "--labels FILE.npz with labels_train (labels_test may be empty)")
+        runset, chosen = _open(src, None, runs)
+        labels_train = (runset.labels_train if labels is None else
+                        _read_train_labels(labels, runset.train.n_examples, runset.n_classes))
+        if labels_train is None:
+            raise InputError(f"predict needs train labels: {', '.join(map(str, src))} carries "
+                             "none; pass --labels FILE.npz with an array labels_train")
         n_classes = runset.n_classes
         k_used = weighted_k if weighted else k
         with _progress_bar(quiet) as report:
             found = top_k_neighbors(runset.test, runset.train, k_used,
                                     log_softmax=not no_log_softmax, precision=precision,
                                     memory_budget=budget, device=device, progress=report)
-        scores = (weighted_scores(found, runset.labels_train, n_classes, power) if weighted
-                  else knn_scores(found, runset.labels_train, n_classes))
+        scores = (weighted_scores(found, labels_train, n_classes, power) if weighted
+                  else knn_scores(found, labels_train, n_classes))
         scores = scores.cpu()  # (from a GPU with --device cuda)
         prediction, margin = predict_from_scores(scores)
         options = {"vote": "weighted" if weighted else "knn", "k": k_used,
@@ -200,6 +207,25 @@ def predict_cmd(
                                                        scores, margin, meta))
     if not quiet:
         err.print(f"wrote {out} ({len(prediction)} predictions)")
+
+
+def _read_train_labels(path: Path, n_train: int, n_classes: int) -> torch.Tensor:
+    """`labels_train` from an .npz, checked against the train split; `labels_test`, if
+    any, is not read (predicting needs none)."""
+    if path.suffix.lower() != ".npz":
+        raise InputError(f"{path}: --labels takes an .npz file with an array labels_train")
+    if not path.is_file():
+        raise InputError(f"{path}: no such labels file")
+    arrays = load_npz(path)
+    if "labels_train" not in arrays:
+        raise InputError(f"{path}: missing labels_train; keys found: {sorted(arrays)}")
+    array = arrays["labels_train"]
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise InputError(f"{path} 'labels_train': labels must be a 1-D integer array, got "
+                         f"{array.dtype} of shape {array.shape}")
+    labels = torch.from_numpy(array.astype(np.int64))
+    check_labels(labels, n_train, n_classes, "train")
+    return labels
 
 
 def _distributed_group(device: str):
