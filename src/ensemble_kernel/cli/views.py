@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..engine import top_k_neighbors
+from ..plan import budget_beside, default_memory_budget
 from ..errors import InputError
 from ..formats import RunSet
 from ..store import RunStore, is_store
@@ -93,11 +94,21 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
         raise InputError(f"{name} needs features: a store made with ingest --features, or "
                          "--features FILE.npz with features_train and features_test")
     renderer = _view_inputs(runset, extras, draws)
+    # The inputs and features stay in memory beside the kernel: the kernel gets the rest.
+    budget = budget_beside(budget or default_memory_budget(device), _nbytes(extras),
+                           "the inputs and features")
     with _progress_bar(quiet) as report:
         found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
                                 precision=precision, memory_budget=budget, device=device,
                                 progress=report)
-    return runset, extras, renderer, found
+    return runset, extras, renderer, found, budget - _nbytes(found)
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the arrays in `obj` (a dict of arrays or None, or Neighbors)."""
+    if isinstance(obj, dict):
+        return sum(int(getattr(v, "nbytes", 0)) for v in obj.values())
+    return int(obj.indices.nbytes + obj.values.nbytes)
 
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
@@ -111,8 +122,8 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     from ..report.html import build_views, write_views
 
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
-    runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                             precision, device, quiet, k=k, draws=draws,
+    runset, extras, renderer, found, _ = _views(src, labels, inputs, features, memory_budget,
+                                                precision, device, quiet, k=k, draws=draws,
                                              kinds=kinds, name=name, out=out,
                                              needs_labels=needs_labels,
                                              needs_features=needs_features,
@@ -235,13 +246,14 @@ def report_cmd(
     with _user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
-        runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                                 precision, device, quiet, name="report",
-                                                 out=out, needs_labels=True, ranks=ranks)
+        runset, extras, renderer, found, left = _views(
+            src, labels, inputs, features, memory_budget, precision, device, quiet,
+            name="report", out=out, needs_labels=True, ranks=ranks)
         build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                      found=found, out=out, source=str(src[0]), renderer=renderer,
                      class_names=extras["class_names"], features_train=extras["features_train"],
                      features_test=extras["features_test"],
-                     ranks=parse_ranks(ranks, runset.test.n_examples), precision=precision)
+                     ranks=parse_ranks(ranks, runset.test.n_examples), precision=precision,
+                     memory_budget=left, device=device)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
