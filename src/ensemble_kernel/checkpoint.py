@@ -1,9 +1,25 @@
 """Finished tiles on disk, so that a killed `neighbors` resumes instead of starting over.
 
-Next to the output `OUT` lives `OUT.partial/`: `manifest.json` (everything the result
-depends on: sources, runs, options and the tile plan) and one `tile-NNNNN.npz` per
-finished tile, each written atomically. A restart with a matching manifest reuses the
-tiles; with any difference it starts over. The folder is removed once `OUT` is written.
+Next to the output `OUT` lives `OUT.partial/`: `manifest.json` and one `tile-NNNNN.npz`
+per finished tile, each written atomically. The manifest binds the tiles to everything
+the result depends on:
+
+- the *content* of the logits: the SHA-256 of every run file, in order, or, for a store,
+  the records (source, SHA-256, runs) of the committed files that hold the runs used; a
+  file rewritten in place, or a store rebuilt at the same path with as many runs, does not
+  match;
+- the runs used, the options that change the neighbours (k, precision, log-softmax,
+  device), the library version;
+- the tile plan (tile size, runs per block), kept so that every restart and every rank
+  cuts the same tiles. The memory budget only matters through it.
+
+A restart with a matching manifest reuses every tile that reads back whole and of the
+right shape (a damaged one is computed again); with any other manifest it starts over.
+Labels play no part in the neighbours and are not in the manifest.
+
+The folder is this command's own: its manifest says it was made by `neighbors`. A folder
+at that path without such a manifest is the user's, and is never touched: the command
+refuses. Starting over and finishing remove only the checkpoint's own files.
 """
 
 from __future__ import annotations
@@ -11,54 +27,116 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
+import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write, atomic_write_text
+from .errors import InputError
+from .formats import file_hash
 from .neighbors import Neighbors
 
-__all__ = ["TileCheckpoint"]
+__all__ = ["TileCheckpoint", "content_fingerprint"]
 
 logger = logging.getLogger(__name__)
 _TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_TILE_DELAY", "0"))  # crash tests
+MADE_BY = "ensemble-kernel neighbors"
+_OWN_FILE = re.compile(r"(manifest\.json|tile-\d{5}\.npz|\.(manifest\.json|tile-\d{5}\.npz)\..*"
+                       r"\.partial)")
+
+
+def content_fingerprint(sources: Sequence[str], runs: slice) -> list[dict]:
+    """What the logits of `sources` are, by content: one entry per source.
+
+    A store gives the records of its committed files that hold runs in `runs` (their
+    SHA-256 and run ranges); a run file gives its SHA-256 and size.
+    """
+    from .store import RunStore, is_store  # the store imports formats; keep this light
+
+    out = []
+    for source in sources:
+        if is_store(source):
+            records = [r for r in RunStore(source).records()
+                       if r["runs"][0] < runs.stop and r["runs"][1] > runs.start]
+            out.append({"store": str(source), "records": records})
+        else:
+            out.append({"file": Path(source).name, "size": Path(source).stat().st_size,
+                        "sha256": file_hash(source)})
+    return out
 
 
 class TileCheckpoint:
-    """The `OUT.partial/` folder of one computation, described by `manifest`."""
+    """The `OUT.partial/` folder of one computation.
 
-    def __init__(self, out: Path, manifest: dict):
+    Parameters
+    ----------
+    out : the result file; the folder is `OUT.partial/` beside it.
+    inputs : everything the result depends on except the plan (JSON-serialisable).
+    """
+
+    def __init__(self, out: Path, inputs: dict):
         self.folder = out.with_name(out.name + ".partial")
-        self.manifest = manifest
+        self.inputs = inputs
 
-    def load(self, reset: bool = True) -> dict[int, Neighbors]:
-        """Tiles finished by an earlier run with the same manifest; otherwise start afresh.
-
-        With `reset=False` (the other ranks of a torchrun job) a mismatching folder is left
-        alone: rank 0 resets it.
-        """
+    def _manifest(self) -> dict | None:
+        """The folder's manifest if this command made the folder; None if there is none."""
+        if not self.folder.exists():
+            return None
         path = self.folder / "manifest.json"
-        if path.is_file():
-            try:
-                same = json.loads(path.read_text()) == self.manifest
-            except ValueError:
-                same = False
-            if same:
-                tiles = {}
-                for f in sorted(self.folder.glob("tile-*.npz")):
-                    with np.load(f) as data:
-                        tiles[int(f.stem.split("-")[1])] = Neighbors(
-                            torch.from_numpy(data["indices"]), torch.from_numpy(data["values"]))
-                logger.info("resuming: %d finished tiles in %s", len(tiles), self.folder)
-                return tiles
-        if not reset:
-            return {}
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
-        atomic_write_text(self.folder / "manifest.json", json.dumps(self.manifest))
-        return {}
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            manifest = None
+        if not self.folder.is_dir() or not isinstance(manifest, dict) or \
+                manifest.get("made_by") != MADE_BY:
+            raise InputError(
+                f"{self.folder} exists and was not made by neighbors (no checkpoint manifest "
+                "in it); it is left alone: move it away or choose another --out")
+        return manifest
+
+    def check_owner(self) -> None:
+        """Raise InputError if `OUT.partial` exists and is not this command's folder."""
+        self._manifest()
+
+    def load(self, n_rows: int, k_keep: int, n_references: int) -> tuple[dict | None,
+                                                                          dict[int, Neighbors]]:
+        """The plan and the tiles of an earlier run with the same inputs, read-only.
+
+        Returns (None, {}) when there is nothing to resume. Tiles that do not read back
+        whole, with shape (n_rows, k_keep) and indices in range, are left out (computed
+        again).
+        """
+        manifest = self._manifest()
+        if manifest is None or manifest.get("inputs") != self.inputs:
+            return None, {}
+        plan = manifest.get("plan")
+        if not isinstance(plan, dict) or not isinstance(plan.get("tile_size"), int) or \
+                not isinstance(plan.get("chunk_models"), int) or plan["tile_size"] < 1:
+            return None, {}
+        size = plan["tile_size"]
+        tiles = {}
+        for f in sorted(self.folder.glob("tile-*.npz")):
+            index = int(f.stem.split("-")[1])
+            references = range(index * size, min((index + 1) * size, n_references))
+            found = _read_tile(f, n_rows, k_keep, references) if references else None
+            if found is None:
+                logger.warning("ignoring %s: not a whole tile of this computation", f)
+                continue
+            tiles[index] = found
+        logger.info("resuming: %d finished tiles in %s", len(tiles), self.folder)
+        return plan, tiles
+
+    def start(self, plan: dict) -> None:
+        """Begin afresh: clear this command's earlier files, write the manifest and plan."""
+        self._manifest()  # refuses a folder that is not ours
+        self._clear()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / "manifest.json", json.dumps(
+            {"made_by": MADE_BY, "inputs": self.inputs, "plan": plan}))
 
     def save(self, index: int, found: Neighbors) -> None:
         """Write one finished tile (atomically)."""
@@ -70,4 +148,39 @@ class TileCheckpoint:
             time.sleep(_TEST_DELAY)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder if this command made it: only its own files, then the folder
+        if that left it empty. A folder that is not ours is not touched."""
+        try:
+            if self._manifest() is None:
+                return
+        except InputError:
+            return
+        self._clear()
+
+    def _clear(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for f in self.folder.iterdir():
+            if f.is_file() and _OWN_FILE.fullmatch(f.name):
+                f.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # something else is in it: not ours to delete
+            logger.warning("left %s: it holds files neighbors did not write", self.folder)
+
+
+def _read_tile(path: Path, n_rows: int, k_keep: int, references: range) -> Neighbors | None:
+    """Tile `path` if it reads back whole: top-k of every row among `references`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            indices, values = data["indices"], data["values"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged
+        logger.warning("%s: %s", path, e)
+        return None
+    shape = (n_rows, min(k_keep, len(references)))
+    if indices.shape != shape or values.shape != shape or indices.dtype != np.int64 or \
+            values.dtype != np.float32:
+        return None
+    if indices.size and (indices.min() < references.start or indices.max() >= references.stop):
+        return None
+    return Neighbors(torch.from_numpy(indices), torch.from_numpy(values))

@@ -37,22 +37,37 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions.cpu() == labels.cpu()).double().mean())
 
 
-def _model_blocks(source: LogitSource, block: int = 64):
+# Bytes per (run, example, class) of a block read for the single-model and ensemble
+# accuracies: the raw read (at most float64), a float32 copy for argmax and a float64 copy.
+_BLOCK_BYTES = 8 + 4 + 8
+_MAX_BLOCK = 64  # runs per block: more buys nothing
+
+
+def _model_blocks(source: LogitSource, block: int):
     for m0 in range(0, source.n_models, block):
         yield m0, source.read(slice(m0, min(m0 + block, source.n_models)),
                               slice(0, source.n_examples))
 
 
-def singles_and_ensemble(source: LogitSource, labels: torch.Tensor):
+def singles_and_ensemble(source: LogitSource, labels: torch.Tensor, *,
+                         memory_budget: int | None = None):
     """Each run's accuracy and the ensemble's mean logits, in one pass over the runs.
+
+    `memory_budget` (bytes) bounds the blocks of runs read at a time (and the float64
+    sum kept across them); None: blocks of 64 runs.
 
     Returns
     -------
     (Tensor of shape (n_models,), float64; Tensor of shape (n_examples, n_classes), float64)
     """
+    per_run = source.n_examples * source.n_classes
+    block = _MAX_BLOCK
+    if memory_budget is not None:
+        block = int(min(_MAX_BLOCK, max(1, (memory_budget - 8 * per_run) //
+                                        (_BLOCK_BYTES * per_run))))
     total = torch.zeros(source.n_examples, source.n_classes, dtype=torch.float64)
     singles = []
-    for _, raw in _model_blocks(source):
+    for _, raw in _model_blocks(source, block):
         singles.append((raw.float().argmax(dim=-1) == labels).double().mean(dim=1))
         total += raw.to(torch.float64).sum(dim=0)
     return torch.cat(singles), total / source.n_models
@@ -141,7 +156,7 @@ def evaluate(
         neighbors = top_k_neighbors(test, train, k_max, log_softmax=log_softmax, classes=classes,
                                     precision=precision, memory_budget=memory_budget,
                                     device=device, progress=progress)
-    singles, mean_logits = singles_and_ensemble(test, labels_test)
+    singles, mean_logits = singles_and_ensemble(test, labels_test, memory_budget=memory_budget)
     ensemble = mean_logits.argmax(dim=1)
     return Evaluation(
         n_models=test.n_models,

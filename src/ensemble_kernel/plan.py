@@ -9,9 +9,9 @@ from typing import Literal
 import psutil
 import torch
 
-from .errors import BudgetError
+from .errors import BudgetError, InputError
 
-__all__ = ["Plan", "plan_memory", "default_memory_budget", "format_bytes"]
+__all__ = ["Plan", "plan_memory", "default_memory_budget", "format_bytes", "budget_beside"]
 
 Precision = Literal["exact", "fast"]
 
@@ -59,9 +59,33 @@ def default_memory_budget(device: torch.device | str = "cpu") -> int:
     """A quarter of the memory available now (host RAM, or free memory of a CUDA device)."""
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device 'cuda' was asked for but no CUDA device is available; "
+                             "use cpu")
         free, _ = torch.cuda.mem_get_info(device)
         return int(free // 2)
     return int(psutil.virtual_memory().available // 4)
+
+
+def budget_beside(budget: int, held: int, what: str) -> int:
+    """The part of `budget` left for the engine while `held` bytes are kept beside it.
+
+    Commands that keep arrays alive around engine calls (the sweep's predictions, the
+    report's inputs and features) pass the engine only what is left, so that the whole
+    process stays within the budget.
+
+    Raises
+    ------
+    BudgetError
+        If `held` leaves less than a quarter of the budget.
+    """
+    left = budget - held
+    if left < budget // 4:
+        raise BudgetError(
+            f"a memory budget of {format_bytes(budget)} is too small: {what} hold "
+            f"{format_bytes(held)} beside the kernel; raise --memory-budget to at least "
+            f"{format_bytes(held * 4 / 3)}")
+    return left
 
 
 def format_bytes(n: float) -> str:

@@ -22,6 +22,7 @@ from .engine import top_k_neighbors
 from .errors import InputError
 from .evaluate import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
+from .plan import budget_beside, default_memory_budget
 from .sources import LogitSource, select_runs
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
@@ -90,13 +91,23 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
-                         n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(correct_a) - mean(correct_b), resampling examples."""
+                         n_resamples: int = 2000, seed: int = 0,
+                         max_bytes: int = 64 << 20) -> tuple[float, float]:
+    """95% percentile interval of mean(correct_a) - mean(correct_b), resampling examples.
+
+    The resamples are drawn in blocks whose temporaries (indices and gathered
+    differences, 16 bytes per example per resample) stay within `max_bytes`; the draws,
+    and so the interval, do not depend on the block size.
+    """
     g = torch.Generator().manual_seed(seed)
     n = len(correct_a)
-    diff = (correct_a.double() - correct_b.double())
-    idx = torch.randint(0, n, (n_resamples, n), generator=g)
-    means = diff[idx].mean(dim=1)
+    diff = (correct_a.cpu().double() - correct_b.cpu().double())
+    rows = max(1, min(n_resamples, max_bytes // (16 * max(n, 1))))
+    means = torch.empty(n_resamples, dtype=torch.float64)
+    for r in range(0, n_resamples, rows):
+        idx = torch.randint(0, n, (min(rows, n_resamples - r), n), generator=g)
+        means[r:r + len(idx)] = diff[idx].mean(dim=1)
+        del idx
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
@@ -106,7 +117,8 @@ def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common
     `known`: neighbours of this very subset computed before (k >= what is needed), reused.
     """
     n_classes = train.n_classes
-    singles, mean_logits = singles_and_ensemble(test, labels_test)
+    singles, mean_logits = singles_and_ensemble(test, labels_test,
+                                                memory_budget=common["memory_budget"])
     ensemble = mean_logits.argmax(1)
     out = {"single": float(singles.mean()), "ensemble": accuracy(ensemble, labels_test)}
     if train.n_models < 2:
@@ -143,8 +155,14 @@ def sweep(
     ----------
     train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
     runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
+    memory_budget : bytes for the whole sweep (default: a quarter of what is available).
+        What the sweep keeps between kernels (the neighbours and predictions of the
+        subsets, see `_held_bytes`) is taken off it; the rest goes to each kernel, to the
+        blocks of runs read for the accuracies, and to the bootstrap, one at a time.
+    device : where the kernels are computed.
     neighbors : test -> train neighbours over all runs, if already computed (k >= 20):
-        reused for the subset of all runs instead of computing that kernel again.
+        reused for the subset of all runs instead of computing that kernel again (the
+        caller holds them, and counts them in its own budget).
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -163,12 +181,22 @@ def sweep(
     return result
 
 
+def _held_bytes(n_test: int, n_classes: int, k: int) -> int:
+    """What the sweep keeps alive while a kernel is computed: the neighbours of the
+    largest subset and of the one before (indices and values, 16 bytes each), ensemble
+    predictions and correctness flags, and one float64 mean of the logits."""
+    return n_test * (3 * 16 * k + 8 * n_classes + 64)
+
+
 def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
            significance_k, precision, memory_budget, device, neighbors) -> SweepResult:
     n_models, n_classes = train.n_models, train.n_classes
     runs = sorted(set(runs or default_run_counts(n_models)))
     ks = sorted(set(ks))
-    common = dict(precision=precision, memory_budget=memory_budget, device=device)
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    left = budget_beside(budget, _held_bytes(test.n_examples, n_classes, max(ks + [weighted[0]])),
+                         "the sweep's neighbours and predictions")
+    common = dict(precision=precision, memory_budget=left, device=device)
     rows: list[SweepRow] = []
     largest = None
     for n in runs:
@@ -200,7 +228,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test
         ens_ok = ensemble == labels_test
         b, c = int((knn_ok & ~ens_ok).sum()), int((~knn_ok & ens_ok).sum())
-        low, high = bootstrap_difference(knn_ok, ens_ok)
+        low, high = bootstrap_difference(knn_ok, ens_ok, max_bytes=left)
         significance = Significance(
             n_models=part.stop - part.start, k=k3, knn_accuracy=float(knn_ok.double().mean()),
             ensemble_accuracy=float(ens_ok.double().mean()), only_knn_correct=b,

@@ -11,12 +11,14 @@ import sys
 
 from . import compute, demo, ingest, views  # noqa: F401  (they register the commands)
 from .common import app, err, parse_size
+from .malloc import return_large_blocks
 
 __all__ = ["app", "main", "parse_size"]
 
 
 def main() -> None:
     """Entry point of the `ensemble-kernel` program."""
+    return_large_blocks()  # peak RSS follows --memory-budget (see cli/malloc.py)
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:

@@ -9,19 +9,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 import typer
 
 from .. import __version__
 from ..atomic import atomic_write, atomic_write_text
-from ..checkpoint import TileCheckpoint
+from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
 from ..errors import InputError
 from ..evaluate import evaluate, select_by_leave_one_out
-from ..formats import RunSet
+from ..formats import RunSet, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
                      _user_errors, app, check_k, err, format_card, parse_size)
+from .outputs import check_output_file
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -126,6 +128,7 @@ def neighbors_cmd(
         _check_precision(precision)
         if out.suffix.lower() != ".npz":
             raise InputError(f"--out must name an .npz file, got {out}")
+        check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         check_k("--k", k, runset.train.n_examples, default=20)
@@ -140,7 +143,7 @@ def neighbors_cmd(
                 atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
                                                      values=result.values.cpu().numpy(),
                                                      meta=np.array(meta)))
-                TileCheckpoint(out, {}).remove()
+                TileCheckpoint(out, {}).remove()  # only if neighbors made it
             if group is not None:
                 group.barrier()  # the others wait until the file is written
         finally:
@@ -162,7 +165,9 @@ def predict_cmd(
     weighted_k: int = typer.Option(20, "--weighted-k", min=1,
                                    help="Neighbours in the weighted vote."),
     power: int = typer.Option(4, "--power", min=1, help="Weight of a neighbour: K ** power."),
-    labels: Optional[Path] = LabelsOpt,
+    labels: Optional[Path] = typer.Option(None, "--labels", help="An .npz with labels_train "
+                                          "(labels_test is not needed and not read), when "
+                                          "SRC carries no train labels."),
     runs: Optional[str] = RunsOpt,
     no_log_softmax: bool = NoLogSoftmaxOpt,
     precision: str = PrecisionOpt,
@@ -172,19 +177,24 @@ def predict_cmd(
 ) -> None:
     """Labels for the test examples from their training neighbours (train labels needed).
 
-    Writes per example the prediction, the per-class scores (vote fractions, or summed
-    weights / k) and the margin between the best two scores.
+    The test examples need no labels: a store without test labels, an .npz without
+    labels_test, .pt files without labels (with --labels holding labels_train only) all
+    work. Writes per example the prediction, the per-class scores (vote fractions, or
+    summed weights / k) and the margin between the best two scores.
     """
     started = time.perf_counter()
     with _user_errors():
         _check_precision(precision)
         if out.suffix.lower() not in (".csv", ".npz"):
             raise InputError(f"--out must end in .csv or .npz, got {out}")
+        check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
-        runset, chosen = _open(src, labels, runs)
-        if runset.labels_train is None:
-            raise InputError("predict needs train labels: the run files carry none; pass "
-                             "--labels FILE.npz with labels_train (labels_test may be empty)")
+        runset, chosen = _open(src, None, runs)
+        labels_train = (runset.labels_train if labels is None else
+                        _read_train_labels(labels, runset.train.n_examples, runset.n_classes))
+        if labels_train is None:
+            raise InputError(f"predict needs train labels: {', '.join(map(str, src))} carries "
+                             "none; pass --labels FILE.npz with an array labels_train")
         n_classes = runset.n_classes
         k_used = weighted_k if weighted else k
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
@@ -193,8 +203,8 @@ def predict_cmd(
             found = top_k_neighbors(runset.test, runset.train, k_used,
                                     log_softmax=not no_log_softmax, precision=precision,
                                     memory_budget=budget, device=device, progress=report)
-        scores = (weighted_scores(found, runset.labels_train, n_classes, power) if weighted
-                  else knn_scores(found, runset.labels_train, n_classes))
+        scores = (weighted_scores(found, labels_train, n_classes, power) if weighted
+                  else knn_scores(found, labels_train, n_classes))
         scores = scores.cpu()  # (from a GPU with --device cuda)
         prediction, margin = predict_from_scores(scores)
         options = {"vote": "weighted" if weighted else "knn", "k": k_used,
@@ -205,6 +215,25 @@ def predict_cmd(
                                                        scores, margin, meta))
     if not quiet:
         err.print(f"wrote {out} ({len(prediction)} predictions)")
+
+
+def _read_train_labels(path: Path, n_train: int, n_classes: int) -> torch.Tensor:
+    """`labels_train` from an .npz, checked against the train split; `labels_test`, if
+    any, is not read (predicting needs none)."""
+    if path.suffix.lower() != ".npz":
+        raise InputError(f"{path}: --labels takes an .npz file with an array labels_train")
+    if not path.is_file():
+        raise InputError(f"{path}: no such labels file")
+    arrays = load_npz(path)
+    if "labels_train" not in arrays:
+        raise InputError(f"{path}: missing labels_train; keys found: {sorted(arrays)}")
+    array = arrays["labels_train"]
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise InputError(f"{path} 'labels_train': labels must be a 1-D integer array, got "
+                         f"{array.dtype} of shape {array.shape}")
+    labels = torch.from_numpy(array.astype(np.int64))
+    check_labels(labels, n_train, n_classes, "train")
+    return labels
 
 
 def _distributed_group(device: str):
@@ -221,35 +250,45 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
 
     The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
-    the checkpoint, so every rank and every restart cuts the same tiles.
+    the checkpoint's manifest, so every rank and every restart cuts the same tiles. The
+    manifest binds the tiles to the content of the logits (see `checkpoint`). Everything
+    is checked before the checkpoint is started afresh, so a refused command leaves an
+    earlier checkpoint as it was.
     """
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
     budget = options["memory_budget"]
-    manifest = {"sources": list(runset.sources), "runs": [chosen.start, chosen.stop],
+    n_refs = runset.train.n_examples
+    if not 1 <= k <= n_refs:
+        raise InputError(f"--k must be between 1 and {n_refs} (the training examples), got {k}")
+    k_keep = candidates_per_query(k, precision)
+    checkpoint = TileCheckpoint(out, {})
+    tiles, previous = None, {}
+    if main:  # the other ranks touch the checkpoint only once rank 0 has set it up
+        if resume:
+            checkpoint.check_owner()  # before hashing anything: a user's folder is refused
+            checkpoint.inputs = {
+                "content": content_fingerprint(runset.sources, chosen),
+                "runs": [chosen.start, chosen.stop],
+                "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
                 "version": __version__}
-    checkpoint = TileCheckpoint(out, manifest)
-    previous = checkpoint.load(reset=main) if resume else {}
-    plan_file = checkpoint.folder / "plan.json"
-    if main:
-        if previous and plan_file.is_file():
-            tiles = json.loads(plan_file.read_text())
+            tiles, previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)
+        if tiles is not None:
             err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
         else:
-            plan = plan_memory(runset.test.n_examples, runset.train.n_examples,
-                               runset.n_models, runset.n_classes,
-                               k_keep=candidates_per_query(k, precision),
+            plan = plan_memory(runset.test.n_examples, n_refs, runset.n_models,
+                               runset.n_classes, k_keep=k_keep,
                                budget=budget or default_memory_budget(device),
                                precision=precision)
             tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
             if resume:
-                atomic_write_text(plan_file, json.dumps(tiles))
+                checkpoint.start(tiles)
     if group is not None:
-        tiles = group.broadcast(tiles if main else None)
-        if not main and resume:  # rank 0 may have reset the folder: read it after it did
-            previous = checkpoint.load(reset=False)
-    n_tiles = -(-runset.train.n_examples // tiles["tile_size"])
+        tiles, checkpoint.inputs = group.broadcast((tiles, checkpoint.inputs) if main else None)
+        if not main and resume:
+            previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
+    n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
         return top_k_neighbors(
             runset.test, runset.train, k, log_softmax=options["log_softmax"],

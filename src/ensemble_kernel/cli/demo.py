@@ -14,6 +14,7 @@ from ..errors import InputError
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
                      _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size)
+from .outputs import check_output_folder
 
 
 @app.command("sweep")
@@ -44,6 +45,7 @@ def sweep_cmd(
     with _user_errors():
         _check_precision(precision)
         budget = parse_size(memory_budget) if memory_budget else None
+        check_output_folder(out)
         runset, _ = _open(src, labels, None)
         if runset.labels_train is None or runset.labels_test is None:
             raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
@@ -94,18 +96,24 @@ def demo_cmd(
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seeds every network's "
                              "initialisation and data order."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead."),
+    force: bool = typer.Option(False, "--force", help="Write into OUT even if the demo did "
+                               "not make it, replacing OUT/store."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Train an ensemble of small 1-D CNNs on the CPU and show the kernel beating the average.
 
     Writes OUT/store (a store every command accepts as SRC), summary.json, sweep.png,
-    sweep.csv, sweep.json and record.json. Needs no download.
+    sweep.csv, sweep.json, record.json and report.html. Needs no download.
+
+    OUT is the demo's own folder (it leaves a marker file in it): a later demo replaces
+    OUT/store only if the demo made it and no runs were added since. Any other OUT that
+    is not empty is refused before training starts, unless --force.
     """
     from ..demo import DemoOptions, run_demo
 
     started = time.perf_counter()
     with _user_errors():
-        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out)
+        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out, force=force)
         with _stage_bar(quiet or as_json) as report:
             result = run_demo(options, report)
     if as_json:

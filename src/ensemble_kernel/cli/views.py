@@ -10,12 +10,14 @@ from typing import List, Optional
 import typer
 
 from ..engine import top_k_neighbors
+from ..plan import budget_beside, default_memory_budget
 from ..errors import InputError
 from ..formats import RunSet
 from ..store import RunStore, is_store
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt, QuietOpt,
                      SrcArg, _check_precision, _open, _progress_bar, _user_errors, app,
                      check_k, check_sweep_size, err, parse_size, say)
+from .outputs import check_output_file, check_output_folder
 
 
 # ---- the views ------------------------------------------------------------------------
@@ -90,24 +92,48 @@ def _note_no_inputs(renderer) -> None:
 
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
-           kinds=("inputs", "features"), check=None):
-    """Open SRC, compute test -> train neighbours once, gather what the views draw.
+           kinds=("inputs", "features"), *, name: str, out: Path, needs_labels: bool = False,
+           needs_features: bool = False, ranks: str | None = None, check=None):
+    """Check every option, open SRC, compute test -> train neighbours once, gather what
+    the views draw. Nothing is computed before the checks (labels, features, `out`).
 
     Only the `kinds` of extra arrays a view uses are read from a store. `check(runset)`
-    validates the options against SRC before any work.
+    validates the other options against SRC before any work.
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
+    if name == "report":
+        check_output_file(out)
+        check_output_folder(out.with_name(out.stem + "_files"))
+    else:
+        check_output_folder(out)
     runset, _ = _open(src, labels, None)
+    if needs_labels and (runset.labels_train is None or runset.labels_test is None):
+        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
+    if ranks is not None:
+        _ranks(ranks, runset.test.n_examples)  # a bad --ranks is refused before work
     if check is not None:
         check(runset)
     extras = _extras(src, inputs, features, kinds)
+    if needs_features and extras["features_train"] is None:
+        raise InputError(f"{name} needs features: a store made with ingest --features, or "
+                         "--features FILE.npz with features_train and features_test")
     renderer = _view_inputs(runset, extras)
+    # The inputs and features stay in memory beside the kernel: the kernel gets the rest.
+    budget = budget_beside(budget or default_memory_budget(device), _nbytes(extras),
+                           "the inputs and features")
     with _progress_bar(quiet) as report:
         found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
                                 precision=precision, memory_budget=budget, device=device,
                                 progress=report)
-    return runset, extras, renderer, found
+    return runset, extras, renderer, found, budget - _nbytes(found)
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the arrays in `obj` (a dict of arrays or None, or Neighbors)."""
+    if isinstance(obj, dict):
+        return sum(int(getattr(v, "nbytes", 0)) for v in obj.values())
+    return int(obj.indices.nbytes + obj.values.nbytes)
 
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
@@ -121,14 +147,12 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     from ..report.html import build_views, write_views
 
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
-    runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                             precision, device, quiet, k=k, kinds=kinds,
-                                             check=check)
-    if needs_labels and (runset.labels_train is None or runset.labels_test is None):
-        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
-    if needs_features and extras["features_train"] is None:
-        raise InputError(f"{name} needs features: a store made with ingest --features, or "
-                         "--features FILE.npz with features_train and features_test")
+    runset, extras, renderer, found, _ = _views(src, labels, inputs, features, memory_budget,
+                                                precision, device, quiet, k=k, kinds=kinds,
+                                                name=name, out=out, needs_labels=needs_labels,
+                                                needs_features=needs_features,
+                                                ranks=options.pop("ranks_spec", None),
+                                                check=check)
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -156,8 +180,7 @@ def pairs_cmd(
     with _user_errors():
         _, written = _write_view("pairs", src, labels, inputs, None, memory_budget, precision,
                                  device, quiet, out, k=1,
-                                 check=lambda r: _ranks(ranks, r.test.n_examples),
-                                 ranks=lambda n_test: _ranks(ranks, n_test))
+                                 ranks=lambda n_test: _ranks(ranks, n_test), ranks_spec=ranks)
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
 
@@ -250,22 +273,19 @@ def report_cmd(
     """
     from ..report.build import build_report
 
-    def check(runset):
-        if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("report needs train and test labels: pass --labels FILE.npz")
-        check_sweep_size("report", runset.train.n_examples)
-        _ranks(ranks, runset.test.n_examples)
-
     with _user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
-        runset, extras, renderer, found = _views(src, labels, inputs, features, memory_budget,
-                                                 precision, device, quiet, check=check)
+        runset, extras, renderer, found, left = _views(
+            src, labels, inputs, features, memory_budget, precision, device, quiet,
+            name="report", out=out, needs_labels=True, ranks=ranks,
+            check=lambda r: check_sweep_size("report", r.train.n_examples))
         build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                      found=found, out=out, source=str(src[0]), renderer=renderer,
                      class_names=extras["class_names"], features_train=extras["features_train"],
                      features_test=extras["features_test"],
-                     ranks=_ranks(ranks, runset.test.n_examples), precision=precision)
+                     ranks=_ranks(ranks, runset.test.n_examples), precision=precision,
+                     memory_budget=left, device=device)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
     _note_no_inputs(renderer)

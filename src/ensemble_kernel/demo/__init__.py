@@ -23,9 +23,10 @@ from ..atomic import atomic_write_text
 from ..errors import InputError
 from ..engine import top_k_neighbors
 from ..evaluate import Evaluation, evaluate
-from ..store import RunStore, is_store
+from ..store import RunStore
 from ..sweep import SweepResult, sweep
-from .data import load_dataset
+from .data import DATASETS, load_dataset
+from .output import check_output_folder, claim_output_folder, new_store_path, publish_store
 from .train import TrainConfig, init_ensemble, predict, train_ensemble
 
 __all__ = ["DemoOptions", "DemoResult", "run_demo"]
@@ -39,6 +40,7 @@ class DemoOptions:
     out: Path = Path("demo-output")
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_models: int = 32  # networks per batched computation
+    force: bool = False  # replace OUT/store even if the demo did not make it
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,14 @@ def _train(options: DemoOptions, data, progress) -> tuple[torch.Tensor, ...]:
 
 def run_demo(options: DemoOptions,
              progress: Callable[[str, float, float], None] | None = None) -> DemoResult:
-    """Train, store, evaluate and sweep; write the files; return what was measured."""
-    if options.models < 2:
-        raise InputError(f"--models must be at least 2 (the kernel needs 2 runs), got "
-                         f"{options.models}")
+    """Train, store, evaluate and sweep; write the files; return what was measured.
+
+    Every option and the output folder are checked before anything is computed or
+    written; `OUT/store` is replaced only if the demo made it (see `demo.output`).
+    """
+    check_options(options)
     out = options.out
-    store_path = out / "store"
-    if store_path.exists():
-        if not is_store(store_path):
-            raise InputError(f"{store_path} exists and is not a store; choose another --out")
-        shutil.rmtree(store_path)  # the demo's own output from an earlier run
+    check_output_folder(out, force=options.force)
     timings = {}
     t0 = time.perf_counter()
     data = load_dataset(options.dataset)
@@ -102,17 +102,15 @@ def run_demo(options: DemoOptions,
     timings["training_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    store = RunStore.create(store_path, n_train=len(data.y_train), n_test=len(data.y_test),
-                            n_classes=len(data.class_names), class_names=data.class_names)
-    store.set_labels("train", torch.from_numpy(data.y_train))
-    store.set_labels("test", torch.from_numpy(data.y_test))
-    dims = ("example", "position") if data.x_train.ndim == 2 else ("example", "height", "width")
-    store.set_array("inputs_train", data.x_train, dims)
-    store.set_array("inputs_test", data.x_test, dims)
-    store.set_array("features_train", feat_train.numpy(), ("example", "feature"))
-    store.set_array("features_test", feat_test.numpy(), ("example", "feature"))
-    store.append_arrays(logits_train, logits_test, source=f"demo:{options.dataset}",
-                        seeds=_seeds(options.seed, options.models))
+    check_output_folder(out, force=options.force)  # again: training takes minutes
+    marker = claim_output_folder(out)
+    building = new_store_path(out, marker)
+    try:
+        _write_store(building, data, options, logits_train, logits_test, feat_train, feat_test)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    store_path = publish_store(out, building, marker)
     store = RunStore(store_path)
     timings["store_s"] = time.perf_counter() - t0
 
@@ -157,6 +155,32 @@ def run_demo(options: DemoOptions,
     paths["record"] = out / "record.json"
     atomic_write_text(paths["record"], json.dumps(record, indent=2, default=str))
     return DemoResult(evaluation, result, paths, timings)
+
+
+def check_options(options: DemoOptions) -> None:
+    """Raise InputError for an option the demo cannot run with (before any work)."""
+    if options.dataset not in DATASETS:
+        raise InputError(f"--dataset takes {' or '.join(DATASETS)}, got {options.dataset!r}")
+    if options.models < 2:
+        raise InputError(f"--models must be at least 2 (the kernel needs 2 runs), got "
+                         f"{options.models}")
+    if options.batch_models < 1:
+        raise InputError(f"batch_models must be at least 1, got {options.batch_models}")
+
+
+def _write_store(path: Path, data, options: DemoOptions, logits_train, logits_test,
+                 feat_train, feat_test) -> None:
+    store = RunStore.create(path, n_train=len(data.y_train), n_test=len(data.y_test),
+                            n_classes=len(data.class_names), class_names=data.class_names)
+    store.set_labels("train", torch.from_numpy(data.y_train))
+    store.set_labels("test", torch.from_numpy(data.y_test))
+    dims = ("example", "position") if data.x_train.ndim == 2 else ("example", "height", "width")
+    store.set_array("inputs_train", data.x_train, dims)
+    store.set_array("inputs_test", data.x_test, dims)
+    store.set_array("features_train", feat_train.numpy(), ("example", "feature"))
+    store.set_array("features_test", feat_test.numpy(), ("example", "feature"))
+    store.append_arrays(logits_train, logits_test, source=f"demo:{options.dataset}",
+                        seeds=_seeds(options.seed, options.models))
 
 
 def summary_of(evaluation: Evaluation) -> dict:

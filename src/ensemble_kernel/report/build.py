@@ -23,14 +23,19 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                  class_names: Sequence[str] | None = None, features_train=None,
                  features_test=None, ranks: slice = slice(0, 48),
                  evaluation: Evaluation | None = None, sweep_result: SweepResult | None = None,
-                 precision: str = "exact") -> list[Path]:
+                 precision: str = "exact", memory_budget: int | None = None,
+                 device: str = "cpu") -> list[Path]:
     """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
 
     `found` are the test -> train neighbours (k >= 20 for the weighted vote and the
-    failures); `evaluation` and `sweep_result` are computed when not given.
+    failures); `evaluation` and `sweep_result` are computed when not given, within
+    `memory_budget` bytes (what the caller holds, `found` and the inputs, is the
+    caller's to take off) and on `device`.
     """
-    e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found)
+    e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found,
+                               memory_budget=memory_budget, device=device)
     result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision,
+                                   memory_budget=memory_budget, device=device,
                                    neighbors=found)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,

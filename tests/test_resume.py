@@ -1,0 +1,165 @@
+"""`neighbors` resumes only work done on the same content (issue 8, item 4).
+
+A partial run is simulated in-process: the checkpoint's `save` stops the command after
+its first tile, as a kill would. Between that and the resume, a source changes its
+content but keeps its path, shape, size and modification time; the resumed result must
+equal a fresh run on the new content, not reuse the stale tile.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ensemble_kernel import checkpoint as checkpoint_module
+from ensemble_kernel.cli import app
+
+from conftest import make_ensemble
+
+runner = CliRunner()
+ARGS = ["--k", "5", "--memory-budget", "6MiB", "-q"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def _partial_run(monkeypatch, src, out, tiles=1):
+    """Run `neighbors` until `tiles` tiles are saved, then stop it as a kill would."""
+    original = checkpoint_module.TileCheckpoint.save
+    saved = []
+
+    def save(self, index, found):
+        original(self, index, found)
+        saved.append(index)
+        if len(saved) >= tiles:
+            raise _Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module.TileCheckpoint, "save", save)
+        result = _run("neighbors", *src, "--out", out, *ARGS)
+    assert isinstance(result.exception, _Killed), result.output
+    partial = out.with_name(out.name + ".partial")
+    assert len(list(partial.glob("tile-*.npz"))) == tiles
+    return partial
+
+
+def _result(path):
+    with np.load(path) as f:
+        return f["indices"], f["values"]
+
+
+def _fresh(tmp_path, src, name="fresh.npz"):
+    out = tmp_path / name
+    result = _run("neighbors", *src, "--out", out, "--no-resume", *ARGS)
+    assert result.exit_code == 0, result.output
+    return _result(out)
+
+
+def _save_npz(path, ens):
+    np.savez(path, logits_train=ens.train.numpy(), logits_test=ens.test.numpy())
+
+
+def _same(a, b):
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.fixture
+def two():
+    """Two ensembles of the same shape whose neighbours differ."""
+    return (make_ensemble(seed=1, n_models=6, n_train=2000, n_test=200),
+            make_ensemble(seed=2, n_models=6, n_train=2000, n_test=200))
+
+
+def test_a_changed_run_file_is_not_resumed(tmp_path, monkeypatch, two):
+    old, new = two
+    src = tmp_path / "runs.npz"
+    _save_npz(src, old)
+    out = tmp_path / "nn.npz"
+    _partial_run(monkeypatch, [src], out)
+    # Same path, same shape, same size, same modification time; other content.
+    stat = src.stat()
+    _save_npz(src, new)
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert src.stat().st_size == stat.st_size
+    result = _run("neighbors", src, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    fresh = _fresh(tmp_path, [src])
+    _save_npz(tmp_path / "old.npz", old)
+    stale = _fresh(tmp_path, [tmp_path / "old.npz"], "stale.npz")
+    assert not _same(fresh, stale)  # the test can tell them apart
+    assert _same(_result(out), fresh)
+    assert not out.with_name("nn.npz.partial").exists()
+
+
+def test_an_unchanged_run_file_is_resumed(tmp_path, monkeypatch, two):
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    partial = _partial_run(monkeypatch, [src], out, tiles=2)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert "sha256" in json.dumps(manifest)
+    result = _run("neighbors", src, "--out", out, *ARGS)
+    assert result.exit_code == 0
+    assert "resuming: 2 tiles" in result.stderr
+    assert _same(_result(out), _fresh(tmp_path, [src]))
+
+
+def _store(tmp_path, ens, name):
+    path = tmp_path / name
+    if path.exists():
+        shutil.rmtree(path)
+    files = tmp_path / f"{name}-src.npz"
+    _save_npz(files, ens)
+    result = _run("ingest", files, "--store", path, "-q")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_a_store_with_the_same_run_count_but_other_runs_is_not_resumed(tmp_path, monkeypatch,
+                                                                        two):
+    old, new = two
+    store = _store(tmp_path, old, "store")
+    out = tmp_path / "nn.npz"
+    _partial_run(monkeypatch, [store], out)
+    store = _store(tmp_path, new, "store")  # same path, same run count, other runs
+    result = _run("neighbors", store, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    fresh = _fresh(tmp_path, [store])
+    stale = _fresh(tmp_path, [_store(tmp_path, old, "old-store")], "stale.npz")
+    assert not _same(fresh, stale)
+    assert _same(_result(out), fresh)
+
+
+def test_options_that_change_the_result_restart(tmp_path, monkeypatch, two):
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    _partial_run(monkeypatch, [src], out)
+    result = _run("neighbors", src, "--out", out, "--no-log-softmax", *ARGS)
+    assert result.exit_code == 0
+    assert "resuming" not in result.stderr
+    fresh = tmp_path / "fresh.npz"
+    assert _run("neighbors", src, "--out", fresh, "--no-log-softmax", "--no-resume",
+                *ARGS).exit_code == 0
+    assert _same(_result(out), _result(fresh))
+
+
+def test_a_damaged_tile_is_recomputed(tmp_path, monkeypatch, two):
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    partial = _partial_run(monkeypatch, [src], out, tiles=2)
+    tile = sorted(partial.glob("tile-*.npz"))[0]
+    tile.write_bytes(tile.read_bytes()[:100])  # truncated
+    result = _run("neighbors", src, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert _same(_result(out), _fresh(tmp_path, [src]))
