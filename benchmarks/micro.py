@@ -4,8 +4,10 @@
     python benchmarks/micro.py reduce     # float32 vs float64-accumulating reductions
     python benchmarks/micro.py storeread  # reading blocks of runs from the benchmark stores
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
+    python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
+    python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
 
-`stats` needs the logits `benchmarks/run.py` generates; `storeread` the stores of
+`stats`, `stages` and `candidates` need the logits `benchmarks/run.py` generates; `storeread` the stores of
 `benchmarks/store_bench.py`.
 """
 
@@ -99,16 +101,71 @@ def recipe(epochs: int, seed: int, models: int) -> None:
           f"gain {100 * (knn - ens):+.1f}")
 
 
+def _cifar_logits(n_test: int | None = None):
+    tag = DATA / "m500_tr50000_te10000_c10_s0_"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory map
+        train = torch.from_numpy(np.load(f"{tag}train.npy", mmap_mode="r"))
+        test = torch.from_numpy(np.load(f"{tag}test.npy", mmap_mode="r"))
+    return train, test if n_test is None else test[:, :n_test]
+
+
+def stages(precision: str, k: int) -> None:
+    """Seconds spent in each stage the engine reports (statistics, kernel, rescore, fallback)."""
+    from ensemble_kernel import top_k_neighbors
+
+    train, test = _cifar_logits()
+    spans: dict[str, list[float]] = {}
+
+    def note(p):
+        spans.setdefault(p.stage, [p.elapsed_s, p.elapsed_s])[1] = p.elapsed_s
+
+    t0 = time.perf_counter()
+    top_k_neighbors(test, train, k, precision=precision, memory_budget=1 << 30, progress=note)
+    print(f"{precision}, k = {k}: {time.perf_counter() - t0:.1f} s in all; stages (first to "
+          "last report, s): " + ", ".join(f"{s} {a:.1f}-{b:.1f}" for s, (a, b) in spans.items()))
+
+
+def candidates(k: int, n_test: int = 1000, longest: int = 1024) -> None:
+    """For candidate lists of growing length, the share of queries the error bound settles."""
+    from ensemble_kernel.engine import _prepare_engine
+    from ensemble_kernel.kernel import bfloat16_matmul, exact_float32_matmul
+
+    train, test = _cifar_logits(n_test)
+    engine = _prepare_engine(test, train, k, log_softmax=True, classes=None, exclude_self=False,
+                             precision="fast", memory_budget=1 << 30, device="cpu",
+                             chunk_models=None, tile_size=None, progress=None, k_keep=longest)
+    with bfloat16_matmul("cpu"):
+        approx = engine.search(longest, dtype=torch.bfloat16)
+    with exact_float32_matmul("cpu"):
+        scored = engine.rescore(approx.indices)
+    bound = engine.low_precision_bound(scored)
+    top1 = scored.values.max(dim=1).values
+    print(f"{n_test} test examples, k = {k}: median bound {float(bound.median()):.4f}, "
+          f"median top-1 kernel value {float(top1.median()):.4f}")
+    for n in (k + 32, 64, 128, k + 128, 256, 512, longest):
+        kth = scored.values[:, :n].topk(k, dim=1).values[:, -1].double()
+        settled = approx.values[:, n - 1].double() + bound < kth
+        print(f"  {n:5d} candidates: {100 * float(settled.double().mean()):.1f}% settled")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe"])
+    p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
+                                    "candidates"])
+    p.add_argument("--precision", default="fast")
+    p.add_argument("--k", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
     args = p.parse_args()
     if args.what == "recipe":
         recipe(args.epochs, args.seed, args.models)
+    elif args.what == "stages":
+        stages(args.precision, args.k)
+    elif args.what == "candidates":
+        candidates(args.k)
     else:
         {"stats": stats, "reduce": reduce, "storeread": storeread}[args.what]()
 
