@@ -118,3 +118,21 @@ def test_inputs_of_every_kind_are_drawn_at_a_visible_size(shape):
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2  # not a blank cell
     blank = InputRenderer(None, None)
     assert not blank.has_inputs and blank.draw("train", 5).size == (96, 96)
+
+
+def test_feature_neighbors_do_not_depend_on_the_block_size():
+    # Blocks of training rows bound the float64 copies; ties still go to the smaller index.
+    from ensemble_kernel.explain import feature_neighbors
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(1000, 16, generator=g)
+    test = torch.randn(50, 16, generator=g)
+    train[500] = train[10]  # an exact tie
+    test[3] = train[10]
+    rows = torch.arange(50)
+    whole = feature_neighbors(test, train, rows, 5)
+    for block_bytes in (8 * 16 * 37, 8 * 16 * 999, 1):
+        blocked = feature_neighbors(test, train, rows, 5, block_bytes=block_bytes)
+        assert torch.equal(whole.indices, blocked.indices)
+        assert torch.equal(whole.values, blocked.values)
+    assert whole.indices[3, :2].tolist() == [10, 500]

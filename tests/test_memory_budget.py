@@ -161,3 +161,26 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     found = 50 * 20 * (8 + 4)  # the neighbours (int64, float32) the report holds
     assert seen["memory_budget"] == 48 * MiB - found
     assert np.isfinite(seen["memory_budget"])
+
+
+@pytest.mark.slow
+def test_compare_with_large_features_stays_within_its_budget(tmp_path):
+    # Large penultimate-layer features (6,000 x 2,048 float32, 47 MiB): the cosine
+    # neighbours used to hold float64 copies of them all, 4x what the budget counted.
+    ens = make_ensemble(seed=3, n_models=8, n_train=6000, n_test=100, n_classes=4)
+    tiny = make_ensemble(seed=3, n_models=8, n_train=60, n_test=48, n_classes=4)
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for name, e, dim in (("tiny", tiny, 8), ("big", ens, 2048)):
+        np.savez(tmp_path / f"{name}.npz", logits_train=e.train.numpy(),
+                 logits_test=e.test.numpy(), labels_train=e.labels_train.numpy(),
+                 labels_test=e.labels_test.numpy())
+        n_train, n_test = e.train.shape[1], e.test.shape[1]
+        np.savez(tmp_path / f"{name}-features.npz",
+                 features_train=rng.standard_normal((n_train, dim), dtype=np.float32),
+                 features_test=rng.standard_normal((n_test, dim), dtype=np.float32))
+        peaks[name] = peak_rss(["compare", tmp_path / f"{name}.npz", "--features",
+                                tmp_path / f"{name}-features.npz", "--memory-budget", "128MiB",
+                                "--out", tmp_path / f"out-{name}"], tmp_path)
+    grew = peaks["big"] - peaks["tiny"]
+    assert grew <= 128 * MiB + OVERHEAD, f"peak grew by {grew / MiB:.0f} MiB"

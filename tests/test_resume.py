@@ -163,3 +163,42 @@ def test_a_damaged_tile_is_recomputed(tmp_path, monkeypatch, two):
     result = _run("neighbors", src, "--out", out, *ARGS)
     assert result.exit_code == 0, result.output
     assert _same(_result(out), _fresh(tmp_path, [src]))
+
+
+def test_stray_files_in_the_checkpoint_are_ignored(tmp_path, monkeypatch, two):
+    # A file manager's copy or a stray file named like a tile is skipped, not a traceback.
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    partial = _partial_run(monkeypatch, [src], out, tiles=2)
+    (partial / "tile-abc.npz").write_text("x")
+    shutil.copy(partial / "tile-00000.npz", partial / "tile-00000 (copy).npz")
+    result = _run("neighbors", src, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 tiles" in result.stderr
+    assert _same(_result(out), _fresh(tmp_path, [src]))
+
+
+def test_a_kill_while_starting_afresh_leaves_a_folder_neighbors_still_owns(tmp_path,
+                                                                          monkeypatch, two):
+    # Starting over removes the old tiles but replaces the manifest in place: killed just
+    # before the new manifest is written, the folder is still recognised as neighbors'
+    # (it used to be left without a manifest, and refused forever after).
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    partial = _partial_run(monkeypatch, [src], out, tiles=2)
+
+    def killed(*args, **kwargs):
+        raise _Killed()
+
+    checkpoint = checkpoint_module.TileCheckpoint(out, {"other": "inputs"})
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module, "atomic_write_text", killed)
+        with pytest.raises(_Killed):
+            checkpoint.start({"tile_size": 7, "chunk_models": 1})
+    assert not list(partial.glob("tile-*.npz"))
+    checkpoint_module.TileCheckpoint(out, {}).check_owner()  # still ours
+    result = _run("neighbors", src, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert _same(_result(out), _fresh(tmp_path, [src]))

@@ -45,6 +45,7 @@ __all__ = ["TileCheckpoint", "content_fingerprint"]
 logger = logging.getLogger(__name__)
 _TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_TILE_DELAY", "0"))  # crash tests
 MADE_BY = "ensemble-kernel neighbors"
+_TILE = re.compile(r"tile-(\d{5})\.npz")
 _OWN_FILE = re.compile(r"(manifest\.json|tile-\d{5}\.npz|\.(manifest\.json|tile-\d{5}\.npz)\..*"
                        r"\.partial)")
 
@@ -120,7 +121,11 @@ class TileCheckpoint:
         size = plan["tile_size"]
         tiles = {}
         for f in sorted(self.folder.glob("tile-*.npz")):
-            index = int(f.stem.split("-")[1])
+            named = _TILE.fullmatch(f.name)
+            if named is None:  # not a name this command writes (a copy, a stray file)
+                logger.warning("ignoring %s: not a tile file of neighbors", f)
+                continue
+            index = int(named.group(1))
             references = range(index * size, min((index + 1) * size, n_references))
             found = _read_tile(f, n_rows, k_keep, references) if references else None
             if found is None:
@@ -133,7 +138,9 @@ class TileCheckpoint:
     def start(self, plan: dict) -> None:
         """Begin afresh: clear this command's earlier files, write the manifest and plan."""
         self._manifest()  # refuses a folder that is not ours
-        self._clear()
+        # The manifest is replaced in place, never removed first: a kill at any point
+        # leaves a folder this command still recognises as its own.
+        self._clear(keep_folder=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "manifest.json", json.dumps(
             {"made_by": MADE_BY, "inputs": self.inputs, "plan": plan}))
@@ -157,12 +164,18 @@ class TileCheckpoint:
             return
         self._clear()
 
-    def _clear(self) -> None:
+    def _clear(self, keep_folder: bool = False) -> None:
+        """Remove this command's files, the manifest last (so that a kill part-way leaves
+        a folder still marked as ours); then the folder, unless `keep_folder`."""
         if not self.folder.is_dir():
             return
-        for f in self.folder.iterdir():
-            if f.is_file() and _OWN_FILE.fullmatch(f.name):
+        own = [f for f in self.folder.iterdir() if f.is_file() and _OWN_FILE.fullmatch(f.name)]
+        manifest = self.folder / "manifest.json"
+        for f in sorted(own, key=lambda f: f == manifest):
+            if not (keep_folder and f == manifest):
                 f.unlink(missing_ok=True)
+        if keep_folder:
+            return
         try:
             self.folder.rmdir()
         except OSError:  # something else is in it: not ours to delete

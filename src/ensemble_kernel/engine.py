@@ -144,7 +144,8 @@ class _Engine:
         if n_constant:
             warnings.warn(
                 f"{n_constant} (example, class) outputs of the {split} split are identical in "
-                "every run (std 0); they contribute 0 to the kernel",
+                "every run (std 0, or a spread below 1e-154, beyond float64's squares); they "
+                "contribute 0 to the kernel",
                 RuntimeWarning,
                 stacklevel=4,
             )

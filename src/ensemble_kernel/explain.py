@@ -165,13 +165,27 @@ def failures(neighbors: Neighbors, labels_train: torch.Tensor, labels_test: torc
 
 
 def feature_neighbors(features_test: torch.Tensor, features_train: torch.Tensor,
-                      rows: torch.Tensor, k: int) -> Neighbors:
-    """Top-k training examples by cosine similarity of features, for the test `rows`."""
+                      rows: torch.Tensor, k: int, *, block_bytes: int = 16 << 20) -> Neighbors:
+    """Top-k training examples by cosine similarity of features, for the test `rows`.
+
+    The training features are normalised in float64 a block of rows at a time (at most
+    `block_bytes` each), so no float64 copy of them all is ever held; ties go to the
+    smaller index, as everywhere.
+    """
+    from .neighbors import _order
+
     a = torch.nn.functional.normalize(torch.as_tensor(features_test)[rows].double(), dim=1)
-    b = torch.nn.functional.normalize(torch.as_tensor(features_train).double(), dim=1)
-    sims = a @ b.T
-    order = sims.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return Neighbors(order, sims.gather(1, order).float())
+    train = torch.as_tensor(features_train)
+    step = max(1, block_bytes // (8 * max(1, train.shape[1])))
+    values = torch.empty(len(rows), 0, dtype=torch.float64)
+    indices = torch.empty(len(rows), 0, dtype=torch.int64)
+    for s0 in range(0, train.shape[0], step):
+        b = torch.nn.functional.normalize(train[s0:s0 + step].double(), dim=1)
+        sims = a @ b.T  # (len(rows), block)
+        found = torch.arange(s0, s0 + b.shape[0]).expand(len(rows), -1)
+        values, indices = _order(torch.cat([values, sims], dim=1),
+                                 torch.cat([indices, found], dim=1), k)
+    return Neighbors(indices, values.float())
 
 
 def compare_neighbors(neighbors: Neighbors, features_train, features_test, *,
