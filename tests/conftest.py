@@ -72,3 +72,13 @@ def save_pt(path: Path, train, test, **extra) -> Path:
 def save_labels(path: Path, ens: Ensemble) -> Path:
     np.savez(path, labels_train=ens.labels_train.numpy(), labels_test=ens.labels_test.numpy())
     return path
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run the program in-process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from ensemble_kernel.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr

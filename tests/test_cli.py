@@ -5,20 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel.cli import app, parse_size
+from ensemble_kernel.cli import parse_size
 from ensemble_kernel.errors import InputError
 
-from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt
+from conftest import assert_same_neighbors, make_ensemble, run_cli, save_labels, save_pt
 
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+run = run_cli
 
 
 @pytest.fixture

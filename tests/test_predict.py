@@ -8,18 +8,11 @@ import re
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from ensemble_kernel.cli import app
-
-from conftest import make_ensemble, save_labels, save_pt
-
-runner = CliRunner()
 
 
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+from conftest import make_ensemble, run_cli, save_labels, save_pt
+
+run = run_cli
 
 
 @pytest.fixture
