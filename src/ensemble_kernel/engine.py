@@ -132,15 +132,14 @@ class _Engine:
         for b, e0 in enumerate(range(0, n, block)):
             rows = slice(e0, min(e0 + block, n))
             part = self._block_statistics(source, rows, None, b, n_blocks)
-            shaky = needs_float64(part.mean, part.scale, self.n_models)
-            if bool(shaky.any()):
-                again = self._block_statistics(source, rows, shaky, b, n_blocks)
-                scale_b = torch.where(shaky[:, None], again.scale, part.scale)
-                part = ClassStats.from_float64(torch.where(shaky[:, None], again.mean, part.mean),
-                                               scale_b, int((scale_b == 0).sum()), shaky)
-                precise[rows] = shaky
             mean[rows], scale[rows] = part.mean, part.scale
-            n_constant += part.n_constant
+            shaky = needs_float64(part.mean, part.scale, self.n_models)
+            if bool(shaky.any()):  # those examples again, in float64
+                again = self._block_statistics(source, rows, shaky.nonzero().flatten(), b,
+                                               n_blocks)
+                mean[rows][shaky], scale[rows][shaky] = again.mean, again.scale
+                precise[rows] = shaky
+            n_constant += int((scale[rows] == 0).sum())  # scale is 0 exactly where constant
         if n_constant:
             warnings.warn(
                 f"{n_constant} (example, class) outputs of the {split} split are identical in "
@@ -151,18 +150,22 @@ class _Engine:
             )
         return ClassStats.from_float64(mean, scale, n_constant, precise)
 
-    def _block_statistics(self, source: LogitSource, rows: slice, precise: torch.Tensor | None,
+    def _block_statistics(self, source: LogitSource, rows: slice, only: torch.Tensor | None,
                           b: int, n_blocks: int) -> ClassStats:
-        """Statistics of the examples `rows`, in float64 for those marked in `precise`."""
-        acc = StatsAccumulator(rows.stop - rows.start, self.n_used, self.device)
+        """Statistics of the examples `rows`, or, in float64, of the positions `only` in it."""
+        n_rows = rows.stop - rows.start if only is None else len(only)
+        precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
+        acc = StatsAccumulator(n_rows, self.n_used, self.device)
         for m0 in range(0, self.n_models, self.plan.chunk_models):
             models = slice(m0, min(m0 + self.plan.chunk_models, self.n_models))
             raw = source.read(models, rows)
+            if only is not None:
+                raw = raw[:, only.to(raw.device)]
             x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
                         device=self.device, runs_first=True, precise=precise)
             if not acc.update(x):
                 self._update_precisely(acc, raw, m0, rows.start, source, precise)
-            if precise is None:
+            if only is None:
                 self._report("statistics", b * self.n_models + models.stop,
                              n_blocks * self.n_models)
         return acc.finalize()
@@ -285,18 +288,17 @@ class _Engine:
         self._query_cache.clear()
         return best
 
-    def rescore(self, candidates: torch.Tensor, rows: torch.Tensor | None = None) -> Rescored:
+    def rescore(self, candidates: torch.Tensor) -> Rescored:
         """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
 
         Parameters
         ----------
-        candidates : Tensor of shape (n_rows, n_candidates), int64 reference indices, for
-            every query or for the queries `rows`.
+        candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
 
         Returns
         -------
-        Rescored: values of shape (n_rows, n_candidates), float32, and the squared norms
-        of the float32 feature rows of those queries and of every reference (float64).
+        Rescored: values of shape (n_queries, n_candidates), float32, and the squared
+        norms of the feature rows of every query and every reference (float64).
         """
         n_q, n_c = candidates.shape
         out = torch.zeros(n_q, n_c, device=self.device)
@@ -309,8 +311,6 @@ class _Engine:
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
-            if rows is not None:
-                fa = fa[rows]
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
             query_norms += fa.square().sum(1, dtype=torch.float64)
             reference_norms += fb.square().sum(1, dtype=torch.float64)
