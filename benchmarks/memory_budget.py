@@ -1,4 +1,4 @@
-"""Peak RSS of `sweep` and `report` against --memory-budget: the figures the README quotes.
+"""Peak RSS of `sweep`, `report` and `compare` against --memory-budget: the README's figures.
 
     .venv/bin/python benchmarks/memory_budget.py
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_memory_budget import MiB, _store, peak_rss, sweep_args  # noqa: E402
+from test_memory_budget import MiB, _store, feature_files, peak_rss, sweep_args  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +33,18 @@ def main() -> None:
             peak = peak_rss([*make(big), "--memory-budget", budget], root)
             print(f"{name}: --memory-budget {budget}: {peak / MiB:.0f} MiB "
                   f"(+{(peak - base) / MiB:.0f} MiB)")
+    # Large features (6,000 x 2,048 float32) against tiny ones, at a 128 MiB budget.
+    files = {name: feature_files(root, name, n_train, n_test, dim)
+             for name, n_train, n_test, dim in (("tiny", 60, 48, 8), ("big", 6000, 100, 2048))}
+    for name in ("compare", "report"):
+        peaks = {}
+        for size, (logits, features) in files.items():
+            out = root / (f"{name}-{size}.html" if name == "report" else f"{name}-{size}")
+            peaks[size] = peak_rss([name, logits, "--features", features, "--memory-budget",
+                                    "128MiB", "--out", out], root)
+        print(f"{name} with features: tiny {peaks['tiny'] / MiB:.0f} MiB, 6,000 x 2,048 at "
+              f"128 MiB {peaks['big'] / MiB:.0f} MiB (+{(peaks['big'] - peaks['tiny']) / MiB:.0f}"
+              " MiB)")
 
 
 if __name__ == "__main__":

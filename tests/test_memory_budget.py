@@ -163,24 +163,26 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     assert np.isfinite(seen["memory_budget"])
 
 
+def feature_files(root, name, n_train, n_test, dim):
+    """Run logits and penultimate-layer features (float32, dim wide) as .npz files."""
+    e = make_ensemble(seed=3, n_models=8, n_train=n_train, n_test=n_test, n_classes=4)
+    rng = np.random.default_rng(0)
+    logits, features = root / f"{name}.npz", root / f"{name}-features.npz"
+    np.savez(logits, logits_train=e.train.numpy(), logits_test=e.test.numpy(),
+             labels_train=e.labels_train.numpy(), labels_test=e.labels_test.numpy())
+    np.savez(features, features_train=rng.standard_normal((n_train, dim), dtype=np.float32),
+             features_test=rng.standard_normal((n_test, dim), dtype=np.float32))
+    return logits, features
+
+
 @pytest.mark.slow
 def test_compare_with_large_features_stays_within_its_budget(tmp_path):
     # Large penultimate-layer features (6,000 x 2,048 float32, 47 MiB): the cosine
     # neighbours used to hold float64 copies of them all, 4x what the budget counted.
-    ens = make_ensemble(seed=3, n_models=8, n_train=6000, n_test=100, n_classes=4)
-    tiny = make_ensemble(seed=3, n_models=8, n_train=60, n_test=48, n_classes=4)
-    rng = np.random.default_rng(0)
     peaks = {}
-    for name, e, dim in (("tiny", tiny, 8), ("big", ens, 2048)):
-        np.savez(tmp_path / f"{name}.npz", logits_train=e.train.numpy(),
-                 logits_test=e.test.numpy(), labels_train=e.labels_train.numpy(),
-                 labels_test=e.labels_test.numpy())
-        n_train, n_test = e.train.shape[1], e.test.shape[1]
-        np.savez(tmp_path / f"{name}-features.npz",
-                 features_train=rng.standard_normal((n_train, dim), dtype=np.float32),
-                 features_test=rng.standard_normal((n_test, dim), dtype=np.float32))
-        peaks[name] = peak_rss(["compare", tmp_path / f"{name}.npz", "--features",
-                                tmp_path / f"{name}-features.npz", "--memory-budget", "128MiB",
-                                "--out", tmp_path / f"out-{name}"], tmp_path)
+    for name, n_train, n_test, dim in (("tiny", 60, 48, 8), ("big", 6000, 100, 2048)):
+        logits, features = feature_files(tmp_path, name, n_train, n_test, dim)
+        peaks[name] = peak_rss(["compare", logits, "--features", features, "--memory-budget",
+                                "128MiB", "--out", tmp_path / f"out-{name}"], tmp_path)
     grew = peaks["big"] - peaks["tiny"]
     assert grew <= 128 * MiB + OVERHEAD, f"peak grew by {grew / MiB:.0f} MiB"
