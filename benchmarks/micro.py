@@ -6,6 +6,7 @@
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
+    python benchmarks/micro.py candidates --store demo-output/store --k 20
 
 `stats`, `stages` and `candidates` need the logits `benchmarks/run.py` generates; `storeread` the stores of
 `benchmarks/store_bench.py`.
@@ -126,12 +127,24 @@ def stages(precision: str, k: int) -> None:
           "last report, s): " + ", ".join(f"{s} {a:.1f}-{b:.1f}" for s, (a, b) in spans.items()))
 
 
-def candidates(k: int, n_test: int = 1000, longest: int = 1024) -> None:
-    """For candidate lists of growing length, the share of queries the error bound settles."""
+def candidates(k: int, store: str | None = None, n_test: int = 1000,
+               longest: int = 1024) -> None:
+    """For candidate lists of growing length, the share of queries the error bound settles.
+
+    On the benchmark's CIFAR-shaped logits, or on a store (`--store demo-output/store`).
+    """
     from ensemble_kernel.engine import _prepare_engine
     from ensemble_kernel.kernel import bfloat16_matmul, exact_float32_matmul
 
-    train, test = _cifar_logits(n_test)
+    if store is None:
+        train, test = _cifar_logits(n_test)
+    else:
+        from ensemble_kernel.store import RunStore
+
+        runs = RunStore(store)
+        train, test = runs.source("train"), runs.source("test")
+        n_test = test.n_examples
+        longest = min(longest, train.n_examples)
     engine = _prepare_engine(test, train, k, log_softmax=True, classes=None, exclude_self=False,
                              precision="fast", memory_budget=1 << 30, device="cpu",
                              chunk_models=None, tile_size=None, progress=None, k_keep=longest)
@@ -143,7 +156,7 @@ def candidates(k: int, n_test: int = 1000, longest: int = 1024) -> None:
     top1 = scored.values.max(dim=1).values
     print(f"{n_test} test examples, k = {k}: median bound {float(bound.median()):.4f}, "
           f"median top-1 kernel value {float(top1.median()):.4f}")
-    for n in (k + 32, 64, 128, k + 128, 256, 512, longest):
+    for n in sorted({min(n, longest) for n in (k + 32, 64, 128, k + 128, 256, 512, longest)}):
         kth = scored.values[:, :n].topk(k, dim=1).values[:, -1].double()
         settled = approx.values[:, n - 1].double() + bound < kth
         print(f"  {n:5d} candidates: {100 * float(settled.double().mean()):.1f}% settled")
@@ -156,6 +169,7 @@ def main() -> None:
                                     "candidates"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
+    p.add_argument("--store", help="candidates: a store instead of the CIFAR-shaped logits")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
@@ -165,7 +179,7 @@ def main() -> None:
     elif args.what == "stages":
         stages(args.precision, args.k)
     elif args.what == "candidates":
-        candidates(args.k)
+        candidates(args.k, args.store)
     else:
         {"stats": stats, "reduce": reduce, "storeread": storeread}[args.what]()
 
