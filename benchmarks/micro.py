@@ -29,11 +29,7 @@ DATA = HERE / "_data"
 def stats() -> None:
     from ensemble_kernel.engine import _prepare_engine
 
-    tag = DATA / "m500_tr50000_te10000_c10_s0_"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only memory map
-        train = torch.from_numpy(np.load(f"{tag}train.npy", mmap_mode="r"))
-        test = torch.from_numpy(np.load(f"{tag}test.npy", mmap_mode="r"))
+    train, test = _cifar_logits()
     t0 = time.perf_counter()
     _prepare_engine(test, train, 3, log_softmax=True, classes=None, exclude_self=False,
                     precision="exact", memory_budget=1 << 30, device="cpu", chunk_models=None,

@@ -31,12 +31,17 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *,
         Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_path(path.parent)  # the rename itself
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
     atomic_write(path, lambda f: f.write(text.encode()), durable=durable)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: the entries created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -44,7 +44,8 @@ from .kernel import (
     prepare,
 )
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import Plan, Precision, default_memory_budget, format_bytes, plan_memory
+from .plan import (Plan, Precision, default_memory_budget, format_bytes, plan_memory,
+                   resolve_device)
 from .sources import LogitSource, as_source, check_pair
 
 __all__ = [
@@ -131,13 +132,11 @@ class _Engine:
         n_blocks = math.ceil(n / block)
         for b, e0 in enumerate(range(0, n, block)):
             rows = slice(e0, min(e0 + block, n))
-            part = self._block_statistics(source, rows, None, b, n_blocks)
-            mean[rows], scale[rows] = part.mean, part.scale
-            shaky = needs_float64(part.mean, part.scale, self.n_models)
+            mean[rows], scale[rows] = self._block_statistics(source, rows, None, b, n_blocks)
+            shaky = needs_float64(mean[rows], scale[rows], self.n_models)
             if bool(shaky.any()):  # those examples again, in float64
-                again = self._block_statistics(source, rows, shaky.nonzero().flatten(), b,
-                                               n_blocks)
-                mean[rows][shaky], scale[rows][shaky] = again.mean, again.scale
+                mean[rows][shaky], scale[rows][shaky] = self._block_statistics(
+                    source, rows, shaky.nonzero().flatten(), b, n_blocks)
                 precise[rows] = shaky
             n_constant += int((scale[rows] == 0).sum())  # scale is 0 exactly where constant
         if n_constant:
@@ -148,11 +147,13 @@ class _Engine:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return ClassStats.from_float64(mean, scale, n_constant, precise)
+        # None: no example needs float64, and the hot path need not look.
+        return ClassStats.from_float64(mean, scale, precise if bool(precise.any()) else None)
 
     def _block_statistics(self, source: LogitSource, rows: slice, only: torch.Tensor | None,
-                          b: int, n_blocks: int) -> ClassStats:
-        """Statistics of the examples `rows`, or, in float64, of the positions `only` in it."""
+                          b: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and 1 / std of the examples `rows`, or, in float64, of the positions `only`
+        in it (see `StatsAccumulator.finalize`)."""
         n_rows = rows.stop - rows.start if only is None else len(only)
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
         acc = StatsAccumulator(n_rows, self.n_used, self.device)
@@ -195,10 +196,10 @@ class _Engine:
         piece = max(1, self.plan.piece_bytes // (16 * n_block * raw.shape[2]))
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
-            rows = slice(examples.start + r0, examples.start + r1)
+            part = stats.rows(slice(examples.start + r0, examples.start + r1))
             x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
-                        device=self.device, precise=stats.precise[rows])
-            out[r0:r1] = normalized_features(x, stats.rows(rows))  # cast to `dtype` here
+                        device=self.device, precise=part.precise)
+            out[r0:r1] = normalized_features(x, part)  # cast to `dtype` here
         return out
 
     def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,
@@ -312,8 +313,8 @@ class _Engine:
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
-            query_norms += fa.square().sum(1, dtype=torch.float64)
-            reference_norms += fb.square().sum(1, dtype=torch.float64)
+            query_norms += torch.linalg.vector_norm(fa, dim=1, dtype=torch.float64).square_()
+            reference_norms += torch.linalg.vector_norm(fb, dim=1, dtype=torch.float64).square_()
             # Gathered rows: the (rows, n_candidates, d) temporary within the plan.
             rows_per_block = max(1, self.plan.rescore_gather_bytes // (n_c * fa.shape[1] * 4))
             for q0 in range(0, n_q, rows_per_block):
@@ -359,13 +360,6 @@ class Rescored:
     reference_norms: torch.Tensor  # (n_references,) float64
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but no CUDA device is available; use cpu")
-    return device
-
-
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
                     cache_queries=None):
@@ -383,7 +377,7 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                          f"{' other than the query itself' if exclude_self else ''}), got {k}")
     used = check_classes(classes, queries.n_classes)
     n_used = len(used) if used is not None else queries.n_classes
-    device = _resolve_device(device)
+    device = resolve_device(device)
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .neighbors import Neighbors
+from .neighbors import Neighbors, merge_topk
 
 __all__ = [
     "Pair", "Duplicates", "Failure", "Comparison",
@@ -172,20 +172,16 @@ def feature_neighbors(features_test: torch.Tensor, features_train: torch.Tensor,
     `block_bytes` each), so no float64 copy of them all is ever held; ties go to the
     smaller index, as everywhere.
     """
-    from .neighbors import _order
-
     a = torch.nn.functional.normalize(torch.as_tensor(features_test)[rows].double(), dim=1)
     train = torch.as_tensor(features_train)
     step = max(1, block_bytes // (8 * max(1, train.shape[1])))
-    values = torch.empty(len(rows), 0, dtype=torch.float64)
-    indices = torch.empty(len(rows), 0, dtype=torch.int64)
+    best = Neighbors(torch.empty(len(rows), 0, dtype=torch.int64),
+                     torch.empty(len(rows), 0, dtype=torch.float64))
     for s0 in range(0, train.shape[0], step):
         b = torch.nn.functional.normalize(train[s0:s0 + step].double(), dim=1)
-        sims = a @ b.T  # (len(rows), block)
         found = torch.arange(s0, s0 + b.shape[0]).expand(len(rows), -1)
-        values, indices = _order(torch.cat([values, sims], dim=1),
-                                 torch.cat([indices, found], dim=1), k)
-    return Neighbors(indices, values.float())
+        best = merge_topk(best, Neighbors(found, a @ b.T), k)  # sims (len(rows), block)
+    return Neighbors(best.indices, best.values.float())
 
 
 def compare_neighbors(neighbors: Neighbors, features_train, features_test, *,

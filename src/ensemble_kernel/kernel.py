@@ -31,7 +31,6 @@ __all__ = [
     "prepare",
     "check_fits_float32",
     "needs_float64",
-    "precise_log_softmax_",
     "normalized_features",
     "dense_kernel",
     "exact_float32_matmul",
@@ -116,20 +115,14 @@ def prepare(
 _SMALLEST_MASS = 2.0**-100  # below this, float32 loses the top class's log-probability
 
 
-def precise_log_softmax_(x: torch.Tensor) -> torch.Tensor:
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the last axis, in place, accurate where the output is near 0.
 
     ``torch.log_softmax`` computes ``y - log(sum(exp(y)))`` with ``y = x - max``; for a
     confident class the sum is ``1 + s`` with tiny ``s`` and float32 keeps few digits of
     ``s``. The standardisation then divides that error by a tiny std. Here the largest
-    term is left out of the sum and ``log1p`` takes the rest: full precision.
-    """
-    _log_softmax_(x)
-    return x
-
-
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """`precise_log_softmax_`; returns the mass `s` of the classes left out, per row.
+    term is left out of the sum and ``log1p`` takes the rest: full precision. Returns the
+    mass `s` of the classes left out, per row.
 
     Returns
     -------
@@ -152,10 +145,8 @@ class ClassStats:
     mean : Tensor of shape (n_examples, n_used_classes), float64.
     scale : Tensor of shape (n_examples, n_used_classes), float64: 1 / std, and 0 where
         no run changes the output (std == 0), so that those entries contribute 0.
-    n_constant : int
-        How many (example, class) entries had std == 0.
     precise : bool Tensor of shape (n_examples,): examples whose outputs are prepared and
-        standardised in float64 (see `needs_float64`).
+        standardised in float64 (see `needs_float64`); None when there are none.
     mean32, mean_low32, scale32 : for float32 blocks, the mean as a float32 pair
         (mean32 + mean_low32 holds it to ~2**-48 relative, so centring is exact to float32
         rounding of the deviation) and 1 / std in float32 (capped at float32's largest value:
@@ -164,24 +155,24 @@ class ClassStats:
 
     mean: torch.Tensor
     scale: torch.Tensor
-    n_constant: int
-    precise: torch.Tensor
+    precise: torch.Tensor | None
     mean32: torch.Tensor
     mean_low32: torch.Tensor
     scale32: torch.Tensor
 
     @classmethod
-    def from_float64(cls, mean: torch.Tensor, scale: torch.Tensor, n_constant: int,
-                     precise: torch.Tensor) -> "ClassStats":
+    def from_float64(cls, mean: torch.Tensor, scale: torch.Tensor,
+                     precise: torch.Tensor | None) -> "ClassStats":
         high = mean.to(torch.float32)
         largest = torch.finfo(torch.float32).max
-        return cls(mean, scale, n_constant, precise, high, (mean - high.double()).float(),
+        return cls(mean, scale, precise, high, (mean - high.double()).float(),
                    scale.clamp(max=largest).to(torch.float32))
 
     def rows(self, examples: slice) -> "ClassStats":
-        return ClassStats(self.mean[examples], self.scale[examples], -1,
-                          self.precise[examples], self.mean32[examples],
-                          self.mean_low32[examples], self.scale32[examples])
+        precise = None if self.precise is None else self.precise[examples]
+        return ClassStats(self.mean[examples], self.scale[examples], precise,
+                          self.mean32[examples], self.mean_low32[examples],
+                          self.scale32[examples])
 
 
 def needs_float64(mean: torch.Tensor, scale: torch.Tensor, n_models: int) -> torch.Tensor:
@@ -264,14 +255,17 @@ class StatsAccumulator:
         self.count = n
         return True
 
-    def finalize(self) -> ClassStats:
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and 1 / std (0 where no run changes the output), float64.
+
+        Returns
+        -------
+        Two Tensors of shape (n_examples, n_classes).
+        """
         if self.count < 2:
             raise InputError(f"the kernel needs at least 2 runs, got {self.count}")
-        constant = self.m2 <= 0
         std = (self.m2 / (self.count - 1)).sqrt()
-        scale = torch.where(constant, torch.zeros_like(std), 1.0 / std)
-        precise = torch.zeros(self.mean.shape[0], dtype=torch.bool, device=self.mean.device)
-        return ClassStats.from_float64(self.mean, scale, int(constant.sum()), precise)
+        return self.mean, torch.where(self.m2 <= 0, torch.zeros_like(std), 1.0 / std)
 
 
 def check_fits_float32(raw: torch.Tensor, *, first_model: int, first_example: int,
@@ -349,6 +343,7 @@ def dense_kernel(
     def standardise(logits: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(logits).to(torch.float64)
         if log_softmax:  # the definition, with log1p: float64's log(1 + s) drops s < 1e-16
+            # (written out, not `_log_softmax_`: the twin shares no code with the engine)
             y = x - x.amax(-1, keepdim=True)
             others = y.exp().scatter(-1, y.argmax(-1, keepdim=True), 0.0)
             x = y - others.sum(-1, keepdim=True).log1p()

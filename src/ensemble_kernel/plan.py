@@ -55,13 +55,18 @@ class Plan:
     budget: int
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The device, refusing CUDA where there is none."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA device is available; use cpu")
+    return device
+
+
 def default_memory_budget(device: torch.device | str = "cpu") -> int:
     """A quarter of the memory available now (host RAM, or free memory of a CUDA device)."""
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("device 'cuda' was asked for but no CUDA device is available; "
-                             "use cpu")
         free, _ = torch.cuda.mem_get_info(device)
         return int(free // 2)
     return int(psutil.virtual_memory().available // 4)

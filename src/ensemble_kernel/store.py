@@ -370,9 +370,6 @@ class RunStore:
             return None  # left by an append that never committed
         return tuple(entry["runs"])
 
-    def committed_hashes(self) -> set[str]:
-        return {r["sha256"] for r in self.records()}
-
     # ---- writing: one writer at a time ---------------------------------------------------
 
     @contextmanager
@@ -398,10 +395,9 @@ class RunStore:
             self._open()
             self._committed_meta = meta
 
-    def set_array(self, name: str, values: np.ndarray | torch.Tensor,
-                  dims: Sequence[str] = ()) -> None:
+    def set_array(self, name: str, values: np.ndarray | torch.Tensor) -> None:
         """Write an optional array (labels, inputs, features) as one commit; refuse to
-        contradict one stored. `dims` is ignored (kept for callers): names follow the kind."""
+        contradict one stored. Its dimension names follow its kind."""
         self.set_arrays({name: values})
 
     def set_arrays(self, arrays: dict[str, object], source: str = "given") -> list[str]:
@@ -483,7 +479,8 @@ class RunStore:
         sha256 = sha256 or _sha256_arrays(train, test)
         with self._writing():
             n = self.n_models
-            if skip_committed and (runs := self.committed_runs(sha256)) is not None:
+            runs = self.committed_runs(sha256)  # the writes below cannot change it
+            if skip_committed and runs is not None:
                 return IngestReport(source, "skipped", runs)
             try:
                 new = self._new_arrays(checked)
@@ -501,7 +498,7 @@ class RunStore:
                       "code_sha256": code_hash,
                       "seeds": list(map(int, seeds)) if seeds is not None else None}
             written.append(self._write_group(f"records/{n:09d}", {"record": record}, "record"))
-            if self.committed_runs(sha256) is None:
+            if runs is None:
                 written.append(self._write_group(f"index/{sha256}", {"runs": [n, n + r]},
                                                  "index"))
             fsync_files(written, up_to=self.path)  # one journal commit for all of them

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import zarr
 
+from .atomic import fsync_path as _fsync
 from .errors import StoreError
 
 __all__ = ["ZARR_SUPPORTED", "check_zarr_version", "grown_writer", "chunks_exist",
@@ -94,14 +95,6 @@ def writer_lock(lock_file: Path, store: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_files(files: Iterable[Path], up_to: Path) -> None:

@@ -8,7 +8,6 @@ escape codes (control characters in the text, e.g. from a file name, are escaped
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import sys
@@ -153,12 +152,6 @@ NoLogSoftmaxOpt = typer.Option(False, "--no-log-softmax",
 PRECISIONS = ("exact", "fast")
 
 
-def _precision_value(value: str) -> str:
-    if value not in PRECISIONS:
-        raise OptionError(f"--precision takes {' or '.join(PRECISIONS)}, got {value!r}")
-    return value
-
-
 def _budget_value(value: Optional[str]) -> Optional[str]:
     if value is not None:
         try:
@@ -204,7 +197,7 @@ def choice(option: str, values: tuple) -> Callable[[str], str]:
     return check
 
 
-PrecisionOpt = typer.Option("exact", "--precision", callback=_precision_value,
+PrecisionOpt = typer.Option("exact", "--precision", callback=choice("--precision", PRECISIONS),
                             help="exact: float32 products. fast: bfloat16 products to find "
                                  "candidates, then an exact float32 re-score (same neighbours).")
 BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,

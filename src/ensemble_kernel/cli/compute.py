@@ -13,12 +13,12 @@ import torch
 import typer
 
 from .. import __version__
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
 from ..errors import InputError
 from ..evaluate import evaluate, select_by_leave_one_out
-from ..formats import RunSet, check_labels, load_npz
+from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
@@ -227,11 +227,7 @@ def _read_train_labels(path: Path, n_train: int, n_classes: int) -> torch.Tensor
     arrays = load_npz(path)
     if "labels_train" not in arrays:
         raise InputError(f"{path}: missing labels_train; keys found: {sorted(arrays)}")
-    array = arrays["labels_train"]
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise InputError(f"{path} 'labels_train': labels must be a 1-D integer array, got "
-                         f"{array.dtype} of shape {array.shape}")
-    labels = torch.from_numpy(array.astype(np.int64))
+    labels = _as_labels(arrays["labels_train"], f"{path} 'labels_train'")
     check_labels(labels, n_train, n_classes, "train")
     return labels
 
@@ -258,9 +254,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
     budget = options["memory_budget"]
-    n_refs = runset.train.n_examples
-    if not 1 <= k <= n_refs:
-        raise InputError(f"--k must be between 1 and {n_refs} (the training examples), got {k}")
+    n_refs = runset.train.n_examples  # k was checked against it by the command
     k_keep = candidates_per_query(k, precision)
     checkpoint = TileCheckpoint(out, {})
     tiles, previous = None, {}

@@ -180,15 +180,15 @@ def info_cmd(
         target = RunStore(store)
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         splits = {s: target.source(s).n_examples for s in ("train", "test")}
-        present = {name: target.optional(f"{name}_train") is not None
-                   for name in ("labels", "inputs", "features")}
+        shapes = target.shapes()  # the committed arrays, without reading them
+        present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
         records = target.records()
         out = {"path": str(store), "format_version": target.attrs["format_version"],
                "n_models": target.n_models, "n_classes": target.n_classes,
                "class_names": target.class_names, "splits": splits,
                "dtype": target.dtype,
                "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
-               "n_sources": len(records), "shapes": target.shapes()}
+               "n_sources": len(records), "shapes": shapes}
         if runs:
             out["records"] = records
     if as_json:

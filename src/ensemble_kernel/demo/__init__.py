@@ -170,15 +170,12 @@ def check_options(options: DemoOptions) -> None:
 
 def _write_store(path: Path, data, options: DemoOptions, logits_train, logits_test,
                  feat_train, feat_test) -> None:
+    arrays = {"labels_train": data.y_train, "labels_test": data.y_test,
+              "inputs_train": data.x_train, "inputs_test": data.x_test,
+              "features_train": feat_train.numpy(), "features_test": feat_test.numpy()}
     store = RunStore.create(path, n_train=len(data.y_train), n_test=len(data.y_test),
-                            n_classes=len(data.class_names), class_names=data.class_names)
-    store.set_labels("train", torch.from_numpy(data.y_train))
-    store.set_labels("test", torch.from_numpy(data.y_test))
-    dims = ("example", "position") if data.x_train.ndim == 2 else ("example", "height", "width")
-    store.set_array("inputs_train", data.x_train, dims)
-    store.set_array("inputs_test", data.x_test, dims)
-    store.set_array("features_train", feat_train.numpy(), ("example", "feature"))
-    store.set_array("features_test", feat_test.numpy(), ("example", "feature"))
+                            n_classes=len(data.class_names), class_names=data.class_names,
+                            arrays=arrays)  # one commit, not one per array
     store.append_arrays(logits_train, logits_test, source=f"demo:{options.dataset}",
                         seeds=_seeds(options.seed, options.models))
 
