@@ -12,6 +12,14 @@ import torch
 torch.set_num_threads(1)  # small tensors: one thread is faster and steadier on 2 cores
 
 
+@pytest.fixture(autouse=True)
+def _precision_probe_cache(tmp_path_factory, monkeypatch):
+    """precision='auto' never reads or writes the user's cache during the tests (each test
+    gets an empty cache folder, inherited by its subprocesses). The tests' jobs are below
+    `precision.SMALL_JOB_FLOP`, so none probes; tests that need a probe inject one."""
+    monkeypatch.setenv("ENSEMBLE_KERNEL_CACHE_DIR", str(tmp_path_factory.mktemp("ek-cache")))
+
+
 @dataclass
 class Ensemble:
     train: torch.Tensor  # (n_models, n_train, n_classes) float32
@@ -82,3 +90,12 @@ def run_cli(*args) -> tuple[int, str, str]:
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
+
+
+def _keep_the_real_probe():
+    from ensemble_kernel import precision
+
+    return precision.measure_rates
+
+
+REAL_MEASURE_RATES = _keep_the_real_probe()  # before any test replaces it

@@ -100,7 +100,7 @@ def test_predict_csv_and_npz(tmp_path, ens):
     (["evaluate", "{src}", "--labels", "{labels}", "--runs", "3:99"], "--runs 3:99 selects no valid range"),
     (["evaluate", "{src}", "--labels", "{labels}", "--runs", "x"], "--runs takes N"),
     (["evaluate", "{src}", "--memory-budget", "2 lots"], "--memory-budget takes a size"),
-    (["evaluate", "{src}", "--precision", "half"], "--precision takes exact or fast"),
+    (["evaluate", "{src}", "--precision", "half"], "--precision takes auto, exact or fast"),
     (["neighbors", "{src}", "--out", "{tmp}/n.csv"], "--out must name an .npz file"),
     (["predict", "{src}", "--out", "{tmp}/p.txt"], r"--out must end in .csv or .npz"),
     (["evaluate", "{tmp}/nothing"], "nothing: no such file or directory"),

@@ -76,7 +76,7 @@ def test_k_must_fit_the_references():
         top_k_neighbors(ens.test, ens.train, 21)
     with pytest.raises(InputError, match="k must be between 1 and 19 .*other than the query"):
         top_k_neighbors(ens.train, None, 20, exclude_self=True)
-    with pytest.raises(InputError, match="precision must be 'exact' or 'fast'"):
+    with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast'"):
         top_k_neighbors(ens.test, ens.train, 3, precision="bf16")
 
 

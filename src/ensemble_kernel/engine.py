@@ -44,8 +44,8 @@ from .kernel import (
     prepare,
 )
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import (Plan, Precision, default_memory_budget, format_bytes, plan_memory,
-                   resolve_device)
+from .plan import Plan, default_memory_budget, format_bytes, plan_memory, resolve_device
+from .precision import Precision, choose_precision
 from .sources import LogitSource, as_source, check_pair
 
 __all__ = [
@@ -363,8 +363,8 @@ class Rescored:
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
                     cache_queries=None):
-    if precision not in ("exact", "fast"):
-        raise InputError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    if precision not in ("exact", "fast"):  # 'auto' is resolved before (`_resolve_auto`)
+        raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
     queries = as_source(queries, "query logits")
     references = queries if (exclude_self and references is None) else as_source(
         references, "reference logits")
@@ -400,7 +400,7 @@ def top_k_neighbors(
     log_softmax: bool = True,
     classes: Sequence[int] | None = None,
     exclude_self: bool = False,
-    precision: Precision = "exact",
+    precision: Precision = "auto",
     n_candidates: int | None = None,
     memory_budget: int | None = None,
     device: torch.device | str = "cpu",
@@ -424,8 +424,11 @@ def top_k_neighbors(
     k : neighbours per query, 1 <= k <= n_references.
     log_softmax : normalise logits with log-softmax first (the reference does).
     classes : restrict the kernel to these classes (a per-class kernel); None: all.
-    precision : 'exact' (float32 products) or 'fast' (bfloat16 products to find
-        candidates, then an exact float32 re-score: the same neighbours as 'exact').
+    precision : 'exact' (float32 products), 'fast' (bfloat16 products to find
+        candidates, then an exact float32 re-score: the same neighbours as 'exact'), or
+        'auto': fast where a probe of this machine (cached; `precision.choose_precision`)
+        predicts it faster than exact by a safety margin, else exact. Every choice
+        returns the same neighbours.
     n_candidates : fast mode's candidates per query; default max(2k, k + 128).
     memory_budget : bytes of working memory; default a quarter of what is available.
     device : 'cpu' or 'cuda'.
@@ -433,7 +436,8 @@ def top_k_neighbors(
     progress : called with a `Progress` as the work advances.
     finished_tiles, on_tile : resumption. `on_tile(i, top_k)` receives each finished
         tile's top-`candidates_per_query(k, precision)`; passing those back as
-        `finished_tiles` (with the same `tile_size` and `chunk_models`) skips them.
+        `finished_tiles` (with the same `tile_size`, `chunk_models` and a precision of
+        'exact' or 'fast', not 'auto') skips them.
     tiles, combine : distribution. Compute only the reference tiles `tiles` (indices into
         the plan's tiles), then pass the partial top-k through `combine` (for example an
         all-gather and merge across ranks) before fast mode's re-score.
@@ -445,8 +449,12 @@ def top_k_neighbors(
     Neighbors with indices and values of shape (n_queries, k), best first; equal values
     are ordered by smaller reference index.
     """
-    if precision == "fast" and n_candidates is not None and n_candidates < k:
+    if precision != "exact" and n_candidates is not None and n_candidates < k:
         raise InputError(f"n_candidates must be at least k={k}, got {n_candidates}")
+    if precision == "auto":
+        precision = _resolve_auto(queries, references, k, exclude_self=exclude_self,
+                                  classes=classes, n_candidates=n_candidates,
+                                  memory_budget=memory_budget, device=device)
     n_candidates = k_keep = candidates_per_query(k, precision, n_candidates)
     engine = _prepare_engine(queries, references, k, log_softmax=log_softmax, classes=classes,
                              exclude_self=exclude_self, precision=precision,
@@ -459,6 +467,25 @@ def top_k_neighbors(
         with exact_float32_matmul(engine.device):
             return combine(engine.search(k, dtype=torch.float32, **resume))
     return _fast_search(engine, k, n_candidates, resume, combine)
+
+
+def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates,
+                  memory_budget, device) -> str:
+    """'exact' or 'fast' for precision='auto', from the job's shapes and the machine's
+    probe. Inputs the engine will refuse resolve to 'exact' (the engine says why)."""
+    queries = as_source(queries, "query logits")
+    references = queries if (exclude_self and references is None) else as_source(
+        references, "reference logits")
+    n_classes = len(set(classes)) if classes is not None else queries.n_classes
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= references.n_examples
+            and references.n_models == queries.n_models and n_classes >= 1
+            and (memory_budget is None or int(memory_budget) > 0)):
+        return "exact"
+    return choose_precision(
+        "auto", n_queries=queries.n_examples, n_references=references.n_examples,
+        n_models=queries.n_models, n_classes=n_classes, k=int(k), n_candidates=n_candidates,
+        memory_budget=memory_budget, device=device,
+        raw_bytes=queries.read(slice(0, 1), slice(0, 1)).element_size()).precision
 
 
 def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:

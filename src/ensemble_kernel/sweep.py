@@ -144,7 +144,7 @@ def sweep(
     weighted: tuple[int, int] = (20, 4),
     max_subsets: int = 8,
     significance_k: int = 3,
-    precision: str = "exact",
+    precision: str = "auto",
     memory_budget: int | None = None,
     device: str = "cpu",
     neighbors: Neighbors | None = None,

@@ -27,6 +27,7 @@ from .. import __version__
 from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError
 from ..formats import RunSet, check_labels, open_runs, read_labels
+from ..precision import PrecisionChoice, choose_precision
 from ..sources import parse_runs, select_runs
 from ..store import RunStore, is_store
 
@@ -149,7 +150,7 @@ LabelsOpt = typer.Option(None, "--labels", help="An .npz with arrays labels_trai
 RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for a slice.")
 NoLogSoftmaxOpt = typer.Option(False, "--no-log-softmax",
                                help="Standardise raw logits instead of log-softmax outputs.")
-PRECISIONS = ("exact", "fast")
+PRECISIONS = ("auto", "exact", "fast")
 
 
 def _budget_value(value: Optional[str]) -> Optional[str]:
@@ -197,9 +198,14 @@ def choice(option: str, values: tuple) -> Callable[[str], str]:
     return check
 
 
-PrecisionOpt = typer.Option("exact", "--precision", callback=choice("--precision", PRECISIONS),
-                            help="exact: float32 products. fast: bfloat16 products to find "
-                                 "candidates, then an exact float32 re-score (same neighbours).")
+PrecisionOpt = typer.Option(
+    "auto", "--precision", callback=choice("--precision", PRECISIONS),
+    help="auto: fast where a probe of this machine (cached) predicts it clearly faster, else "
+         "exact; -v shows why. exact: float32 products. fast: bfloat16 candidates, then an "
+         "exact float32 re-score (same neighbours).")
+VerboseOpt = typer.Option(False, "--verbose", "-v",
+                          help="Say which precision runs and why (the probe's rates and the "
+                               "predicted time of each path), on stderr.")
 BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,
                          show_default="a quarter of the available memory",
                          help="Working memory for the engine, e.g. 2GB or 512MiB.")
@@ -291,7 +297,24 @@ def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise InputError(f"--precision takes {' or '.join(PRECISIONS)}, got {precision!r}")
+        raise InputError(f"--precision takes {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                         f"got {precision!r}")
+
+
+def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
+                      memory_budget: Optional[int], verbose: bool) -> PrecisionChoice:
+    """The precision a command runs ('exact' or 'fast') for its test -> train neighbours,
+    chosen once (`precision.choose_precision`); with `verbose`, one line on stderr saying
+    which and why. A forced 'fast' that the probe predicts slower warns (one line)."""
+    sample = runset.test.read(slice(0, 1), slice(0, 1))
+    choice = choose_precision(precision, n_queries=runset.test.n_examples,
+                              n_references=runset.train.n_examples, n_models=runset.n_models,
+                              n_classes=runset.n_classes, k=min(k, runset.train.n_examples),
+                              memory_budget=memory_budget, device=device,
+                              raw_bytes=sample.element_size())
+    if verbose:
+        say(choice.describe())
+    return choice
 
 
 def check_k(option: str, k: int, n_references: int, default: int | None = None) -> None:

@@ -21,8 +21,9 @@ from ..evaluate import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
-                     RunsOpt, SrcArg, _check_precision, _meta, _open, _progress_bar,
-                     _user_errors, app, check_k, err, format_card, parse_size)
+                     RunsOpt, SrcArg, VerboseOpt, _check_precision, _meta, _open,
+                     _progress_bar, _user_errors, app, check_k, err, format_card, parse_size,
+                     resolve_precision)
 from .outputs import check_output_file
 
 
@@ -44,8 +45,10 @@ def evaluate_cmd(
     device: str = DeviceOpt,
     select: bool = typer.Option(False, "--select", help="Choose the vote, k and power by "
                                 "leave-one-out on the training set (no test labels used)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead (with "
+                                 "the precision chosen and the probe's figures)."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The model card's table: single models, their average, kernel k-NN, weighted vote.
 
@@ -56,15 +59,18 @@ def evaluate_cmd(
         _check_precision(precision)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
-        common = dict(log_softmax=not no_log_softmax, precision=precision,
-                      memory_budget=budget, device=device)
+        choice = resolve_precision(precision, runset, max(k, weighted_k), device=device,
+                                   memory_budget=budget, verbose=verbose)
+        # --select's leave-one-out (train x train) resolves 'auto' for its own shape.
+        common = dict(log_softmax=not no_log_softmax, memory_budget=budget, device=device)
         selection = None
         with _progress_bar(quiet or as_json) as report:
             if select:
                 if runset.labels_train is None:
                     raise InputError("--select needs train labels: pass --labels FILE.npz")
                 selection = select_by_leave_one_out(runset.train, runset.labels_train,
-                                                    progress=report, **common)
+                                                    precision=precision, progress=report,
+                                                    **common)
                 if selection.vote == "knn":
                     k = selection.k
                 else:
@@ -72,9 +78,10 @@ def evaluate_cmd(
             check_k("--k", k, runset.train.n_examples, default=3)
             check_k("--weighted-k", weighted_k, runset.train.n_examples, default=20)
             result = evaluate(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                              k=k, weighted_k=weighted_k, power=power, progress=report, **common)
+                              k=k, weighted_k=weighted_k, power=power, progress=report,
+                              precision=choice.precision, **common)
     options = {"k": k, "weighted_k": weighted_k, "power": power, "log_softmax": not no_log_softmax,
-               "precision": precision, "memory_budget": budget, "device": device,
+               "precision": choice.precision, "memory_budget": budget, "device": device,
                "runs": [chosen.start, chosen.stop], "select": select,
                "labels": str(labels) if labels else None}
     if as_json:
@@ -84,7 +91,7 @@ def evaluate_cmd(
                "knn_accuracy": result.knn_accuracy,
                "weighted_accuracy": result.weighted_accuracy,
                "weighted_k": result.weighted_k, "power": result.power,
-               "options": options, "version": __version__,
+               "options": options, "precision": choice.as_dict(), "version": __version__,
                "elapsed_s": round(time.perf_counter() - started, 3)}
         if selection is not None:
             out["selection"] = {"vote": selection.vote, "k": selection.k, "power": selection.power,
@@ -114,6 +121,7 @@ def neighbors_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Save finished tiles in "
                                 "OUT.partial/ and reuse them after a kill."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Top-k training neighbours of every test example, best first, into an .npz.
 
@@ -121,7 +129,8 @@ def neighbors_cmd(
     command resumes where it stopped and writes the same result.
 
     The file holds `indices` (int64, n_test x k), `values` (float32 kernel values) and
-    `meta` (a JSON string: options, runs, version).
+    `meta` (a JSON string: options, runs, version, and the precision chosen with the
+    probe's figures).
     """
     started = time.perf_counter()
     with _user_errors():
@@ -132,14 +141,21 @@ def neighbors_cmd(
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         check_k("--k", k, runset.train.n_examples, default=20)
-        options = {"k": k, "log_softmax": not no_log_softmax, "precision": precision,
-                   "memory_budget": budget, "device": device}
         group = _distributed_group(device)
         try:
+            # Rank 0 chooses (and probes, once); every rank runs its choice.
+            choice = (resolve_precision(precision, runset, k, device=device,
+                                        memory_budget=budget, verbose=verbose)
+                      if group is None or group.is_main else None)
+            if group is not None:
+                choice = group.broadcast(choice)
+            options = {"k": k, "log_softmax": not no_log_softmax,
+                       "precision": choice.precision, "memory_budget": budget, "device": device}
             result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
             if group is None or group.is_main:
-                meta = json.dumps(_meta({**options, "processes": group.world_size if group
-                                         else 1}, runset, chosen, started))
+                meta = json.dumps({**_meta({**options, "processes": group.world_size if group
+                                            else 1}, runset, chosen, started),
+                                   "precision": choice.as_dict()})
                 atomic_write(out, lambda f: np.savez(f, indices=result.indices.cpu().numpy(),
                                                      values=result.values.cpu().numpy(),
                                                      meta=np.array(meta)))
@@ -174,6 +190,7 @@ def predict_cmd(
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Labels for the test examples from their training neighbours (train labels needed).
 
@@ -199,9 +216,11 @@ def predict_cmd(
         k_used = weighted_k if weighted else k
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
                 default=20 if weighted else 3)
+        choice = resolve_precision(precision, runset, k_used, device=device,
+                                   memory_budget=budget, verbose=verbose)
         with _progress_bar(quiet) as report:
             found = top_k_neighbors(runset.test, runset.train, k_used,
-                                    log_softmax=not no_log_softmax, precision=precision,
+                                    log_softmax=not no_log_softmax, precision=choice.precision,
                                     memory_budget=budget, device=device, progress=report)
         scores = (weighted_scores(found, labels_train, n_classes, power) if weighted
                   else knn_scores(found, labels_train, n_classes))
@@ -209,8 +228,9 @@ def predict_cmd(
         prediction, margin = predict_from_scores(scores)
         options = {"vote": "weighted" if weighted else "knn", "k": k_used,
                    "power": power if weighted else None, "log_softmax": not no_log_softmax,
-                   "precision": precision, "memory_budget": budget, "device": device}
-        meta = json.dumps(_meta(options, runset, chosen, started))
+                   "precision": choice.precision, "memory_budget": budget, "device": device}
+        meta = json.dumps({**_meta(options, runset, chosen, started),
+                           "precision": choice.as_dict()})
         atomic_write(out, lambda f: _write_predictions(f, out.suffix.lower(), prediction,
                                                        scores, margin, meta))
     if not quiet:

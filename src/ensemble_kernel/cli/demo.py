@@ -12,6 +12,7 @@ import typer
 from ..demo.data import DATASETS
 from ..errors import InputError
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
+                     VerboseOpt, resolve_precision,
                      _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size)
 from .outputs import check_output_folder
@@ -30,14 +31,17 @@ def sweep_cmd(
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON (with the "
+                                 "precision chosen and the probe's figures)."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Accuracy against the number of runs (disjoint subsets), with ablations and a paired test.
 
     Single model, ensemble average, kernel k-NN (k = 1, 3, 5, 9) and the weighted vote;
     at the largest count: no log-softmax, each per-class kernel alone, McNemar's exact test
-    and a bootstrap interval of kernel 3-NN minus the ensemble average.
+    and a bootstrap interval of kernel 3-NN minus the ensemble average. The precision is
+    chosen once, for the largest run count, and used for every kernel.
     """
     from ..report.files import sweep_json, write_sweep
     from ..sweep import sweep
@@ -51,12 +55,14 @@ def sweep_cmd(
             raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
         counts = parse_run_counts(runs_list, runset.n_models)
         check_sweep_size("sweep", runset.train.n_examples)
+        picked = resolve_precision(precision, runset, 20, device=device, memory_budget=budget,
+                                   verbose=verbose)
         result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                       runs=counts, max_subsets=max_subsets, precision=precision,
+                       runs=counts, max_subsets=max_subsets, precision=picked.precision,
                        memory_budget=budget, device=device)
         paths = write_sweep(result, out)
     if as_json:
-        typer.echo(json.dumps(sweep_json(result), indent=2))
+        typer.echo(json.dumps({**sweep_json(result), "precision": picked.as_dict()}, indent=2))
         return
     typer.echo(format_sweep(result))
     if not quiet:

@@ -15,8 +15,8 @@ from ..errors import InputError
 from ..formats import RunSet
 from ..store import RunStore, is_store
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt, QuietOpt,
-                     SrcArg, _check_precision, _open, _progress_bar, _user_errors, app,
-                     check_k, check_sweep_size, err, parse_size, say)
+                     SrcArg, VerboseOpt, _check_precision, _open, _progress_bar, _user_errors,
+                     app, check_k, check_sweep_size, err, parse_size, resolve_precision, say)
 from .outputs import check_output_file, check_output_folder
 
 
@@ -93,12 +93,19 @@ def _note_no_inputs(renderer) -> None:
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
            kinds=("inputs", "features"), *, name: str, out: Path, needs_labels: bool = False,
-           needs_features: bool = False, ranks: str | None = None, check=None):
+           needs_features: bool = False, ranks: str | None = None, check=None,
+           verbose: bool = False):
     """Check every option, open SRC, compute test -> train neighbours once, gather what
     the views draw. Nothing is computed before the checks (labels, features, `out`).
 
     Only the `kinds` of extra arrays a view uses are read from a store. `check(runset)`
-    validates the other options against SRC before any work.
+    validates the other options against SRC before any work. The precision is chosen
+    once, here, for the test -> train neighbours (`resolve_precision`); the report's sweep
+    uses the same choice.
+
+    Returns
+    -------
+    (runset, extras, renderer, neighbours, budget left, PrecisionChoice)
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
@@ -122,11 +129,13 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     # The inputs and features stay in memory beside the kernel: the kernel gets the rest.
     budget = budget_beside(budget or default_memory_budget(device), _nbytes(extras),
                            "the inputs and features")
+    k = min(k, runset.train.n_examples)
+    choice = resolve_precision(precision, runset, k, device=device, memory_budget=budget,
+                               verbose=verbose)
     with _progress_bar(quiet) as report:
-        found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
-                                precision=precision, memory_budget=budget, device=device,
-                                progress=report)
-    return runset, extras, renderer, found, budget - _nbytes(found)
+        found = top_k_neighbors(runset.test, runset.train, k, precision=choice.precision,
+                                memory_budget=budget, device=device, progress=report)
+    return runset, extras, renderer, found, budget - _nbytes(found), choice
 
 
 def _nbytes(obj) -> int:
@@ -138,8 +147,9 @@ def _nbytes(obj) -> int:
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
                 quiet, out: Path, *, k: int, draws: bool = True, needs_labels: bool = False,
-                needs_features: bool = False, check=None, **options):
-    """Open SRC, build the one view `name` and write its files; return (views, paths).
+                needs_features: bool = False, check=None, verbose: bool = False, **options):
+    """Open SRC, build the one view `name` and write its files; return (views, paths,
+    the PrecisionChoice).
 
     `options` go to `build_views`; the other views are switched off (one pair rank, no
     failures) unless `options` ask for them.
@@ -147,12 +157,12 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     from ..report.html import build_views, write_views
 
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
-    runset, extras, renderer, found, _ = _views(src, labels, inputs, features, memory_budget,
+    runset, extras, renderer, found, _, choice = _views(src, labels, inputs, features, memory_budget,
                                                 precision, device, quiet, k=k, kinds=kinds,
                                                 name=name, out=out, needs_labels=needs_labels,
                                                 needs_features=needs_features,
                                                 ranks=options.pop("ranks_spec", None),
-                                                check=check)
+                                                check=check, verbose=verbose)
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -164,7 +174,7 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     written = write_views(views, out, names=(name,))
     if draws:
         _note_no_inputs(renderer)
-    return views, written
+    return views, written, choice
 
 
 @app.command("pairs")
@@ -175,11 +185,12 @@ def pairs_cmd(
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Test examples ranked by the kernel value of their best training match: grid and CSV."""
     with _user_errors():
-        _, written = _write_view("pairs", src, labels, inputs, None, memory_budget, precision,
-                                 device, quiet, out, k=1,
+        _, written, _ = _write_view("pairs", src, labels, inputs, None, memory_budget,
+                                    precision, device, quiet, out, k=1, verbose=verbose,
                                  ranks=lambda n_test: _ranks(ranks, n_test), ranks_spec=ranks)
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
@@ -197,16 +208,19 @@ def duplicates_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the pairs as JSON."),
     precision: str = PrecisionOpt, memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt, quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Near-duplicate (test, train) pairs, best first, and how the threshold was set."""
     with _user_errors():
-        views, written = _write_view("duplicates", src, labels, None, None, memory_budget,
-                                     precision, device, True, out, k=1, draws=False,
+        views, written, choice = _write_view("duplicates", src, labels, None, None,
+                                             memory_budget, precision, device, True, out, k=1,
+                                             draws=False, verbose=verbose,
                                      threshold=threshold, top_duplicates=top)
     d = views.duplicates
     if as_json:
         typer.echo(json.dumps({"threshold": d.threshold, "method": d.method,
-                               "pairs": [p.__dict__ for p in d.pairs]}, indent=2))
+                               "pairs": [p.__dict__ for p in d.pairs],
+                               "precision": choice.as_dict()}, indent=2))
         return
     typer.echo(f"threshold: {d.method}")
     typer.echo(f"{len(d.pairs)} near-duplicate pairs")
@@ -225,11 +239,13 @@ def failures_cmd(
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The most similar pairs whose labels differ: each test example and its nearest examples."""
     with _user_errors():
-        views, written = _write_view("failures", src, labels, inputs, None, memory_budget,
-                                     precision, device, quiet, out, k=n_neighbors,
+        views, written, _ = _write_view("failures", src, labels, inputs, None, memory_budget,
+                                        precision, device, quiet, out, k=n_neighbors,
+                                        verbose=verbose,
                                      check=lambda r: check_k("--neighbors", n_neighbors,
                                                              r.train.n_examples, default=9),
                                      needs_labels=True, top_failures=top,
@@ -247,11 +263,13 @@ def compare_cmd(
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Kernel neighbours beside feature-space (cosine) neighbours of random test examples."""
     with _user_errors():
-        _, written = _write_view("compare", src, labels, inputs, features, memory_budget,
-                                 precision, device, quiet, out, k=2, needs_features=True,
+        _, written, _ = _write_view("compare", src, labels, inputs, features, memory_budget,
+                                    precision, device, quiet, out, k=2, needs_features=True,
+                                    verbose=verbose,
                                  n_compare=examples, seed=seed)
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
@@ -266,6 +284,7 @@ def report_cmd(
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """One self-contained HTML file: accuracy, the sweep, pairs, duplicates, failures, comparison.
 
@@ -276,15 +295,16 @@ def report_cmd(
     with _user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
-        runset, extras, renderer, found, left = _views(
+        runset, extras, renderer, found, left, choice = _views(
             src, labels, inputs, features, memory_budget, precision, device, quiet,
-            name="report", out=out, needs_labels=True, ranks=ranks,
+            name="report", out=out, needs_labels=True, ranks=ranks, verbose=verbose,
             check=lambda r: check_sweep_size("report", r.train.n_examples))
         build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                      found=found, out=out, source=str(src[0]), renderer=renderer,
                      class_names=extras["class_names"], features_train=extras["features_train"],
                      features_test=extras["features_test"],
-                     ranks=_ranks(ranks, runset.test.n_examples), precision=precision,
+                     ranks=_ranks(ranks, runset.test.n_examples),
+                     precision=choice.precision,
                      memory_budget=left, device=device)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")

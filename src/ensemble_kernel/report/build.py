@@ -23,7 +23,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                  class_names: Sequence[str] | None = None, features_train=None,
                  features_test=None, ranks: slice = slice(0, 48),
                  evaluation: Evaluation | None = None, sweep_result: SweepResult | None = None,
-                 precision: str = "exact", memory_budget: int | None = None,
+                 precision: str = "auto", memory_budget: int | None = None,
                  device: str = "cpu") -> list[Path]:
     """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
 

@@ -1,0 +1,472 @@
+"""`precision="auto"`: choose exact or fast mode from a short probe of this machine.
+
+Fast mode pays only where low-precision products are much faster than float32 ones
+*and* that gain outweighs its extra work: the exact re-score (every feature normalised
+again in float32, the candidates' features gathered and multiplied) and the queries the
+proof sends back to exact mode. So the probe measures four rates at the engine's shapes,
+on the chosen device, with the engine's own code and settings:
+
+- `float32`: a float32 product accumulated with `addmm` under `highest` precision
+  (exact mode's kernel pass), FLOP/s;
+- `bfloat16`: a bfloat16 product added into a float32 accumulator (fast mode's
+  candidate pass), FLOP/s;
+- `normalize`: log-softmax and standardisation of float16 logits into features
+  (`kernel.prepare`, `kernel.normalized_features`), feature values per second;
+- `gather`: the re-score's gather of candidates' feature rows and their batched product
+  with the query's row, feature values per second.
+
+`predict_times` turns the rates into the time of each path for a job's shapes (the
+engine's plan for each precision gives the tiles and whether query features are cached),
+and `choose_precision` picks fast mode only when its predicted time, with a safety margin
+and an allowance for queries recomputed exactly, is below exact mode's. Either choice
+returns the same neighbours: fast mode's result is exact mode's by proof (see
+`engine._fast_search`), so the choice only changes the time.
+
+The rates are cached per machine (CPU model and ISA flags, or GPU name), torch version,
+thread count, device and the environment variables that change torch's CPU kernels, in
+`$ENSEMBLE_KERNEL_CACHE_DIR`, else `$XDG_CACHE_HOME/ensemble-kernel`, else
+`~/.cache/ensemble-kernel`. An unreadable or corrupt cache file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from .atomic import atomic_write_text
+from .errors import InputError
+from .kernel import ClassStats, bfloat16_matmul, exact_float32_matmul, normalized_features, prepare
+from .plan import default_memory_budget, plan_memory, resolve_device
+
+__all__ = ["PRECISIONS", "Rates", "PrecisionChoice", "choose_precision", "measure_rates",
+           "machine_key", "cache_dir", "predict_times"]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["auto", "exact", "fast"]
+PRECISIONS = ("auto", "exact", "fast")
+
+PROBE_VERSION = 1  # bump when the probe or the model changes: old cache files are ignored
+PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
+# Below this many FLOP in the kernel product the job takes about a second at float32 rates
+# on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
+SMALL_JOB_FLOP = 1e11
+# Fast mode must be predicted this much faster than exact mode to be chosen: the rates are
+# measured on small shapes in a few seconds, on a machine that may be shared.
+SAFETY = 1.25
+# Share of queries assumed recomputed in exact mode after fast mode's proof. It depends on
+# the data (0.5% at CIFAR shape with synthetic logits, 0 on the demo's store); assume more.
+FALLBACK_SHARE = 0.05
+# Environment variables that change which kernels torch, oneDNN and MKL run on a CPU.
+_ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+            "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+# CPU flags that decide whether low-precision products are fast (shown in the key).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
+              "amx_int8", "amx_tile")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the probe measured on one machine and device.
+
+    Attributes
+    ----------
+    float32 : exact mode's product rate, FLOP per second.
+    bfloat16 : fast mode's candidate-pass product rate (with its float32 accumulation),
+        FLOP per second.
+    normalize : feature values produced per second from float16 logits.
+    gather : re-score rate, candidate feature values gathered and multiplied per second.
+    probe_s : seconds the probe took.
+    """
+
+    float32: float
+    bfloat16: float
+    normalize: float
+    gather: float
+    probe_s: float
+
+    def valid(self) -> bool:
+        return all(isinstance(v, float) and math.isfinite(v) and v > 0
+                   for v in (self.float32, self.bfloat16, self.normalize, self.gather))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """How a `precision` was resolved for one job.
+
+    Attributes
+    ----------
+    requested : 'auto', 'exact' or 'fast', as asked.
+    precision : 'exact' or 'fast', what runs.
+    reason : one line, why.
+    rates : the probe's figures; None where no probe was needed.
+    from_cache : the rates came from the cache file (no probe ran).
+    predicted_exact_s, predicted_fast_s : predicted seconds of each path for this job
+        (without the statistics pass, which both share); None without rates.
+    """
+
+    requested: str
+    precision: str
+    reason: str
+    rates: Rates | None = None
+    from_cache: bool = False
+    predicted_exact_s: float | None = None
+    predicted_fast_s: float | None = None
+
+    @property
+    def fast_is_slower(self) -> bool:
+        """The probe predicts fast mode no faster than exact mode with the safety margin."""
+        return (self.predicted_fast_s is not None
+                and self.predicted_fast_s * SAFETY >= self.predicted_exact_s)
+
+    def as_dict(self) -> dict:
+        """A JSON-ready description (products in GFLOP/s, the others in M values/s)."""
+        out = {"requested": self.requested, "chosen": self.precision, "reason": self.reason,
+               "from_cache": self.from_cache,
+               "predicted_exact_s": _round(self.predicted_exact_s),
+               "predicted_fast_s": _round(self.predicted_fast_s), "rates": None}
+        if self.rates is not None:
+            r = self.rates
+            out["rates"] = {"float32_gflops": _round(r.float32 / 1e9),
+                            "bfloat16_gflops": _round(r.bfloat16 / 1e9),
+                            "normalize_mvalues_s": _round(r.normalize / 1e6),
+                            "gather_mvalues_s": _round(r.gather / 1e6),
+                            "probe_s": _round(r.probe_s)}
+        return out
+
+    def describe(self) -> str:
+        """One line for `-v` and for warnings."""
+        text = f"precision {self.requested} -> {self.precision}: {self.reason}"
+        if self.rates is not None:
+            text += f"; {describe_rates(self.rates)}"
+        if self.predicted_exact_s is not None:
+            text += (f"; predicted exact {self.predicted_exact_s:.3g} s, fast "
+                     f"{self.predicted_fast_s:.3g} s")
+        if self.rates is not None:
+            text += " (cached probe)" if self.from_cache else f" (probed in {self.rates.probe_s:.2g} s)"
+        return text
+
+
+def describe_rates(r: Rates) -> str:
+    return (f"float32 {r.float32 / 1e9:.0f} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.0f} GFLOP/s, "
+            f"normalise {r.normalize / 1e6:.0f} M values/s, re-score gather "
+            f"{r.gather / 1e6:.0f} M values/s")
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.4g}")
+
+
+# ---- the decision ---------------------------------------------------------------------
+
+def choose_precision(
+    precision: str,
+    *,
+    n_queries: int,
+    n_references: int,
+    n_models: int,
+    n_classes: int,
+    k: int,
+    n_candidates: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str = "cpu",
+    raw_bytes: int = 2,
+) -> PrecisionChoice:
+    """Resolve `precision` ('auto', 'exact' or 'fast') for one job.
+
+    'exact' is returned as is, without a probe. 'auto' picks 'fast' only when the probe's
+    rates predict it faster than 'exact' by the `SAFETY` margin, counting its re-score and
+    `FALLBACK_SHARE` of the queries recomputed exactly; a job too small to pay for a probe
+    (`SMALL_JOB_FLOP`) runs exact. 'fast' is kept as asked, with a `RuntimeWarning` (one
+    line, with the rates) when the probe predicts it slower; a small job is not probed.
+
+    Parameters
+    ----------
+    n_queries, n_references, n_models, n_classes : the job's shape (n_classes: the classes
+        the kernel uses).
+    k : neighbours per query; n_candidates : fast mode's list (default as the engine's).
+    memory_budget : bytes, as the engine gets it (the plan decides tiles and caching).
+    raw_bytes : item size of the logits read (2 for float16 stores).
+
+    Returns
+    -------
+    PrecisionChoice
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
+    if precision == "exact":
+        return PrecisionChoice("exact", "exact", "asked for")
+    flop = 2.0 * n_queries * n_references * n_models * n_classes
+    if flop < SMALL_JOB_FLOP:  # (a forced 'fast' runs unprobed and unwarned)
+        return PrecisionChoice(precision, "exact" if precision == "auto" else "fast",
+                               f"small job ({flop:.2g} FLOP < {SMALL_JOB_FLOP:.0e}): "
+                               "not worth a probe" if precision == "auto" else "asked for")
+    device = resolve_device(device)
+    rates, from_cache = probe(device)
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    exact_s, fast_s = predict_times(rates, n_queries=n_queries, n_references=n_references,
+                                    n_models=n_models, n_classes=n_classes, k=k,
+                                    n_candidates=n_candidates, memory_budget=budget,
+                                    raw_bytes=raw_bytes)
+    pays = fast_s * SAFETY < exact_s
+    if precision == "fast":
+        choice = PrecisionChoice("fast", "fast", "asked for", rates, from_cache, exact_s, fast_s)
+        if not pays:
+            warnings.warn(
+                f"--precision fast is predicted slower than exact on this machine (fast "
+                f"{fast_s:.3g} s, exact {exact_s:.3g} s; {describe_rates(rates)}): "
+                "leave --precision at auto, or pass exact", RuntimeWarning, stacklevel=2)
+    else:
+        reason = (f"fast predicted {exact_s / fast_s:.2f}x faster (needs {SAFETY}x)" if pays
+                  else f"fast not predicted {SAFETY}x faster ({exact_s / fast_s:.2f}x)")
+        choice = PrecisionChoice("auto", "fast" if pays else "exact", reason, rates,
+                                 from_cache, exact_s, fast_s)
+    logger.info("%s", choice.describe())
+    return choice
+
+
+def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: int,
+                  n_classes: int, k: int, n_candidates: int | None = None,
+                  memory_budget: int, raw_bytes: int = 2) -> tuple[float, float]:
+    """Predicted seconds of exact and fast mode for a job (the statistics pass, which both
+    share, left out).
+
+    exact: the float32 products, and the features normalised for them (each reference
+    once; the queries once, or once per tile when the plan cannot cache them).
+    fast: the same with bfloat16 products; then the re-score (every feature normalised
+    again in float32, and n_queries x n_candidates feature rows gathered and multiplied);
+    then `FALLBACK_SHARE` of the queries recomputed in exact mode (their products, and
+    every reference normalised again).
+    """
+    d = n_models * n_classes  # feature length
+    n_c = min(n_references, n_candidates or max(2 * k, k + 128))
+    plans = {p: plan_memory(n_queries, n_references, n_models, n_classes,
+                            k_keep=k if p == "exact" else n_c, budget=memory_budget,
+                            precision=p, raw_bytes=raw_bytes) for p in ("exact", "fast")}
+
+    def kernel_pass(p: str, rate: float, queries: float) -> float:
+        plan = plans[p]
+        query_passes = 1 if (plan.cache_queries or plan.n_tiles == 1) else plan.n_tiles
+        values = (n_references + queries * query_passes) * d
+        return 2.0 * queries * n_references * d / rate + values / rates.normalize
+
+    exact = kernel_pass("exact", rates.float32, n_queries)
+    rescore = ((n_queries + n_references) * d / rates.normalize
+               + float(n_queries) * n_c * d / rates.gather)
+    fallback = kernel_pass("exact", rates.float32, FALLBACK_SHARE * n_queries)
+    fast = kernel_pass("fast", rates.bfloat16, n_queries) + rescore + fallback
+    return exact, fast
+
+
+# ---- the probe and its cache ----------------------------------------------------------
+
+def probe(device: torch.device) -> tuple[Rates, bool]:
+    """This machine's rates on `device`: from the cache, or measured and cached.
+
+    Returns
+    -------
+    (Rates, from_cache)
+    """
+    key = machine_key(device)
+    path = cache_dir() / f"probe-{_digest(key)}.json"
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached, True
+    rates = measure_rates(device)
+    entry = {"key": key, "rates": dataclasses.asdict(rates),
+             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        atomic_write_text(path, json.dumps(entry, indent=2))
+    except OSError as e:  # a read-only home: probe again next time, say why once
+        logger.warning("could not cache the precision probe in %s: %s", path, e)
+    return rates, False
+
+
+def cache_dir() -> Path:
+    """Where probe results are kept: $ENSEMBLE_KERNEL_CACHE_DIR, else
+    $XDG_CACHE_HOME/ensemble-kernel, else ~/.cache/ensemble-kernel."""
+    if os.environ.get("ENSEMBLE_KERNEL_CACHE_DIR"):
+        return Path(os.environ["ENSEMBLE_KERNEL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ensemble-kernel"
+
+
+def machine_key(device: torch.device | str = "cpu") -> dict:
+    """What the rates depend on: the processor, torch, threads, device, ISA overrides."""
+    device = torch.device(device)
+    key = {"probe_version": PROBE_VERSION, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        key["gpu"] = f"{props.name} (sm_{props.major}{props.minor})"
+    else:
+        model, flags = _cpu_description()
+        key["cpu"] = model
+        key["isa"] = sorted(f for f in _ISA_FLAGS if f in flags)
+        key["aten_capability"] = torch.backends.cpu.get_cpu_capability()
+        key["env"] = {v: os.environ[v] for v in _ISA_ENV if v in os.environ}
+    return key
+
+
+def _cpu_description() -> tuple[str, set[str]]:
+    """The CPU model name and its flags (Linux /proc/cpuinfo; elsewhere the platform's name)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, set((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path, key: dict) -> Rates | None:
+    """The cached rates for `key`, or None when the file is missing, unreadable, corrupt,
+    or for another key (it is then measured again and rewritten)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if entry["key"] != key:
+            return None
+        rates = Rates(**{f.name: float(entry["rates"][f.name])
+                         for f in dataclasses.fields(Rates)})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        logger.info("ignoring the precision probe cache %s: %s", path, e)
+        return None
+    return rates if rates.valid() else None
+
+
+# ---- measuring ------------------------------------------------------------------------
+
+# The probe's shapes: a block of runs 2048 features wide (fast mode's narrowest block,
+# inside exact mode's 512..4096) against a tile of 2048 references; query rows grow until
+# one call takes a tenth of the time allowed. At most ~150 MB are held.
+_WIDTH, _TILE = 2048, 2048
+_ROWS = (4, 32, 256, 1024, 4096)
+_CANDIDATES = 131  # k = 3 with k + 128 candidates
+_GATHER_REFERENCES = 8192
+_CLASSES = 10
+
+
+def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SECONDS) -> Rates:
+    """Measure the four rates on `device` within about `seconds` (hard cap: each rate
+    stops growing its shapes once the next size would not fit its share)."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    share = seconds / 4
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    def product(dtype):
+        def make(rows):
+            a, b = randn(rows, _WIDTH, dtype=dtype), randn(_TILE, _WIDTH, dtype=dtype)
+            acc = torch.zeros(rows, _TILE, device=device)
+            if dtype == torch.float32:
+                def run():
+                    acc.addmm_(a, b.T)
+            else:
+                bt = b.T.contiguous()
+
+                def run():
+                    acc.add_(a @ bt)  # as the engine: a (d, tile) operand, float32 sum
+            return run, 2.0 * rows * _TILE * _WIDTH
+        return make
+
+    with exact_float32_matmul(device):
+        float32 = _rate(product(torch.float32), _ROWS, share, device)
+    with bfloat16_matmul(device):
+        bfloat16 = _rate(product(torch.bfloat16), _ROWS, share, device)
+    with exact_float32_matmul(device):
+        normalize = _rate(_normalize_step(randn, device), (16, 64, 256, 1024, 4096), share,
+                          device)
+        gather = _rate(_gather_step(randn, gen, device), (1, 4, 16, 64, 128), share, device)
+    return Rates(float32, bfloat16, normalize, gather, time.perf_counter() - started)
+
+
+def _normalize_step(randn, device):
+    runs = _WIDTH // _CLASSES
+
+    def make(rows):
+        raw = (randn(runs, rows, _CLASSES) * 3).to(torch.float16)
+        stats = ClassStats.from_float64(
+            torch.zeros(rows, _CLASSES, dtype=torch.float64, device=device) - 2.3,
+            torch.ones(rows, _CLASSES, dtype=torch.float64, device=device), None)
+
+        def run():
+            x = prepare(raw, log_softmax=True, classes=None, device=device)
+            normalized_features(x, stats)
+        return run, float(runs * rows * _CLASSES)
+    return make
+
+
+def _gather_step(randn, gen, device):
+    features = randn(_GATHER_REFERENCES, _WIDTH)
+
+    def make(rows):
+        queries = randn(rows, _WIDTH)
+        candidates = torch.randint(0, _GATHER_REFERENCES, (rows, _CANDIDATES),
+                                   generator=gen).to(device)
+        out = torch.zeros(rows, _CANDIDATES, device=device)
+
+        def run():  # as `_Engine.rescore`
+            out.add_(torch.bmm(features[candidates], queries.unsqueeze(2)).squeeze(2))
+        return run, float(rows * _CANDIDATES * _WIDTH)
+    return make
+
+
+def _rate(make: Callable, sizes: tuple[int, ...], seconds: float, device: torch.device) -> float:
+    """Work per second of `make(size)`'s call, at the largest size that fits `seconds`.
+
+    Each size gets one warm-up call (kernel selection, first touch of the buffers), then
+    up to three timed calls (the best counts). The next size (about 4x the work) is tried
+    only when its warm-up and one timed call are predicted to fit the time left; a size
+    whose warm-up alone used the time left is rated from that call. So a very slow product
+    (bfloat16 emulated on an AVX2-only CPU) costs at most its smallest call beyond
+    `seconds`, and the smallest sizes are small.
+    """
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    end = time.perf_counter() + seconds
+    rate = None
+    for size in sizes:
+        run, work = make(size)
+        t = time.perf_counter()
+        run()
+        sync()
+        best = time.perf_counter() - t  # the warm-up, counted only if nothing better comes
+        for _ in range(3):
+            if time.perf_counter() + best > end:
+                break
+            t = time.perf_counter()
+            run()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        rate = work / max(best, 1e-9)
+        del run
+        if time.perf_counter() + 2 * 4 * best > end:  # the next size: warm-up + one call
+            break
+    return float(rate)

@@ -1,0 +1,301 @@
+"""precision='auto': the choice, its cache, and that every choice returns exact mode's
+neighbours. The probe is injected (no timing here): `measure_rates` is replaced by a fake
+that counts its calls, and `SMALL_JOB_FLOP` is lowered so that these small jobs count as
+large enough to probe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ensemble_kernel import dense_kernel, engine, precision, top_k_neighbors
+from ensemble_kernel.errors import InputError
+from ensemble_kernel.precision import Rates, choose_precision, machine_key, probe
+
+from conftest import assert_same_neighbors, make_ensemble, run_cli, save_pt
+
+# Rates under which fast mode clearly pays (bfloat16 1000x float32), and under which it
+# cannot (an AVX2-only CPU: bfloat16 emulated, 7x slower than float32).
+FAST_PAYS = Rates(float32=1e9, bfloat16=1e12, normalize=1e12, gather=1e12, probe_s=0.1)
+FAST_LOSES = Rates(float32=110e9, bfloat16=16e9, normalize=1e9, gather=1e9, probe_s=0.1)
+CIFAR = dict(n_queries=10_000, n_references=50_000, n_models=500, n_classes=10, k=20,
+             memory_budget=1536 << 20)
+
+
+@pytest.fixture
+def fake_probe(monkeypatch):
+    """Replace the measurement with `rates` (set `.rates`); `.calls` counts the probes."""
+    class Fake:
+        calls = 0
+        rates = FAST_PAYS
+
+        def __call__(self, device="cpu", seconds=precision.PROBE_SECONDS):
+            Fake.calls += 1
+            return self.rates
+
+    fake = Fake()
+    monkeypatch.setattr(precision, "measure_rates", fake)
+    monkeypatch.setattr(precision, "SMALL_JOB_FLOP", 0.0)
+    return fake
+
+
+def adversarial_ensemble():
+    """References with exact duplicates (ties), a near-copy 1e-6 away, and an outlier run."""
+    ens = make_ensemble(seed=3, n_models=6, n_train=90, n_test=30)
+    train = ens.train.clone()
+    train[:, 10] = train[:, 40]  # an exact tie between references 10 and 40
+    train[:, 11] = train[:, 41] * (1 + 1e-6)  # nearly equal to 41
+    train[2] *= 30  # one run far larger than the others
+    return ens.test, train
+
+
+# ---- the choice returns exact mode's neighbours -------------------------------------
+
+@pytest.mark.parametrize("rates, path", [(FAST_PAYS, "fast"), (FAST_LOSES, "exact")])
+def test_auto_returns_exact_modes_neighbours_whichever_path(fake_probe, monkeypatch, rates, path):
+    fake_probe.rates = rates
+    fast_runs = []
+    real_fast = engine._fast_search
+    monkeypatch.setattr(engine, "_fast_search",
+                        lambda *a, **kw: fast_runs.append(1) or real_fast(*a, **kw))
+    test, train = adversarial_ensemble()
+    got = top_k_neighbors(test, train, 5, precision="auto", memory_budget=64 << 20)
+    assert bool(fast_runs) == (path == "fast")  # the path the probe picked ran
+    assert_same_neighbors(got.indices, got.values, dense_kernel(test, train), 5)
+    fast_runs.clear()
+    forced = top_k_neighbors(test, train, 5, precision=path, memory_budget=64 << 20)
+    assert torch.equal(got.indices, forced.indices) and torch.equal(got.values, forced.values)
+    exact = top_k_neighbors(test, train, 5, precision="exact", memory_budget=64 << 20)
+    # Exact mode's neighbours: same indices but where values tie within float32 rounding.
+    differ = got.indices != exact.indices
+    torch.testing.assert_close(got.values[differ], exact.values[differ], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_leave_one_out_matches_exact(fake_probe):
+    _, train = adversarial_ensemble()
+    got = top_k_neighbors(train, None, 3, exclude_self=True, precision="auto")
+    kernel = dense_kernel(train, train)
+    kernel.fill_diagonal_(float("-inf"))
+    assert_same_neighbors(got.indices, got.values, kernel, 3)
+    assert fake_probe.calls == 1
+
+
+def test_small_job_resolves_to_exact_without_a_probe(monkeypatch):
+    def no_probe(*a, **kw):
+        raise AssertionError("a small job must not be probed")
+
+    monkeypatch.setattr(precision, "measure_rates", no_probe)
+    choice = choose_precision("auto", n_queries=40, n_references=120, n_models=6, n_classes=5,
+                              k=3)
+    assert choice.precision == "exact" and choice.rates is None and "small job" in choice.reason
+    ens = make_ensemble()
+    assert top_k_neighbors(ens.test, ens.train, 3).indices.shape == (40, 3)  # default: auto
+    forced = choose_precision("fast", n_queries=40, n_references=120, n_models=6, n_classes=5,
+                              k=3)
+    assert forced.precision == "fast"
+
+
+@pytest.mark.parametrize("rates, expected", [(FAST_PAYS, "fast"), (FAST_LOSES, "exact")])
+def test_choice_follows_the_predicted_times(fake_probe, rates, expected):
+    fake_probe.rates = rates
+    choice = choose_precision("auto", **CIFAR)
+    assert choice.precision == expected
+    assert (choice.predicted_fast_s * precision.SAFETY < choice.predicted_exact_s) == (
+        expected == "fast")
+    assert choice.as_dict()["rates"]["float32_gflops"] == pytest.approx(rates.float32 / 1e9)
+
+
+def test_re_score_cost_can_make_fast_lose_despite_faster_products(fake_probe):
+    """This machine's trap: bfloat16 products 1.7x faster than float32, but the re-score's
+    gather slow: the product rates alone would pick fast mode wrongly."""
+    fake_probe.rates = Rates(float32=270e9, bfloat16=470e9, normalize=1e9, gather=0.35e9,
+                             probe_s=0.1)
+    slow_gather = choose_precision("auto", **CIFAR)
+    assert slow_gather.precision == "exact"
+    fake_probe.rates = Rates(float32=270e9, bfloat16=4 * 270e9, normalize=10e9, gather=50e9,
+                             probe_s=0.1)
+    precision_dir = precision.cache_dir()
+    for path in precision_dir.glob("probe-*.json"):
+        path.unlink()
+    assert choose_precision("auto", **CIFAR).precision == "fast"
+
+
+def test_precision_typo_is_refused():
+    ens = make_ensemble()
+    with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast', got 'fats'"):
+        top_k_neighbors(ens.test, ens.train, 3, precision="fats")
+    with pytest.raises(InputError, match="got 'Auto'"):
+        choose_precision("Auto", n_queries=1, n_references=1, n_models=2, n_classes=2, k=1)
+
+
+# ---- the cache ----------------------------------------------------------------------
+
+def test_probe_is_cached_and_reused(fake_probe):
+    first, from_cache = probe(torch.device("cpu"))
+    assert (first, from_cache, fake_probe.calls) == (FAST_PAYS, False, 1)
+    files = list(precision.cache_dir().glob("probe-*.json"))
+    assert len(files) == 1
+    entry = json.loads(files[0].read_text())
+    assert entry["key"] == machine_key("cpu") and entry["rates"]["float32"] == FAST_PAYS.float32
+    again, from_cache = probe(torch.device("cpu"))
+    assert (again, from_cache, fake_probe.calls) == (FAST_PAYS, True, 1)
+    choice = choose_precision("auto", **CIFAR)
+    assert choice.from_cache and fake_probe.calls == 1
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ENSEMBLE_KERNEL_CACHE_DIR", str(tmp_path / "mine"))
+    assert precision.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("ENSEMBLE_KERNEL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert precision.cache_dir() == tmp_path / "xdg" / "ensemble-kernel"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert precision.cache_dir() == tmp_path / "home" / ".cache" / "ensemble-kernel"
+
+
+def _change_torch_version(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+
+
+def _change_threads(monkeypatch):
+    threads = torch.get_num_threads() + 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+
+def _change_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "_cpu_description", lambda: ("Some Other CPU", {"avx2"}))
+
+
+def _change_isa_env(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+
+
+def _change_device(monkeypatch):
+    real = precision.machine_key
+    monkeypatch.setattr(precision, "machine_key",
+                        lambda device="cpu": {**real(device), "device": "cuda:0",
+                                              "gpu": "Fake GPU (sm_90)"})
+
+
+@pytest.mark.parametrize("change", [_change_torch_version, _change_threads, _change_cpu,
+                                    _change_isa_env, _change_device])
+def test_cache_is_invalidated_when_the_key_changes(fake_probe, monkeypatch, change):
+    probe(torch.device("cpu"))
+    assert fake_probe.calls == 1
+    before = machine_key("cpu")
+    with monkeypatch.context() as m:
+        change(m)
+        assert precision.machine_key("cpu") != before
+        _, from_cache = probe(torch.device("cpu"))
+        assert not from_cache and fake_probe.calls == 2
+        _, from_cache = probe(torch.device("cpu"))
+        assert from_cache and fake_probe.calls == 2
+    _, from_cache = probe(torch.device("cpu"))  # the first machine's entry is still there
+    assert from_cache and fake_probe.calls == 2
+
+
+def test_key_names_machine_torch_threads_and_device():
+    key = machine_key("cpu")
+    assert key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
+    assert key["device"] == "cpu" and key["cpu"] and isinstance(key["isa"], list)
+
+
+def _entry(**rates):
+    return json.dumps({"key": machine_key("cpu"), "rates": {
+        "float32": 1.0, "bfloat16": 1.0, "normalize": 1.0, "gather": 1.0, "probe_s": 1.0,
+        **rates}})
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{not json", b"[]", b"\x00\xff\xfe garbage", b'{"key": 1}', b'{"rates": {}}',
+    _entry(float32=-5.0).encode(), _entry(gather=0.0).encode(),
+    _entry(bfloat16="fast").encode(), _entry(normalize=None).encode(),
+    _entry(float32=float("nan")).encode(), _entry(gather=float("inf")).encode(),
+    json.dumps({"key": machine_key("cpu"), "rates": [1, 2]}).encode(),
+])
+def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_probe, content):
+    probe(torch.device("cpu"))
+    (path,) = precision.cache_dir().glob("probe-*.json")
+    path.write_bytes(content)
+    rates, from_cache = probe(torch.device("cpu"))
+    assert (rates, from_cache, fake_probe.calls) == (FAST_PAYS, False, 2)
+    assert json.loads(path.read_text())["rates"]["float32"] == FAST_PAYS.float32
+    assert probe(torch.device("cpu"))[1]  # the rewritten file is read next time
+
+
+def test_an_unwritable_cache_does_not_crash(fake_probe, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("ENSEMBLE_KERNEL_CACHE_DIR", str(blocker / "cache"))
+    assert probe(torch.device("cpu")) == (FAST_PAYS, False)
+    assert probe(torch.device("cpu")) == (FAST_PAYS, False)  # measured again, no crash
+    assert fake_probe.calls == 2
+
+
+def test_the_real_probe_returns_valid_rates():
+    """The measurement itself, with a tiny time allowance (no timing asserted)."""
+    from conftest import REAL_MEASURE_RATES
+
+    rates = REAL_MEASURE_RATES("cpu", seconds=0.2)
+    assert rates.valid() and rates.probe_s > 0
+
+
+# ---- the command line ---------------------------------------------------------------
+
+def _src(tmp_path):
+    ens = make_ensemble()
+    return save_pt(tmp_path / "runs.pt", ens.train, ens.test, labels_train=ens.labels_train,
+                   labels_test=ens.labels_test)
+
+
+def test_cli_precision_typo_lists_the_choices(tmp_path):
+    code, out, err = run_cli("evaluate", _src(tmp_path), "--precision", "fats")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "--precision takes auto, exact or fast, got 'fats'" in err
+
+
+def test_cli_json_and_verbose_show_the_probe(fake_probe, tmp_path):
+    fake_probe.rates = FAST_LOSES
+    src = _src(tmp_path)
+    code, out, err = run_cli("evaluate", src, "--json", "-v")
+    assert code == 0
+    first = json.loads(out)["precision"]
+    assert first["requested"] == "auto" and first["chosen"] == "exact"
+    assert first["from_cache"] is False
+    assert first["rates"]["bfloat16_gflops"] == pytest.approx(16)
+    assert first["predicted_exact_s"] < first["predicted_fast_s"]
+    assert json.loads(out)["options"]["precision"] == "exact"
+    (line,) = err.splitlines()
+    assert line.startswith("precision auto -> exact") and "bfloat16 16 GFLOP/s" in line
+    code, out, err = run_cli("evaluate", src, "--json")
+    assert json.loads(out)["precision"]["from_cache"] is True and err == ""
+    assert fake_probe.calls == 1
+
+
+@pytest.mark.parametrize("rates, warns", [(FAST_LOSES, True), (FAST_PAYS, False)])
+def test_forced_fast_warns_only_where_the_probe_says_slower(fake_probe, tmp_path, rates, warns):
+    fake_probe.rates = rates
+    code, out, err = run_cli("evaluate", _src(tmp_path), "--precision", "fast", "-q")
+    assert code == 0 and "kernel accuracy" in out
+    lines = err.splitlines()
+    if warns:
+        (line,) = lines
+        assert line.startswith("warning: --precision fast is predicted slower than exact")
+        assert "float32 110 GFLOP/s, bfloat16 16 GFLOP/s" in line
+    else:
+        assert lines == []
+
+
+def test_neighbors_records_the_choice(fake_probe, tmp_path):
+    import numpy as np
+
+    fake_probe.rates = FAST_PAYS
+    out = tmp_path / "n.npz"
+    code, _, _ = run_cli("neighbors", _src(tmp_path), "--out", out, "--k", 3, "-q")
+    assert code == 0
+    meta = json.loads(str(np.load(out)["meta"]))
+    assert meta["options"]["precision"] == "fast" and meta["precision"]["chosen"] == "fast"
