@@ -16,6 +16,7 @@ from .errors import (
 )
 from .kernel import dense_kernel
 from .neighbors import Neighbors
+from .precision import PrecisionChoice, choose_precision
 from .sources import ArraySource, ConcatSource, LogitSource
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __all__ = [
     "__version__",
     "top_k_neighbors",
     "compute_kernel",
+    "choose_precision",
+    "PrecisionChoice",
     "dense_kernel",
     "plan_memory",
     "Plan",

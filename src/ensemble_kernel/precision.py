@@ -160,9 +160,9 @@ class PrecisionChoice:
 
 
 def describe_rates(r: Rates) -> str:
-    return (f"float32 {r.float32 / 1e9:.0f} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.0f} GFLOP/s, "
-            f"normalise {r.normalize / 1e6:.0f} M values/s, re-score gather "
-            f"{r.gather / 1e6:.0f} M values/s")
+    return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s, "
+            f"normalise {r.normalize / 1e6:.3g} M values/s, re-score gather "
+            f"{r.gather / 1e6:.3g} M values/s")
 
 
 def _round(x: float | None) -> float | None:
@@ -394,14 +394,12 @@ def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SEC
             return run, 2.0 * rows * _TILE * _WIDTH
         return make
 
-    with exact_float32_matmul(device):
-        float32 = _rate(product(torch.float32), _ROWS, share, device)
-    with bfloat16_matmul(device):
-        bfloat16 = _rate(product(torch.bfloat16), _ROWS, share, device)
-    with exact_float32_matmul(device):
-        normalize = _rate(_normalize_step(randn, device), (16, 64, 256, 1024, 4096), share,
-                          device)
-        gather = _rate(_gather_step(randn, gen, device), (1, 4, 16, 64, 128), share, device)
+    with exact_float32_matmul(device), bfloat16_matmul(device):
+        # Interleaved, so that a burst of load on a shared machine slows both alike.
+        float32, bfloat16 = _rates([product(torch.float32), product(torch.bfloat16)], _ROWS,
+                                   2 * share, device)
+        normalize, = _rates([_normalize_step(randn, device)], (256, 1024, 4096), share, device)
+        gather, = _rates([_gather_step(randn, gen, device)], (1, 4, 16, 64, 128), share, device)
     return Rates(float32, bfloat16, normalize, gather, time.perf_counter() - started)
 
 
@@ -436,37 +434,38 @@ def _gather_step(randn, gen, device):
     return make
 
 
-def _rate(make: Callable, sizes: tuple[int, ...], seconds: float, device: torch.device) -> float:
-    """Work per second of `make(size)`'s call, at the largest size that fits `seconds`.
+def _rates(makes: list[Callable], sizes: tuple[int, ...], seconds: float,
+           device: torch.device) -> list[float]:
+    """Work per second of each `make(size)`'s call, at the largest size that fits `seconds`.
 
-    Each size gets one warm-up call (kernel selection, first touch of the buffers), then
-    up to three timed calls (the best counts). The next size (about 4x the work) is tried
-    only when its warm-up and one timed call are predicted to fit the time left; a size
-    whose warm-up alone used the time left is rated from that call. So a very slow product
-    (bfloat16 emulated on an AVX2-only CPU) costs at most its smallest call beyond
-    `seconds`, and the smallest sizes are small.
+    Sizes are tried smallest first. At each size every call gets one warm-up (kernel
+    selection, first touch of the buffers), then up to three rounds in which the calls are
+    timed in turn (the best time of each counts). From a size's times the next size is
+    chosen: the largest whose warm-ups and one round (work assumed proportional to the
+    size) are predicted to fit the time left, so the probe reaches the engine's shapes
+    quickly on a fast machine. A very slow product (bfloat16 emulated on an AVX2-only CPU)
+    costs at most its smallest calls beyond `seconds`.
     """
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    end = time.perf_counter() + seconds
-    rate = None
-    for size in sizes:
-        run, work = make(size)
+    def timed(run) -> float:
         t = time.perf_counter()
         run()
-        sync()
-        best = time.perf_counter() - t  # the warm-up, counted only if nothing better comes
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    end = time.perf_counter() + seconds
+    i = 0
+    while True:
+        built = [make(sizes[i]) for make in makes]
+        best = [timed(run) for run, _ in built]  # warm-ups, counted only if nothing better
         for _ in range(3):
-            if time.perf_counter() + best > end:
+            if time.perf_counter() + sum(best) > end:
                 break
-            t = time.perf_counter()
-            run()
-            sync()
-            best = min(best, time.perf_counter() - t)
-        rate = work / max(best, 1e-9)
-        del run
-        if time.perf_counter() + 2 * 4 * best > end:  # the next size: warm-up + one call
-            break
-    return float(rate)
+            best = [min(b, timed(run)) for b, (run, _) in zip(best, built)]
+        rates = [work / max(b, 1e-9) for b, (_, work) in zip(best, built)]
+        del built
+        left = end - time.perf_counter()
+        fits = [j for j in range(i + 1, len(sizes)) if 2 * sum(best) * sizes[j] / sizes[i] <= left]
+        if not fits:
+            return [float(r) for r in rates]
+        i = fits[-1]
