@@ -122,6 +122,29 @@ def test_re_score_cost_can_make_fast_lose_despite_faster_products(fake_probe):
     assert choose_precision("auto", **CIFAR).precision == "fast"
 
 
+def test_auto_takes_exact_where_only_exact_fits_the_budget(fake_probe):
+    from ensemble_kernel.errors import BudgetError
+    from ensemble_kernel.plan import plan_memory
+
+    shape = {k: v for k, v in CIFAR.items() if k != "memory_budget"}
+
+    def fits(p, budget):
+        try:
+            plan_memory(10_000, 50_000, 500, 10, k_keep=20 if p == "exact" else 148,
+                        budget=budget, precision=p, raw_bytes=2)
+            return True
+        except BudgetError:
+            return False
+
+    lo, hi = 1 << 20, 1 << 36  # the smallest budget fast mode's plan fits
+    while hi - lo > 1:
+        lo, hi = (lo, (lo + hi) // 2) if fits("fast", (lo + hi) // 2) else ((lo + hi) // 2, hi)
+    assert fits("exact", lo) and not fits("fast", lo)
+    choice = choose_precision("auto", memory_budget=lo, **shape)
+    assert choice.precision == "exact" and "budget" in choice.reason
+    assert choose_precision("auto", memory_budget=hi, **shape).precision == "fast"
+
+
 def test_precision_typo_is_refused():
     ens = make_ensemble()
     with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast', got 'fats'"):

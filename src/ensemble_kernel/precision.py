@@ -46,7 +46,7 @@ from typing import Callable, Literal
 import torch
 
 from .atomic import atomic_write_text
-from .errors import InputError
+from .errors import BudgetError, InputError
 from .kernel import ClassStats, bfloat16_matmul, exact_float32_matmul, normalized_features, prepare
 from .plan import default_memory_budget, plan_memory, resolve_device
 
@@ -124,12 +124,6 @@ class PrecisionChoice:
     from_cache: bool = False
     predicted_exact_s: float | None = None
     predicted_fast_s: float | None = None
-
-    @property
-    def fast_is_slower(self) -> bool:
-        """The probe predicts fast mode no faster than exact mode with the safety margin."""
-        return (self.predicted_fast_s is not None
-                and self.predicted_fast_s * SAFETY >= self.predicted_exact_s)
 
     def as_dict(self) -> dict:
         """A JSON-ready description (products in GFLOP/s, the others in M values/s)."""
@@ -223,14 +217,18 @@ def choose_precision(
     pays = fast_s * SAFETY < exact_s
     if precision == "fast":
         choice = PrecisionChoice("fast", "fast", "asked for", rates, from_cache, exact_s, fast_s)
-        if not pays:
+        if not pays and math.isfinite(fast_s):  # (a fast plan over budget: the engine says so)
             warnings.warn(
                 f"--precision fast is predicted slower than exact on this machine (fast "
                 f"{fast_s:.3g} s, exact {exact_s:.3g} s; {describe_rates(rates)}): "
                 "leave --precision at auto, or pass exact", RuntimeWarning, stacklevel=2)
     else:
-        reason = (f"fast predicted {exact_s / fast_s:.2f}x faster (needs {SAFETY}x)" if pays
-                  else f"fast not predicted {SAFETY}x faster ({exact_s / fast_s:.2f}x)")
+        if math.isinf(fast_s):
+            reason = "fast mode does not fit the memory budget"
+        elif pays:
+            reason = f"fast predicted {exact_s / fast_s:.2f}x faster (needs {SAFETY}x)"
+        else:
+            reason = f"fast not predicted {SAFETY}x faster ({exact_s / max(fast_s, 1e-300):.2f}x)"
         choice = PrecisionChoice("auto", "fast" if pays else "exact", reason, rates,
                                  from_cache, exact_s, fast_s)
     logger.info("%s", choice.describe())
@@ -243,6 +241,9 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     """Predicted seconds of exact and fast mode for a job (the statistics pass, which both
     share, left out).
 
+    A path whose plan does not fit `memory_budget` is predicted to take forever (math.inf),
+    and the other 0.
+
     exact: the float32 products, and the features normalised for them (each reference
     once; the queries once, or once per tile when the plan cannot cache them).
     fast: the same with bfloat16 products; then the re-score (every feature normalised
@@ -252,9 +253,17 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     """
     d = n_models * n_classes  # feature length
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
-    plans = {p: plan_memory(n_queries, n_references, n_models, n_classes,
-                            k_keep=k if p == "exact" else n_c, budget=memory_budget,
-                            precision=p, raw_bytes=raw_bytes) for p in ("exact", "fast")}
+    plans = {}
+    for p in ("exact", "fast"):
+        try:
+            plans[p] = plan_memory(n_queries, n_references, n_models, n_classes,
+                                   k_keep=k if p == "exact" else n_c, budget=memory_budget,
+                                   precision=p, raw_bytes=raw_bytes)
+        except BudgetError:  # this path cannot run in the budget (the engine says so)
+            plans[p] = None
+    if plans["exact"] is None or plans["fast"] is None:
+        return (math.inf if plans["exact"] is None else 0.0,
+                math.inf if plans["fast"] is None else 0.0)
 
     def kernel_pass(p: str, rate: float, queries: float) -> float:
         plan = plans[p]
