@@ -5,7 +5,7 @@ import torch
 
 from ensemble_kernel.errors import InputError
 from ensemble_kernel.sources import ArraySource
-from ensemble_kernel.sweep import (bootstrap_difference, default_run_counts, disjoint_subsets,
+from ensemble_kernel.sweeps import (bootstrap_difference, default_run_counts, disjoint_subsets,
                                    mcnemar_exact, sweep)
 
 from conftest import make_ensemble
@@ -53,12 +53,12 @@ def test_sweep_rows_and_ablations():
 
 
 def test_known_neighbours_are_reused_without_changing_the_result():
-    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.engine import _top_k_neighbors
 
     ens = make_ensemble(n_models=8, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
     plain = sweep(train, test, ens.labels_train, ens.labels_test, runs=[2, 8])
-    known = top_k_neighbors(test, train, 20, memory_budget=1 << 26)
+    known = _top_k_neighbors(test, train, 20, memory_budget=1 << 26)
     reused = sweep(train, test, ens.labels_train, ens.labels_test, runs=[2, 8], neighbors=known)
     assert reused.table() == plain.table()
     assert reused.significance == plain.significance and reused.ablations == plain.ablations

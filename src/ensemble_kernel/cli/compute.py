@@ -15,9 +15,10 @@ import typer
 from .. import __version__
 from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
-from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
+from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
+                      plan_memory)
 from ..errors import InputError
-from ..evaluate import evaluate, select_by_leave_one_out
+from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
@@ -200,7 +201,7 @@ def predict_cmd(
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
                 default=20 if weighted else 3)
         with _progress_bar(quiet) as report:
-            found = top_k_neighbors(runset.test, runset.train, k_used,
+            found = _top_k_neighbors(runset.test, runset.train, k_used,
                                     log_softmax=not no_log_softmax, precision=precision,
                                     memory_budget=budget, device=device, progress=report)
         scores = (weighted_scores(found, labels_train, n_classes, power) if weighted
@@ -284,7 +285,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
     n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
-        return top_k_neighbors(
+        return _top_k_neighbors(
             runset.test, runset.train, k, log_softmax=options["log_softmax"],
             precision=precision, memory_budget=budget, device=device, progress=report,
             tile_size=tiles["tile_size"], chunk_models=tiles["chunk_models"],

@@ -40,7 +40,7 @@ def sweep_cmd(
     and a bootstrap interval of kernel 3-NN minus the ensemble average.
     """
     from ..report.files import sweep_json, write_sweep
-    from ..sweep import sweep
+    from ..sweeps import sweep
 
     with _user_errors():
         _check_precision(precision)

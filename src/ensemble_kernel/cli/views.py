@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine import top_k_neighbors
+from ..engine import _top_k_neighbors
 from ..plan import budget_beside, default_memory_budget
 from ..errors import InputError
 from ..formats import RunSet
@@ -123,7 +123,7 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     budget = budget_beside(budget or default_memory_budget(device), _nbytes(extras),
                            "the inputs and features")
     with _progress_bar(quiet) as report:
-        found = top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
+        found = _top_k_neighbors(runset.test, runset.train, min(k, runset.train.n_examples),
                                 precision=precision, memory_budget=budget, device=device,
                                 progress=report)
     return runset, extras, renderer, found, budget - _nbytes(found)
