@@ -100,7 +100,7 @@ class Evaluation(Shown):
     single_model_accuracy, ensemble_accuracy, knn_accuracy, weighted_accuracy : float
         Mean accuracy of one run; of the averaged logits; of kernel k-NN; of the weighted
         vote, on the test split.
-    single_model_accuracies : tuple of float, length n_models
+    single_model_accuracies : tuple of float, shape (n_models,)
         Each run's own accuracy.
     """
 
@@ -140,7 +140,7 @@ class Selection(Shown):
         None for the k-NN vote.
     accuracy : float
         Leave-one-out accuracy of the choice on the training split.
-    table : tuple of (vote, k, power, accuracy), one per candidate
+    table : tuple of (vote, k, power, accuracy), shape (n_candidates,)
     """
 
     vote: str  # 'knn' or 'weighted'

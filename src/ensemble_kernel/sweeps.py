@@ -34,7 +34,10 @@ __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One metric at one run count: mean and spread over the disjoint subsets."""
+    """One metric at one run count: mean and spread over the disjoint subsets.
+
+    Scalars only: accuracies in [0, 1] over `n_subsets` disjoint subsets of `n_models` runs.
+    """
 
     n_models: int
     metric: str  # 'single', 'ensemble', 'knn_k3', ..., 'weighted'
@@ -47,7 +50,11 @@ class SweepRow:
 
 @dataclass(frozen=True)
 class Significance:
-    """Kernel k-NN against the ensemble average on the same test examples."""
+    """Kernel k-NN against the ensemble average on the same test examples.
+
+    Scalars only: accuracies and their difference in [0, 1] units, McNemar's discordant
+    counts and exact p-value, the bootstrap's 95% interval of the difference.
+    """
 
     n_models: int
     k: int
@@ -67,7 +74,7 @@ class SweepResult(Shown):
 
     Attributes
     ----------
-    rows : tuple of SweepRow
+    rows : tuple of SweepRow, shape (n_run_counts * n_metrics,)
         One per (run count, metric): mean, std, min and max over disjoint subsets.
     ablations : dict of str to float
         At the largest run count: kernel k-NN accuracy without log-softmax

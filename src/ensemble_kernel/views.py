@@ -55,7 +55,7 @@ class PairsView(_View):
 
     Attributes
     ----------
-    pairs : tuple of Pair, one per rank in `ranks`
+    pairs : tuple of Pair, shape (ranks.stop - ranks.start,)
     ranks : slice (0-based, half-open)
     """
 
@@ -116,7 +116,8 @@ class FailuresView(_View):
 
     Attributes
     ----------
-    failures : tuple of Failure
+    failures : tuple of Failure, shape (at most `top`,)
+        Each with its `n_neighbors` nearest training examples.
     """
 
     failures: tuple[Failure, ...]
@@ -145,7 +146,7 @@ class ComparisonView(_View):
 
     Attributes
     ----------
-    comparisons : tuple of Comparison
+    comparisons : tuple of Comparison, shape (n_examples,)
     labels_train : Tensor of shape (n_train,), or None
     """
 
