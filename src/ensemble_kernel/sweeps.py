@@ -175,6 +175,8 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
     n = len(diff)
     if n == 0:
         raise InputError("the bootstrap needs at least one example, got none")
+    if n == 1:  # every resample is that example (scipy wants two or more)
+        return float(diff[0]), float(diff[0])
     batch = max(1, min(n_resamples, max_bytes // (16 * n)))
     with np.errstate(invalid="ignore"):  # constant data: every resample has the same mean
         found = bootstrap((diff,), np.mean, n_resamples=n_resamples, batch=batch,
