@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", help="an .npz with labels_train and labels_test")
     parser.add_argument("--example", type=int, default=0, help="the test example to explain")
     args = parser.parse_args(argv)
-
-    runs = ek.open_runs(args.src, labels=args.labels)  # train and test logits, labels
+    try:
+        runs = ek.open_runs(args.src, labels=args.labels)  # train and test logits, labels
+    except ek.EnsembleKernelError as e:  # a user error: one line, exit status 2
+        parser.exit(2, f"error: {e}\n")
     print(runs)
 
     # The model card's table (what `ensemble-kernel evaluate SRC` prints).

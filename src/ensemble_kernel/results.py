@@ -40,10 +40,16 @@ def text_table(records: list[dict], max_rows: int = _MAX_ROWS) -> str:
     if not records:
         return "(empty)"
     keys = list(records[0])
-    rows = [[_cell(r.get(k)) for k in keys] for r in records[:max_rows]]
+    shown = records[:max_rows]
+    rows = [[_cell(r.get(k)) for k in keys] for r in shown]
     widths = [max(len(k), *(len(row[i]) for row in rows)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    # Numbers to the right, text to the left (a column is numeric if all its values are).
+    numeric = [all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in shown)
+               for k in keys]
+    align = lambda text, w, right: text.rjust(w) if right else text.ljust(w)  # noqa: E731
+    lines = ["  ".join(align(k, w, n) for k, w, n in zip(keys, widths, numeric)).rstrip()]
+    lines += ["  ".join(align(c, w, n) for c, w, n in zip(row, widths, numeric)).rstrip()
+              for row in rows]
     if len(records) > max_rows:
         lines.append(f"... {len(records) - max_rows} more rows (to_pandas() or to_dict())")
     return "\n".join(lines)
