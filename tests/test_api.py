@@ -228,3 +228,20 @@ def test_open_runs_reads_files_directories_and_stores(tmp_path):
         ek.open_runs(path, runs="1:x")
     with pytest.raises(InputError, match=r"at least 2 runs, got 1"):
         ek.open_runs(path, runs=slice(2, 3))
+
+
+def test_open_runs_reads_a_store_through_an_fsspec_url(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    ens = make_ensemble(n_models=3, n_train=30, n_test=10)
+    code, _, err = run_cli("ingest", _store_like(tmp_path, ens), "--store", tmp_path / "st")
+    assert code == 0, err
+    fs = fsspec.filesystem("memory")
+    for f in (tmp_path / "st").rglob("*"):
+        if f.is_file():
+            fs.pipe(f"/api-remote/{f.relative_to(tmp_path / 'st').as_posix()}", f.read_bytes())
+    runs = ek.open_runs("memory://api-remote")
+    assert runs.sources == ("memory://api-remote",) and runs.n_models == 3
+    assert torch.equal(runs.labels_train, ens.labels_train)
+    local = ek.open_runs(tmp_path / "st")
+    assert torch.equal(ek.top_k_neighbors(runs.train, runs.test, k=3).indices,
+                       ek.top_k_neighbors(local.train, local.test, k=3).indices)

@@ -87,11 +87,12 @@ class Runs(RunSet, Shown):
 _SHOWN_SOURCES = 10
 
 
-def _as_paths(src) -> list[Path]:
+def _as_paths(src) -> list[str | Path]:
+    """SRC as a list; strings stay strings (a store may be an fsspec URL, memory://...)."""
     if isinstance(src, (str, Path)):
-        return [Path(src)]
+        return [src]
     if isinstance(src, Sequence) and src and all(isinstance(s, (str, Path)) for s in src):
-        return [Path(s) for s in src]
+        return list(src)
     raise InputError(f"open_runs takes a path or a list of paths (run files, directories or "
                      f"a store), got {type(src).__name__}")
 
