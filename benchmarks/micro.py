@@ -72,7 +72,7 @@ def storeread() -> None:
 
 
 def recipe(epochs: int, seed: int, models: int) -> None:
-    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.engine import _top_k_neighbors
     from ensemble_kernel.demo import _seeds
     from ensemble_kernel.demo.data import load_dataset
     from ensemble_kernel.demo.train import TrainConfig, init_ensemble, predict, train_ensemble
@@ -89,7 +89,7 @@ def recipe(epochs: int, seed: int, models: int) -> None:
         test_logits.append(predict(net, xt)[0])
         train_logits.append(predict(net, x)[0])
     test_l, train_l = torch.cat(test_logits), torch.cat(train_logits)
-    found = top_k_neighbors(test_l.half(), train_l.half(), 3)  # float16, as the store keeps them
+    found = _top_k_neighbors(test_l.half(), train_l.half(), 3)  # float16, as the store keeps them
     knn = float((y[found.indices].mode(1).values == yt).double().mean())
     ens = float((test_l.mean(0).argmax(-1) == yt).double().mean())
     single = float((test_l.argmax(-1) == yt).double().mean())
@@ -109,7 +109,7 @@ def _cifar_logits(n_test: int | None = None):
 
 def stages(precision: str, k: int) -> None:
     """Seconds spent in each stage the engine reports (statistics, kernel, rescore, fallback)."""
-    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.engine import _top_k_neighbors
 
     train, test = _cifar_logits()
     spans: dict[str, list[float]] = {}
@@ -118,7 +118,7 @@ def stages(precision: str, k: int) -> None:
         spans.setdefault(p.stage, [p.elapsed_s, p.elapsed_s])[1] = p.elapsed_s
 
     t0 = time.perf_counter()
-    top_k_neighbors(test, train, k, precision=precision, memory_budget=1 << 30, progress=note)
+    _top_k_neighbors(test, train, k, precision=precision, memory_budget=1 << 30, progress=note)
     print(f"{precision}, k = {k}: {time.perf_counter() - t0:.1f} s in all; stages (first to "
           "last report, s): " + ", ".join(f"{s} {a:.1f}-{b:.1f}" for s, (a, b) in spans.items()))
 

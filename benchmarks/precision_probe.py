@@ -99,7 +99,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in times:
             t = time.perf_counter()
-            found = top_k_neighbors(test, train, args.k, precision=mode,
+            found = top_k_neighbors(train, test, args.k, precision=mode,
                                     memory_budget=shape["memory_budget"])
             times[mode].append(time.perf_counter() - t)
             results[mode] = found

@@ -102,7 +102,7 @@ def case_reference(data: dict, k: int) -> dict:
 def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
     import torch
 
-    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.engine import _top_k_neighbors
     from ensemble_kernel.engine import plan_memory
 
     # Memory-mapped: the engine reads blocks of runs, the pages come and go.
@@ -122,7 +122,7 @@ def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(Count())
     t0 = time.perf_counter()
-    found = top_k_neighbors(test, train, k, precision=precision, memory_budget=budget)
+    found = _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget)
     prediction = labels_train[found.indices].mode(1).values
     wall = time.perf_counter() - t0
     plan = plan_memory(test.shape[1], train.shape[1], train.shape[0], train.shape[2], k_keep=k,

@@ -10,7 +10,7 @@ Cases:
 Then the full 20,000 x 60,000 case (24 GB) is projected from the measured rates.
 
 Each case writes float16 run files of 100 runs (`.pt`, the published layout), ingests them
-into a store (timed), and runs `top_k_neighbors` (k = 20) from the store in a fresh process
+into a store (timed), and runs `_top_k_neighbors` (k = 20) from the store in a fresh process
 per precision under --budget, reporting wall time and peak RSS. Writes
 benchmarks/store_results.md and store_results.json. Data lives under benchmarks/_data/.
 """
@@ -80,12 +80,12 @@ def make_store(folder: Path, n_models: int, n_train: int, n_test: int) -> dict:
 
 
 def child(store: str, precision: str, budget: int, k: int, cache: bool) -> None:
-    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.engine import _top_k_neighbors
     from ensemble_kernel.store import RunStore
 
     target = RunStore(store)
     t0 = time.perf_counter()
-    found = top_k_neighbors(target.source("test"), target.source("train"), k,
+    found = _top_k_neighbors(target.source("test"), target.source("train"), k,
                             precision=precision, memory_budget=budget,
                             cache_queries=None if cache else False)
     wall = time.perf_counter() - t0

@@ -2,7 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.errors import InputError
 
 from conftest import assert_same_neighbors, make_ensemble
@@ -14,7 +15,7 @@ MiB = 1 << 20
 @pytest.mark.parametrize("tile_size,chunk_models", [(None, None), (7, 1), (33, 4), (50, 3), (200, 7)])
 def test_engine_agrees_with_the_dense_twin(precision, tile_size, chunk_models):
     ens = make_ensemble(n_models=7, n_train=120, n_test=40)
-    got = top_k_neighbors(ens.test, ens.train, 9, precision=precision, tile_size=tile_size,
+    got = _top_k_neighbors(ens.test, ens.train, 9, precision=precision, tile_size=tile_size,
                           chunk_models=chunk_models, memory_budget=64 * MiB)
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 9)
 
@@ -24,7 +25,7 @@ def test_fast_mode_with_few_candidates_falls_back_to_exact_rows():
     # the certificate must catch it and recompute those rows exactly.
     ens = make_ensemble(seed=3, n_models=12, n_train=400, n_test=60, noise=0.3)
     stages = []
-    got = top_k_neighbors(ens.test, ens.train, 10, precision="fast", n_candidates=11,
+    got = _top_k_neighbors(ens.test, ens.train, 10, precision="fast", n_candidates=11,
                           tile_size=64, memory_budget=64 * MiB,
                           progress=lambda p: stages.append(p.stage))
     assert "fallback" in stages  # the recomputation this test is about did run
@@ -34,7 +35,7 @@ def test_fast_mode_with_few_candidates_falls_back_to_exact_rows():
 def test_leave_one_out_never_returns_the_example_itself():
     ens = make_ensemble(n_models=5, n_train=90)
     for precision in ("exact", "fast"):
-        got = top_k_neighbors(ens.train, None, 6, exclude_self=True, tile_size=16,
+        got = _top_k_neighbors(ens.train, None, 6, exclude_self=True, tile_size=16,
                               chunk_models=2, precision=precision, memory_budget=64 * MiB)
         assert not bool((got.indices == torch.arange(90)[:, None]).any())
         kernel = dense_kernel(ens.train, ens.train)
@@ -48,7 +49,7 @@ def test_exact_ties_go_to_the_smaller_reference_index():
     train[:, 25] = train[:, 3]  # an exact duplicate: identical kernel columns
     train[:, 12] = train[:, 3]
     for tile_size in (None, 4, 13):
-        got = top_k_neighbors(train, train, 5, tile_size=tile_size, memory_budget=64 * MiB)
+        got = _top_k_neighbors(train, train, 5, tile_size=tile_size, memory_budget=64 * MiB)
         row = got.indices[3].tolist()
         assert row[:3] == [3, 12, 25]
 
@@ -58,7 +59,7 @@ def test_exact_ties_go_to_the_smaller_reference_index():
 def test_result_does_not_depend_on_model_order_tile_or_chunk(seed, tile, chunk):
     ens = make_ensemble(seed=seed, n_models=6, n_train=50, n_test=12, n_classes=3)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
-    got = top_k_neighbors(ens.test[perm], ens.train[perm], 4, tile_size=tile, chunk_models=chunk,
+    got = _top_k_neighbors(ens.test[perm], ens.train[perm], 4, tile_size=tile, chunk_models=chunk,
                           memory_budget=16 * MiB)
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 4)
 
@@ -66,24 +67,24 @@ def test_result_does_not_depend_on_model_order_tile_or_chunk(seed, tile, chunk):
 def test_input_arrays_are_not_modified():
     ens = make_ensemble(n_models=3)
     train, test = ens.train.clone(), ens.test.clone()
-    top_k_neighbors(test, train, 3, chunk_models=1, memory_budget=16 * MiB)
+    _top_k_neighbors(test, train, 3, chunk_models=1, memory_budget=16 * MiB)
     assert torch.equal(train, ens.train) and torch.equal(test, ens.test)
 
 
 def test_k_must_fit_the_references():
     ens = make_ensemble(n_train=20)
     with pytest.raises(InputError, match="k must be between 1 and 20 .*got 21"):
-        top_k_neighbors(ens.test, ens.train, 21)
+        _top_k_neighbors(ens.test, ens.train, 21)
     with pytest.raises(InputError, match="k must be between 1 and 19 .*other than the query"):
-        top_k_neighbors(ens.train, None, 20, exclude_self=True)
+        _top_k_neighbors(ens.train, None, 20, exclude_self=True)
     with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast'"):
-        top_k_neighbors(ens.test, ens.train, 3, precision="bf16")
+        _top_k_neighbors(ens.test, ens.train, 3, precision="bf16")
 
 
 def test_progress_reports_every_stage():
     ens = make_ensemble(n_models=4)
     seen = []
-    top_k_neighbors(ens.test, ens.train, 3, precision="fast", tile_size=50, chunk_models=2,
+    _top_k_neighbors(ens.test, ens.train, 3, precision="fast", tile_size=50, chunk_models=2,
                     memory_budget=16 * MiB, progress=seen.append)
     stages = {p.stage for p in seen}
     assert {"statistics", "kernel", "rescore"} <= stages
@@ -96,7 +97,7 @@ def test_progress_reports_every_stage():
 def test_cuda_agrees_with_cpu():
     ens = make_ensemble(n_models=8, n_train=500, n_test=100)
     for precision in ("exact", "fast"):
-        got = top_k_neighbors(ens.test, ens.train, 5, device="cuda", precision=precision,
+        got = _top_k_neighbors(ens.test, ens.train, 5, device="cuda", precision=precision,
                               tile_size=128)
         assert_same_neighbors(got.indices.cpu(), got.values.cpu(),
                               dense_kernel(ens.test, ens.train), 5)
@@ -123,9 +124,9 @@ def test_tile_subsets_merged_equal_the_whole():
 
     ens = make_ensemble(n_models=5, n_train=100, n_test=30)
     common = dict(tile_size=23, chunk_models=2, memory_budget=16 * MiB)  # 5 tiles
-    whole = top_k_neighbors(ens.test, ens.train, 4, **common)
-    odd = top_k_neighbors(ens.test, ens.train, 4, tiles={1, 3}, **common)
-    even = top_k_neighbors(ens.test, ens.train, 4, tiles={0, 2, 4},
+    whole = _top_k_neighbors(ens.test, ens.train, 4, **common)
+    odd = _top_k_neighbors(ens.test, ens.train, 4, tiles={1, 3}, **common)
+    even = _top_k_neighbors(ens.test, ens.train, 4, tiles={0, 2, 4},
                            combine=lambda found: merge_topk(found, odd, 4), **common)
     assert torch.equal(even.indices, whole.indices)
     assert torch.equal(even.values, whole.values)

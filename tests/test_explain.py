@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ensemble_kernel import top_k_neighbors
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import InputError
 from ensemble_kernel.explain import (compare_neighbors, failures, near_duplicates, parse_ranks,
@@ -29,7 +29,7 @@ def planted_ensemble(seed=0):
 
 def test_planted_near_duplicates_rank_at_the_top():
     ens = planted_ensemble()
-    found = top_k_neighbors(ens.test, ens.train, 9, memory_budget=1 << 26)
+    found = _top_k_neighbors(ens.test, ens.train, 9, memory_budget=1 << 26)
     dups = near_duplicates(found, labels_train=ens.labels_train, labels_test=ens.labels_test,
                            n_models=16)
     top = {(p.test_index, p.train_index) for p in dups.pairs[:len(PLANTED)]}
@@ -44,7 +44,7 @@ def test_planted_near_duplicates_rank_at_the_top():
 def test_failures_only_show_pairs_whose_labels_differ():
     ens = planted_ensemble(seed=2)
     ens.labels_test[:20] = (ens.labels_test[:20] + 1) % 5  # plenty of disagreements
-    found = top_k_neighbors(ens.test, ens.train, 9, memory_budget=1 << 26)
+    found = _top_k_neighbors(ens.test, ens.train, 9, memory_budget=1 << 26)
     got = failures(found, ens.labels_train, ens.labels_test, top=8, n_neighbors=9)
     assert len(got) == 8
     for f in got:
@@ -63,7 +63,7 @@ def test_ranks_are_half_open_and_checked():
         with pytest.raises(InputError, match="--ranks"):
             parse_ranks(bad, 10)
     ens = make_ensemble(n_models=4)
-    found = top_k_neighbors(ens.test, ens.train, 1, memory_budget=1 << 26)
+    found = _top_k_neighbors(ens.test, ens.train, 1, memory_budget=1 << 26)
     pairs = similar_pairs(found, slice(2, 5))
     assert [p.rank for p in pairs] == [2, 3, 4]
     assert pairs[0].value >= pairs[1].value >= pairs[2].value
@@ -71,7 +71,7 @@ def test_ranks_are_half_open_and_checked():
 
 def test_compare_uses_cosine_on_features():
     ens = make_ensemble(n_models=4)
-    found = top_k_neighbors(ens.test, ens.train, 2, memory_budget=1 << 26)
+    found = _top_k_neighbors(ens.test, ens.train, 2, memory_budget=1 << 26)
     features_train = torch.eye(120)[:, :120]  # each train example its own direction
     features_test = features_train[:40] * 3  # test i points at train i
     comps = compare_neighbors(found, features_train, features_test, n_examples=5)

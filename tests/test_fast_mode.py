@@ -14,7 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.bounds import (
     BFLOAT16_ROUNDOFF,
     RECOMPUTED_ROUNDOFF,
@@ -101,10 +102,10 @@ def test_old_rule_would_miss_the_blurred_copy():
 def test_fast_mode_finds_a_neighbour_bfloat16_hides(chunk_models, k):
     query, refs = adversarial_case()
     stages = []
-    got = top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
+    got = _top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
                           chunk_models=chunk_models, memory_budget=64 * MiB,
                           progress=lambda p: stages.append(p.stage))
-    exact = top_k_neighbors(query, refs, k, log_softmax=False, precision="exact",
+    exact = _top_k_neighbors(query, refs, k, log_softmax=False, precision="exact",
                             memory_budget=64 * MiB)
     assert int(got.indices[0, 0]) == refs.shape[1] - 1
     assert torch.equal(got.indices, exact.indices)
@@ -120,7 +121,7 @@ def test_fast_mode_skips_the_fallback_when_the_bound_proves_the_candidates():
                                                                  generator=g)
     test = train[:, ::30] + 0.01 * torch.randn(n_models, 4, n_classes, generator=g)
     stages = []
-    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=40,
+    got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=40,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
     assert "fallback" not in stages
     assert got.indices[:, 0].tolist() == [0, 30, 60, 90]
@@ -183,7 +184,7 @@ def test_fast_mode_is_exact_against_an_adversarial_approximation(monkeypatch):
 
     monkeypatch.setattr(engine_module._Engine, "accumulate_tile", adversarial)
     stages = []
-    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=4,
+    got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=4,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
     assert torch.equal(got.indices[:, 0], best)
     assert "fallback" in stages
@@ -226,7 +227,7 @@ def near_tie_cases(draw):
 def test_fast_equals_exact_on_near_ties(case, extra):
     query, refs, k, chunk = case
     n_candidates = min(k + extra, refs.shape[1])
-    got = top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
+    got = _top_k_neighbors(query, refs, k, log_softmax=False, precision="fast",
                           n_candidates=n_candidates, chunk_models=chunk, memory_budget=64 * MiB)
     kernel = dense_kernel(query, refs, log_softmax=False)
     assert_same_neighbors(got.indices, got.values, kernel, k)
@@ -245,7 +246,7 @@ def test_fast_equals_exact_when_one_confident_run_sends_rows_to_float64(chunk_mo
     kernel = dense_kernel(x, x)
     kernel.fill_diagonal_(float("-inf"))
     for precision in ("exact", "fast"):
-        got = top_k_neighbors(x, None, 3, exclude_self=True, precision=precision,
+        got = _top_k_neighbors(x, None, 3, exclude_self=True, precision=precision,
                               chunk_models=chunk_models, memory_budget=9 * MiB)
         assert_same_neighbors(got.indices, got.values, kernel, 3)
 
@@ -281,7 +282,7 @@ def option_cases(draw):
 @given(option_cases())
 def test_fast_equals_exact_under_every_option(case):
     queries, references = case.pop("queries"), case.pop("references")
-    got = top_k_neighbors(queries, references, precision="fast", memory_budget=64 * MiB, **case)
+    got = _top_k_neighbors(queries, references, precision="fast", memory_budget=64 * MiB, **case)
     kernel = dense_kernel(queries, queries if references is None else references,
                           log_softmax=case["log_softmax"], classes=case["classes"])
     if case["exclude_self"]:

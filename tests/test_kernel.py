@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import compute_kernel, dense_kernel
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _compute_kernel
 from ensemble_kernel.errors import InputError, NonFiniteError
 from ensemble_kernel.kernel import exact_float32_matmul
 
@@ -17,7 +18,7 @@ def test_hand_computed_three_examples():
     a = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]],
                       [[3.0, 0.0], [0.0, 0.0], [5.0, 1.0]]])  # (2 runs, 3 examples, 2 classes)
     with pytest.warns(RuntimeWarning, match="3 \\(example, class\\) outputs"):
-        kernel = compute_kernel(a, a, log_softmax=False, memory_budget=1 << 26)
+        kernel = _compute_kernel(a, a, log_softmax=False, memory_budget=1 << 26)
     # z for each example/class over the two runs: sign pattern / sqrt(2); a constant
     # output (example 0 class 1, example 2 class 0) is 0.
     s = 1 / math.sqrt(2)
@@ -32,7 +33,7 @@ def test_hand_computed_three_examples():
 
 def test_self_kernel_diagonal_is_n_minus_one_over_n():
     ens = make_ensemble(n_models=5)
-    kernel = compute_kernel(ens.train, ens.train, memory_budget=1 << 26)
+    kernel = _compute_kernel(ens.train, ens.train, memory_budget=1 << 26)
     torch.testing.assert_close(kernel.diagonal(), torch.full((120,), 4 / 5), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernel, kernel.T, rtol=1e-5, atol=1e-6)
 
@@ -41,7 +42,7 @@ def test_self_kernel_diagonal_is_n_minus_one_over_n():
 def test_engine_kernel_matches_dense_for_every_dtype(dtype):
     ens = make_ensemble(n_models=4, n_classes=3)
     a, b = ens.test.to(dtype), ens.train.to(dtype)
-    got = compute_kernel(a, b, memory_budget=1 << 26, chunk_models=3)
+    got = _compute_kernel(a, b, memory_budget=1 << 26, chunk_models=3)
     torch.testing.assert_close(got.double(), dense_kernel(a, b), rtol=1e-5, atol=2e-6)
 
 
@@ -49,15 +50,15 @@ def test_numpy_input_and_options():
     ens = make_ensemble(n_models=3, n_classes=4)
     a, b = ens.test.numpy(), ens.train.numpy()
     for options in ({"log_softmax": False}, {"classes": [1, 3]}, {"classes": [2]}):
-        got = compute_kernel(a, b, memory_budget=1 << 26, **options)
+        got = _compute_kernel(a, b, memory_budget=1 << 26, **options)
         want = dense_kernel(torch.from_numpy(a), torch.from_numpy(b), **options)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
 
 
 def test_per_class_kernels_sum_to_the_kernel():
     ens = make_ensemble(n_models=4, n_classes=3)
-    whole = compute_kernel(ens.test, ens.train, memory_budget=1 << 26)
-    parts = sum(compute_kernel(ens.test, ens.train, classes=[c], memory_budget=1 << 26)
+    whole = _compute_kernel(ens.test, ens.train, memory_budget=1 << 26)
+    parts = sum(_compute_kernel(ens.test, ens.train, classes=[c], memory_budget=1 << 26)
                 for c in range(3)) / 3
     torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-5)
 
@@ -67,7 +68,7 @@ def test_zero_variance_contributes_zero_with_a_warning():
     a = ens.test.clone()
     a[:, 5, :] = torch.tensor([1.0, 2.0, 3.0])  # example 5: identical in every run
     with pytest.warns(RuntimeWarning, match=r"3 \(example, class\) outputs of the query split"):
-        got = compute_kernel(a, ens.train, memory_budget=1 << 26)
+        got = _compute_kernel(a, ens.train, memory_budget=1 << 26)
     assert bool(torch.isfinite(got).all())
     assert bool((got[5] == 0).all())
     torch.testing.assert_close(got.double(), dense_kernel(a, ens.train), rtol=1e-5, atol=2e-6)
@@ -79,23 +80,23 @@ def test_non_finite_names_run_and_example(bad):
     b = ens.train.clone()
     b[2, 17, 1] = bad
     with pytest.raises(NonFiniteError, match=r"run 2 .*example 17, class 1 is"):
-        compute_kernel(ens.test, b, memory_budget=1 << 26, chunk_models=3)
+        _compute_kernel(ens.test, b, memory_budget=1 << 26, chunk_models=3)
 
 
 def test_shape_errors():
     ens = make_ensemble(n_models=4, n_classes=3)
     with pytest.raises(InputError, match="the query split has 3 runs but the reference split has 4"):
-        compute_kernel(ens.test[:3], ens.train)
+        _compute_kernel(ens.test[:3], ens.train)
     with pytest.raises(InputError, match="at least 2 runs"):
-        compute_kernel(ens.test[:1], ens.train[:1])
+        _compute_kernel(ens.test[:1], ens.train[:1])
     with pytest.raises(InputError, match="has 2 classes but the reference split has 3"):
-        compute_kernel(ens.test[..., :2], ens.train)
+        _compute_kernel(ens.test[..., :2], ens.train)
     with pytest.raises(InputError, match="must have shape"):
-        compute_kernel(ens.test[0, 0], ens.train)
+        _compute_kernel(ens.test[0, 0], ens.train)
     with pytest.raises(InputError, match="floating-point"):
-        compute_kernel(np.zeros((2, 3, 4), dtype=np.int32), ens.train)
+        _compute_kernel(np.zeros((2, 3, 4), dtype=np.int32), ens.train)
     with pytest.raises(InputError, match=r"classes must lie in 0..2, got \[5\]"):
-        compute_kernel(ens.test, ens.train, classes=[5])
+        _compute_kernel(ens.test, ens.train, classes=[5])
 
 
 def test_precision_setting_is_restored():
@@ -106,7 +107,7 @@ def test_precision_setting_is_restored():
             pass
         assert torch.get_float32_matmul_precision() == "high"
         ens = make_ensemble()
-        compute_kernel(ens.test, ens.train, memory_budget=1 << 26)
+        _compute_kernel(ens.test, ens.train, memory_budget=1 << 26)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)

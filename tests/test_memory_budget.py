@@ -99,7 +99,7 @@ def test_sweep_peak_rss_stays_within_the_budget(stores):
 
 
 def test_the_bootstrap_is_the_same_in_any_block_size():
-    from ensemble_kernel.sweep import bootstrap_difference
+    from ensemble_kernel.sweeps import bootstrap_difference
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.rand(301, generator=g) < 0.9, torch.rand(301, generator=g) < 0.8
@@ -111,17 +111,17 @@ def test_the_bootstrap_is_the_same_in_any_block_size():
 def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
     """Every kernel of a sweep gets the budget less what the sweep keeps beside it, and
     the device asked for; the budget is refused when that leaves too little."""
-    import ensemble_kernel.sweep as sweep_module
+    import ensemble_kernel.sweeps as sweep_module
     from ensemble_kernel.errors import BudgetError
 
     seen = []
-    real = sweep_module.top_k_neighbors
+    real = sweep_module._top_k_neighbors
 
     def spy(*args, **kwargs):
         seen.append((kwargs["memory_budget"], kwargs["device"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "top_k_neighbors", spy)
+    monkeypatch.setattr(sweep_module, "_top_k_neighbors", spy)
     ens = make_ensemble(n_models=4, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
     budget = 32 * MiB

@@ -61,13 +61,13 @@ def test_auto_returns_exact_modes_neighbours_whichever_path(fake_probe, monkeypa
     monkeypatch.setattr(engine, "_fast_search",
                         lambda *a, **kw: fast_runs.append(1) or real_fast(*a, **kw))
     test, train = adversarial_ensemble()
-    got = top_k_neighbors(test, train, 5, precision="auto", memory_budget=64 << 20)
+    got = top_k_neighbors(train, test, 5, precision="auto", memory_budget=64 << 20)
     assert bool(fast_runs) == (path == "fast")  # the path the probe picked ran
     assert_same_neighbors(got.indices, got.values, dense_kernel(test, train), 5)
     fast_runs.clear()
-    forced = top_k_neighbors(test, train, 5, precision=path, memory_budget=64 << 20)
+    forced = top_k_neighbors(train, test, 5, precision=path, memory_budget=64 << 20)
     assert torch.equal(got.indices, forced.indices) and torch.equal(got.values, forced.values)
-    exact = top_k_neighbors(test, train, 5, precision="exact", memory_budget=64 << 20)
+    exact = top_k_neighbors(train, test, 5, precision="exact", memory_budget=64 << 20)
     # Exact mode's neighbours: same indices but where values tie within float32 rounding.
     differ = got.indices != exact.indices
     torch.testing.assert_close(got.values[differ], exact.values[differ], rtol=1e-5, atol=1e-6)
@@ -75,7 +75,7 @@ def test_auto_returns_exact_modes_neighbours_whichever_path(fake_probe, monkeypa
 
 def test_auto_leave_one_out_matches_exact(fake_probe):
     _, train = adversarial_ensemble()
-    got = top_k_neighbors(train, None, 3, exclude_self=True, precision="auto")
+    got = top_k_neighbors(train, None, 3, precision="auto")
     kernel = dense_kernel(train, train)
     kernel.fill_diagonal_(float("-inf"))
     assert_same_neighbors(got.indices, got.values, kernel, 3)
@@ -91,7 +91,7 @@ def test_small_job_resolves_to_exact_without_a_probe(monkeypatch):
                               k=3)
     assert choice.precision == "exact" and choice.rates is None and "small job" in choice.reason
     ens = make_ensemble()
-    assert top_k_neighbors(ens.test, ens.train, 3).indices.shape == (40, 3)  # default: auto
+    assert top_k_neighbors(ens.train, ens.test, 3).indices.shape == (40, 3)  # default: auto
     forced = choose_precision("fast", n_queries=40, n_references=120, n_models=6, n_classes=5,
                               k=3)
     assert forced.precision == "fast"
@@ -148,7 +148,7 @@ def test_auto_takes_exact_where_only_exact_fits_the_budget(fake_probe):
 def test_precision_typo_is_refused():
     ens = make_ensemble()
     with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast', got 'fats'"):
-        top_k_neighbors(ens.test, ens.train, 3, precision="fats")
+        top_k_neighbors(ens.train, ens.test, 3, precision="fats")
     with pytest.raises(InputError, match="got 'Auto'"):
         choose_precision("Auto", n_queries=1, n_references=1, n_models=2, n_classes=2, k=1)
 

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ensemble_kernel import top_k_neighbors
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.report.build import build_report
 from ensemble_kernel.report.grids import InputRenderer
 from ensemble_kernel.sources import ArraySource
@@ -24,7 +24,7 @@ def _report(tmp_path, with_inputs=True):
     ens = make_ensemble(n_models=8, n_train=150, n_test=50)
     rng = np.random.default_rng(0)
     images = (rng.random((150, 8, 8)), rng.random((50, 8, 8))) if with_inputs else (None, None)
-    found = top_k_neighbors(ens.test, ens.train, 20, memory_budget=1 << 26)
+    found = _top_k_neighbors(ens.test, ens.train, 20, memory_budget=1 << 26)
     out = tmp_path / "report.html"
     build_report(ArraySource(ens.train), ArraySource(ens.test), ens.labels_train,
                  ens.labels_test, found=found, out=out, source="<script>alert(1)</script>",

@@ -11,7 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ensemble_kernel import compute_kernel, dense_kernel, top_k_neighbors
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _compute_kernel, _top_k_neighbors
 from ensemble_kernel.errors import InputError, NonFiniteError
 
 from conftest import make_ensemble
@@ -20,7 +21,7 @@ MiB = 1 << 20
 
 
 def kernel_error(test, train, **options) -> float:
-    got = compute_kernel(test, train, memory_budget=256 * MiB, **options).double()
+    got = _compute_kernel(test, train, memory_budget=256 * MiB, **options).double()
     twin = dense_kernel(test, train, log_softmax=options.get("log_softmax", True))
     return float((got - twin).abs().max())
 
@@ -41,7 +42,7 @@ def test_the_kernel_does_not_depend_on_the_scale_of_the_logits(scale):
     # 1e20: squared deviations overflow float32; 1e-30: they underflow. Both used to be
     # taken for constant outputs, silently.
     ens = make_ensemble(seed=4, n_models=7, n_train=50, n_test=20)
-    got = compute_kernel(ens.test * scale, ens.train * scale, log_softmax=False,
+    got = _compute_kernel(ens.test * scale, ens.train * scale, log_softmax=False,
                          memory_budget=64 * MiB).double()
     want = dense_kernel(ens.test, ens.train, log_softmax=False)
     assert float((got - want).abs().max()) < 1e-5
@@ -52,7 +53,7 @@ def test_constant_outputs_stay_exactly_constant():
     train = ens.train.clone()
     train[:, 3, :] = torch.tensor([0.1, 1 / 3, 7.0, -2.2, 1e-3])  # every run the same
     with pytest.warns(RuntimeWarning, match="5 .example, class. outputs of the reference"):
-        got = compute_kernel(ens.test, train, log_softmax=False, memory_budget=64 * MiB)
+        got = _compute_kernel(ens.test, train, log_softmax=False, memory_budget=64 * MiB)
     assert bool((got[:, 3] == 0).all())
 
 
@@ -72,7 +73,7 @@ def test_logits_beyond_float32_name_run_example_and_class(log_softmax):
     # Without log-softmax the conversion overflows; with it, the float64 block's spread.
     with pytest.raises(InputError, match=r"run \d.*example 17, class \d.*(does not fit|beyond) "
                                          r"float32.*rescale the logits"):
-        top_k_neighbors(ens.test.double(), train, 3, log_softmax=log_softmax,
+        _top_k_neighbors(ens.test.double(), train, 3, log_softmax=log_softmax,
                         memory_budget=64 * MiB)
 
 
@@ -82,7 +83,7 @@ def test_a_spread_near_float32s_range_gives_the_twins_kernel(chunk):
     # refused, or not, depending on how the plan cut the runs).
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 5, 4, generator=g).clamp(-3.3, 3.3) * 1e38
-    got = compute_kernel(x, x, log_softmax=False, chunk_models=chunk, memory_budget=64 * MiB)
+    got = _compute_kernel(x, x, log_softmax=False, chunk_models=chunk, memory_budget=64 * MiB)
     twin = dense_kernel(x, x, log_softmax=False)
     assert float((got.double() - twin).abs().max()) < 1e-5
 
@@ -96,7 +97,7 @@ def test_outputs_far_from_zero_relative_to_their_spread(log_softmax, offset, std
     g = torch.Generator().manual_seed(7)
     x = (offset + std * torch.randn(16, 6, 3, generator=g, dtype=torch.float64)).float()
     for chunk in (1, 5, None):
-        got = compute_kernel(x, x, log_softmax=log_softmax, chunk_models=chunk,
+        got = _compute_kernel(x, x, log_softmax=log_softmax, chunk_models=chunk,
                              memory_budget=64 * MiB).double()
         twin = dense_kernel(x, x, log_softmax=log_softmax)
         assert float((got - twin).abs().max()) < 1e-5, chunk
@@ -107,7 +108,7 @@ def test_nan_is_still_named():
     train = ens.train.clone()
     train[3, 8, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"run 3.*example 8, class 0 is nan"):
-        top_k_neighbors(ens.test, train, 3, memory_budget=64 * MiB)
+        _top_k_neighbors(ens.test, train, 3, memory_budget=64 * MiB)
 
 
 @st.composite
@@ -151,7 +152,7 @@ def test_kernel_matches_the_twin_on_hard_inputs(case):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # constant entries are expected here
-        got = compute_kernel(test, train, log_softmax=log_softmax, chunk_models=chunk,
+        got = _compute_kernel(test, train, log_softmax=log_softmax, chunk_models=chunk,
                              memory_budget=64 * MiB).double()
     twin = dense_kernel(test, train, log_softmax=log_softmax)
     assert float((got - twin).abs().max()) < 2e-5

@@ -13,7 +13,8 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import StoreError
 from ensemble_kernel.store import RunStore, is_store
@@ -180,7 +181,7 @@ def test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes(tmp_path):
     assert 12 <= n < 40 and n % 4 == 0  # whole files only
     assert [r["runs"] for r in committed.records()] == [[i, i + 4] for i in range(0, n, 4)]
     # A reader of the store sees exactly those runs, and their neighbours.
-    found = top_k_neighbors(committed.source("test"), committed.source("train"), 5,
+    found = _top_k_neighbors(committed.source("test"), committed.source("train"), 5,
                             memory_budget=1 << 26)
     half = lambda x: x[:n].half().float()
     assert_same_neighbors(found.indices, found.values,

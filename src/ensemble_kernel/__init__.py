@@ -3,8 +3,19 @@
 The kernel of DESIGN §1 (per-class standardised log-softmax outputs, correlated across
 runs), its k-nearest-neighbour predictions, and the engine that computes them under a
 memory budget.
+
+Argument order, everywhere: the training split (the references) first, then the test
+split (the queries): ``top_k_neighbors(train, test)``, ``evaluate(train, test,
+labels_train, labels_test)``, ``KernelKNN().fit(train, y_train).predict(test)``.
+
+>>> import ensemble_kernel as ek                                  # doctest: +SKIP
+>>> runs = ek.open_runs("demo-output/store")                      # doctest: +SKIP
+>>> ek.evaluate(runs.train, runs.test, runs.labels_train, runs.labels_test)  # doctest: +SKIP
 """
 
+# The functions `evaluate` and `sweep` live in modules with other names (evaluation,
+# sweeps), so importing any submodule never rebinds a top-level name to a module.
+from .classifier import KernelKNN
 from .engine import Plan, Progress, compute_kernel, plan_memory, top_k_neighbors
 from .errors import (
     BudgetError,
@@ -14,15 +25,37 @@ from .errors import (
     RunFileError,
     StoreError,
 )
+from .evaluation import Evaluation, Selection, evaluate, select_by_leave_one_out
 from .kernel import dense_kernel
 from .neighbors import Neighbors
 from .precision import PrecisionChoice, choose_precision
+from .runs import Runs, open_runs
 from .sources import ArraySource, ConcatSource, LogitSource
+from .store import RunStore
+from .sweeps import Significance, SweepResult, SweepRow, sweep
+from .views import (
+    ComparisonView,
+    DuplicatesView,
+    FailuresView,
+    PairsView,
+    compare,
+    duplicates,
+    failures,
+    pairs,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # opening runs
+    "open_runs",
+    "Runs",
+    "RunStore",
+    "LogitSource",
+    "ArraySource",
+    "ConcatSource",
+    # the kernel and its neighbours
     "top_k_neighbors",
     "compute_kernel",
     "choose_precision",
@@ -32,9 +65,26 @@ __all__ = [
     "Plan",
     "Progress",
     "Neighbors",
-    "LogitSource",
-    "ArraySource",
-    "ConcatSource",
+    # prediction and evaluation
+    "KernelKNN",
+    "evaluate",
+    "Evaluation",
+    "select_by_leave_one_out",
+    "Selection",
+    "sweep",
+    "SweepResult",
+    "SweepRow",
+    "Significance",
+    # the views
+    "pairs",
+    "duplicates",
+    "failures",
+    "compare",
+    "PairsView",
+    "DuplicatesView",
+    "FailuresView",
+    "ComparisonView",
+    # errors
     "EnsembleKernelError",
     "InputError",
     "NonFiniteError",

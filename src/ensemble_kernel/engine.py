@@ -57,6 +57,11 @@ __all__ = [
     "compute_kernel",
 ]
 
+# Argument order of the public functions (README, "From Python"): the training split
+# (the references) first, then the test split (the queries); results have one row per
+# test example. The private `_top_k_neighbors` / `_compute_kernel` keep the engine's
+# queries-first order and the resume and distribution hooks.
+
 logger = logging.getLogger(__name__)
 
 
@@ -392,7 +397,7 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                    plan=plan, exclude_self=exclude_self, progress=progress)
 
 
-def top_k_neighbors(
+def _top_k_neighbors(
     queries,
     references=None,
     k: int = 20,
@@ -413,7 +418,10 @@ def top_k_neighbors(
     combine: Callable[[Neighbors], Neighbors] | None = None,
     cache_queries: bool | None = None,
 ) -> Neighbors:
-    """The top-k references of every query under the ensemble kernel.
+    """The top-k references of every query, with the engine's internal hooks.
+
+    The CLI, the checkpoint and torchrun code call this; users call `top_k_neighbors`
+    (train first, user options only). Queries come first here, as in the engine.
 
     Parameters
     ----------
@@ -524,7 +532,7 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
     return best
 
 
-def compute_kernel(
+def _compute_kernel(
     queries,
     references,
     *,
@@ -568,3 +576,98 @@ def compute_kernel(
         return engine.accumulate_tile(slice(0, references.n_examples), rows=None,
                                       dtype=torch.float32, stage="kernel", tiles_done=0,
                                       total=engine.n_models, done_before=0)
+
+
+def top_k_neighbors(
+    train,
+    test=None,
+    k: int = 20,
+    *,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    precision: Precision = "auto",
+    n_candidates: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+) -> Neighbors:
+    """The k most similar training examples of every test example under the ensemble kernel.
+
+    Parameters
+    ----------
+    train : array, Tensor or LogitSource of shape (n_models, n_train, n_classes)
+        The references: the training split's logits of every run.
+    test : array, Tensor or LogitSource of shape (n_models, n_test, n_classes), or None
+        The queries, from the same runs in the same order. None: leave-one-out within
+        `train` (each training example's neighbours among the others; n_test = n_train).
+    k : int
+        Neighbours per test example, 1 <= k <= n_train (n_train - 1 for leave-one-out).
+    log_softmax : bool
+        Normalise the logits with log-softmax first (the reference does).
+    classes : sequence of int, optional
+        Restrict the kernel to these classes (a per-class kernel); None: all.
+    precision : {'auto', 'exact', 'fast'}, default 'auto'
+        'exact': float32 products. 'fast': bfloat16 products find candidates, an exact
+        float32 re-score and an error bound make the result equal to 'exact'. 'auto':
+        whichever a short probe of this machine (cached) predicts faster; see
+        `choose_precision`.
+    n_candidates : int, optional
+        Fast mode's candidates per test example; default max(2k, k + 128).
+    memory_budget : int, optional
+        Bytes of working memory; default a quarter of what is available.
+    device : str or torch.device
+        'cpu' or 'cuda'.
+    progress : callable, optional
+        Called with a `Progress` as the work advances.
+
+    Returns
+    -------
+    Neighbors
+        `indices` (int64, into train) and `values` (float32 kernel values), Tensors of
+        shape (n_test, k), best first; equal values are ordered by smaller train index.
+
+    Examples
+    --------
+    >>> found = top_k_neighbors(train_logits, test_logits, k=20)  # doctest: +SKIP
+    >>> found.indices.shape  # doctest: +SKIP
+    torch.Size([n_test, 20])
+    """
+    return _top_k_neighbors(test if test is not None else train,
+                            train if test is not None else None, k,
+                            exclude_self=test is None, log_softmax=log_softmax,
+                            classes=classes, precision=precision, n_candidates=n_candidates,
+                            memory_budget=memory_budget, device=device, progress=progress)
+
+
+def compute_kernel(
+    train,
+    test,
+    *,
+    log_softmax: bool = True,
+    classes: Sequence[int] | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """The full test x train kernel, when it fits the memory budget.
+
+    Parameters
+    ----------
+    train : array, Tensor or LogitSource of shape (n_models, n_train, n_classes)
+    test : array, Tensor or LogitSource of shape (n_models, n_test, n_classes)
+        From the same runs in the same order.
+    log_softmax, classes, memory_budget, device, progress
+        As for `top_k_neighbors`.
+
+    Returns
+    -------
+    Tensor of shape (n_test, n_train), float32
+        K[i, j] between test example i and training example j.
+
+    Raises
+    ------
+    BudgetError
+        If the kernel does not fit in one tile of the budget: use `top_k_neighbors`.
+    """
+    return _compute_kernel(test, train, log_softmax=log_softmax, classes=classes,
+                           memory_budget=memory_budget, device=device, progress=progress)

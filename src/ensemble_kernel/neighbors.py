@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .results import Shown, require_pandas
 
 __all__ = [
     "Neighbors",
@@ -27,9 +28,9 @@ __all__ = [
 _NO_INDEX = torch.iinfo(torch.int64).max  # padding: sorts after every real index
 
 
-@dataclass(frozen=True)
-class Neighbors:
-    """The top-k references of every query, best first.
+@dataclass(frozen=True, repr=False)
+class Neighbors(Shown):
+    """The top-k references (training examples) of every query (test example), best first.
 
     Attributes
     ----------
@@ -39,6 +40,35 @@ class Neighbors:
 
     indices: torch.Tensor
     values: torch.Tensor
+
+    def _title(self) -> str:
+        return f"Neighbors ({self.indices.shape[0]} queries x k={self.k}, best first)"
+
+    def _records(self) -> list[dict]:
+        # One row per query: its best matches as index:value, then the best value alone.
+        return [{"query": q, "top1 index": int(i[0]) if len(i) else None,
+                 "top1 value": float(v[0]) if len(v) else None,
+                 "neighbours (index:K)": " ".join(f"{a}:{b:.4f}" for a, b in zip(
+                     i[:5].tolist(), v[:5].tolist())) + (" ..." if len(i) > 5 else "")}
+                for q, (i, v) in enumerate(zip(self.indices.cpu(), self.values.cpu()))]
+
+    def to_dict(self) -> dict:
+        """{'indices': list of lists (n_queries, k), 'values': list of lists (n_queries, k)}."""
+        return {"indices": self.indices.cpu().tolist(), "values": self.values.cpu().tolist()}
+
+    def to_pandas(self):
+        """One row per (query, rank): columns query, rank, index, value.
+
+        Returns
+        -------
+        pandas.DataFrame of shape (n_queries * k, 4)
+        """
+        pd = require_pandas()
+        n, k = self.indices.shape
+        return pd.DataFrame({"query": torch.arange(n).repeat_interleave(k).numpy(),
+                             "rank": torch.arange(k).repeat(n).numpy(),
+                             "index": self.indices.cpu().reshape(-1).numpy(),
+                             "value": self.values.cpu().reshape(-1).numpy()})
 
     @property
     def k(self) -> int:

@@ -110,7 +110,11 @@ class ArraySource:
 
 @dataclass(frozen=True, eq=False)
 class ConcatSource:
-    """Several sources of the same examples joined along the model axis, in order."""
+    """Several sources of the same examples joined along the model axis, in order.
+
+    `parts` have shapes (n_models_i, n_examples, n_classes); the whole has shape
+    (sum of n_models_i, n_examples, n_classes).
+    """
 
     parts: tuple[LogitSource, ...]
 

@@ -134,6 +134,11 @@ class RunStore:
     Open an existing one with `RunStore(path)`, make one with `RunStore.create(...)` or
     `RunStore.open_or_create(...)`. `n_models` is the committed run count when it was
     opened (or last written to).
+
+    `source("train")` and `source("test")` are LogitSources of shape
+    (n_models, n_train | n_test, n_classes); `labels(split)` a Tensor of shape
+    (n_examples,) or None; `optional(name)` an inputs or features array of shape
+    (n_examples, ...) or None.
     """
 
     def __init__(self, path: str | Path):

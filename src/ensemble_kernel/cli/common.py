@@ -26,10 +26,9 @@ from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedCol
 from .. import __version__
 from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError
-from ..formats import RunSet, check_labels, open_runs, read_labels
+from ..formats import RunSet
 from ..precision import PrecisionChoice, choose_precision
-from ..sources import parse_runs, select_runs
-from ..store import RunStore, is_store
+from ..runs import Runs, open_runs
 
 try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
     from typer._click import exceptions as _click_errors
@@ -276,23 +275,10 @@ def _progress_bar(quiet: bool) -> Iterator:
         yield report
 
 
-def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[RunSet, slice]:
-    if len(src) == 1 and is_store(src[0]):
-        store = RunStore(src[0])
-        labels_train, labels_test = (read_labels(labels) if labels is not None
-                                     else (store.labels("train"), store.labels("test")))
-        check_labels(labels_train, store.source("train").n_examples, store.n_classes, "train")
-        check_labels(labels_test, store.source("test").n_examples, store.n_classes, "test")
-        runset = RunSet(store.source("train"), store.source("test"), labels_train, labels_test,
-                        (str(src[0]),))
-    else:
-        runset = open_runs(src, labels=labels)
-    chosen = parse_runs(runs, runset.n_models)
-    if chosen.stop - chosen.start < 2:
-        raise InputError(f"the kernel needs at least 2 runs, got {chosen.stop - chosen.start} "
-                         f"(from {', '.join(map(str, src))})")
-    return RunSet(select_runs(runset.train, chosen), select_runs(runset.test, chosen),
-                  runset.labels_train, runset.labels_test, runset.sources), chosen
+def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[Runs, slice]:
+    """SRC, --labels and --runs opened as the library does it (`ensemble_kernel.open_runs`)."""
+    runset = open_runs(src, runs, labels=labels)
+    return runset, runset.runs
 
 
 def _check_precision(precision: str) -> None:

@@ -15,9 +15,10 @@ import typer
 from .. import __version__
 from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
-from ..engine import candidates_per_query, default_memory_budget, plan_memory, top_k_neighbors
+from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
+                      plan_memory)
 from ..errors import InputError
-from ..evaluate import evaluate, select_by_leave_one_out
+from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
@@ -219,8 +220,8 @@ def predict_cmd(
         choice = resolve_precision(precision, runset, k_used, device=device,
                                    memory_budget=budget, verbose=verbose)
         with _progress_bar(quiet) as report:
-            found = top_k_neighbors(runset.test, runset.train, k_used,
-                                    log_softmax=not no_log_softmax, precision=choice.precision,
+            found = _top_k_neighbors(runset.test, runset.train, k_used,
+                                     log_softmax=not no_log_softmax, precision=choice.precision,
                                     memory_budget=budget, device=device, progress=report)
         scores = (weighted_scores(found, labels_train, n_classes, power) if weighted
                   else knn_scores(found, labels_train, n_classes))
@@ -304,7 +305,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
     n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
-        return top_k_neighbors(
+        return _top_k_neighbors(
             runset.test, runset.train, k, log_softmax=options["log_softmax"],
             precision=precision, memory_budget=budget, device=device, progress=report,
             tile_size=tiles["tile_size"], chunk_models=tiles["chunk_models"],

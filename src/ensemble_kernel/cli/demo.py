@@ -44,7 +44,7 @@ def sweep_cmd(
     chosen once, for the largest run count, and used for every kernel.
     """
     from ..report.files import sweep_json, write_sweep
-    from ..sweep import sweep
+    from ..sweeps import sweep
 
     with _user_errors():
         _check_precision(precision)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine import top_k_neighbors
+from ..engine import _top_k_neighbors
 from ..plan import budget_beside, default_memory_budget
 from ..errors import InputError
 from ..formats import RunSet
@@ -133,8 +133,8 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     choice = resolve_precision(precision, runset, k, device=device, memory_budget=budget,
                                verbose=verbose)
     with _progress_bar(quiet) as report:
-        found = top_k_neighbors(runset.test, runset.train, k, precision=choice.precision,
-                                memory_budget=budget, device=device, progress=report)
+        found = _top_k_neighbors(runset.test, runset.train, k, precision=choice.precision,
+                                 memory_budget=budget, device=device, progress=report)
     return runset, extras, renderer, found, budget - _nbytes(found), choice
 
 

@@ -21,10 +21,10 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..errors import InputError
-from ..engine import top_k_neighbors
-from ..evaluate import Evaluation, evaluate
+from ..engine import _top_k_neighbors
+from ..evaluation import Evaluation, evaluate
 from ..store import RunStore
-from ..sweep import SweepResult, sweep
+from ..sweeps import SweepResult, sweep
 from .data import DATASETS, load_dataset
 from .output import check_output_folder, claim_output_folder, new_store_path, publish_store
 from .train import TrainConfig, init_ensemble, predict, train_ensemble
@@ -119,7 +119,7 @@ def run_demo(options: DemoOptions,
     labels_train, labels_test = store.labels("train"), store.labels("test")
     kernel_progress = None if progress is None else (
         lambda p: progress(p.stage, p.done, p.total))
-    found = top_k_neighbors(test, train, 20, progress=kernel_progress)
+    found = _top_k_neighbors(test, train, 20, progress=kernel_progress)
     evaluation = evaluate(train, test, labels_train, labels_test, k=3, weighted_k=20, power=4,
                           neighbors=found)
     timings["evaluate_s"] = time.perf_counter() - t0

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..atomic import atomic_write_text
-from ..evaluate import Evaluation, evaluate
+from ..evaluation import Evaluation, evaluate
 from ..neighbors import Neighbors
 from ..sources import LogitSource
-from ..sweep import SweepResult, sweep
+from ..sweeps import SweepResult, sweep
 from .files import write_sweep
 from .grids import InputRenderer
 from .html import build_views, render_report, write_views

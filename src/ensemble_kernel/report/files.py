@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write, atomic_write_text
-from ..sweep import SweepResult
+from ..sweeps import SweepResult
 from .plots import plot_sweep
 
 __all__ = ["write_sweep", "sweep_json"]

@@ -6,7 +6,7 @@ import textwrap
 
 from matplotlib.figure import Figure
 
-from ..sweep import SweepResult
+from ..sweeps import SweepResult
 
 __all__ = ["plot_sweep", "plot_threshold"]
 

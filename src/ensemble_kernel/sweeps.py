@@ -16,14 +16,17 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from .engine import top_k_neighbors
+from .engine import _top_k_neighbors
 from .errors import InputError
-from .evaluate import accuracy, knn_predict, singles_and_ensemble, weighted_predict
+from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
+from .results import Shown
 from .plan import budget_beside, default_memory_budget
-from .sources import LogitSource, select_runs
+from .formats import check_labels
+from .sources import LogitSource, as_source, select_runs
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
            "mcnemar_exact", "bootstrap_difference", "default_run_counts"]
@@ -31,7 +34,10 @@ __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One metric at one run count: mean and spread over the disjoint subsets."""
+    """One metric at one run count: mean and spread over the disjoint subsets.
+
+    Scalars only: accuracies in [0, 1] over `n_subsets` disjoint subsets of `n_models` runs.
+    """
 
     n_models: int
     metric: str  # 'single', 'ensemble', 'knn_k3', ..., 'weighted'
@@ -44,7 +50,11 @@ class SweepRow:
 
 @dataclass(frozen=True)
 class Significance:
-    """Kernel k-NN against the ensemble average on the same test examples."""
+    """Kernel k-NN against the ensemble average on the same test examples.
+
+    Scalars only: accuracies and their difference in [0, 1] units, McNemar's discordant
+    counts and exact p-value, the bootstrap's 95% interval of the difference.
+    """
 
     n_models: int
     k: int
@@ -58,14 +68,47 @@ class Significance:
     ci_high: float
 
 
-@dataclass(frozen=True)
-class SweepResult:
+@dataclass(frozen=True, repr=False)
+class SweepResult(Shown):
+    """Accuracy against the number of runs, the ablations and the paired comparison.
+
+    Attributes
+    ----------
+    rows : tuple of SweepRow, shape (n_run_counts * n_metrics,)
+        One per (run count, metric): mean, std, min and max over disjoint subsets.
+    ablations : dict of str to float
+        At the largest run count: kernel k-NN accuracy without log-softmax
+        ('no_log_softmax') and with each class's kernel alone ('class_C_only').
+    significance : Significance or None
+        Kernel k-NN against the ensemble average: McNemar's exact test and a bootstrap
+        interval of the difference (None with a single run).
+    """
+
     rows: tuple[SweepRow, ...]
     ablations: dict[str, float] = field(default_factory=dict)  # name -> accuracy
     significance: Significance | None = None
 
     def table(self) -> list[dict]:
-        return [row.__dict__ for row in self.rows]
+        """The rows as dicts (n_models, metric, mean, std, min, max, n_subsets)."""
+        return [dict(row.__dict__) for row in self.rows]
+
+    def _title(self) -> str:
+        s = self.significance
+        if s is None:
+            return "Sweep over the number of runs"
+        return (f"Sweep over the number of runs; at {s.n_models} runs kernel {s.k}-NN minus "
+                f"ensemble average {100 * s.difference:+.2f} points (95% CI "
+                f"{100 * s.ci_low:+.2f} to {100 * s.ci_high:+.2f}), McNemar p = "
+                f"{s.mcnemar_p:.3g}")
+
+    def _records(self) -> list[dict]:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        """The rows, the ablations and the significance, as plain Python."""
+        return {"title": self._title(), "rows": self.table(), "ablations": dict(self.ablations),
+                "significance": (None if self.significance is None
+                                 else dict(self.significance.__dict__))}
 
 
 def default_run_counts(n_models: int) -> list[int]:
@@ -82,12 +125,27 @@ def disjoint_subsets(n_models: int, n: int, max_subsets: int) -> list[slice]:
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: the binomial test of b against b + c at 1/2."""
-    n = b + c
-    if n == 0:
+    """Two-sided exact McNemar p-value: the binomial test of b against b + c at 1/2.
+
+    Parameters
+    ----------
+    b, c : int
+        The discordant counts (only the first method right; only the second right).
+
+    Returns
+    -------
+    float
+        `scipy.stats.binomtest(b, b + c, 0.5).pvalue`; 1.0 when b + c = 0 (no discordant
+        pair, no evidence either way; binomtest refuses n = 0).
+    """
+    from scipy.stats import binomtest
+
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise InputError(f"McNemar's counts must be non-negative, got b={b}, c={c}")
+    if b + c == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return float(binomtest(b, b + c, 0.5).pvalue)
 
 
 def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
@@ -95,20 +153,37 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
                          max_bytes: int = 64 << 20) -> tuple[float, float]:
     """95% percentile interval of mean(correct_a) - mean(correct_b), resampling examples.
 
-    The resamples are drawn in blocks whose temporaries (indices and gathered
-    differences, 16 bytes per example per resample) stay within `max_bytes`; the draws,
-    and so the interval, do not depend on the block size.
+    Paired: each resample draws examples with replacement and takes the mean of their
+    differences, through `scipy.stats.bootstrap` (percentile method, a NumPy generator
+    seeded with `seed`). The resamples are drawn in batches whose temporaries (indices
+    and gathered differences, 16 bytes per example per resample) stay within
+    `max_bytes`.
+
+    Parameters
+    ----------
+    correct_a, correct_b : Tensor of shape (n_examples,), bool or 0/1
+        Whether each method got each example right.
+
+    Returns
+    -------
+    (float, float)
+        The 2.5% and 97.5% percentiles of the resampled differences.
     """
-    g = torch.Generator().manual_seed(seed)
-    n = len(correct_a)
-    diff = (correct_a.cpu().double() - correct_b.cpu().double())
-    rows = max(1, min(n_resamples, max_bytes // (16 * max(n, 1))))
-    means = torch.empty(n_resamples, dtype=torch.float64)
-    for r in range(0, n_resamples, rows):
-        idx = torch.randint(0, n, (min(rows, n_resamples - r), n), generator=g)
-        means[r:r + len(idx)] = diff[idx].mean(dim=1)
-        del idx
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+    from scipy.stats import bootstrap
+
+    diff = (correct_a.cpu().double() - correct_b.cpu().double()).numpy()
+    n = len(diff)
+    if n == 0:
+        raise InputError("the bootstrap needs at least one example, got none")
+    if n == 1:  # every resample is that example (scipy wants two or more)
+        return float(diff[0]), float(diff[0])
+    batch = max(1, min(n_resamples, max_bytes // (16 * n)))
+    with np.errstate(invalid="ignore"):  # constant data: every resample has the same mean
+        found = bootstrap((diff,), np.mean, n_resamples=n_resamples, batch=batch,
+                          vectorized=True, method="percentile", confidence_level=0.95,
+                          rng=np.random.default_rng(seed))
+    interval = found.confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common, known=None):
@@ -125,7 +200,7 @@ def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common
         return out, None, ensemble
     k_max = max(list(ks) + [weighted[0]])
     found = (known.first(k_max) if known is not None and known.k >= k_max
-             else top_k_neighbors(test, train, k_max, **common))
+             else _top_k_neighbors(test, train, k_max, **common))
     for k in ks:
         out[f"knn_k{k}"] = accuracy(knn_predict(found, labels_train, n_classes, k), labels_test)
     out["weighted"] = accuracy(weighted_predict(found, labels_train, n_classes, *weighted),
@@ -153,7 +228,9 @@ def sweep(
 
     Parameters
     ----------
-    train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
+    train, test : array, Tensor or LogitSource of shape (n_models, n_train | n_test, n_classes)
+        Train first, as everywhere.
+    labels_train, labels_test : array or Tensor of shape (n_train,) and (n_test,), integers.
     runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
     memory_budget : bytes for the whole sweep (default: a quarter of what is available).
         What the sweep keeps between kernels (the neighbours and predictions of the
@@ -163,7 +240,18 @@ def sweep(
     neighbors : test -> train neighbours over all runs, if already computed (k >= 20):
         reused for the subset of all runs instead of computing that kernel again (the
         caller holds them, and counts them in its own budget).
+
+    Returns
+    -------
+    SweepResult
     """
+    from .evaluation import _require_labels
+
+    train, test = as_source(train, "train logits"), as_source(test, "test logits")
+    labels_train = _require_labels(labels_train, "train")
+    labels_test = _require_labels(labels_test, "test")
+    check_labels(labels_train, train.n_examples, train.n_classes, "train")
+    check_labels(labels_test, test.n_examples, test.n_classes, "test")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = _sweep(train, test, labels_train, labels_test, runs=runs, ks=ks,
@@ -222,7 +310,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         k3 = significance_k
         for name, options in [("no_log_softmax", {"log_softmax": False})] + [
                 (f"class_{c}_only", {"classes": [c]}) for c in range(n_classes)]:
-            alone = top_k_neighbors(sub_test, sub_train, k3, **options, **common)
+            alone = _top_k_neighbors(sub_test, sub_train, k3, **options, **common)
             result_ablations[name] = accuracy(knn_predict(alone, labels_train, n_classes, k3),
                                               labels_test)
         knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test

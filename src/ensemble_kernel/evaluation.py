@@ -11,11 +11,12 @@ from typing import Sequence
 
 import torch
 
-from .engine import ProgressCallback, top_k_neighbors
+from .engine import ProgressCallback, _top_k_neighbors
 from .errors import InputError
-from .formats import check_labels
+from .formats import _as_labels, check_labels
 from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
-from .sources import LogitSource
+from .results import Shown
+from .sources import LogitSource, as_source
 
 __all__ = [
     "Evaluation",
@@ -86,9 +87,22 @@ def weighted_predict(neighbors: Neighbors, reference_labels: torch.Tensor, n_cla
     return predict_from_scores(scores)[0].cpu()
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """The model card's table, as fractions in [0, 1]."""
+@dataclass(frozen=True, repr=False)
+class Evaluation(Shown):
+    """The model card's table, as fractions in [0, 1].
+
+    Attributes
+    ----------
+    n_models : int
+        Runs used.
+    k, weighted_k, power : int
+        The k-NN vote's k; the weighted vote's k and power (weights K ** power).
+    single_model_accuracy, ensemble_accuracy, knn_accuracy, weighted_accuracy : float
+        Mean accuracy of one run; of the averaged logits; of kernel k-NN; of the weighted
+        vote, on the test split.
+    single_model_accuracies : tuple of float, shape (n_models,)
+        Each run's own accuracy.
+    """
 
     n_models: int
     k: int
@@ -100,10 +114,34 @@ class Evaluation:
     weighted_accuracy: float
     single_model_accuracies: tuple[float, ...] = field(repr=False, default=())
 
+    def _title(self) -> str:
+        return f"Evaluation ({self.n_models} runs)"
 
-@dataclass(frozen=True)
-class Selection:
-    """What leave-one-out on the references chose, and every candidate's accuracy."""
+    def _records(self) -> list[dict]:
+        return [
+            {"method": "single model (mean)", "accuracy": self.single_model_accuracy},
+            {"method": f"ensemble average ({self.n_models} runs)",
+             "accuracy": self.ensemble_accuracy},
+            {"method": f"kernel k-NN (k={self.k})", "accuracy": self.knn_accuracy},
+            {"method": f"weighted vote (k={self.weighted_k}, K**{self.power})",
+             "accuracy": self.weighted_accuracy},
+        ]
+
+
+@dataclass(frozen=True, repr=False)
+class Selection(Shown):
+    """What leave-one-out on the references chose, and every candidate's accuracy.
+
+    Attributes
+    ----------
+    vote : {'knn', 'weighted'}
+    k : int
+    power : int or None
+        None for the k-NN vote.
+    accuracy : float
+        Leave-one-out accuracy of the choice on the training split.
+    table : tuple of (vote, k, power, accuracy), shape (n_candidates,)
+    """
 
     vote: str  # 'knn' or 'weighted'
     k: int
@@ -111,14 +149,25 @@ class Selection:
     accuracy: float  # leave-one-out accuracy of the choice
     table: tuple[tuple[str, int, int | None, float], ...]  # (vote, k, power, accuracy)
 
+    def _title(self) -> str:
+        power = f", power {self.power}" if self.power is not None else ""
+        return (f"Selection: {self.vote} vote, k={self.k}{power} "
+                f"(leave-one-out accuracy {self.accuracy:.4f})")
 
-def _require_labels(labels: torch.Tensor | None, split: str) -> torch.Tensor:
+    def _records(self) -> list[dict]:
+        return [{"vote": v, "k": k, "power": p, "accuracy": a, "chosen":
+                 (v, k, p) == (self.vote, self.k, self.power)} for v, k, p, a in self.table]
+
+
+def _require_labels(labels, split: str) -> torch.Tensor:
+    """Labels as an int64 Tensor (from a list, array or Tensor); none is an InputError."""
     if labels is None:
         raise InputError(
             f"no {split} labels: the run files carry none; pass --labels FILE.npz with "
             "arrays labels_train and labels_test"
         )
-    return labels
+    return labels if isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 \
+        else _as_labels(labels, f"{split} labels")
 
 
 def evaluate(
@@ -142,10 +191,21 @@ def evaluate(
 
     Parameters
     ----------
-    train, test : LogitSource of shape (n_models, n_train | n_test, n_classes).
-    labels_train, labels_test : Tensor of shape (n_train,) and (n_test,), int64.
+    train, test : array, Tensor or LogitSource of shape (n_models, n_train | n_test, n_classes)
+        Train first, as everywhere.
+    labels_train, labels_test : array or Tensor of shape (n_train,) and (n_test,), integers.
+    k : the k-NN vote's k.
+    weighted_k, power : the weighted vote's k and power (weights K ** power).
+    log_softmax, classes, precision, memory_budget, device, progress : as for
+        `top_k_neighbors`.
     neighbors : precomputed test -> train neighbours (at least max(k, weighted_k)).
+
+    Returns
+    -------
+    Evaluation
+        The model card's four accuracies (and each run's own).
     """
+    train, test = as_source(train, "train logits"), as_source(test, "test logits")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
     n_classes = train.n_classes
@@ -153,7 +213,7 @@ def evaluate(
     check_labels(labels_test, test.n_examples, n_classes, "test")
     k_max = max(k, weighted_k)
     if neighbors is None:
-        neighbors = top_k_neighbors(test, train, k_max, log_softmax=log_softmax, classes=classes,
+        neighbors = _top_k_neighbors(test, train, k_max, log_softmax=log_softmax, classes=classes,
                                     precision=precision, memory_budget=memory_budget,
                                     device=device, progress=progress)
     singles, mean_logits = singles_and_ensemble(test, labels_test, memory_budget=memory_budget)
@@ -189,7 +249,19 @@ def select_by_leave_one_out(
 
     Each training example is classified by its neighbours among the other training
     examples; no test label is used. Ties between candidates go to the first listed.
+
+    Parameters
+    ----------
+    train : array, Tensor or LogitSource of shape (n_models, n_train, n_classes)
+    labels_train : array or Tensor of shape (n_train,)
+    ks : k-NN candidates.
+    weighted : (k, power) candidates of the weighted vote.
+
+    Returns
+    -------
+    Selection
     """
+    train = as_source(train, "train logits")
     labels_train = _require_labels(labels_train, "train")
     n_classes = train.n_classes
     check_labels(labels_train, train.n_examples, n_classes, "train")
@@ -197,7 +269,7 @@ def select_by_leave_one_out(
     ks = [k for k in ks if k <= limit] or [1]
     weighted = [(k, p) for k, p in weighted if k <= limit]
     k_max = max(ks + [k for k, _ in weighted])
-    neighbors = top_k_neighbors(train, None, k_max, exclude_self=True, log_softmax=log_softmax,
+    neighbors = _top_k_neighbors(train, None, k_max, exclude_self=True, log_softmax=log_softmax,
                                 classes=classes, precision=precision,
                                 memory_budget=memory_budget, device=device, progress=progress)
     table = [("knn", k, None, accuracy(knn_predict(neighbors, labels_train, n_classes, k),
