@@ -191,7 +191,7 @@ def test_bad_inputs_are_one_line_input_errors(call, message):
     ({"k": True}, r"k must be a positive integer, got True"),
     ({"k": 2.5}, r"k must be a positive integer, got 2\.5"),
     ({"power": -1}, r"power must be a positive integer"),
-    ({"precision": "exakt"}, r"precision must be 'exact' or 'fast', got 'exakt'"),
+    ({"precision": "exakt"}, r"precision must be 'auto', 'exact' or 'fast', got 'exakt'"),
 ])
 def test_bad_options_are_refused_when_the_model_is_made(options, message):
     with pytest.raises(InputError, match=message):

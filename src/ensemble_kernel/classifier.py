@@ -15,7 +15,7 @@ from .engine import top_k_neighbors
 from .errors import InputError
 from .evaluation import accuracy
 from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
-from .plan import Precision
+from .precision import PRECISIONS, Precision
 from .runs import as_labels
 from .sources import LogitSource, as_source, check_pair
 
@@ -70,8 +70,9 @@ class KernelKNN:
         self.k = _positive_int("k", k)
         self.weighted = bool(weighted)
         self.power = _positive_int("power", power)
-        if precision not in ("exact", "fast"):
-            raise InputError(f"KernelKNN: precision must be 'exact' or 'fast', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"KernelKNN: precision must be 'auto', 'exact' or 'fast', "
+                             f"got {precision!r}")
         self.precision = precision
         self.memory_budget = memory_budget
         self.device = device

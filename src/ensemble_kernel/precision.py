@@ -106,6 +106,8 @@ class Rates:
 class PrecisionChoice:
     """How a `precision` was resolved for one job.
 
+    Scalars only: the choice, its reason and the probe's rates (no arrays).
+
     Attributes
     ----------
     requested : 'auto', 'exact' or 'fast', as asked.
