@@ -121,6 +121,25 @@ def capped_rate(name: str, run: Callable[[int, int], object], n_rows: int,
                 done / n_rows)
 
 
+def capped_float32_rate(n_queries: int, n_references: int, width: int, *,
+                        seconds: float) -> Rate:
+    """The float32 ('highest') `addmm` rate alone, as `probe_products` measures it."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n_queries, width, generator=g)
+    b = torch.randn(n_references, width, generator=g)
+    acc = torch.zeros(n_queries, n_references)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        return capped_rate("float32 addmm (highest)",
+                           lambda r0, r1: acc[r0:r1].addmm_(a[r0:r1], b.T), n_queries,
+                           2.0 * n_references * width, seconds=seconds)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def probe_products(n_queries: int = 10_000, n_references: int = 10_000, width: int = 770,
                    *, seconds: float = 3.0,
                    report: Callable[[Rate], object] = lambda rate: None) -> list[Rate]:
