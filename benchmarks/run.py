@@ -9,7 +9,7 @@ Cases (each a fresh `python` process, so peak RSS is its own):
   exact      our engine, float32 products, under --memory-budget.
   fast       our engine, bfloat16 products + exact float32 re-score.
   peak       the machine's product rate per precision at the engine's shapes, each row
-             capped at --probe-seconds (the denominator of "% of peak").
+             capped at --probe-seconds (the denominators of the rate ratios).
 Any other precision the engine accepts may be named in --cases (e.g. auto where it exists).
 
 Every case runs under --case-timeout: one that does not finish (fast mode where bfloat16

@@ -188,3 +188,28 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, bad, names
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and names in err
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+# ---- run.py's table ---------------------------------------------------------------------
+
+def test_run_table_ratios_and_an_unfinished_case():
+    import run
+
+    peak = {"float32": 100.0, "bfloat16": 400.0}
+    results = {"peak": peak,
+               "reference": {"wall_s": 40.0, "peak_rss": 8 << 30, "prediction": [0, 1, 2, 3]},
+               "exact": {"wall_s": 20.0, "peak_rss": 2 << 30, "prediction": [0, 1, 2, 3]},
+               "fast": {"wall_s": 10.0, "peak_rss": 1 << 30, "prediction": [0, 1, 2, 0]},
+               "auto": {"timed_out": True, "wall_s": 900.0}}
+    flop = 1e12
+    exact, fast = run.make_row("exact", results, flop), run.make_row("fast", results, flop)
+    assert exact["speedup"] == 2.0 and exact["rss_ratio"] == 0.25
+    assert exact["of_float32_rate"] == pytest.approx(0.5)  # 50 GFLOP/s of 100
+    assert "wall_vs_exact" not in exact and fast["wall_vs_exact"] == 0.5
+    assert fast["of_bfloat16_rate"] == pytest.approx(0.25) and fast["same_3nn_predictions"] == 3
+    cells = [c.strip() for c in run.format_row(exact, 4).split("|")[1:-1]]
+    assert len(cells) == len(run.TABLE_HEAD.splitlines()[0].split("|")[1:-1])
+    assert cells[5] == "-" and cells[8] == "-" and cells[9] == "4/4"  # no ratio to itself
+    unfinished = run.format_row(run.make_row("auto", results, flop), 4)
+    assert "not finished in 900 s" in unfinished
+    assert unfinished.count("|") == run.TABLE_HEAD.splitlines()[0].count("|")
