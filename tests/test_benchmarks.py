@@ -159,7 +159,7 @@ def test_a_missing_file_is_written_again_identical(tmp_path):
 def test_too_little_disk_space_is_refused_in_one_line_before_anything(tmp_path, capsys,
                                                                       monkeypatch):
     one = bench_20k.file_bytes(3, 40, 10, 4)
-    needed = 2 * one + 2 * one + bench_20k.MARGIN  # files and store
+    needed = 2 * one + int(bench_20k.STORE_FACTOR * 2 * one) + bench_20k.MARGIN  # files, store
     monkeypatch.setattr(bench_20k, "free_bytes", lambda path: needed - 1)
     assert _run(tmp_path) == 2
     err = capsys.readouterr().err
