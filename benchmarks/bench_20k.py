@@ -98,6 +98,11 @@ def check_options(args: argparse.Namespace) -> int:
         raise UsageError(f"--k must be at most --n-train ({args.n_train}), got {args.k}")
     if args.precision not in PRECISIONS:
         raise UsageError(f"--precision takes {' or '.join(PRECISIONS)}, got {args.precision!r}")
+    for name in ("dir", "out_dir"):
+        path = getattr(args, name)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--{name.replace('_', '-')} must be a folder, and {path} is a "
+                             "file: pass another path")
     if not args.probe_seconds > 0:
         raise UsageError(f"--probe-seconds must be positive, got {args.probe_seconds}")
     try:
@@ -259,6 +264,25 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarise(args: argparse.Namespace, argv: list[str], machine: dict, space: dict,
+              stages: dict, f32, folder: Path) -> dict:
+    """The JSON record: options, machine, disk, each stage, and the neighbours' rate and floor."""
+    runs = args.files * args.runs_per_file
+    flop = 2.0 * args.n_test * args.n_train * runs * args.n_classes
+    rate = flop / stages["neighbors"]["wall_s"] / 1e9
+    return {
+        "argv": argv, "options": {k: (str(v) if isinstance(v, Path) else v)
+                                  for k, v in vars(args).items() if k != "generate_child"},
+        "machine": machine, "disk": space, "stages": stages,
+        "data": {"runs": runs, "file_bytes": folder_bytes(folder / "files"),
+                 "store_bytes": folder_bytes(folder / "store")},
+        "flop": flop, "neighbors_gflops": rate,
+        "float32_rate": {"gflops": f32.gflops, "low": f32.low, "high": f32.high},
+        "float32_gflops": f32.gflops, "of_float32_rate": rate / f32.gflops,
+        "float32_floor_s": flop / (f32.gflops * 1e9),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -287,20 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}; the data is kept in {folder}: run the same command again to "
               "resume", file=sys.stderr)
         return 1
-    runs = args.files * args.runs_per_file
-    flop = 2.0 * args.n_test * args.n_train * runs * args.n_classes
-    rate = flop / stages["neighbors"]["wall_s"] / 1e9
-    result = {
-        "argv": argv, "options": {k: (str(v) if isinstance(v, Path) else v)
-                                  for k, v in vars(args).items() if k != "generate_child"},
-        "machine": machine, "disk": space, "stages": stages,
-        "data": {"runs": runs, "file_bytes": folder_bytes(folder / "files"),
-                 "store_bytes": folder_bytes(folder / "store")},
-        "flop": flop, "neighbors_gflops": rate,
-        "float32_rate": {"gflops": f32.gflops, "low": f32.low, "high": f32.high},
-        "float32_gflops": f32.gflops, "of_float32_rate": rate / f32.gflops,
-        "float32_floor_s": flop / (f32.gflops * 1e9),
-    }
+    result = summarise(args, argv, machine, space, stages, f32, folder)
     report = render(result)
     atomic_write_text(args.out_dir / "bench_20k_results.json", json.dumps(result, indent=2))
     atomic_write_text(args.out_dir / "bench_20k_results.md", report)

@@ -190,6 +190,17 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, bad, names
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--dir", "--out-dir"])
+def test_a_file_where_a_folder_goes_is_refused_before_anything(tmp_path, capsys, option):
+    (tmp_path / "a-file").write_text("mine")
+    assert bench_20k.main([*TINY, "--dir", str(tmp_path / "data"), "--out-dir",
+                           str(tmp_path / "out"), option, str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "a-file" in err
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 # ---- run.py's table ---------------------------------------------------------------------
 
 def test_run_table_ratios_and_an_unfinished_case():
