@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-store bench-ingest clean
+.PHONY: test demo bench bench-store bench-ingest bench-20k clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench-store: $(STAMP)
 # FILES=2000 for a quick look; the default is 20,000 one-run files.
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest_bench.py --files $(or $(FILES),20000)
+
+# 40 files x 500 runs at CIFAR shape (about 24 GB of files, as much again for the store);
+# ARGS="--files 2 --keep" for a smaller run. See benchmarks/bench_20k.py --help.
+bench-20k: $(STAMP)
+	$(BIN)/python benchmarks/bench_20k.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/_data

@@ -14,10 +14,9 @@ folder under benchmarks/_data/, removed afterwards unless --keep.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,15 +26,9 @@ import torch
 from ensemble_kernel.store import RunStore
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
+from machine import describe, header  # noqa: E402
 
 
 def summary(times: list[float]) -> str:
@@ -87,7 +80,7 @@ def main() -> None:
             skip.append(time.perf_counter() - start)
         assert RunStore(folder / "store").n_models == args.files
 
-        print(f"cpu: {cpu_model()}")
+        print(header(describe()))
         print(f"store: {folder / 'store'} ({args.n_train} train + {args.n_test} test "
               f"examples x {args.n_classes} classes, float16)")
         print(f"ingested {args.files} files in {total:.1f} s")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "_data"
+sys.path.insert(0, str(HERE))
+
+from machine import describe, header  # noqa: E402
 
 
 def stats() -> None:
@@ -170,6 +174,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
     args = p.parse_args()
+    print(header(describe()), flush=True)
     if args.what == "recipe":
         recipe(args.epochs, args.seed, args.models)
     elif args.what == "stages":

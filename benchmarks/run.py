@@ -8,7 +8,14 @@ Cases (each a fresh `python` process, so peak RSS is its own):
              product per class into the full kernel, topk, mode.
   exact      our engine, float32 products, under --memory-budget.
   fast       our engine, bfloat16 products + exact float32 re-score.
-  peak       the machine's matrix-multiply rate per precision (the denominator of "% of peak").
+  peak       the machine's product rate per precision at the engine's shapes, each row
+             capped at --probe-seconds (the denominators of the rate ratios).
+Any other precision the engine accepts may be named in --cases (e.g. auto where it exists).
+
+Every case runs under --case-timeout: one that does not finish (fast mode where bfloat16
+is emulated, on an AVX2-only CPU) is stopped and reported as such, and the others go on.
+The machine's description (CPU, ISA flags, torch threads) is printed first, each probe row
+and each case as soon as it is measured, then every ratio.
 
 Writes benchmarks/results.md and benchmarks/results.json (or --out-dir), and prints the table.
 Logits are generated (float16, class-structured, seeded) under benchmarks/_data/, which
@@ -20,23 +27,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from machine import describe, header, probe_products, rates_json  # noqa: E402
+from synthetic import class_signal, noisy_runs  # noqa: E402
 
 
 # ---- data ---------------------------------------------------------------------------
 
 def generate(data_dir: Path, n_models: int, n_train: int, n_test: int, n_classes: int,
              seed: int = 0) -> dict:
-    """Float16 logits with class structure: a per-example signal plus per-run noise."""
+    """Float16 logits with class structure (benchmarks/synthetic.py), memory-mapped .npy."""
     data_dir.mkdir(parents=True, exist_ok=True)
     tag = f"m{n_models}_tr{n_train}_te{n_test}_c{n_classes}_s{seed}"
     paths = {s: data_dir / f"{tag}_{s}.npy" for s in ("train", "test")}
@@ -46,17 +58,10 @@ def generate(data_dir: Path, n_models: int, n_train: int, n_test: int, n_classes
     rng = np.random.default_rng(seed)
     labels = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        y = rng.integers(0, n_classes, n)
-        # Per-example signal: the label's logit raised by a random margin (some examples
-        # hard), plus a shared example-specific pattern that makes neighbours meaningful.
-        signal = rng.standard_normal((n, n_classes)).astype(np.float32)
-        signal[np.arange(n), y] += rng.uniform(0.5, 6.0, n).astype(np.float32)
+        y, signal = class_signal(rng, n, n_classes)
         out = np.lib.format.open_memmap(paths[split].with_suffix(".tmp.npy"), mode="w+",
                                         dtype=np.float16, shape=(n_models, n, n_classes))
-        for m0 in range(0, n_models, 25):
-            m1 = min(m0 + 25, n_models)
-            noise = rng.standard_normal((m1 - m0, n, n_classes), dtype=np.float32)
-            out[m0:m1] = (signal[None] + 1.5 * noise).astype(np.float16)
+        noisy_runs(rng, signal, n_models, out=out)
         out.flush()
         del out
         os.replace(paths[split].with_suffix(".tmp.npy"), paths[split])
@@ -125,35 +130,26 @@ def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
     found = _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget)
     prediction = labels_train[found.indices].mode(1).values
     wall = time.perf_counter() - t0
-    plan = plan_memory(test.shape[1], train.shape[1], train.shape[0], train.shape[2], k_keep=k,
-                       budget=budget, precision=precision)
+    try:
+        plan = plan_memory(test.shape[1], train.shape[1], train.shape[0], train.shape[2],
+                           k_keep=k, budget=budget, precision=precision)
+        plan = {"n_tiles": plan.n_tiles, "tile_size": plan.tile_size,
+                "chunk_models": plan.chunk_models}
+    except (TypeError, ValueError):  # a precision the planner does not take (auto)
+        plan = None
     return {"wall_s": wall, "peak_rss": _peak_rss_bytes(), "prediction": prediction.tolist(),
             "recomputed": recomputed[0] if recomputed else None,
             "indices_head": found.indices[:200].tolist(),
-            "plan": {"n_tiles": plan.n_tiles, "tile_size": plan.tile_size,
-                     "chunk_models": plan.chunk_models}}
+            "plan": plan}
 
 
-def case_peak(n: int = 4096, reps: int = 3) -> dict:
-    """Matrix-multiply rate per precision on shapes like the engine's, in GFLOP/s."""
-    import torch
-
-    from ensemble_kernel.kernel import exact_float32_matmul
-
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        with exact_float32_matmul("cpu"):
-            a @ b.T
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b.T
-            dt = (time.perf_counter() - t0) / reps
-        out[name] = 2 * n**3 / dt / 1e9
-    out["threads"] = torch.get_num_threads()
-    return out
+def case_peak(n_queries: int, n_references: int, seconds: float) -> dict:
+    """Product rates per precision at the engine's shapes, each row printed as measured."""
+    rates = probe_products(min(n_queries, 10_000), min(n_references, 10_000), 770,
+                           seconds=seconds, report=lambda r: print(r.line(), flush=True))
+    return {"float32": rates[0].gflops, "float32_medium": rates[1].gflops,
+            "bfloat16_alone": rates[2].gflops, "bfloat16": rates[3].gflops,
+            "int8": rates[4].gflops, "rows": rates_json(rates)}
 
 
 def child_main(args) -> None:
@@ -161,21 +157,45 @@ def child_main(args) -> None:
     if args.child == "reference":
         result = case_reference(data, args.k)
     elif args.child == "peak":
-        result = case_peak()
+        result = case_peak(data["n_test"], data["n_train"], args.probe_seconds)
     else:
         result = case_engine(data, args.k, args.child, args.budget)
     print("RESULT " + json.dumps(result))
 
 
 def run_child(case: str, data: dict, args) -> dict:
+    """Run one case in a fresh process, echoing its output live; stop it at --case-timeout."""
     cmd = [sys.executable, __file__, "--child", case, "--child-data", json.dumps(data),
-           "--k", str(args.k), "--budget", str(args.budget)]
-    print(f"  running {case} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"case {case} failed:\n{proc.stderr[-3000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+           "--k", str(args.k), "--budget", str(args.budget),
+           "--probe-seconds", str(args.probe_seconds)]
+    print(f"running {case} (at most {args.case_timeout:g} s) ...", flush=True)
+    result = []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+
+        def pump():
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    result.append(json.loads(line[len("RESULT "):]))
+                else:
+                    print(line, end="", flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        t0 = time.perf_counter()
+        try:
+            proc.wait(timeout=args.case_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            reader.join()
+            print(f"  {case}: stopped after {args.case_timeout:g} s", flush=True)
+            return {"timed_out": True, "wall_s": time.perf_counter() - t0}
+        reader.join()
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"case {case} failed:\n{err.read()[-3000:]}")
+    return result[0]
 
 
 # ---- driver ---------------------------------------------------------------------------
@@ -188,7 +208,12 @@ def main() -> None:
     p.add_argument("--n-classes", type=int, default=10)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--budget", type=int, default=1 << 30, help="engine memory budget, bytes")
-    p.add_argument("--cases", default="reference,exact,fast")
+    p.add_argument("--cases", default="reference,exact,fast",
+                   help="reference and engine precisions, comma-separated")
+    p.add_argument("--case-timeout", type=float, default=900,
+                   help="seconds after which a case is stopped and reported unfinished")
+    p.add_argument("--probe-seconds", type=float, default=3.0,
+                   help="time cap per product-rate row (s)")
     p.add_argument("--data-dir", type=Path, default=HERE / "_data")
     p.add_argument("--out-dir", type=Path, default=HERE)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -196,68 +221,111 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child_main(args)
+    if min(args.runs - 1, args.n_train, args.n_test, args.n_classes - 1, args.k) < 1 \
+            or args.case_timeout <= 0 or args.probe_seconds <= 0:
+        p.error("--runs and --n-classes must be at least 2; --n-train, --n-test, --k, "
+                "--case-timeout and --probe-seconds positive")
+    cases = args.cases.split(",")
 
+    machine = describe()
+    print(header(machine), flush=True)
     print(f"generating logits: {args.runs} runs, {args.n_train} train, {args.n_test} test, "
           f"{args.n_classes} classes (float16)", flush=True)
-    data = generate(args.data_dir, args.runs, args.n_train, args.n_test, args.n_classes)
+    data = {**generate(args.data_dir, args.runs, args.n_train, args.n_test, args.n_classes),
+            "n_train": args.n_train, "n_test": args.n_test}
     results = {"peak": run_child("peak", data, args)}
-    for case in args.cases.split(","):
+    flop = 2.0 * args.n_test * args.n_train * args.runs * args.n_classes
+    rows = []
+    print(TABLE_HEAD, flush=True)
+    for case in cases:
         results[case] = run_child(case, data, args)
         if results[case].get("recomputed") is not None:
             print(f"  fast mode: its error bound left {results[case]['recomputed']} of "
                   f"{args.n_test} test examples to recompute exactly", flush=True)
-    flop = 2.0 * args.n_test * args.n_train * args.runs * args.n_classes
-    ref = results.get("reference")
-    rows = []
-    for case in args.cases.split(","):
-        r = results[case]
-        peak = results["peak"]["bfloat16" if case == "fast" else "float32"]
-        row = {"case": case, "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30,
-               "gflops": flop / r["wall_s"] / 1e9, "pct_of_peak": 100 * flop / r["wall_s"] / 1e9 / peak}
-        if ref:
-            row["speedup"] = ref["wall_s"] / r["wall_s"]
-            row["rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
-            row["same_3nn_predictions"] = sum(a == b for a, b in zip(r["prediction"], ref["prediction"]))
-        rows.append(row)
-    report = render(args, results, rows)
+        rows.append(make_row(case, results, flop))
+        print(format_row(rows[-1], args.n_test), flush=True)
+    report = render(args, machine, results, rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.md").write_text(report)
     slim = {k: {kk: vv for kk, vv in v.items() if kk not in ("prediction", "indices_head")}
             for k, v in results.items()}
     (args.out_dir / "results.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "raw": slim}, indent=2))
+        {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
+         "rows": rows, "raw": slim}, indent=2))
     print(report)
 
 
-def render(args, results, rows) -> str:
-    import torch
+def make_row(case: str, results: dict, flop: float) -> dict:
+    """One case's figures, with its ratios to the product rates and to the reference."""
+    r, peak, ref = results[case], results["peak"], results.get("reference")
+    if r.get("timed_out"):
+        return {"case": case, "timed_out": True, "wall_s": r["wall_s"]}
+    rate = flop / r["wall_s"] / 1e9
+    row = {"case": case, "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss"] / 2**30,
+           "gflops": rate, "of_float32_rate": rate / peak["float32"],
+           "of_bfloat16_rate": rate / peak["bfloat16"]}
+    if "exact" in results and not results["exact"].get("timed_out") and case != "exact":
+        row["wall_vs_exact"] = r["wall_s"] / results["exact"]["wall_s"]
+    if ref and not ref.get("timed_out"):
+        row["speedup"] = ref["wall_s"] / r["wall_s"]
+        row["rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
+        row["same_3nn_predictions"] = sum(a == b for a, b in zip(r["prediction"], ref["prediction"]))
+    return row
 
+
+def format_row(r: dict, n: int) -> str:
+    """A markdown table row; '-' where a ratio does not apply (the bfloat16 rate to the
+    float32 cases, the exact wall time to exact itself)."""
+    if r.get("timed_out"):
+        return f"| {r['case']} | not finished in {r['wall_s']:.0f} s | | | | | | | | |"
+
+    def cell(key, spec, scale=1.0, suffix=""):
+        return f"{scale * r[key]:{spec}}{suffix}" if key in r else "-"
+
+    low = r["case"] not in ("reference", "exact")
+    return (f"| {r['case']} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+            f"{cell('speedup', '.2f', suffix='x')} | {cell('rss_ratio', '.2f')} | "
+            f"{cell('wall_vs_exact', '.2f')} | {r['gflops']:.0f} | "
+            f"{cell('of_float32_rate', '.0f', 100, '%')} | "
+            f"{cell('of_bfloat16_rate', '.0f', 100, '%') if low else '-'} | "
+            f"{r.get('same_3nn_predictions', '-')}/{n} |")
+
+
+TABLE_HEAD = ("| case | wall (s) | peak RSS (GiB) | speed-up vs reference | RSS vs reference "
+              "| wall vs exact | GFLOP/s | of float32 rate | of bfloat16+add rate "
+              "| same 3-NN predictions |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def render(args, machine: dict, results: dict, rows: list[dict]) -> str:
     peak = results["peak"]
+    f32 = peak["float32"]
     lines = [
         "# Benchmark results",
         "",
         f"Command: `python benchmarks/run.py --runs {args.runs} --n-train {args.n_train} "
-        f"--n-test {args.n_test} --budget {args.budget}`",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {peak['threads']} threads.",
-        f"Measured matmul peak (4096^3): float32 {peak['float32']:.0f} GFLOP/s, "
-        f"bfloat16 {peak['bfloat16']:.0f} GFLOP/s.",
-        f"Engine memory budget: {args.budget / 2**30:.2f} GiB; logits memory-mapped from .npy.",
+        f"--n-test {args.n_test} --k {args.k} --budget {args.budget} --cases {args.cases}`",
         "",
-        "| case | wall (s) | peak RSS (GiB) | speed-up vs reference | RSS vs reference | GFLOP/s | % of peak | same 3-NN predictions |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "```", header(machine), "```",
+        "",
+        "Product rates at the engine's shapes (GFLOP/s, median over blocks, capped at "
+        f"{args.probe_seconds:g} s a row), and each as a ratio of float32 'highest':",
+        "",
     ]
-    n = args.n_test
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
-            f"{r.get('speedup', float('nan')):.2f}x | {r.get('rss_ratio', float('nan')):.2f} | "
-            f"{r['gflops']:.0f} | {r['pct_of_peak']:.0f}% | "
-            f"{r.get('same_3nn_predictions', '-')}/{n} |"
-        )
-    for case in ("exact", "fast"):
-        if case in results:
-            lines.append(f"\n{case} plan: {results[case]['plan']}")
+    lines += [f"- {r['name']}: {r['gflops']:.1f} ({r['low']:.1f} to {r['high']:.1f}), "
+              f"{r['gflops'] / f32:.2f}x" for r in peak["rows"]]
+    lines += [
+        "",
+        f"Engine memory budget: {args.budget / 2**30:.2f} GiB; logits memory-mapped from .npy. "
+        f"The job is {2.0 * args.n_test * args.n_train * args.runs * args.n_classes:.2e} FLOP; "
+        "a case's rate is that over its wall time.",
+        "",
+        TABLE_HEAD,
+    ]
+    lines += [format_row(r, args.n_test) for r in rows]
+    for case, r in results.items():
+        if isinstance(r, dict) and r.get("plan"):
+            lines.append(f"\n{case} plan: {r['plan']}")
     return "\n".join(lines) + "\n"
 
 

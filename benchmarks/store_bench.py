@@ -29,6 +29,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from machine import describe, header  # noqa: E402
+from synthetic import class_signal, noisy_runs  # noqa: E402
+
 CASES = {
     "cifar2000": dict(n_models=2000, n_train=50_000, n_test=10_000),
     "runs20000": dict(n_models=20_000, n_train=5_000, n_test=1_000),
@@ -53,16 +58,12 @@ def make_store(folder: Path, n_models: int, n_train: int, n_test: int) -> dict:
     rng = np.random.default_rng(0)
     signal = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        y = rng.integers(0, N_CLASSES, n)
-        s = rng.standard_normal((n, N_CLASSES)).astype(np.float32)
-        s[np.arange(n), y] += rng.uniform(0.5, 6.0, n).astype(np.float32)
-        signal[split] = s
+        signal[split] = class_signal(rng, n, N_CLASSES)[1]
     t0 = time.perf_counter()
     for i, m0 in enumerate(range(0, n_models, FILE_RUNS)):
         m = min(FILE_RUNS, n_models - m0)
-        runs = {split: torch.from_numpy((signal[split][None] + 1.5 * rng.standard_normal(
-            (m, *signal[split].shape), dtype=np.float32)).astype(np.float16))
-            for split in ("train", "test")}
+        runs = {split: torch.from_numpy(noisy_runs(rng, signal[split], m))
+                for split in ("train", "test")}
         torch.save({"logits": runs["test"], "logits_train": runs["train"]},
                    files / f"batch{i:04d}.pt")
     t_gen = time.perf_counter() - t0
@@ -107,6 +108,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], args.budget, args.k, args.child[2] == "cache")
+    machine = describe()
+    print(header(machine), flush=True)
     rows = []
     for case in args.cases.split(","):
         shape = CASES[case]
@@ -135,7 +138,7 @@ def main() -> None:
     full_flop = 2.0 * 10_000 * 50_000 * 20_000 * N_CLASSES
     lines = ["# Store-backed benchmark", "",
              f"Command: `python benchmarks/store_bench.py --cases {args.cases} --budget "
-             f"{args.budget}` (k = {args.k}).", "",
+             f"{args.budget}` (k = {args.k}).", "", "```", header(machine), "```", "",
              "| case | runs | test x train | precision | query cache | ingest | store | wall | peak RSS | GFLOP/s |",
              "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
