@@ -111,7 +111,7 @@ def test_bench_20k_end_to_end_at_tiny_scale(tmp_path, capsys):
 
     # The neighbours the benchmark computed from the store are the library's on the files.
     got = np.load(result["stages"]["neighbors"]["out"])
-    want = top_k_neighbors(test, train, 3)
+    want = top_k_neighbors(train, test, 3, precision="exact")
     assert np.array_equal(got["indices"], want.indices.numpy())
     np.testing.assert_allclose(got["values"], want.values.numpy(), rtol=1e-5, atol=1e-6)
     from ensemble_kernel.store import RunStore
