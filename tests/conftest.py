@@ -82,3 +82,77 @@ def run_cli(*args) -> tuple[int, str, str]:
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
+
+
+def write_fake_cifar(root: Path, n_per_batch: int = 7, seed: int = 0,
+                     bytes_keys: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A miniature CIFAR-10 python tree under root/cifar-10-batches-py: five training
+    batches and a test batch of `n_per_batch` examples each, written as the real ones are
+    (protocol-2 pickles of dicts holding a NumPy `data` array and a list of `labels`).
+
+    Returns (labels_train, labels_test), the labels in torchvision's order.
+    """
+    import pickle
+
+    g = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    out = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in g.integers(0, 10, n_per_batch)]
+        entry = {key("batch_label"): f"{name} of 6", key("labels"): labels,
+                 key("data"): g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 key("filenames"): [f"img_{name}_{i}.png" for i in range(n_per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        out.append(labels)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps(
+        {key("label_names"): names, key("num_cases_per_batch"): n_per_batch}, protocol=2))
+    return np.concatenate(out[:5]).astype(np.int64), np.asarray(out[5], dtype=np.int64)
+
+
+# Two training scripts of the miniature published tree.
+CODE_A = "# airbench, config A\nlr = 0.2\n"
+CODE_B = "# airbench, config B\nlr = 0.4\n"
+
+
+def make_published_tree(root: Path, labels_train, labels_test, *, n_files: int = 5,
+                        n_classes: int = 10, codes=(CODE_A, CODE_B), seed: int = 0,
+                        train: bool = True) -> list[Path]:
+    """The published layout in miniature: root/<uuid>/log.pt, one run each, with `logits`,
+    `logits_train`, `logits_tta`, `code` (cycling through `codes`) and `accs` (a tensor),
+    float16 as published; logits carry the class structure of the given labels.
+    `train=False` leaves out `logits_train` (the test-only published set).
+
+    Files are named by seeded uuids, so their lexicographic order is not their creation
+    order. Returns the files in creation order.
+    """
+    import uuid
+
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(n_classes, n_classes, generator=g) * 3
+
+    def runs(labels):
+        labels = torch.as_tensor(np.asarray(labels))
+        example = prototypes[labels] + torch.randn(len(labels), n_classes, generator=g)
+        return example[None] + torch.randn(n_files, len(labels), n_classes, generator=g)
+
+    train_runs, test_runs = runs(labels_train), runs(labels_test)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_files):
+        name = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+        obj = {"logits": test_runs[i].half(),
+               "logits_tta": (test_runs[i] + 0.3 * torch.randn(test_runs[i].shape,
+                                                               generator=g)).half(),
+               "code": codes[i % len(codes)],
+               "accs": torch.tensor([0.5 + 0.01 * i, 0.9])}
+        if train:
+            obj["logits_train"] = train_runs[i].half()
+        path = root / name / "log.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(obj, path)
+        paths.append(path)
+    return paths

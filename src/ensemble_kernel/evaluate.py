@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .engine import ProgressCallback, top_k_neighbors
-from .errors import InputError
+from .errors import LABELS_HINT, InputError
 from .formats import check_labels
 from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
 from .sources import LogitSource
@@ -116,7 +116,7 @@ def _require_labels(labels: torch.Tensor | None, split: str) -> torch.Tensor:
     if labels is None:
         raise InputError(
             f"no {split} labels: the run files carry none; pass --labels FILE.npz with "
-            "arrays labels_train and labels_test"
+            f"arrays labels_train and labels_test ({LABELS_HINT})"
         )
     return labels
 

@@ -8,6 +8,7 @@ escape codes (control characters in the text, e.g. from a file name, are escaped
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -25,15 +26,18 @@ from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedCol
 
 from .. import __version__
 from ..engine import Progress
-from ..errors import EnsembleKernelError, InputError
+from ..errors import LABELS_HINT, EnsembleKernelError, InputError
+from ..configs import code_groups, resolve_code, warn_if_mixed
 from ..formats import RunSet, check_labels, open_runs, read_labels
-from ..sources import parse_runs, select_runs
+from ..sources import RunSubset, parse_runs, select_runs, sequence_of
 from ..store import RunStore, is_store
 
 try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
     from typer._click import exceptions as _click_errors
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
     from click import exceptions as _click_errors
+    from click import get_current_context
 
 
 def one_line(text: str) -> str:
@@ -270,23 +274,110 @@ def _progress_bar(quiet: bool) -> Iterator:
         yield report
 
 
-def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[RunSet, slice]:
-    if len(src) == 1 and is_store(src[0]):
-        store = RunStore(src[0])
-        labels_train, labels_test = (read_labels(labels) if labels is not None
-                                     else (store.labels("train"), store.labels("test")))
-        check_labels(labels_train, store.source("train").n_examples, store.n_classes, "train")
-        check_labels(labels_test, store.source("test").n_examples, store.n_classes, "test")
-        runset = RunSet(store.source("train"), store.source("test"), labels_train, labels_test,
-                        (str(src[0]),))
+def _stash(name: str):
+    """An option callback that keeps the value in the command's context for `_open`."""
+    def keep(ctx: typer.Context, value):
+        ctx.meta[f"ensemble_kernel.{name}"] = value
+        return value
+    return keep
+
+
+CodeOpt = typer.Option(None, "--code", callback=_stash("code"), metavar="HASH-PREFIX",
+                       help="Use only the runs of one training configuration: the first hex "
+                            "digits of its code sha256 (info lists them). Without it, runs "
+                            "whose code differs are used together, with a warning.")
+TestKeyOpt = typer.Option(None, "--test-key", callback=_stash("test_key"), metavar="KEY",
+                          help="The array of each run file that holds the test split, e.g. "
+                               "logits_tta (the published test-time-augmented outputs); "
+                               "default logits. Run files only (a store keeps what was "
+                               "ingested).")
+
+
+def _source_options() -> tuple[Optional[str], Optional[str]]:
+    """(--code, --test-key) of the running command, if it has them."""
+    ctx = get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    return meta.get("ensemble_kernel.code"), meta.get("ensemble_kernel.test_key")
+
+
+def _store_runset(path: Path, labels: Optional[Path], code: Optional[str]) -> RunSet:
+    """A store as a RunSet; with `code`, only the runs of that configuration's records."""
+    store = RunStore(path)
+    labels_train, labels_test = (read_labels(labels) if labels is not None
+                                 else (store.labels("train"), store.labels("test")))
+    train, test = store.source("train"), store.source("test")
+    if train.n_examples == 0 and labels is not None:
+        labels_train = None  # a single-split store: train labels have no use
+    check_labels(labels_train, train.n_examples, store.n_classes, "train")
+    check_labels(labels_test, test.n_examples, store.n_classes, "test")
+    records = store.records()
+    groups = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0]) for r in records])
+    if code is not None:
+        chosen = resolve_code(code, groups, str(path))
+        ranges = merge_ranges([tuple(r["runs"]) for r in records
+                               if r.get("code_sha256") == chosen])
+        train = sequence_of([RunSubset(train, a, b) for a, b in ranges])
+        test = sequence_of([RunSubset(test, a, b) for a, b in ranges])
+        groups = {chosen: groups[chosen]}
     else:
-        runset = open_runs(src, labels=labels)
+        warn_if_mixed(groups, str(path))
+    return RunSet(train, test, labels_train, labels_test, (str(path),), groups)
+
+
+def merge_ranges(ranges: List[tuple]) -> List[tuple]:
+    """Sorted, adjacent run ranges joined: [(0, 2), (2, 5), (7, 8)] -> [(0, 5), (7, 8)]."""
+    out: List[tuple] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _open(src: List[Path], labels: Optional[Path], runs: Optional[str], *,
+          code: Optional[str] = None, test_key: Optional[str] = None
+          ) -> tuple[RunSet, slice]:
+    """SRC as a RunSet and the runs chosen by --runs (applied after --code).
+
+    `code` and `test_key` default to the command's --code and --test-key options (kept in
+    its context by `CodeOpt` and `TestKeyOpt`).
+    """
+    stashed_code, stashed_key = _source_options()
+    code = code if code is not None else stashed_code
+    test_key = test_key if test_key is not None else stashed_key
+    if len(src) == 1 and is_store(src[0]):
+        if test_key is not None:
+            raise InputError(f"--test-key applies to run files, but {src[0]} is a store (it "
+                             "keeps the test split ingested): ingest the files with "
+                             f"--test-key {test_key} into another store")
+        runset = _store_runset(src[0], labels, code)
+    else:
+        runset = open_runs(src, labels=labels, test_key=test_key, code=code)
     chosen = parse_runs(runs, runset.n_models)
     if chosen.stop - chosen.start < 2:
         raise InputError(f"the kernel needs at least 2 runs, got {chosen.stop - chosen.start} "
                          f"(from {', '.join(map(str, src))})")
-    return RunSet(select_runs(runset.train, chosen), select_runs(runset.test, chosen),
-                  runset.labels_train, runset.labels_test, runset.sources), chosen
+    return dataclasses.replace(runset, train=select_runs(runset.train, chosen),
+                               test=select_runs(runset.test, chosen)), chosen
+
+
+def within_split_note(runset: RunSet, command: str, what: str) -> bool:
+    """True (with a note on stderr) when SRC has no train split and `command` works
+    within the test split instead; False when it has one."""
+    if runset.has_train:
+        return False
+    say(f"note: {command}: SRC has no train split; {what} within its "
+        f"{runset.test.n_examples} test examples, each example's own entry left out")
+    return True
+
+
+def require_train(runset: RunSet, command: str) -> None:
+    """One line when `command` needs the train split that SRC lacks."""
+    if not runset.has_train:
+        raise InputError(f"{command} needs a train split (the references), but SRC holds test "
+                         "logits only (no logits_train); evaluate, neighbors and duplicates "
+                         "work within one split")
 
 
 def _check_precision(precision: str) -> None:
@@ -294,16 +385,17 @@ def _check_precision(precision: str) -> None:
         raise InputError(f"--precision takes {' or '.join(PRECISIONS)}, got {precision!r}")
 
 
-def check_k(option: str, k: int, n_references: int, default: int | None = None) -> None:
-    """A k the command will use must not exceed the training examples (the references).
+def check_k(option: str, k: int, n_references: int, default: int | None = None,
+            what: str = "training examples") -> None:
+    """A k the command will use must not exceed the references (`what` they are).
 
     The message names the option the user gave (or did not give: its default) and the fix.
     """
     if 1 <= k <= n_references:
         return
     given = f"its default {k}" if k == default else str(k)
-    raise InputError(f"{option} must be between 1 and {n_references} (the number of training "
-                     f"examples), got {given}: pass {option} {max(1, n_references)} or less")
+    raise InputError(f"{option} must be between 1 and {n_references} (the number of {what}), "
+                     f"got {given}: pass {option} {max(1, n_references)} or less")
 
 
 def parse_run_counts(text: Optional[str], n_models: int) -> Optional[List[int]]:

@@ -10,8 +10,9 @@ from typing import List, Optional
 import typer
 
 from ..demo.data import DATASETS
-from ..errors import InputError
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
+from ..errors import LABELS_HINT, InputError
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
+                     TestKeyOpt, require_train,
                      _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size)
 from .outputs import check_output_folder
@@ -31,6 +32,8 @@ def sweep_cmd(
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON."),
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Accuracy against the number of runs (disjoint subsets), with ablations and a paired test.
@@ -47,8 +50,9 @@ def sweep_cmd(
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
         runset, _ = _open(src, labels, None)
+        require_train(runset, "sweep")
         if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
+            raise InputError(f"sweep needs train and test labels: pass --labels FILE.npz ({LABELS_HINT})")
         counts = parse_run_counts(runs_list, runset.n_models)
         check_sweep_size("sweep", runset.train.n_examples)
         result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import typer
 
+from ..configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
 from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError, StoreError
 from ..formats import file_hash, find_run_files, read_extras, read_labels, read_run_file
-from ..store import RunStore, StoreSpec, check_array, check_runs, is_store
+from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, is_store
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
 
@@ -37,6 +39,14 @@ def ingest_cmd(
              "are widened to float32 first)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates",
                                           help="Add files whose content is already stored."),
+    code: Optional[str] = typer.Option(None, "--code", metavar="HASH-PREFIX",
+                                       help="Ingest only the files of one training "
+                                            "configuration: the first hex digits of its code "
+                                            "sha256. Without it, files whose code differs are "
+                                            "ingested together, with a warning."),
+    test_key: Optional[str] = typer.Option(None, "--test-key", metavar="KEY",
+                                           help="The array of each file that holds the test "
+                                                "split, e.g. logits_tta; default logits."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Create a store or append runs to it, one source file per atomic commit.
@@ -52,6 +62,7 @@ def ingest_cmd(
     """
     with _user_errors():
         files = [f for s in src for f in find_run_files(s)]
+        files = _by_code(files, code, test_key, ", ".join(map(str, src)))
         names = tuple(class_names.split(",")) if class_names else None
         # ---- 1. check everything; nothing is written here --------------------------------
         if is_store(store):
@@ -59,7 +70,7 @@ def ingest_cmd(
             target.check_options(dtype=dtype, class_names=names)
             spec, where = target.spec, f"the store {store}"
         else:
-            target, first = None, read_run_file(files[0])
+            target, first = None, read_run_file(files[0], test_key=test_key)
             spec = StoreSpec(first.train.shape[1], first.test.shape[1], first.train.shape[2],
                              dtype or "float16", names)
             del first
@@ -68,7 +79,10 @@ def ingest_cmd(
         if target is not None:
             target.check_arrays(extras, "given")
         with _progress_bar(quiet) as report:
-            _check_files(spec, target, files, extras, where, allow_duplicates, report)
+            codes = _check_files(spec, target, files, extras, where, allow_duplicates, report,
+                                 test_key)
+            if code is None:
+                _warn_mixed(codes, target, ", ".join(map(str, src)))
             # ---- 2. write: the store (or the given arrays), then one commit per file -----
             done = _Done(store)
             try:
@@ -79,7 +93,8 @@ def ingest_cmd(
                     done.arrays = target.set_arrays(extras)
                 added = skipped = 0
                 for i, f in enumerate(files):
-                    result = target.append_file(f, allow_duplicates=allow_duplicates)
+                    result = target.append_file(f, allow_duplicates=allow_duplicates,
+                                                test_key=test_key)
                     if result.status == "skipped":
                         skipped += 1
                         err.print(f"skipped {f}: its content is already in the store "
@@ -96,14 +111,45 @@ def ingest_cmd(
         err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
 
 
+def _by_code(files: List[Path], code: Optional[str], test_key: Optional[str],
+             where: str) -> List[Path]:
+    """The files of the training configuration `code` selects (all files without it)."""
+    if code is None:
+        return files
+    hashes = [read_run_file(f, test_key=test_key).code_sha256 for f in files]
+    chosen = resolve_code(code, code_groups([(h, 1) for h in hashes]), where)
+    return [f for f, h in zip(files, hashes) if h == chosen]
+
+
+def _warn_mixed(new: set, store: Optional[RunStore], where: str) -> None:
+    """One warning when the new files, with the store's code (one folder per distinct
+    code, so no record is read), mix training configurations."""
+    folder = store.path / "code" if store is not None and not _is_url(store.path) else None
+    stored = {p.name for p in folder.iterdir() if p.is_dir()} if folder and folder.is_dir() \
+        else set()
+    mixed = sorted(new | stored, key=lambda h: (h is None, h or ""))
+    if len(mixed) > 1:
+        warnings.warn(f"{where}{' with the store' if stored - new else ''} mixes "
+                      f"{len(mixed)} training configurations (code sha256 "
+                      f"{', '.join(_short(h) for h in mixed)}); pass --code PREFIX to ingest "
+                      "one")
+
+
+def _short(sha: Optional[str]) -> str:
+    return NO_CODE if sha is None else sha[:SHOWN]
+
+
 def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path], extras: dict,
-                 where: str, allow_duplicates: bool, report) -> None:
+                 where: str, allow_duplicates: bool, report, test_key: Optional[str] = None
+                 ) -> set:
     """Every file as its append would check it, writing nothing: shapes, finite values,
     the dtype's range, its labels against the store's, --labels and the files before it.
 
     One file at a time (memory-mapped where the format allows), dropped once checked.
     A file already stored is skipped by its content hash without reading its runs.
+    Returns the code hashes (None: no code) of the files read.
     """
+    codes = set()
     known = {}  # split -> (labels, where they come from)
     for split in ("train", "test"):
         name = f"labels_{split}"
@@ -115,7 +161,8 @@ def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path],
     for i, f in enumerate(files):
         if target is None or allow_duplicates or \
                 target.committed_runs(file_hash(f)) is None:
-            run = read_run_file(f)
+            run = read_run_file(f, test_key=test_key)
+            codes.add(run.code_sha256)
             check_runs(spec, run.train, run.test, str(f), where)
             for split in ("train", "test"):
                 mine = getattr(run, f"labels_{split}")
@@ -130,6 +177,7 @@ def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path],
             del run
         if report is not None:
             report(Progress("check", i + 1, len(files), 0, 1, 0.0))
+    return codes
 
 
 class _Done:
@@ -183,12 +231,16 @@ def info_cmd(
         shapes = target.shapes()  # the committed arrays, without reading them
         present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
         records = target.records()
+        codes = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0])
+                             for r in records])
+        warn_if_mixed(codes, str(store))
         out = {"path": str(store), "format_version": target.attrs["format_version"],
                "n_models": target.n_models, "n_classes": target.n_classes,
                "class_names": target.class_names, "splits": splits,
                "dtype": target.dtype,
                "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
-               "n_sources": len(records), "shapes": shapes}
+               "n_sources": len(records), "shapes": shapes,
+               "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in codes.items()]}
         if runs:
             out["records"] = records
     if as_json:
@@ -200,6 +252,10 @@ def info_cmd(
                + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
     typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
                                          for name, shape in out["shapes"].items()))
+    if splits["train"] == 0:
+        typer.echo("  one split only (no train split): evaluate, neighbors and duplicates "
+                   "work within the test split")
+    typer.echo(f"  training code (sha256, select with --code PREFIX): {describe_groups(codes)}")
     for r in out.get("records", []):
         seeds = r.get("seeds")
         seed_text = ("-" if not seeds else str(seeds[0]) if len(seeds) == 1
