@@ -84,32 +84,57 @@ def run_cli(*args) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def _py2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2's cPickle wrote the published batches: protocol 2, bytes
+    as BINSTRING opcodes (Python 3 would name the global _codecs.encode instead)."""
+    import io
+    import pickle
+    import struct
+
+    class Py2(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_bytes(self, data):
+            if len(data) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+            self.memoize(data)
+
+        dispatch[bytes] = save_bytes
+
+    buffer = io.BytesIO()
+    Py2(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 def write_fake_cifar(root: Path, n_per_batch: int = 7, seed: int = 0,
-                     bytes_keys: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     py2: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A miniature CIFAR-10 python tree under root/cifar-10-batches-py: five training
     batches and a test batch of `n_per_batch` examples each, written as the real ones are
-    (protocol-2 pickles of dicts holding a NumPy `data` array and a list of `labels`).
+    (Python 2 protocol-2 pickles of dicts with str keys, a NumPy uint8 `data` array and a
+    list of `labels`); `py2=False` pickles them with Python 3 (a re-pickled copy).
 
     Returns (labels_train, labels_test), the labels in torchvision's order.
     """
     import pickle
 
+    dump = _py2_pickle if py2 else (lambda obj: pickle.dumps(obj, protocol=2))
     g = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
-    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
     out = []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         labels = [int(v) for v in g.integers(0, 10, n_per_batch)]
-        entry = {key("batch_label"): f"{name} of 6", key("labels"): labels,
-                 key("data"): g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 key("filenames"): [f"img_{name}_{i}.png" for i in range(n_per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        entry = {"batch_label": f"{name} of 6", "labels": labels,
+                 "data": g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 "filenames": [f"img_{name}_{i}.png" for i in range(n_per_batch)]}
+        (folder / name).write_bytes(dump(entry))
         out.append(labels)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
              "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps(
-        {key("label_names"): names, key("num_cases_per_batch"): n_per_batch}, protocol=2))
+    (folder / "batches.meta").write_bytes(dump({"label_names": names,
+                                                "num_cases_per_batch": n_per_batch}))
     return np.concatenate(out[:5]).astype(np.int64), np.asarray(out[5], dtype=np.int64)
 
 

@@ -50,10 +50,13 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 WHERE_TO_GET = ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/"
                 "cifar.html and extract it there (it makes cifar-10-batches-py/)")
-# The globals a pickled NumPy array names; each becomes an inert placeholder, unresolved.
+# The globals a pickled NumPy array names (the published batches are Python 2 pickles; a
+# copy re-pickled by Python 3 also names _codecs.encode for the array's bytes); each
+# becomes an inert placeholder, never the function it names.
 _ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
                   "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
-                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                  ("_codecs", "encode")}
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,15 @@ class _Opaque:
         pass
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global the unpickler will not resolve."""
+
+
 class _NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ARRAY_GLOBALS:
             return _Opaque  # never NumPy's own function: the pixels are not needed
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _Refused(f"global '{module}.{name}' is not allowed")
 
 
 def safe_unpickle(data: bytes, where: str):
@@ -99,10 +106,10 @@ def safe_unpickle(data: bytes, where: str):
     """
     try:
         return _NoGlobals(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise InputError(f"{where}: refusing to read it, the pickle names a global that is "
                          f"not plain data ({e}); it is not a CIFAR-10 python batch") from e
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError) as e:
         raise InputError(f"{where}: not a readable CIFAR-10 python batch (truncated or "
                          f"damaged?): {type(e).__name__}: {e}") from e
@@ -122,11 +129,10 @@ def find_cifar10_batches(root: str | Path) -> Path:
                      f"lacks {', '.join(missing)}); {WHERE_TO_GET}")
 
 
-def _batch_labels(path: Path) -> np.ndarray:
+def _batch_labels(path: Path, modified: list[str]) -> np.ndarray:
     data = path.read_bytes()
     if hashlib.md5(data).hexdigest() != MD5.get(path.name):
-        warnings.warn(f"{path}: its MD5 is not that of the published file (a modified copy?); "
-                      "its labels are used as they are", stacklevel=3)
+        modified.append(path.name)
     entry = safe_unpickle(data, str(path))
     if isinstance(entry, dict):
         entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
@@ -156,8 +162,13 @@ def _class_names(folder: Path) -> tuple[str, ...]:
 
 def _read_pickles(root: Path) -> CifarLabels:
     folder = find_cifar10_batches(root)
-    train = np.concatenate([_batch_labels(folder / name) for name in TRAIN_BATCHES])
-    test = _batch_labels(folder / TEST_BATCH)
+    modified: list[str] = []
+    train = np.concatenate([_batch_labels(folder / name, modified) for name in TRAIN_BATCHES])
+    test = _batch_labels(folder / TEST_BATCH, modified)
+    if modified:
+        warnings.warn(f"{folder}: the MD5 of {', '.join(modified)} is not that of the published "
+                      "file (a modified copy?); their labels are used as they are",
+                      stacklevel=3)
     return CifarLabels(train, test, _class_names(folder), "pickle")
 
 
