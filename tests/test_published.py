@@ -294,3 +294,20 @@ def test_ingest_code_takes_one_configuration(published):
     warned = [line for line in err.splitlines() if line.startswith("warning:")]
     assert code == 0 and len(warned) == 1, err
     assert "logs with the store mixes 2 training configurations" in warned[0]
+
+
+def test_a_refused_labels_command_leaves_the_users_file(tmp_path):
+    """Checked before any work, written atomically: a user's file survives byte for byte."""
+    write_fake_cifar(tmp_path, n_per_batch=2)
+    mine = tmp_path / "labels.npz"
+    mine.write_bytes(b"the user's own file")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(b"\x80\x02}q\x00(X")
+    code, _, err = run_cli("labels", "cifar10", "--root", tmp_path, "--out", mine,
+                           "--reader", "pickle")
+    assert code == 2 and "data_batch_5" in err
+    assert mine.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "labels.npz"]
+    (tmp_path / "folder.npz").mkdir()
+    code, _, err = run_cli("labels", "cifar10", "--root", tmp_path, "--out",
+                           tmp_path / "folder.npz", "--reader", "pickle")
+    assert code == 2 and "is a folder; name a file" in err

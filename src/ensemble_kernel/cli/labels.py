@@ -25,7 +25,7 @@ def labels_cmd(
                              "labels_test, class_names)."),
     reader: str = typer.Option("auto", "--reader",
                                callback=choice("--reader", ("auto", "torchvision", "pickle")),
-                               help="torchvision (the extra ensemble-kernel[cifar]), pickle (a "
+                               help="torchvision (the optional extra named cifar), pickle (a "
                                     "built-in reader that runs no code from the files), or "
                                     "auto: torchvision when installed, else pickle."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary line."),
