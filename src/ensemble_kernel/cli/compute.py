@@ -171,6 +171,9 @@ def neighbors_cmd(
                    "memory_budget": budget, "device": device}
         if within:
             options["within_split"] = True
+        if code is not None or test_key is not None:  # in the meta and the checkpoint
+            options["code"] = next(iter(runset.codes)) if code is not None else None
+            options["test_key"] = test_key
         group = _distributed_group(device)
         try:
             result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
@@ -304,7 +307,10 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
         if resume:
             checkpoint.check_owner()  # before hashing anything: a user's folder is refused
             checkpoint.inputs = {
-                "content": content_fingerprint(runset.sources, chosen),
+                # --code on a store: its runs are not one range of the store's; every
+                # record is bound (a later append to the store starts the work afresh).
+                "content": content_fingerprint(runset.sources, slice(0, 2**62)
+                                               if options.get("code") else chosen),
                 "runs": [chosen.start, chosen.stop],
                 "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
