@@ -141,7 +141,8 @@ def _cases():
          "--out must name an .html file"),
         ("duplicates", BASE["duplicates"] + ["--threshold", "nan"], "--threshold .*nan"),
         ("ingest", BASE["ingest"] + ["--class-names", "a,b"], "2 class names given for 5"),
-        ("info", ["{src}"], "b.pt: not an ensemble-kernel store"),
+        ("info", ["{src}", "--test-key", "logits_tta"], "b.pt: --test-key logits_tta: no such"),
+        ("info", ["{store}", "--test-key", "logits_tta"], "--test-key logits_tta applies to run files"),
         ("labels", ["cifar100", "--root", "{cifar}", "--out", "{out}/l.npz"],
          "DATASET takes cifar10, got 'cifar100'"),
         ("labels", ["cifar10", "--root", "{tmp}", "--out", "{out}/l.npz", "--reader", "pickle"],
@@ -151,7 +152,7 @@ def _cases():
         ("evaluate", ["{src}", "--labels", "{labels}", "--code", "0123"],
          "--code 0123 matches none of the training configurations in .*b.pt: \\(no code\\)"),
         ("evaluate", ["{store}", "--labels", "{labels}", "--test-key", "logits_tta"],
-         "--test-key applies to run files, but .*st is a store"),
+         "--test-key logits_tta applies to run files, but .*st is a store"),
         ("evaluate", ["{src}", "--labels", "{labels}", "--test-key", "logits_tta"],
          r"b.pt: --test-key logits_tta: no such array in this file; keys found: "
          r"\['logits', 'logits_train'\]"),

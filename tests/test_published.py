@@ -311,3 +311,25 @@ def test_a_refused_labels_command_leaves_the_users_file(tmp_path):
     code, _, err = run_cli("labels", "cifar10", "--root", tmp_path, "--out",
                            tmp_path / "folder.npz", "--reader", "pickle")
     assert code == 2 and "is a folder; name a file" in err
+
+
+def test_info_on_the_run_files_lists_the_configurations(published):
+    tmp, files, _, _ = published
+    code, out, err = run_cli("info", tmp / "logs", "--json", "--runs")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["n_models"] == 6 and got["splits"] == {"train": 30, "test": 6}
+    assert got["dtype"] == "float16" and got["has_labels"] is False
+    order = sorted(files, key=lambda p: p.parent.name)
+    first = read_run_file(order[0]).code
+    second = CODE_B if first == CODE_A else CODE_A
+    assert got["codes"] == [{"code_sha256": code_hash(first), "n_runs": 3},
+                            {"code_sha256": code_hash(second), "n_runs": 3}]
+    assert [r["source"] for r in got["records"]] == [str(f) for f in order]
+    assert [r["runs"] for r in got["records"]] == [[i, i + 1] for i in range(6)]
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "mixes 2 training configurations" in warned[0]
+    code, out, err = run_cli("info", tmp / "logs", "--runs")
+    assert f"training code (sha256, select with --code PREFIX): {code_hash(first)[:12]} " \
+        f"(3 runs), {code_hash(second)[:12]} (3 runs)" in out
+    assert f"code {code_hash(first)[:12]}" in out.splitlines()[3]

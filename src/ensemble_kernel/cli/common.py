@@ -348,8 +348,8 @@ def _open(src: List[Path], labels: Optional[Path], runs: Optional[str], *,
     test_key = test_key if test_key is not None else stashed_key
     if len(src) == 1 and is_store(src[0]):
         if test_key is not None:
-            raise InputError(f"--test-key applies to run files, but {src[0]} is a store (it "
-                             "keeps the test split ingested): ingest the files with "
+            raise InputError(f"--test-key {test_key} applies to run files, but {src[0]} is a "
+                             "store (it keeps the test split ingested): ingest the files with "
                              f"--test-key {test_key} into another store")
         runset = _store_runset(src[0], labels, code)
     else:

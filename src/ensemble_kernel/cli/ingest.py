@@ -13,7 +13,8 @@ import typer
 from ..configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
 from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError, StoreError
-from ..formats import file_hash, find_run_files, read_extras, read_labels, read_run_file
+from ..formats import (file_hash, find_run_files, open_runs, read_extras, read_labels,
+                       read_run_file)
 from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, is_store
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
@@ -219,39 +220,45 @@ def _extras(spec: StoreSpec, labels: Optional[Path], inputs: Optional[Path],
 
 @app.command("info")
 def info_cmd(
-    store: Path = typer.Argument(..., help="A store made by ingest.", show_default=False),
+    src: List[Path] = typer.Argument(..., help="A store made by ingest, or run files: .pt or "
+                                     ".npz files, or directories searched for .pt files.",
+                                     show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    runs: bool = typer.Option(False, "--runs", help="List the run records too."),
+    runs: bool = typer.Option(False, "--runs", help="List the run records (files) too."),
+    test_key: Optional[str] = typer.Option(None, "--test-key", metavar="KEY",
+                                           help="Run files: the array that holds the test "
+                                                "split, e.g. logits_tta; default logits."),
 ) -> None:
-    """What a store holds: runs, splits, shapes, dtype, size, labels, inputs, features."""
+    """What a store or run files hold: runs, splits, dtype, labels, training configurations.
+
+    The training configurations are the distinct `code` strings of the runs, by SHA-256
+    and run count; pass the first digits to any command's --code to use one. A store
+    also shows its shapes, size, inputs and features.
+
+    Example: ensemble-kernel info logs_saveoutputs_main/
+    """
     with _user_errors():
-        target = RunStore(store)
-        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
-        splits = {s: target.source(s).n_examples for s in ("train", "test")}
-        shapes = target.shapes()  # the committed arrays, without reading them
-        present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
-        records = target.records()
-        codes = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0])
-                             for r in records])
-        warn_if_mixed(codes, str(store))
-        out = {"path": str(store), "format_version": target.attrs["format_version"],
-               "n_models": target.n_models, "n_classes": target.n_classes,
-               "class_names": target.class_names, "splits": splits,
-               "dtype": target.dtype,
-               "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
-               "n_sources": len(records), "shapes": shapes,
-               "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in codes.items()]}
-        if runs:
-            out["records"] = records
+        if len(src) == 1 and is_store(src[0]):
+            if test_key is not None:
+                raise InputError(f"--test-key {test_key} applies to run files, but {src[0]} is a "
+                                 "store (it keeps the test split ingested)")
+            out = _store_info(src[0], runs)
+        else:
+            out = _files_info(src, runs, test_key)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{store}: {out['n_models']} runs from {out['n_sources']} files, "
-               f"{out['n_classes']} classes, logits {out['dtype']}, {size / 2**20:.1f} MiB")
+    splits, codes = out["splits"], {c["code_sha256"]: c["n_runs"] for c in out["codes"]}
+    store = "format_version" in out
+    size = f", {out['size_bytes'] / 2**20:.1f} MiB" if store else ""
+    typer.echo(f"{out['path']}: {out['n_models']} runs from {out['n_sources']} files, "
+               f"{out['n_classes']} classes, logits {out['dtype']}{size}")
+    present = {k: out[f"has_{k}"] for k in ("labels", "inputs", "features") if f"has_{k}" in out}
     typer.echo(f"  train {splits['train']} examples, test {splits['test']} examples; "
                + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
-    typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
-                                         for name, shape in out["shapes"].items()))
+    if store:
+        typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
+                                             for name, shape in out["shapes"].items()))
     if splits["train"] == 0:
         typer.echo("  one split only (no train split): evaluate, neighbors and duplicates "
                    "work within the test split")
@@ -260,5 +267,47 @@ def info_cmd(
         seeds = r.get("seeds")
         seed_text = ("-" if not seeds else str(seeds[0]) if len(seeds) == 1
                      else f"{seeds[0]}..{seeds[-1]}")
-        typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']} "
-                   f"sha256 {r['sha256'][:12]} seeds {seed_text}")
+        code = r.get("code_sha256")
+        typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']}"
+                   + (f" sha256 {r['sha256'][:12]} seeds {seed_text}" if "sha256" in r else "")
+                   + f" code {_short(code)}")
+
+
+def _store_info(store: Path, runs: bool) -> dict:
+    target = RunStore(store)
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    splits = {s: target.source(s).n_examples for s in ("train", "test")}
+    shapes = target.shapes()  # the committed arrays, without reading them
+    present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
+    records = target.records()
+    codes = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0]) for r in records])
+    warn_if_mixed(codes, str(store))
+    out = {"path": str(store), "format_version": target.attrs["format_version"],
+           "n_models": target.n_models, "n_classes": target.n_classes,
+           "class_names": target.class_names, "splits": splits,
+           "dtype": target.dtype,
+           "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
+           "n_sources": len(records), "shapes": shapes,
+           "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in codes.items()]}
+    if runs:
+        out["records"] = records
+    return out
+
+
+def _files_info(src: List[Path], runs: bool, test_key: Optional[str]) -> dict:
+    """info on run files: read as every command reads them (memory-mapped, no logits
+    loaded), one warning if their training code differs."""
+    files = [f for s in src for f in find_run_files(s)]
+    read = [read_run_file(f, test_key=test_key) for f in files]
+    runset = open_runs(src, test_key=test_key)  # the checks every command makes; warns
+    out = {"path": ", ".join(map(str, src)), "n_models": runset.n_models,
+           "n_classes": runset.n_classes,
+           "splits": {"train": runset.train.n_examples, "test": runset.test.n_examples},
+           "dtype": str(read[0].test.dtype).replace("torch.", ""),
+           "has_labels": runset.labels_test is not None, "n_sources": len(files),
+           "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in runset.codes.items()]}
+    if runs:
+        starts = np.cumsum([0] + [r.n_runs for r in read])
+        out["records"] = [{"source": str(r.path), "runs": [int(a), int(a) + r.n_runs],
+                           "code_sha256": r.code_sha256} for r, a in zip(read, starts)]
+    return out
