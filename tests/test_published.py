@@ -66,6 +66,8 @@ def test_labels_command_writes_npz_that_evaluate_reads(published):
         np.testing.assert_array_equal(npz["labels_train"], labels_train)
         np.testing.assert_array_equal(npz["labels_test"], labels_test)
         assert list(npz["class_names"])[:2] == ["airplane", "automobile"]
+        meta = json.loads(str(npz["meta"]))
+        assert meta["reader"] == "pickle" and meta["root"] == str(tmp / "data")
     code, out, err = run_cli("evaluate", tmp / "logs", "--labels", tmp / "labels.npz",
                              "--code", code_hash(CODE_A)[:6], "--k", "1", "--weighted-k", "5")
     assert code == 0, err
@@ -333,3 +335,35 @@ def test_info_on_the_run_files_lists_the_configurations(published):
     assert f"training code (sha256, select with --code PREFIX): {code_hash(first)[:12]} " \
         f"(3 runs), {code_hash(second)[:12]} (3 runs)" in out
     assert f"code {code_hash(first)[:12]}" in out.splitlines()[3]
+
+
+def test_torchvision_reader_never_downloads(tmp_path, monkeypatch):
+    """With torchvision present (a stand-in here), it is called with download=False on the
+    folder that holds cifar-10-batches-py/, and its targets are the labels."""
+    import types
+
+    calls = []
+
+    class CIFAR10:
+        classes = ["c%d" % i for i in range(10)]
+
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            self.targets = [1, 2, 3] if train else [4]
+
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.ModuleType("torchvision.datasets")
+    fake.datasets.CIFAR10 = CIFAR10
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake.datasets)
+    write_fake_cifar(tmp_path, n_per_batch=2)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        found = read_cifar10_labels(root)  # auto: torchvision, since it imports
+        assert found.reader == "torchvision"
+        assert found.labels_train.tolist() == [1, 2, 3] and found.labels_test.tolist() == [4]
+    assert calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)] * 2
+    (tmp_path / "cifar-10-batches-py").rename(tmp_path / "batches")
+    with pytest.raises(InputError, match="torchvision reads the batches from a folder named "
+                       r"cifar-10-batches-py/, and these are in batches/: .*--reader pickle"):
+        read_cifar10_labels(tmp_path / "batches", reader="torchvision")
+    assert read_cifar10_labels(tmp_path / "batches", reader="pickle").labels_train.shape == (10,)

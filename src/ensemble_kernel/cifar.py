@@ -179,10 +179,14 @@ def _read_torchvision(root: Path) -> CifarLabels:
         raise InputError("--reader torchvision needs torchvision: pip install "
                          "'ensemble-kernel[cifar]', or use --reader pickle (no torchvision "
                          "needed)") from e
-    find_cifar10_batches(root)  # the same one-line error when the files are not there
-    try:
-        train = CIFAR10(str(root), train=True, download=False)
-        test = CIFAR10(str(root), train=False, download=False)
+    folder = find_cifar10_batches(root)  # the same one-line error when files are missing
+    if folder.name != BATCH_FOLDER:
+        raise InputError(f"--root {root}: torchvision reads the batches from a folder named "
+                         f"{BATCH_FOLDER}/, and these are in {folder.name}/: rename it, or use "
+                         "--reader pickle")
+    try:  # torchvision's root is the folder that holds cifar-10-batches-py/
+        train = CIFAR10(str(folder.parent), train=True, download=False)
+        test = CIFAR10(str(folder.parent), train=False, download=False)
     except RuntimeError as e:  # "Dataset not found or corrupted": a checksum differs
         raise InputError(f"--root {root}: torchvision refused the files ({e}); "
                          f"{WHERE_TO_GET}, or use --reader pickle") from e

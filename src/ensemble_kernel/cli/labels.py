@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import typer
 
+from .. import __version__
 from ..atomic import atomic_write
 from ..cifar import read_cifar10_labels
 from ..errors import InputError
@@ -22,7 +25,7 @@ def labels_cmd(
     root: Path = typer.Option(..., "--root", help="The folder holding cifar-10-batches-py/ "
                               "(torchvision's root), or that folder itself."),
     out: Path = typer.Option(..., "--out", help="The .npz to write (labels_train, "
-                             "labels_test, class_names)."),
+                             "labels_test, class_names, and meta: what made it)."),
     reader: str = typer.Option("auto", "--reader",
                                callback=choice("--reader", ("auto", "torchvision", "pickle")),
                                help="torchvision (the optional extra named cifar), pickle (a "
@@ -47,10 +50,15 @@ def labels_cmd(
         if out.suffix.lower() != ".npz":
             raise InputError(f"--out must name an .npz file, got {out}")
         check_output_file(out)
+        started = time.perf_counter()
         found = read_cifar10_labels(root, reader=reader)
+        meta = json.dumps({"ensemble_kernel_version": __version__, "dataset": dataset,
+                           "root": str(root), "reader": found.reader,
+                           "elapsed_s": round(time.perf_counter() - started, 3)})
         atomic_write(out, lambda f: np.savez(f, labels_train=found.labels_train,
                                              labels_test=found.labels_test,
-                                             class_names=np.array(found.class_names)))
+                                             class_names=np.array(found.class_names),
+                                             meta=np.array(meta)))
     if not quiet:
         err.print(f"wrote {out}: {len(found.labels_train)} train and {len(found.labels_test)} "
                   f"test labels ({found.reader} reader); classes "
