@@ -367,3 +367,37 @@ def test_torchvision_reader_never_downloads(tmp_path, monkeypatch):
                        r"cifar-10-batches-py/, and these are in batches/: .*--reader pickle"):
         read_cifar10_labels(tmp_path / "batches", reader="torchvision")
     assert read_cifar10_labels(tmp_path / "batches", reader="pickle").labels_train.shape == (10,)
+
+
+HINT = "ensemble-kernel labels cifar10 --root DIR --out labels.npz"
+
+
+@pytest.mark.parametrize("command,args", [
+    ("evaluate", ["--weighted-k", "5"]),
+    ("evaluate", ["--select"]),
+    ("predict", ["--out", "{tmp}/p.csv"]),
+    ("failures", ["--out", "{tmp}/v", "--neighbors", "3"]),
+    ("sweep", ["--out", "{tmp}/s"]),
+])
+def test_the_missing_labels_error_points_to_the_labels_command(published, command, args):
+    tmp, _, _, _ = published
+    code, _, err = run_cli(command, tmp / "logs", "--code", code_hash(CODE_A)[:4],
+                           *[a.format(tmp=tmp) for a in args])
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "labels" in lines[0] and HINT in lines[0], err
+
+
+@pytest.mark.parametrize("command,args", [
+    ("duplicates", ["--out", "{tmp}/v"]),
+    ("pairs", ["--out", "{tmp}/v"]),
+    ("neighbors", ["--out", "{tmp}/n.npz", "--k", "2"]),
+    ("evaluate", ["--labels", "{tmp}/labels.npz", "--weighted-k", "5"]),
+])
+def test_every_command_warns_once_on_mixed_codes(published, command, args):
+    tmp, _, _, _ = published
+    code, _, err = run_cli(command, tmp / "logs", *[a.format(tmp=tmp) for a in args])
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "mixes 2 training configurations" in warned[0], err
+    assert "pass --code PREFIX to use one" in warned[0]

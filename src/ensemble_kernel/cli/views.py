@@ -95,7 +95,8 @@ def _note_no_inputs(renderer) -> None:
 
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
            kinds=("inputs", "features"), *, name: str, out: Path, needs_labels: bool = False,
-           needs_features: bool = False, ranks: str | None = None, check=None):
+           needs_features: bool = False, ranks: str | None = None, check=None,
+           runset: RunSet | None = None):
     """Check every option, open SRC, compute test -> train neighbours once, gather what
     the views draw. Nothing is computed before the checks (labels, features, `out`).
 
@@ -109,7 +110,8 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
         check_output_folder(out.with_name(out.stem + "_files"))
     else:
         check_output_folder(out)
-    runset, _ = _open(src, labels, None)
+    if runset is None:  # (duplicates opens SRC first, to see whether it has a train split)
+        runset, _ = _open(src, labels, None)
     require_train(runset, name)
     if needs_labels and (runset.labels_train is None or runset.labels_test is None):
         raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz "
@@ -142,7 +144,8 @@ def _nbytes(obj) -> int:
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
                 quiet, out: Path, *, k: int, draws: bool = True, needs_labels: bool = False,
-                needs_features: bool = False, check=None, **options):
+                needs_features: bool = False, check=None, runset: RunSet | None = None,
+                **options):
     """Open SRC, build the one view `name` and write its files; return (views, paths).
 
     `options` go to `build_views`; the other views are switched off (one pair rank, no
@@ -156,7 +159,7 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
                                                 name=name, out=out, needs_labels=needs_labels,
                                                 needs_features=needs_features,
                                                 ranks=options.pop("ranks_spec", None),
-                                                check=check)
+                                                check=check, runset=runset)
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -225,7 +228,8 @@ def duplicates_cmd(
         else:
             views, written = _write_view("duplicates", src, labels, None, None, memory_budget,
                                          precision, device, True, out, k=1, draws=False,
-                                         threshold=threshold, top_duplicates=top)
+                                         threshold=threshold, top_duplicates=top,
+                                         runset=runset)
             d = views.duplicates
     other = "test" if within else "train"
     if as_json:
