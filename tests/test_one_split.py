@@ -94,20 +94,25 @@ def test_select_within_the_split(tmp_path):
     assert got["leave_one_out_accuracy"] == want.accuracy
 
 
-def test_neighbors_within_leave_each_example_out(tmp_path):
-    path, ens = _test_only(tmp_path, n_test=33)
-    code, _, err = run_cli("neighbors", path, "--k", "32", "--out", tmp_path / "n.npz", "-q")
+@pytest.mark.parametrize("precision,n_test,k", [
+    ("exact", 33, 32),  # every other example
+    ("fast", 200, 5),  # more than k + 128 references: the bfloat16 candidates and the bound
+])
+def test_neighbors_within_leave_each_example_out(tmp_path, precision, n_test, k):
+    path, ens = _test_only(tmp_path, n_test=n_test)
+    code, _, err = run_cli("neighbors", path, "--k", k, "--out", tmp_path / "n.npz", "-q",
+                           "--precision", precision)
     assert code == 0, err
     assert "note: neighbors: SRC has no train split" in err
     with np.load(tmp_path / "n.npz") as f:
         indices, values = f["indices"], f["values"]
         assert json.loads(str(f["meta"]))["options"]["within_split"] is True
-    assert not (indices == np.arange(33)[:, None]).any()  # never itself
-    assert_same_neighbors(indices, values, _masked_kernel(ens.test), 32)
+    assert not (indices == np.arange(n_test)[:, None]).any()  # never itself
+    assert_same_neighbors(indices, values, _masked_kernel(ens.test), k)
     # k = n_examples would need the example itself
-    code, _, err = run_cli("neighbors", path, "--k", "33", "--out", tmp_path / "n.npz")
-    assert code == 2 and "--k must be between 1 and 32 (the number of other test examples)" \
-        in err
+    code, _, err = run_cli("neighbors", path, "--k", n_test, "--out", tmp_path / "n.npz")
+    assert code == 2 and f"--k must be between 1 and {n_test - 1} (the number of other test " \
+        "examples)" in err
 
 
 def test_two_examples_k1_each_is_the_others_neighbour(tmp_path):
