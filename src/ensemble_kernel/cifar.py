@@ -109,8 +109,8 @@ def safe_unpickle(data: bytes, where: str):
     except _Refused as e:
         raise InputError(f"{where}: refusing to read it, the pickle names a global that is "
                          f"not plain data ({e}); it is not a CIFAR-10 python batch") from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError, RecursionError) as e:
         raise InputError(f"{where}: not a readable CIFAR-10 python batch (truncated or "
                          f"damaged?): {type(e).__name__}: {e}") from e
 
@@ -155,7 +155,8 @@ def _class_names(folder: Path) -> tuple[str, ...]:
         return CIFAR10_CLASSES
     entry = safe_unpickle(path.read_bytes(), str(path))
     names = entry.get("label_names") if isinstance(entry, dict) else None
-    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, list) or len(names) != 10 or \
+            not all(isinstance(n, str) for n in names):
         raise InputError(f"{path}: expected a dict with ten 'label_names'")
     return tuple(names)
 

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedCol
 
 from .. import __version__
 from ..engine import Progress
-from ..errors import LABELS_HINT, EnsembleKernelError, InputError
+from ..errors import EnsembleKernelError, InputError
 from ..configs import code_groups, resolve_code, warn_if_mixed
 from ..formats import RunSet, check_labels, open_runs, read_labels
 from ..sources import RunSubset, parse_runs, select_runs, sequence_of

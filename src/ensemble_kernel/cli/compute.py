@@ -237,7 +237,8 @@ def predict_cmd(
                         _read_train_labels(labels, runset.train.n_examples, runset.n_classes))
         if labels_train is None:
             raise InputError(f"predict needs train labels: {', '.join(map(str, src))} carries "
-                             f"none; pass --labels FILE.npz with an array labels_train ({LABELS_HINT})")
+                             "none; pass --labels FILE.npz with an array labels_train "
+                             f"({LABELS_HINT})")
         n_classes = runset.n_classes
         k_used = weighted_k if weighted else k
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,

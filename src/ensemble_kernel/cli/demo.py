@@ -52,7 +52,8 @@ def sweep_cmd(
         runset, _ = _open(src, labels, None)
         require_train(runset, "sweep")
         if runset.labels_train is None or runset.labels_test is None:
-            raise InputError(f"sweep needs train and test labels: pass --labels FILE.npz ({LABELS_HINT})")
+            raise InputError("sweep needs train and test labels: pass --labels FILE.npz "
+                             f"({LABELS_HINT})")
         counts = parse_run_counts(runs_list, runset.n_models)
         check_sweep_size("sweep", runset.train.n_examples)
         result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
