@@ -42,7 +42,8 @@ def labels_cmd(
 
     Example: ensemble-kernel labels cifar10 --root ~/data --out labels.npz
 
-    then: ensemble-kernel evaluate logs_saveoutputs_main/ --labels labels.npz --code 06109e
+    then: ensemble-kernel info logs_saveoutputs_main/ (its training configurations) and
+    ensemble-kernel evaluate logs_saveoutputs_main/ --labels labels.npz --code PREFIX
     """
     with _user_errors():
         if dataset not in DATASETS:
