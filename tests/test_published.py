@@ -366,7 +366,9 @@ def test_torchvision_reader_never_downloads(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="torchvision reads the batches from a folder named "
                        r"cifar-10-batches-py/, and these are in batches/: .*--reader pickle"):
         read_cifar10_labels(tmp_path / "batches", reader="torchvision")
-    assert read_cifar10_labels(tmp_path / "batches", reader="pickle").labels_train.shape == (10,)
+    with pytest.warns(UserWarning, match="MD5"):
+        found = read_cifar10_labels(tmp_path / "batches", reader="pickle")
+    assert found.labels_train.shape == (10,)
 
 
 HINT = "ensemble-kernel labels cifar10 --root DIR --out labels.npz"
