@@ -99,3 +99,102 @@ def _keep_the_real_probe():
 
 
 REAL_MEASURE_RATES = _keep_the_real_probe()  # before any test replaces it
+
+
+def _py2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2's cPickle wrote the published batches: protocol 2, bytes
+    as BINSTRING opcodes (Python 3 would name the global _codecs.encode instead)."""
+    import io
+    import pickle
+    import struct
+
+    class Py2(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_bytes(self, data):
+            if len(data) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+            self.memoize(data)
+
+        dispatch[bytes] = save_bytes
+
+    buffer = io.BytesIO()
+    Py2(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def write_fake_cifar(root: Path, n_per_batch: int = 7, seed: int = 0,
+                     py2: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A miniature CIFAR-10 python tree under root/cifar-10-batches-py: five training
+    batches and a test batch of `n_per_batch` examples each, written as the real ones are
+    (Python 2 protocol-2 pickles of dicts with str keys, a NumPy uint8 `data` array and a
+    list of `labels`); `py2=False` pickles them with Python 3 (a re-pickled copy).
+
+    Returns (labels_train, labels_test), the labels in torchvision's order.
+    """
+    import pickle
+
+    dump = _py2_pickle if py2 else (lambda obj: pickle.dumps(obj, protocol=2))
+    g = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in g.integers(0, 10, n_per_batch)]
+        entry = {"batch_label": f"{name} of 6", "labels": labels,
+                 "data": g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 "filenames": [f"img_{name}_{i}.png" for i in range(n_per_batch)]}
+        (folder / name).write_bytes(dump(entry))
+        out.append(labels)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    (folder / "batches.meta").write_bytes(dump({"label_names": names,
+                                                "num_cases_per_batch": n_per_batch}))
+    return np.concatenate(out[:5]).astype(np.int64), np.asarray(out[5], dtype=np.int64)
+
+
+# Two training scripts of the miniature published tree.
+CODE_A = "# airbench, config A\nlr = 0.2\n"
+CODE_B = "# airbench, config B\nlr = 0.4\n"
+
+
+def make_published_tree(root: Path, labels_train, labels_test, *, n_files: int = 5,
+                        n_classes: int = 10, codes=(CODE_A, CODE_B), seed: int = 0,
+                        train: bool = True) -> list[Path]:
+    """The published layout in miniature: root/<uuid>/log.pt, one run each, with `logits`,
+    `logits_train`, `logits_tta`, `code` (cycling through `codes`) and `accs` (a tensor),
+    float16 as published; logits carry the class structure of the given labels.
+    `train=False` leaves out `logits_train` (the test-only published set).
+
+    Files are named by seeded uuids, so their lexicographic order is not their creation
+    order. Returns the files in creation order.
+    """
+    import uuid
+
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(n_classes, n_classes, generator=g) * 3
+
+    def runs(labels):
+        labels = torch.as_tensor(np.asarray(labels))
+        example = prototypes[labels] + torch.randn(len(labels), n_classes, generator=g)
+        return example[None] + torch.randn(n_files, len(labels), n_classes, generator=g)
+
+    train_runs, test_runs = runs(labels_train), runs(labels_test)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_files):
+        name = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+        obj = {"logits": test_runs[i].half(),
+               "logits_tta": (test_runs[i] + 0.3 * torch.randn(test_runs[i].shape,
+                                                               generator=g)).half(),
+               "code": codes[i % len(codes)],
+               "accs": torch.tensor([0.5 + 0.01 * i, 0.9])}
+        if train:
+            obj["logits_train"] = train_runs[i].half()
+        path = root / name / "log.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(obj, path)
+        paths.append(path)
+    return paths

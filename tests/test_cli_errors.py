@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from ensemble_kernel.cli import app
 
-from conftest import make_ensemble, save_labels, save_pt
+from conftest import make_ensemble, save_labels, save_pt, write_fake_cifar
 
 runner = CliRunner()
 COMMANDS = typer.main.get_command(app).commands  # name -> click command
@@ -44,13 +44,15 @@ BASE = {
     "ingest": ["{src}", "--store", "{out}/store"],
     "info": ["{store}"],
     "demo": ["--out", "{out}/demo"],
+    "labels": ["cifar10", "--root", "{cifar}", "--out", "{out}/labels.npz", "--reader", "pickle"],
 }
 # Numeric options for which 0, or a negative number, is a meaningful value.
 ZERO_OK = {"--seed", "--threshold"}
 NEGATIVE_OK = {"--threshold"}
 # Enum-like text options: a bad value each.
 ENUMS = {"--device": "foo", "--precision": "foo", "--dtype": "foo", "--dataset": "foo",
-         "--memory-budget": "lots", "--runs": "x", "--ranks": "x"}
+         "--memory-budget": "lots", "--runs": "x", "--ranks": "x", "--reader": "foo",
+         "--code": "xyz", "--test-key": "nokey"}
 
 
 def _long_options(command) -> list:
@@ -139,7 +141,21 @@ def _cases():
          "--out must name an .html file"),
         ("duplicates", BASE["duplicates"] + ["--threshold", "nan"], "--threshold .*nan"),
         ("ingest", BASE["ingest"] + ["--class-names", "a,b"], "2 class names given for 5"),
-        ("info", ["{src}"], "b.pt: not an ensemble-kernel store"),
+        ("info", ["{src}", "--test-key", "logits_tta"], "b.pt: --test-key logits_tta: no such"),
+        ("info", ["{store}", "--test-key", "logits_tta"], "--test-key logits_tta applies to run files"),
+        ("labels", ["cifar100", "--root", "{cifar}", "--out", "{out}/l.npz"],
+         "DATASET takes cifar10, got 'cifar100'"),
+        ("labels", ["cifar10", "--root", "{tmp}", "--out", "{out}/l.npz", "--reader", "pickle"],
+         "no CIFAR-10 python batches under it .*cifar-10-batches-py/ lacks data_batch_1.* "
+         "download cifar-10-python.tar.gz"),
+        ("labels", BASE["labels"][:4] + ["{out}/l.csv"], "--out must name an .npz file"),
+        ("evaluate", ["{src}", "--labels", "{labels}", "--code", "0123"],
+         "--code 0123 matches none of the training configurations in .*b.pt: \\(no code\\)"),
+        ("evaluate", ["{store}", "--labels", "{labels}", "--test-key", "logits_tta"],
+         "--test-key logits_tta applies to run files, but .*st is a store"),
+        ("evaluate", ["{src}", "--labels", "{labels}", "--test-key", "logits_tta"],
+         r"b.pt: --test-key logits_tta: no such array in this file; keys found: "
+         r"\['logits', 'logits_train'\]"),
     ]
     return cases
 
@@ -162,6 +178,8 @@ def files(tmp_path_factory):
     code = runner.invoke(app, ["ingest", str(paths["src"]), "--store", str(tmp / "st"), "-q"])
     assert code.exit_code == 0, code.output
     paths["store"] = tmp / "st"
+    write_fake_cifar(tmp / "cifar", n_per_batch=3)
+    paths["cifar"] = tmp / "cifar"
     return paths
 
 

@@ -54,13 +54,14 @@ def test_pt_that_needs_code_execution_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("obj,match", [
     ([torch.zeros(2, 3)], "expected a dict with 'logits' and 'logits_train', got list"),
-    ({"logits": torch.zeros(2, 3)}, r"missing logits_train; keys found: \['logits'\]"),
+    ({"logits_train": torch.zeros(2, 3)},
+     r"missing logits \(test\) \(logits or logits_test\); keys found: \['logits_train'\]"),
     ({"logits": torch.zeros(2, 3), "logits_train": "text"}, "'logits_train' must be an array"),
     ({"logits": torch.zeros(2, 3, 4, 5), "logits_train": torch.zeros(2, 3, 4)}, "must have shape"),
     ({"logits": torch.zeros(3, 4, 5), "logits_train": torch.zeros(2, 4, 5)},
-     "2 runs of train logits but 3 of test logits"),
+     "2 runs of train logits but 3 of test logits \\('logits'\\)"),
     ({"logits": torch.zeros(2, 4, 5), "logits_train": torch.zeros(2, 4, 6)},
-     "train logits have 6 classes but test logits have 5"),
+     "train logits have 6 classes but test logits \\('logits'\\) have 5"),
     ({"logits": torch.zeros(2, 3, dtype=torch.int64), "logits_train": torch.zeros(2, 3)},
      "floating-point"),
 ])

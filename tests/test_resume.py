@@ -202,3 +202,26 @@ def test_a_kill_while_starting_afresh_leaves_a_folder_neighbors_still_owns(tmp_p
     result = _run("neighbors", src, "--out", out, *ARGS)
     assert result.exit_code == 0, result.output
     assert _same(_result(out), _fresh(tmp_path, [src]))
+
+
+@pytest.mark.parametrize("first,then", [
+    ([], ["--test-key", "logits_tta"]),  # same files, another test split
+    (["--test-key", "logits_tta"], []),
+])
+def test_another_test_key_restarts(tmp_path, monkeypatch, two, first, then):
+    """The files' hashes are the same; the test split is not: no stale tile is reused."""
+    ens = two[0]
+    src = tmp_path / "runs.pt"
+    import torch
+    torch.save({"logits": ens.test, "logits_train": ens.train,
+                "logits_tta": ens.test.flip(1)}, src)
+    out = tmp_path / "nn.npz"
+    _partial_run(monkeypatch, [src, *first], out)
+    result = _run("neighbors", src, "--out", out, *then, *ARGS)
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.stderr
+    fresh = tmp_path / "fresh.npz"
+    assert _run("neighbors", src, "--out", fresh, "--no-resume", *then, *ARGS).exit_code == 0
+    assert _same(_result(out), _result(fresh))
+    meta = json.loads(str(np.load(out)["meta"]))
+    assert meta["options"].get("test_key") == (then[1] if then else None)

@@ -174,8 +174,10 @@ def test_files_already_stored_are_skipped_by_hash_without_reading_their_runs(fil
     assert run("ingest", f["ok0"], f["ok1"], "--store", st, "-q")[0] == 0
     read = []
     real = ingest_module.read_run_file
-    monkeypatch.setattr(ingest_module, "read_run_file", lambda p: read.append(p) or real(p))
-    monkeypatch.setattr(store_module, "read_run_file", lambda p: read.append(p) or real(p))
+    monkeypatch.setattr(ingest_module, "read_run_file",
+                        lambda p, **kw: read.append(p) or real(p, **kw))
+    monkeypatch.setattr(store_module, "read_run_file",
+                        lambda p, **kw: read.append(p) or real(p, **kw))
     assert run("ingest", f["ok0"], f["ok1"], f["ok2"], "--store", st, "-q")[0] == 0
     assert f["ok0"] not in read and f["ok1"] not in read and f["ok2"] in read
 

@@ -38,3 +38,8 @@ class RunFileError(EnsembleKernelError):
 
 class StoreError(EnsembleKernelError):
     """A store that is missing, of another format version, or damaged."""
+
+
+# Where labels come from when the run files carry none (the published CIFAR-10 runs).
+LABELS_HINT = ("for the published CIFAR-10 runs, make it with: ensemble-kernel labels cifar10 "
+               "--root DIR --out labels.npz")

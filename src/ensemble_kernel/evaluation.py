@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .engine import ProgressCallback, _top_k_neighbors
-from .errors import InputError
+from .errors import LABELS_HINT, InputError
 from .formats import _as_labels, check_labels
 from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
 from .results import Shown
@@ -164,7 +164,7 @@ def _require_labels(labels, split: str) -> torch.Tensor:
     if labels is None:
         raise InputError(
             f"no {split} labels: the run files carry none; pass --labels FILE.npz with "
-            "arrays labels_train and labels_test"
+            f"arrays labels_train and labels_test ({LABELS_HINT})"
         )
     return labels if isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 \
         else _as_labels(labels, f"{split} labels")

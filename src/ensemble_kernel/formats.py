@@ -12,6 +12,10 @@ Layouts (DESIGN §3):
 - `.npz`: arrays ``logits_train`` and ``logits_test``, optional ``labels_train`` and
   ``labels_test``.
 - a directory: every `.pt` below it, in lexicographic order of relative paths.
+
+`test_key` names another array as the test split (the published ``logits_tta``: the
+test-time-augmented outputs). A file without ``logits_train`` holds one split only: its
+train split has 0 examples (the larger published set is test logits only).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import pickle
 import re
 import zipfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .configs import code_groups, code_hash, resolve_code, warn_if_mixed
 from .errors import InputError, RunFileError
 from .sources import ArraySource, LogitSource, sequence_of
 
@@ -45,7 +51,8 @@ class RunFile:
     Attributes
     ----------
     path : where it was read from.
-    train, test : logits of shape (n_runs, n_examples, n_classes) (memory-mapped for `.pt`).
+    train, test : logits of shape (n_runs, n_examples, n_classes) (memory-mapped for `.pt`);
+        `train` has 0 examples when the file holds no train split.
     labels_train, labels_test : int64 labels of shape (n_examples,), or None if absent.
     code : the training code string, if the file has one.
     """
@@ -61,6 +68,11 @@ class RunFile:
     def n_runs(self) -> int:
         return self.train.shape[0]
 
+    @property
+    def code_sha256(self) -> str | None:
+        """SHA-256 of `code` (the training configuration), or None without code."""
+        return code_hash(self.code)
+
 
 @dataclass(frozen=True)
 class RunSet:
@@ -68,9 +80,11 @@ class RunSet:
 
     Attributes
     ----------
-    train, test : LogitSource of shape (n_models, n_examples, n_classes).
+    train, test : LogitSource of shape (n_models, n_examples, n_classes); `train` has 0
+        examples when the source holds one split only (see `has_train`).
     labels_train, labels_test : Tensor of shape (n_examples,), int64, or None.
     sources : the files, in the order their runs were concatenated.
+    codes : {code sha256 or None: run count} of the runs used, in order of appearance.
     """
 
     train: LogitSource
@@ -78,6 +92,12 @@ class RunSet:
     labels_train: torch.Tensor | None
     labels_test: torch.Tensor | None
     sources: tuple[str, ...]
+    codes: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def has_train(self) -> bool:
+        """False for a single-split source (test logits only)."""
+        return self.train.n_examples > 0
 
     @property
     def n_models(self) -> int:
@@ -187,38 +207,55 @@ def load_npz(path: Path) -> dict:
         raise RunFileError(f"{path}: not a readable .npz file (truncated or damaged?): {e}") from e
 
 
-def read_run_file(path: str | Path) -> RunFile:
-    """Read one `.pt` or `.npz` run file (see the module docstring for the layouts)."""
+def read_run_file(path: str | Path, *, test_key: str | None = None) -> RunFile:
+    """Read one `.pt` or `.npz` run file (see the module docstring for the layouts).
+
+    Parameters
+    ----------
+    path : the file.
+    test_key : the array that holds the test split (e.g. ``logits_tta``); default
+        ``logits`` (or ``logits_test``) for `.pt`, ``logits_test`` for `.npz`.
+
+    Returns
+    -------
+    RunFile; its train logits have 0 examples when the file has no ``logits_train``.
+    """
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".pt" or suffix == ".pth":
         obj = _load_pt(path)
-        test_key = next((k for k in _TEST_KEYS if k in obj), None)
-        train_key = "logits_train"
+        default_keys = _TEST_KEYS
     elif suffix == ".npz":
         obj = load_npz(path)
-        test_key = "logits_test" if "logits_test" in obj else None
-        train_key = "logits_train"
+        default_keys = ("logits_test",)
     else:
         raise RunFileError(
             f"{path}: unknown file type '{path.suffix}'; expected a .pt or .npz run file, "
             "a directory of .pt files, or a store"
         )
-    missing = [k for k, present in (("logits_train", train_key in obj),
-                                    ("logits (test)", test_key is not None)) if not present]
-    if missing:
-        raise RunFileError(f"{path}: missing {' and '.join(missing)}; keys found: "
-                           f"{sorted(map(str, obj))}")
-    train = _as_runs(obj[train_key], path, train_key)
+    train_key = "logits_train"
+    if test_key is not None:
+        if test_key not in obj:
+            raise RunFileError(f"{path}: --test-key {test_key}: no such array in this file; "
+                               f"keys found: {sorted(map(str, obj))}")
+    else:
+        test_key = next((k for k in default_keys if k in obj), None)
+    if test_key is None:
+        raise RunFileError(f"{path}: missing logits (test) ({' or '.join(default_keys)}); "
+                           f"keys found: {sorted(map(str, obj))}")
     test = _as_runs(obj[test_key], path, test_key)
+    if train_key in obj:
+        train = _as_runs(obj[train_key], path, train_key)
+    else:  # one split only: a train split of 0 examples
+        train = torch.empty((test.shape[0], 0, test.shape[2]), dtype=test.dtype)
     if train.shape[0] != test.shape[0]:
         raise RunFileError(f"{path}: {train.shape[0]} runs of train logits but {test.shape[0]} "
-                           "of test logits; each run needs both")
+                           f"of test logits ('{test_key}'); each run needs both")
     if train.shape[2] != test.shape[2]:
         raise RunFileError(f"{path}: train logits have {train.shape[2]} classes but test "
-                           f"logits have {test.shape[2]}")
+                           f"logits ('{test_key}') have {test.shape[2]}")
     labels = {}
     for split, keys in _LABEL_KEYS.items():
         key = next((k for k in keys if k in obj), None)
@@ -277,12 +314,32 @@ def _merge_labels(current: torch.Tensor | None, new: torch.Tensor | None, where:
     return current
 
 
-def open_runs(srcs: Sequence[str | Path], *, labels: str | Path | None = None) -> RunSet:
-    """Gather the runs of every SRC (files or directories) into one RunSet."""
+def open_runs(srcs: Sequence[str | Path], *, labels: str | Path | None = None,
+              test_key: str | None = None, code: str | None = None) -> RunSet:
+    """Gather the runs of every SRC (files or directories) into one RunSet.
+
+    Parameters
+    ----------
+    srcs : run files and directories of `.pt` files; their runs are concatenated.
+    labels : an `.npz` with labels_train and labels_test, replacing the files' labels.
+    test_key : the array that holds the test split in every file (e.g. ``logits_tta``).
+    code : a prefix of a code sha256: keep only the files of that training
+        configuration. Without it, files whose code differs are used together, with a
+        warning that lists the configurations.
+    """
     if not srcs:
         raise InputError("no SRC given: name a .pt or .npz run file, or a directory of .pt files")
     files = [f for src in srcs for f in find_run_files(src)]
-    runs = [read_run_file(f) for f in files]
+    runs = [read_run_file(f, test_key=test_key) for f in files]
+    groups = code_groups([(r.code_sha256, r.n_runs) for r in runs])
+    where = ", ".join(map(str, srcs))
+    if code is not None:
+        chosen = resolve_code(code, groups, where)
+        runs = [r for r in runs if r.code_sha256 == chosen]
+        files = [r.path for r in runs]
+        groups = {chosen: groups[chosen]}
+    else:
+        warn_if_mixed(groups, where)
     first = runs[0]
     for run in runs[1:]:
         for split in ("train", "test"):
@@ -291,6 +348,8 @@ def open_runs(srcs: Sequence[str | Path], *, labels: str | Path | None = None) -
                 raise InputError(
                     f"{run.path}: {split} logits are {b.shape[1]} examples x {b.shape[2]} classes "
                     f"but {first.path} has {a.shape[1]} x {a.shape[2]}: all runs must match"
+                    + (" (a file without logits_train has no train split)"
+                       if split == "train" and 0 in (a.shape[1], b.shape[1]) else "")
                 )
     labels_train = labels_test = None
     for run in runs:
@@ -300,9 +359,11 @@ def open_runs(srcs: Sequence[str | Path], *, labels: str | Path | None = None) -
         labels_train, labels_test = read_labels(labels)
     train = sequence_of([ArraySource(r.train, str(r.path)) for r in runs])
     test = sequence_of([ArraySource(r.test, str(r.path)) for r in runs])
+    if train.n_examples == 0 and labels_train is not None and labels_train.numel() > 0:
+        labels_train = None  # one split only: train labels (from labels.npz) have no use
     check_labels(labels_train, train.n_examples, train.n_classes, "train")
     check_labels(labels_test, test.n_examples, test.n_classes, "test")
-    return RunSet(train, test, labels_train, labels_test, tuple(str(f) for f in files))
+    return RunSet(train, test, labels_train, labels_test, tuple(str(f) for f in files), groups)
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

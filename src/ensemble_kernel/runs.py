@@ -13,10 +13,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .configs import code_groups, resolve_code, warn_if_mixed
 from .errors import InputError
 from .formats import RunSet, check_labels, open_runs as _open_run_files, read_labels
 from .results import Shown
-from .sources import parse_runs, select_runs
+from .sources import RunSubset, parse_runs, select_runs, sequence_of
 from .store import RunStore, is_store
 
 __all__ = ["Runs", "open_runs"]
@@ -109,7 +110,8 @@ def _as_run_range(runs, n_models: int) -> slice:
                      f"got {runs!r}")
 
 
-def open_runs(src, runs=None, *, labels: str | Path | None = None) -> Runs:
+def open_runs(src, runs=None, *, labels: str | Path | None = None, code: str | None = None,
+              test_key: str | None = None) -> Runs:
     """Open run files, directories of `.pt` files, or a store, as one `Runs`.
 
     Parameters
@@ -123,6 +125,13 @@ def open_runs(src, runs=None, *, labels: str | Path | None = None) -> Runs:
         Default: all.
     labels : str or Path, optional
         An `.npz` with `labels_train` and `labels_test`; overrides the sources' labels.
+    code : str, optional
+        The first hex digits of a training configuration's code sha256 (`info` lists
+        them): only that configuration's runs, and `runs` counts within them. Without it,
+        runs whose code differs are used together, with a warning.
+    test_key : str, optional
+        The array of each run file that holds the test split, e.g. 'logits_tta'; default
+        'logits'. Run files only: a store keeps the test split it was given.
 
     Returns
     -------
@@ -141,23 +150,57 @@ def open_runs(src, runs=None, *, labels: str | Path | None = None) -> Runs:
         if len(paths) > 1:
             raise InputError(f"a store must be the only SRC, got {len(paths)}: "
                              f"{', '.join(map(str, paths))}")
+        if test_key is not None:
+            raise InputError(f"--test-key {test_key} applies to run files, but {paths[0]} is a "
+                             "store (it keeps the test split ingested): ingest the files with "
+                             f"--test-key {test_key} into another store")
         store = RunStore(paths[0])
-        labels_train, labels_test = (read_labels(labels) if labels is not None
-                                     else (store.labels("train"), store.labels("test")))
-        check_labels(labels_train, store.source("train").n_examples, store.n_classes, "train")
-        check_labels(labels_test, store.source("test").n_examples, store.n_classes, "test")
-        found = RunSet(store.source("train"), store.source("test"), labels_train, labels_test,
-                       (str(paths[0]),))
+        found = _store_runs(store, str(paths[0]), labels, code)
         class_names = tuple(store.class_names) if store.class_names else None
     else:
-        found = _open_run_files(paths, labels=labels)
+        found = _open_run_files(paths, labels=labels, test_key=test_key, code=code)
     chosen = _as_run_range(runs, found.n_models)
     if chosen.stop - chosen.start < 2:
         raise InputError(f"the kernel needs at least 2 runs, got {chosen.stop - chosen.start} "
                          f"(from {', '.join(map(str, paths))})")
     return Runs(select_runs(found.train, chosen), select_runs(found.test, chosen),
-                found.labels_train, found.labels_test, found.sources, class_names=class_names,
+                found.labels_train, found.labels_test, found.sources, found.codes,
+                class_names=class_names,
                 runs=chosen, store=store)
+
+
+def _store_runs(store: RunStore, where: str, labels, code: str | None) -> RunSet:
+    """A store as a RunSet; with `code`, only the runs of that configuration's records."""
+    labels_train, labels_test = (read_labels(labels) if labels is not None
+                                 else (store.labels("train"), store.labels("test")))
+    train, test = store.source("train"), store.source("test")
+    if train.n_examples == 0 and labels is not None:
+        labels_train = None  # a single-split store: train labels have no use
+    check_labels(labels_train, train.n_examples, store.n_classes, "train")
+    check_labels(labels_test, test.n_examples, store.n_classes, "test")
+    records = store.records()
+    groups = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0]) for r in records])
+    if code is not None:
+        chosen = resolve_code(code, groups, where)
+        ranges = merge_ranges([tuple(r["runs"]) for r in records
+                               if r.get("code_sha256") == chosen])
+        train = sequence_of([RunSubset(train, a, b) for a, b in ranges])
+        test = sequence_of([RunSubset(test, a, b) for a, b in ranges])
+        groups = {chosen: groups[chosen]}
+    else:
+        warn_if_mixed(groups, where)
+    return RunSet(train, test, labels_train, labels_test, (where,), groups)
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, adjacent run ranges joined: [(0, 2), (2, 5), (7, 8)] -> [(0, 5), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def as_labels(labels, n: int, n_classes: int, split: str) -> torch.Tensor:

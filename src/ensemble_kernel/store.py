@@ -443,16 +443,18 @@ class RunStore:
         return new
 
     def append_file(self, path: str | Path, *, allow_duplicates: bool = False,
-                    on_runs: Callable[[int], None] | None = None) -> IngestReport:
+                    on_runs: Callable[[int], None] | None = None,
+                    test_key: str | None = None) -> IngestReport:
         """Append the runs of one run file, as one commit; skip it if its content is stored.
 
         Labels the file carries are checked against the store's and committed with its runs.
+        `test_key` names the file's array for the test split (default ``logits``).
         """
         path = Path(path)
         digest = file_hash(path)
         if not allow_duplicates and (runs := self.committed_runs(digest)) is not None:
             return IngestReport(str(path), "skipped", runs)  # committed is forever: no lock
-        run = read_run_file(path)
+        run = read_run_file(path, test_key=test_key)
         arrays = {f"labels_{split}": labels for split, labels in
                   (("train", run.labels_train), ("test", run.labels_test)) if labels is not None}
         return self.append_arrays(run.train, run.test, source=str(path), sha256=digest,

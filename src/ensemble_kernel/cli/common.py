@@ -8,6 +8,7 @@ escape codes (control characters in the text, e.g. from a file name, are escaped
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -32,8 +33,10 @@ from ..runs import Runs, open_runs
 
 try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
     from typer._click import exceptions as _click_errors
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover
     from click import exceptions as _click_errors
+    from click import get_current_context
 
 
 def one_line(text: str) -> str:
@@ -275,10 +278,63 @@ def _progress_bar(quiet: bool) -> Iterator:
         yield report
 
 
-def _open(src: List[Path], labels: Optional[Path], runs: Optional[str]) -> tuple[Runs, slice]:
-    """SRC, --labels and --runs opened as the library does it (`ensemble_kernel.open_runs`)."""
-    runset = open_runs(src, runs, labels=labels)
+def _stash(name: str):
+    """An option callback that keeps the value in the command's context for `_open`."""
+    def keep(ctx: typer.Context, value):
+        ctx.meta[f"ensemble_kernel.{name}"] = value
+        return value
+    return keep
+
+
+CodeOpt = typer.Option(None, "--code", callback=_stash("code"), metavar="HASH-PREFIX",
+                       help="Use only the runs of one training configuration: the first hex "
+                            "digits of its code sha256 (info lists them). Without it, runs "
+                            "whose code differs are used together, with a warning.")
+TestKeyOpt = typer.Option(None, "--test-key", callback=_stash("test_key"), metavar="KEY",
+                          help="The array of each run file that holds the test split, e.g. "
+                               "logits_tta (the published test-time-augmented outputs); "
+                               "default logits. Run files only (a store keeps what was "
+                               "ingested).")
+
+
+def _source_options() -> tuple[Optional[str], Optional[str]]:
+    """(--code, --test-key) of the running command, if it has them."""
+    ctx = get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    return meta.get("ensemble_kernel.code"), meta.get("ensemble_kernel.test_key")
+
+
+def _open(src: List[Path], labels: Optional[Path], runs: Optional[str], *,
+          code: Optional[str] = None, test_key: Optional[str] = None) -> tuple[Runs, slice]:
+    """SRC, --labels and --runs opened as the library does it (`ensemble_kernel.open_runs`);
+    --runs counts within the configuration --code chose.
+
+    `code` and `test_key` default to the command's --code and --test-key options (kept in
+    its context by `CodeOpt` and `TestKeyOpt`).
+    """
+    stashed_code, stashed_key = _source_options()
+    runset = open_runs(src, runs, labels=labels,
+                       code=code if code is not None else stashed_code,
+                       test_key=test_key if test_key is not None else stashed_key)
     return runset, runset.runs
+
+
+def within_split_note(runset: RunSet, command: str, what: str) -> bool:
+    """True (with a note on stderr) when SRC has no train split and `command` works
+    within the test split instead; False when it has one."""
+    if runset.has_train:
+        return False
+    say(f"note: {command}: SRC has no train split; {what} within its "
+        f"{runset.test.n_examples} test examples, each example's own entry left out")
+    return True
+
+
+def require_train(runset: RunSet, command: str) -> None:
+    """One line when `command` needs the train split that SRC lacks."""
+    if not runset.has_train:
+        raise InputError(f"{command} needs a train split (the references), but SRC holds test "
+                         "logits only (no logits_train); evaluate, neighbors and duplicates "
+                         "work within one split")
 
 
 def _check_precision(precision: str) -> None:
@@ -288,14 +344,17 @@ def _check_precision(precision: str) -> None:
 
 
 def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
-                      memory_budget: Optional[int], verbose: bool) -> PrecisionChoice:
-    """The precision a command runs ('exact' or 'fast') for its test -> train neighbours,
-    chosen once (`precision.choose_precision`); with `verbose`, one line on stderr saying
-    which and why. A forced 'fast' that the probe predicts slower warns (one line)."""
+                      memory_budget: Optional[int], verbose: bool,
+                      within: bool = False) -> PrecisionChoice:
+    """The precision a command runs ('exact' or 'fast') for its test -> train neighbours
+    (test -> test with `within`, for a single-split SRC), chosen once
+    (`precision.choose_precision`); with `verbose`, one line on stderr saying which and
+    why. A forced 'fast' that the probe predicts slower warns (one line)."""
     sample = runset.test.read(slice(0, 1), slice(0, 1))
+    n_references = runset.test.n_examples - 1 if within else runset.train.n_examples
     choice = choose_precision(precision, n_queries=runset.test.n_examples,
-                              n_references=runset.train.n_examples, n_models=runset.n_models,
-                              n_classes=runset.n_classes, k=min(k, runset.train.n_examples),
+                              n_references=n_references, n_models=runset.n_models,
+                              n_classes=runset.n_classes, k=max(1, min(k, n_references)),
                               memory_budget=memory_budget, device=device,
                               raw_bytes=sample.element_size())
     if verbose:
@@ -303,16 +362,17 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
     return choice
 
 
-def check_k(option: str, k: int, n_references: int, default: int | None = None) -> None:
-    """A k the command will use must not exceed the training examples (the references).
+def check_k(option: str, k: int, n_references: int, default: int | None = None,
+            what: str = "training examples") -> None:
+    """A k the command will use must not exceed the references (`what` they are).
 
     The message names the option the user gave (or did not give: its default) and the fix.
     """
     if 1 <= k <= n_references:
         return
     given = f"its default {k}" if k == default else str(k)
-    raise InputError(f"{option} must be between 1 and {n_references} (the number of training "
-                     f"examples), got {given}: pass {option} {max(1, n_references)} or less")
+    raise InputError(f"{option} must be between 1 and {n_references} (the number of {what}), "
+                     f"got {given}: pass {option} {max(1, n_references)} or less")
 
 
 def parse_run_counts(text: Optional[str], n_models: int) -> Optional[List[int]]:

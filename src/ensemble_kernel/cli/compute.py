@@ -17,14 +17,15 @@ from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
                       plan_memory)
-from ..errors import InputError
+from ..errors import LABELS_HINT, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt, QuietOpt,
-                     RunsOpt, SrcArg, VerboseOpt, _check_precision, _meta, _open,
-                     _progress_bar, _user_errors, app, check_k, err, format_card, parse_size,
-                     resolve_precision)
+from ..within import evaluate_within
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt,
+                     QuietOpt, RunsOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _meta,
+                     _open, _progress_bar, _user_errors, app, check_k, err, format_card,
+                     parse_size, require_train, resolve_precision, within_split_note)
 from .outputs import check_output_file
 
 
@@ -48,43 +49,62 @@ def evaluate_cmd(
                                 "leave-one-out on the training set (no test labels used)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead (with "
                                  "the precision chosen and the probe's figures)."),
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """The model card's table: single models, their average, kernel k-NN, weighted vote.
 
     Example: ensemble-kernel evaluate runs/ --labels labels.npz --runs 500
+
+    When SRC has no train split (test logits only), the votes are leave-one-out within
+    the test split (each example's neighbours among the others; a note on stderr says
+    so), and --select chooses on that split too.
     """
     started = time.perf_counter()
     with _user_errors():
         _check_precision(precision)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
+        within = within_split_note(runset, "evaluate", "the votes are leave-one-out")
+        refs, ref_labels = ((runset.test, runset.labels_test) if within
+                            else (runset.train, runset.labels_train))
+        n_refs = refs.n_examples - within  # leave-one-out: every example but itself
+        what = "other test examples" if within else "training examples"
         choice = resolve_precision(precision, runset, max(k, weighted_k), device=device,
-                                   memory_budget=budget, verbose=verbose)
-        # --select's leave-one-out (train x train) resolves 'auto' for its own shape.
+                                   memory_budget=budget, verbose=verbose, within=within)
+        # --select's leave-one-out resolves 'auto' for its own shape.
         common = dict(log_softmax=not no_log_softmax, memory_budget=budget, device=device)
         selection = None
         with _progress_bar(quiet or as_json) as report:
             if select:
-                if runset.labels_train is None:
-                    raise InputError("--select needs train labels: pass --labels FILE.npz")
-                selection = select_by_leave_one_out(runset.train, runset.labels_train,
-                                                    precision=precision, progress=report,
-                                                    **common)
+                if ref_labels is None:
+                    raise InputError(f"--select needs {'test' if within else 'train'} labels: "
+                                     f"pass --labels FILE.npz ({LABELS_HINT})")
+                if n_refs < 1:
+                    raise InputError(f"--select needs at least 2 examples, got {refs.n_examples}")
+                selection = select_by_leave_one_out(refs, ref_labels, precision=precision,
+                                                    progress=report, **common)
                 if selection.vote == "knn":
                     k = selection.k
                 else:
                     weighted_k, power = selection.k, selection.power
-            check_k("--k", k, runset.train.n_examples, default=3)
-            check_k("--weighted-k", weighted_k, runset.train.n_examples, default=20)
-            result = evaluate(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                              k=k, weighted_k=weighted_k, power=power, progress=report,
-                              precision=choice.precision, **common)
+            check_k("--k", k, n_refs, default=3, what=what)
+            check_k("--weighted-k", weighted_k, n_refs, default=20, what=what)
+            if within:
+                result = evaluate_within(runset.test, runset.labels_test, k=k,
+                                         weighted_k=weighted_k, power=power, progress=report,
+                                         precision=choice.precision, **common)
+            else:
+                result = evaluate(runset.train, runset.test, runset.labels_train,
+                                  runset.labels_test, k=k, weighted_k=weighted_k, power=power,
+                                  progress=report, precision=choice.precision, **common)
     options = {"k": k, "weighted_k": weighted_k, "power": power, "log_softmax": not no_log_softmax,
                "precision": choice.precision, "memory_budget": budget, "device": device,
                "runs": [chosen.start, chosen.stop], "select": select,
-               "labels": str(labels) if labels else None}
+               "labels": str(labels) if labels else None, "code": code, "test_key": test_key,
+               "within_split": within}
     if as_json:
         out = {"n_models": result.n_models, "k": result.k,
                "single_model_accuracy": result.single_model_accuracy,
@@ -104,7 +124,11 @@ def evaluate_cmd(
     if selection is not None:
         what = (f"k-NN w/ k={selection.k}" if selection.vote == "knn"
                 else f"weighted, k={selection.k}, power {selection.power}")
-        typer.echo(f"leave-one-out on train chose {what} (accuracy {100 * selection.accuracy:.2f})")
+        typer.echo(f"leave-one-out on {'test' if within else 'train'} chose {what} (accuracy "
+                   f"{100 * selection.accuracy:.2f})")
+    if within:
+        typer.echo(f"within the test split (no train split): k-NN and weighted votes are "
+                   f"leave-one-out{', chosen on the same split' if select else ''}")
     typer.echo(format_card(result))
 
 
@@ -121,10 +145,16 @@ def neighbors_cmd(
     device: str = DeviceOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Save finished tiles in "
                                 "OUT.partial/ and reuse them after a kill."),
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Top-k training neighbours of every test example, best first, into an .npz.
+
+    When SRC has no train split (test logits only), the neighbours are other test
+    examples: each example's own entry is left out (a note on stderr says so; the file's
+    meta has "within_split": true).
 
     Finished tiles are saved in OUT.partial/ as they complete: after a kill, the same
     command resumes where it stopped and writes the same result.
@@ -141,17 +171,25 @@ def neighbors_cmd(
         check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
-        check_k("--k", k, runset.train.n_examples, default=20)
+        within = within_split_note(runset, "neighbors", "the neighbours are other test examples")
+        n_refs = runset.test.n_examples - 1 if within else runset.train.n_examples
+        check_k("--k", k, n_refs, default=20,
+                what="other test examples" if within else "training examples")
+        source_options = {"within_split": True} if within else {}
+        if code is not None or test_key is not None:  # in the meta and the checkpoint
+            source_options["code"] = next(iter(runset.codes)) if code is not None else None
+            source_options["test_key"] = test_key
         group = _distributed_group(device)
         try:
             # Rank 0 chooses (and probes, once); every rank runs its choice.
             choice = (resolve_precision(precision, runset, k, device=device,
-                                        memory_budget=budget, verbose=verbose)
+                                        memory_budget=budget, verbose=verbose, within=within)
                       if group is None or group.is_main else None)
             if group is not None:
                 choice = group.broadcast(choice)
             options = {"k": k, "log_softmax": not no_log_softmax,
-                       "precision": choice.precision, "memory_budget": budget, "device": device}
+                       "precision": choice.precision, "memory_budget": budget, "device": device,
+                       **source_options}
             result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
             if group is None or group.is_main:
                 meta = json.dumps({**_meta({**options, "processes": group.world_size if group
@@ -190,6 +228,8 @@ def predict_cmd(
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -208,11 +248,13 @@ def predict_cmd(
         check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, None, runs)
+        require_train(runset, "predict")
         labels_train = (runset.labels_train if labels is None else
                         _read_train_labels(labels, runset.train.n_examples, runset.n_classes))
         if labels_train is None:
             raise InputError(f"predict needs train labels: {', '.join(map(str, src))} carries "
-                             "none; pass --labels FILE.npz with an array labels_train")
+                             "none; pass --labels FILE.npz with an array labels_train "
+                             f"({LABELS_HINT})")
         n_classes = runset.n_classes
         k_used = weighted_k if weighted else k
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
@@ -275,7 +317,9 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
     budget = options["memory_budget"]
-    n_refs = runset.train.n_examples  # k was checked against it by the command
+    within = bool(options.get("within_split"))
+    references = None if within else runset.train  # None: the test split, self left out
+    n_refs = runset.test.n_examples if within else runset.train.n_examples  # (k checked)
     k_keep = candidates_per_query(k, precision)
     checkpoint = TileCheckpoint(out, {})
     tiles, previous = None, {}
@@ -283,7 +327,10 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
         if resume:
             checkpoint.check_owner()  # before hashing anything: a user's folder is refused
             checkpoint.inputs = {
-                "content": content_fingerprint(runset.sources, chosen),
+                # --code on a store: its runs are not one range of the store's; every
+                # record is bound (a later append to the store starts the work afresh).
+                "content": content_fingerprint(runset.sources, slice(0, 2**62)
+                                               if options.get("code") else chosen),
                 "runs": [chosen.start, chosen.stop],
                 "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
@@ -306,7 +353,8 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
         return _top_k_neighbors(
-            runset.test, runset.train, k, log_softmax=options["log_softmax"],
+            runset.test, references, k, exclude_self=within,
+            log_softmax=options["log_softmax"],
             precision=precision, memory_budget=budget, device=device, progress=report,
             tile_size=tiles["tile_size"], chunk_models=tiles["chunk_models"],
             finished_tiles=previous, on_tile=checkpoint.save if resume else None,

@@ -10,9 +10,9 @@ from typing import List, Optional
 import typer
 
 from ..demo.data import DATASETS
-from ..errors import InputError
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
-                     VerboseOpt, resolve_precision,
+from ..errors import LABELS_HINT, InputError
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
+                     TestKeyOpt, VerboseOpt, require_train, resolve_precision,
                      _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size)
 from .outputs import check_output_folder
@@ -33,6 +33,8 @@ def sweep_cmd(
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the sweep as JSON (with the "
                                  "precision chosen and the probe's figures)."),
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -51,8 +53,10 @@ def sweep_cmd(
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
         runset, _ = _open(src, labels, None)
+        require_train(runset, "sweep")
         if runset.labels_train is None or runset.labels_test is None:
-            raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
+            raise InputError("sweep needs train and test labels: pass --labels FILE.npz "
+                             f"({LABELS_HINT})")
         counts = parse_run_counts(runs_list, runset.n_models)
         check_sweep_size("sweep", runset.train.n_examples)
         picked = resolve_precision(precision, runset, 20, device=device, memory_budget=budget,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import typer
 
+from ..configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
 from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError, StoreError
-from ..formats import file_hash, find_run_files, read_extras, read_labels, read_run_file
-from ..store import RunStore, StoreSpec, check_array, check_runs, is_store
+from ..formats import (file_hash, find_run_files, open_runs, read_extras, read_labels,
+                       read_run_file)
+from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, is_store
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
 
@@ -37,6 +40,14 @@ def ingest_cmd(
              "are widened to float32 first)."),
     allow_duplicates: bool = typer.Option(False, "--allow-duplicates",
                                           help="Add files whose content is already stored."),
+    code: Optional[str] = typer.Option(None, "--code", metavar="HASH-PREFIX",
+                                       help="Ingest only the files of one training "
+                                            "configuration: the first hex digits of its code "
+                                            "sha256. Without it, files whose code differs are "
+                                            "ingested together, with a warning."),
+    test_key: Optional[str] = typer.Option(None, "--test-key", metavar="KEY",
+                                           help="The array of each file that holds the test "
+                                                "split, e.g. logits_tta; default logits."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Create a store or append runs to it, one source file per atomic commit.
@@ -52,6 +63,7 @@ def ingest_cmd(
     """
     with _user_errors():
         files = [f for s in src for f in find_run_files(s)]
+        files = _by_code(files, code, test_key, ", ".join(map(str, src)))
         names = tuple(class_names.split(",")) if class_names else None
         # ---- 1. check everything; nothing is written here --------------------------------
         if is_store(store):
@@ -59,7 +71,7 @@ def ingest_cmd(
             target.check_options(dtype=dtype, class_names=names)
             spec, where = target.spec, f"the store {store}"
         else:
-            target, first = None, read_run_file(files[0])
+            target, first = None, read_run_file(files[0], test_key=test_key)
             spec = StoreSpec(first.train.shape[1], first.test.shape[1], first.train.shape[2],
                              dtype or "float16", names)
             del first
@@ -68,7 +80,10 @@ def ingest_cmd(
         if target is not None:
             target.check_arrays(extras, "given")
         with _progress_bar(quiet) as report:
-            _check_files(spec, target, files, extras, where, allow_duplicates, report)
+            codes = _check_files(spec, target, files, extras, where, allow_duplicates, report,
+                                 test_key)
+            if code is None:
+                _warn_mixed(codes, target, ", ".join(map(str, src)))
             # ---- 2. write: the store (or the given arrays), then one commit per file -----
             done = _Done(store)
             try:
@@ -79,7 +94,8 @@ def ingest_cmd(
                     done.arrays = target.set_arrays(extras)
                 added = skipped = 0
                 for i, f in enumerate(files):
-                    result = target.append_file(f, allow_duplicates=allow_duplicates)
+                    result = target.append_file(f, allow_duplicates=allow_duplicates,
+                                                test_key=test_key)
                     if result.status == "skipped":
                         skipped += 1
                         err.print(f"skipped {f}: its content is already in the store "
@@ -96,14 +112,45 @@ def ingest_cmd(
         err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
 
 
+def _by_code(files: List[Path], code: Optional[str], test_key: Optional[str],
+             where: str) -> List[Path]:
+    """The files of the training configuration `code` selects (all files without it)."""
+    if code is None:
+        return files
+    hashes = [read_run_file(f, test_key=test_key).code_sha256 for f in files]
+    chosen = resolve_code(code, code_groups([(h, 1) for h in hashes]), where)
+    return [f for f, h in zip(files, hashes) if h == chosen]
+
+
+def _warn_mixed(new: set, store: Optional[RunStore], where: str) -> None:
+    """One warning when the new files, with the store's code (one folder per distinct
+    code, so no record is read), mix training configurations."""
+    folder = store.path / "code" if store is not None and not _is_url(store.path) else None
+    stored = {p.name for p in folder.iterdir() if p.is_dir()} if folder and folder.is_dir() \
+        else set()
+    mixed = sorted(new | stored, key=lambda h: (h is None, h or ""))
+    if len(mixed) > 1:
+        warnings.warn(f"{where}{' with the store' if stored - new else ''} mixes "
+                      f"{len(mixed)} training configurations (code sha256 "
+                      f"{', '.join(_short(h) for h in mixed)}); pass --code PREFIX to ingest "
+                      "one")
+
+
+def _short(sha: Optional[str]) -> str:
+    return NO_CODE if sha is None else sha[:SHOWN]
+
+
 def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path], extras: dict,
-                 where: str, allow_duplicates: bool, report) -> None:
+                 where: str, allow_duplicates: bool, report, test_key: Optional[str] = None
+                 ) -> set:
     """Every file as its append would check it, writing nothing: shapes, finite values,
     the dtype's range, its labels against the store's, --labels and the files before it.
 
     One file at a time (memory-mapped where the format allows), dropped once checked.
     A file already stored is skipped by its content hash without reading its runs.
+    Returns the code hashes (None: no code) of the files read.
     """
+    codes = set()
     known = {}  # split -> (labels, where they come from)
     for split in ("train", "test"):
         name = f"labels_{split}"
@@ -115,7 +162,8 @@ def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path],
     for i, f in enumerate(files):
         if target is None or allow_duplicates or \
                 target.committed_runs(file_hash(f)) is None:
-            run = read_run_file(f)
+            run = read_run_file(f, test_key=test_key)
+            codes.add(run.code_sha256)
             check_runs(spec, run.train, run.test, str(f), where)
             for split in ("train", "test"):
                 mine = getattr(run, f"labels_{split}")
@@ -130,6 +178,7 @@ def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path],
             del run
         if report is not None:
             report(Progress("check", i + 1, len(files), 0, 1, 0.0))
+    return codes
 
 
 class _Done:
@@ -171,38 +220,94 @@ def _extras(spec: StoreSpec, labels: Optional[Path], inputs: Optional[Path],
 
 @app.command("info")
 def info_cmd(
-    store: Path = typer.Argument(..., help="A store made by ingest.", show_default=False),
+    src: List[Path] = typer.Argument(..., help="A store made by ingest, or run files: .pt or "
+                                     ".npz files, or directories searched for .pt files.",
+                                     show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    runs: bool = typer.Option(False, "--runs", help="List the run records too."),
+    runs: bool = typer.Option(False, "--runs", help="List the run records (files) too."),
+    test_key: Optional[str] = typer.Option(None, "--test-key", metavar="KEY",
+                                           help="Run files: the array that holds the test "
+                                                "split, e.g. logits_tta; default logits."),
 ) -> None:
-    """What a store holds: runs, splits, shapes, dtype, size, labels, inputs, features."""
+    """What a store or run files hold: runs, splits, dtype, labels, training configurations.
+
+    The training configurations are the distinct `code` strings of the runs, by SHA-256
+    and run count; pass the first digits to any command's --code to use one. A store
+    also shows its shapes, size, inputs and features.
+
+    Example: ensemble-kernel info logs_saveoutputs_main/
+    """
     with _user_errors():
-        target = RunStore(store)
-        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
-        splits = {s: target.source(s).n_examples for s in ("train", "test")}
-        shapes = target.shapes()  # the committed arrays, without reading them
-        present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
-        records = target.records()
-        out = {"path": str(store), "format_version": target.attrs["format_version"],
-               "n_models": target.n_models, "n_classes": target.n_classes,
-               "class_names": target.class_names, "splits": splits,
-               "dtype": target.dtype,
-               "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
-               "n_sources": len(records), "shapes": shapes}
-        if runs:
-            out["records"] = records
+        if len(src) == 1 and is_store(src[0]):
+            if test_key is not None:
+                raise InputError(f"--test-key {test_key} applies to run files, but {src[0]} is a "
+                                 "store (it keeps the test split ingested)")
+            out = _store_info(src[0], runs)
+        else:
+            out = _files_info(src, runs, test_key)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"{store}: {out['n_models']} runs from {out['n_sources']} files, "
-               f"{out['n_classes']} classes, logits {out['dtype']}, {size / 2**20:.1f} MiB")
+    splits, codes = out["splits"], {c["code_sha256"]: c["n_runs"] for c in out["codes"]}
+    store = "format_version" in out
+    size = f", {out['size_bytes'] / 2**20:.1f} MiB" if store else ""
+    typer.echo(f"{out['path']}: {out['n_models']} runs from {out['n_sources']} files, "
+               f"{out['n_classes']} classes, logits {out['dtype']}{size}")
+    present = {k: out[f"has_{k}"] for k in ("labels", "inputs", "features") if f"has_{k}" in out}
     typer.echo(f"  train {splits['train']} examples, test {splits['test']} examples; "
                + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in present.items()))
-    typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
-                                         for name, shape in out["shapes"].items()))
+    if store:
+        typer.echo("  shapes: " + ", ".join(f"{name} {tuple(shape)}"
+                                             for name, shape in out["shapes"].items()))
+    if splits["train"] == 0:
+        typer.echo("  one split only (no train split): evaluate, neighbors and duplicates "
+                   "work within the test split")
+    typer.echo(f"  training code (sha256, select with --code PREFIX): {describe_groups(codes)}")
     for r in out.get("records", []):
         seeds = r.get("seeds")
         seed_text = ("-" if not seeds else str(seeds[0]) if len(seeds) == 1
                      else f"{seeds[0]}..{seeds[-1]}")
-        typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']} "
-                   f"sha256 {r['sha256'][:12]} seeds {seed_text}")
+        code = r.get("code_sha256")
+        typer.echo(f"  runs {r['runs'][0]}..{r['runs'][1] - 1}: {r['source']}"
+                   + (f" sha256 {r['sha256'][:12]} seeds {seed_text}" if "sha256" in r else "")
+                   + f" code {_short(code)}")
+
+
+def _store_info(store: Path, runs: bool) -> dict:
+    target = RunStore(store)
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    splits = {s: target.source(s).n_examples for s in ("train", "test")}
+    shapes = target.shapes()  # the committed arrays, without reading them
+    present = {name: f"{name}_train" in shapes for name in ("labels", "inputs", "features")}
+    records = target.records()
+    codes = code_groups([(r.get("code_sha256"), r["runs"][1] - r["runs"][0]) for r in records])
+    warn_if_mixed(codes, str(store))
+    out = {"path": str(store), "format_version": target.attrs["format_version"],
+           "n_models": target.n_models, "n_classes": target.n_classes,
+           "class_names": target.class_names, "splits": splits,
+           "dtype": target.dtype,
+           "size_bytes": size, **{f"has_{k}": v for k, v in present.items()},
+           "n_sources": len(records), "shapes": shapes,
+           "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in codes.items()]}
+    if runs:
+        out["records"] = records
+    return out
+
+
+def _files_info(src: List[Path], runs: bool, test_key: Optional[str]) -> dict:
+    """info on run files: read as every command reads them (memory-mapped, no logits
+    loaded), one warning if their training code differs."""
+    files = [f for s in src for f in find_run_files(s)]
+    read = [read_run_file(f, test_key=test_key) for f in files]
+    runset = open_runs(src, test_key=test_key)  # the checks every command makes; warns
+    out = {"path": ", ".join(map(str, src)), "n_models": runset.n_models,
+           "n_classes": runset.n_classes,
+           "splits": {"train": runset.train.n_examples, "test": runset.test.n_examples},
+           "dtype": str(read[0].test.dtype).replace("torch.", ""),
+           "has_labels": runset.labels_test is not None, "n_sources": len(files),
+           "codes": [{"code_sha256": sha, "n_runs": n} for sha, n in runset.codes.items()]}
+    if runs:
+        starts = np.cumsum([0] + [r.n_runs for r in read])
+        out["records"] = [{"source": str(r.path), "runs": [int(a), int(a) + r.n_runs],
+                           "code_sha256": r.code_sha256} for r, a in zip(read, starts)]
+    return out

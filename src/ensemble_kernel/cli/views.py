@@ -11,12 +11,14 @@ import typer
 
 from ..engine import _top_k_neighbors
 from ..plan import budget_beside, default_memory_budget
-from ..errors import InputError
+from ..errors import LABELS_HINT, InputError
 from ..formats import RunSet
+from ..within import duplicates_within
 from ..store import RunStore, is_store
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt, QuietOpt,
-                     SrcArg, VerboseOpt, _check_precision, _open, _progress_bar, _user_errors,
-                     app, check_k, check_sweep_size, err, parse_size, resolve_precision, say)
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt,
+                     QuietOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _open,
+                     _progress_bar, _user_errors, app, check_k, check_sweep_size, err,
+                     parse_size, require_train, resolve_precision, say, within_split_note)
 from .outputs import check_output_file, check_output_folder
 
 
@@ -94,7 +96,7 @@ def _note_no_inputs(renderer) -> None:
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
            kinds=("inputs", "features"), *, name: str, out: Path, needs_labels: bool = False,
            needs_features: bool = False, ranks: str | None = None, check=None,
-           verbose: bool = False):
+           verbose: bool = False, runset: RunSet | None = None):
     """Check every option, open SRC, compute test -> train neighbours once, gather what
     the views draw. Nothing is computed before the checks (labels, features, `out`).
 
@@ -114,9 +116,12 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
         check_output_folder(out.with_name(out.stem + "_files"))
     else:
         check_output_folder(out)
-    runset, _ = _open(src, labels, None)
+    if runset is None:  # (duplicates opens SRC first, to see whether it has a train split)
+        runset, _ = _open(src, labels, None)
+    require_train(runset, name)
     if needs_labels and (runset.labels_train is None or runset.labels_test is None):
-        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz")
+        raise InputError(f"{name} needs train and test labels: pass --labels FILE.npz "
+                         f"({LABELS_HINT})")
     if ranks is not None:
         _ranks(ranks, runset.test.n_examples)  # a bad --ranks is refused before work
     if check is not None:
@@ -147,7 +152,8 @@ def _nbytes(obj) -> int:
 
 def _write_view(name: str, src, labels, inputs, features, memory_budget, precision, device,
                 quiet, out: Path, *, k: int, draws: bool = True, needs_labels: bool = False,
-                needs_features: bool = False, check=None, verbose: bool = False, **options):
+                needs_features: bool = False, check=None, verbose: bool = False,
+                runset: RunSet | None = None, **options):
     """Open SRC, build the one view `name` and write its files; return (views, paths,
     the PrecisionChoice).
 
@@ -162,7 +168,7 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
                                                 name=name, out=out, needs_labels=needs_labels,
                                                 needs_features=needs_features,
                                                 ranks=options.pop("ranks_spec", None),
-                                                check=check, verbose=verbose)
+                                                check=check, verbose=verbose, runset=runset)
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -186,6 +192,7 @@ def pairs_cmd(
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
     """Test examples ranked by the kernel value of their best training match: grid and CSV."""
     with _user_errors():
@@ -209,25 +216,69 @@ def duplicates_cmd(
     precision: str = PrecisionOpt, memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt, quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
-    """Near-duplicate (test, train) pairs, best first, and how the threshold was set."""
+    """Near-duplicate (test, train) pairs, best first, and how the threshold was set.
+
+    When SRC has no train split (test logits only), the pairs are within the test split:
+    each example against the others (a note on stderr says so); a pair found from both
+    ends is listed once, and --out receives duplicates.csv and duplicates.json.
+    """
     with _user_errors():
-        views, written, choice = _write_view("duplicates", src, labels, None, None,
-                                             memory_budget, precision, device, True, out, k=1,
-                                             draws=False, verbose=verbose,
-                                     threshold=threshold, top_duplicates=top)
-    d = views.duplicates
+        _check_precision(precision)
+        check_output_folder(out)
+        runset, _ = _open(src, labels, None)
+        within = within_split_note(runset, "duplicates", "the pairs are")
+        choice = None  # within the split, the engine resolves 'auto' itself
+        if within:
+            budget = parse_size(memory_budget) if memory_budget else None
+            with _progress_bar(quiet) as report:
+                d = duplicates_within(runset.test, threshold=threshold, top=top,
+                                      labels=runset.labels_test, precision=precision,
+                                      memory_budget=budget, device=device, progress=report)
+            written = _write_within_duplicates(d, out)
+        else:
+            views, written, choice = _write_view(
+                "duplicates", src, labels, None, None, memory_budget, precision, device, True,
+                out, k=1, draws=False, verbose=verbose, threshold=threshold,
+                top_duplicates=top, runset=runset)
+            d = views.duplicates
+    other = "test" if within else "train"
     if as_json:
+        pairs = [p.__dict__ for p in d.pairs]
+        if within:
+            pairs = [{"rank": p["rank"], "test_index": p["test_index"],
+                      "other_test_index": p["train_index"], "value": p["value"],
+                      "test_label": p["test_label"], "other_test_label": p["train_label"]}
+                     for p in pairs]
         typer.echo(json.dumps({"threshold": d.threshold, "method": d.method,
-                               "pairs": [p.__dict__ for p in d.pairs],
-                               "precision": choice.as_dict()}, indent=2))
+                               "within_split": within, "pairs": pairs,
+                               "precision": choice.as_dict() if choice else
+                               {"requested": precision}}, indent=2))
         return
     typer.echo(f"threshold: {d.method}")
     typer.echo(f"{len(d.pairs)} near-duplicate pairs")
     for p in d.pairs[:20]:
-        typer.echo(f"  test {p.test_index:>6}  train {p.train_index:>6}  K {p.value:.4f}")
+        typer.echo(f"  test {p.test_index:>6}  {other} {p.train_index:>6}  K {p.value:.4f}")
     if not quiet:
         err.print("wrote " + ", ".join(map(str, written)))
+
+
+def _write_within_duplicates(d, out: Path) -> list:
+    """duplicates.csv and duplicates.json of a within-split search, each atomically."""
+    from ..atomic import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["rank,test index,other test index,K,test label,other test label"]
+    rows += [f"{p.rank},{p.test_index},{p.train_index},{p.value:.6f},"
+             f"{'' if p.test_label is None else p.test_label},"
+             f"{'' if p.train_label is None else p.train_label}" for p in d.pairs]
+    csv_path, json_path = out / "duplicates.csv", out / "duplicates.json"
+    atomic_write_text(csv_path, "\n".join(rows) + "\n")
+    atomic_write_text(json_path, json.dumps({
+        "threshold": d.threshold, "method": d.method, "within_split": True,
+        "pairs": [[p.test_index, p.train_index, p.value] for p in d.pairs]}, indent=2))
+    return [csv_path, json_path]
 
 
 @app.command("failures")
@@ -240,6 +291,7 @@ def failures_cmd(
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
     """The most similar pairs whose labels differ: each test example and its nearest examples."""
     with _user_errors():
@@ -264,6 +316,7 @@ def compare_cmd(
     out: Path = ViewsOutOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
     """Kernel neighbours beside feature-space (cosine) neighbours of random test examples."""
     with _user_errors():
@@ -285,6 +338,7 @@ def report_cmd(
     features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
     """One self-contained HTML file: accuracy, the sweep, pairs, duplicates, failures, comparison.
 
