@@ -44,13 +44,15 @@ BASE = {
     "ingest": ["{src}", "--store", "{out}/store"],
     "info": ["{store}"],
     "demo": ["--out", "{out}/demo"],
+    "label-issues": ["{src}", "--labels", "{labels}"],
 }
 # Numeric options for which 0, or a negative number, is a meaningful value.
 ZERO_OK = {"--seed", "--threshold"}
 NEGATIVE_OK = {"--threshold"}
 # Enum-like text options: a bad value each.
 ENUMS = {"--device": "foo", "--precision": "foo", "--dtype": "foo", "--dataset": "foo",
-         "--memory-budget": "lots", "--runs": "x", "--ranks": "x"}
+         "--memory-budget": "lots", "--runs": "x", "--ranks": "x", "--split": "valid",
+         "--score": "foo"}
 
 
 def _long_options(command) -> list:
@@ -140,6 +142,12 @@ def _cases():
         ("duplicates", BASE["duplicates"] + ["--threshold", "nan"], "--threshold .*nan"),
         ("ingest", BASE["ingest"] + ["--class-names", "a,b"], "2 class names given for 5"),
         ("info", ["{src}"], "b.pt: not an ensemble-kernel store"),
+        ("label-issues", BASE["label-issues"] + ["--split", "train", "--k", "30"],
+         "--k must be between 1 and 29 .*got 30: pass --k 29 or less"),
+        ("label-issues", BASE["label-issues"] + ["--k", "31"],
+         "--k must be between 1 and 30 .*got 31"),
+        ("label-issues", ["{src}", "--split", "test"],
+         "label-issues --split test needs train labels, .*b.pt carries none: pass --labels"),
     ]
     return cases
 
