@@ -15,6 +15,7 @@ from .errors import (
     StoreError,
 )
 from .kernel import dense_kernel
+from .labelissues import LabelIssues, knn_graph, label_issues
 from .neighbors import Neighbors
 from .sources import ArraySource, ConcatSource, LogitSource
 
@@ -25,6 +26,9 @@ __all__ = [
     "top_k_neighbors",
     "compute_kernel",
     "dense_kernel",
+    "label_issues",
+    "LabelIssues",
+    "knn_graph",
     "plan_memory",
     "Plan",
     "Progress",
