@@ -113,7 +113,7 @@ def _plain_scores(kernel: torch.Tensor, labels_train, given, n_classes, k, power
 def test_scores_equal_the_definition(split, k, power):
     ens = make_ensemble(seed=3, n_models=5, n_train=30, n_test=12, n_classes=4)
     found = label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, split=split,
-                         k=k, power=power)
+                         k=k, power=power, score="kernel")
     queries = ens.test if split == "test" else ens.train
     kernel = dense_kernel(queries, ens.train)
     if split == "train":
@@ -126,7 +126,8 @@ def test_scores_equal_the_definition(split, k, power):
 
 def test_combined_score_averages_with_the_ensembles_probability():
     ens = make_ensemble(seed=4, n_models=5, n_train=30, n_test=12, n_classes=4)
-    kernel = label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=5)
+    kernel = label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=5,
+                          score="kernel")
     combined = label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=5,
                             score="combined")
     q = ens.test.double().softmax(dim=2).mean(dim=0)  # the plain mean of the runs' softmax
@@ -137,8 +138,9 @@ def test_combined_score_averages_with_the_ensembles_probability():
 
 # ---- planted flips: the ranking must find them ----------------------------------------------
 
+@pytest.mark.parametrize("score", ["kernel", "combined"])
 @pytest.mark.parametrize("split", ["test", "train"])
-def test_planted_flips_rank_above_clean_examples(split):
+def test_planted_flips_rank_above_clean_examples(split, score):
     """10% of one split's labels flipped; a random ranking's expected AP is 0.1, so a
     score that does not use the neighbours' labels fails the AP bound by far."""
     ens = _clustered(seed=7, n_models=8, n_train=200, n_test=200, n_classes=5)
@@ -146,7 +148,8 @@ def test_planted_flips_rank_above_clean_examples(split):
     given, is_flipped = _flip(clean, 0.1, 5, seed=11)
     labels_train = given if split == "train" else ens.labels_train
     labels_test = given if split == "test" else ens.labels_test
-    found = label_issues(ens.train, ens.test, labels_train, labels_test, split=split, k=10)
+    found = label_issues(ens.train, ens.test, labels_train, labels_test, split=split, k=10,
+                         score=score)
     ap = _average_precision(found.order, is_flipped)
     assert ap > 0.8, ap  # random: 0.1 expected
     # every flipped example is among the flagged ones, and most flagged ones are flips
@@ -160,7 +163,7 @@ def test_train_audit_leaves_the_example_out():
     ens = _clustered(seed=8, n_models=8, n_train=60, n_test=5, n_classes=3, noise=0.3)
     given = ens.labels_train.clone()
     given[0] = (given[0] + 1) % 3
-    found = label_issues(ens.train, None, given, split="train", k=1)
+    found = label_issues(ens.train, None, given, split="train", k=1, score="kernel")
     assert (found.neighbors.indices[:, 0] != torch.arange(60)).all()
     assert int(found.order[0]) == 0 and bool(found.flagged[0])
 

@@ -12,9 +12,12 @@ sum_j w_j`` (equal weights when every ``w_j`` is 0). K is clipped at 0 because a
 power would otherwise turn an anti-correlated neighbour into a strong vote.
 
 Scores (higher: more suspicious):
-- ``kernel``: ``1 - p[given]``, the vote share against the given label;
-- ``combined``: ``1 - (p[given] + q[given]) / 2``, with q the ensemble's own averaged
-  probabilities (the mean over runs of the softmax).
+- ``combined`` (the default): ``1 - (p[given] + q[given]) / 2``, with q the ensemble's
+  own averaged probabilities (the mean over runs of the softmax); on the train split q
+  is in-sample;
+- ``kernel``: ``1 - p[given]``, the vote share of the given label alone.
+The vote share is coarse (ties at 0 and 1); q orders examples within its ties.
+benchmarks/label_noise.py measures both against cleanlab.
 
 Threshold, chosen without the truth: an example is flagged when the vote goes to another
 label with a majority of the weight, ``voted != given and p[voted] > 1/2``.
@@ -150,7 +153,7 @@ def _check_split(split: str) -> None:
 
 def label_issues(train: LogitSource, test: LogitSource | None, labels_train, labels_test=None,
                  *, split: str = "test", k: int = 20, power: int = 4,
-                 score: Score = "kernel", precision: str = "exact",
+                 score: Score = "combined", precision: str = "exact",
                  memory_budget: int | None = None, device: str = "cpu",
                  progress=None, neighbors: Neighbors | None = None) -> LabelIssues:
     """Rank one split's examples by how strongly their kernel neighbours disagree with
@@ -167,8 +170,9 @@ def label_issues(train: LogitSource, test: LogitSource | None, labels_train, lab
         training examples: leave-one-out).
     k : neighbours that vote, 1 <= k <= n_train (n_train - 1 on 'train').
     power : each neighbour weighs max(K, 0) ** power.
-    score : 'kernel' (1 - vote share of the given label) or 'combined' (averaged with
-        the ensemble's own probability of the given label).
+    score : 'combined' (1 - the mean of the vote share of the given label and the
+        ensemble's own probability of it; ranks best in benchmarks/label_noise.py) or
+        'kernel' (1 - the vote share alone).
     precision, memory_budget, device, progress : as for `top_k_neighbors`.
     neighbors : the split's neighbours, already computed (test -> train on 'test',
         leave-one-out train -> train on 'train'), with at least k per row; None: computed.

@@ -25,6 +25,7 @@ class LabelSection:
     """The top suspects of one split: a table (header, rows) and, with inputs, an image."""
 
     split: str
+    score: str
     n_examples: int
     n_flagged: int
     k: int
@@ -78,7 +79,7 @@ def build_label_section(issues: LabelIssues, renderer: InputRenderer, labels_tra
                               for j in issues.neighbors.indices[i, :n_neighbors].tolist())))
     image = (render_suspects(issues, renderer, labels_train, class_names, top, n_neighbors)
              if renderer.has_inputs and rows else None)
-    return LabelSection(issues.split, len(issues.order), issues.n_flagged, issues.k,
+    return LabelSection(issues.split, issues.score, len(issues.order), issues.n_flagged, issues.k,
                         issues.power, ("rank", f"{issues.split} index", "score", "given label",
                                        "voted label", "flagged", "nearest (index:label)"),
                         tuple(rows), image)
@@ -86,9 +87,11 @@ def build_label_section(issues: LabelIssues, renderer: InputRenderer, labels_tra
 
 _TEMPLATE = """
 <h2>Label issues: {{ s.split }} examples the neighbours disagree with</h2>
-<p class="note">Score: 1 minus the share of the given label in the weighted vote of the
-{{ s.k }} nearest training examples (weight max(K, 0)**{{ s.power }}); higher is more
-suspicious. Flagged: the vote goes to another label with more than half of the weight
+<p class="note">Score: 1 minus {% if s.score == "combined" %}the mean of the share of
+the given label in the weighted vote of the {{ s.k }} nearest training examples (weight
+max(K, 0)**{{ s.power }}) and the ensemble's own probability of it{% else %}the share of
+the given label in the weighted vote of the {{ s.k }} nearest training examples (weight
+max(K, 0)**{{ s.power }}){% endif %}; higher is more suspicious. Flagged: the vote goes to another label with more than half of the weight
 ({{ s.n_flagged }} of {{ s.n_examples }}). Each row: the example (given label -> voted
 label), then its nearest training examples (green: the voted label).
 <code>ensemble-kernel label-issues SRC --split {{ s.split }}</code> lists them all.</p>
