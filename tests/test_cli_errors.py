@@ -45,6 +45,7 @@ BASE = {
     "info": ["{store}"],
     "demo": ["--out", "{out}/demo"],
     "labels": ["cifar10", "--root", "{cifar}", "--out", "{out}/labels.npz", "--reader", "pickle"],
+    "label-issues": ["{src}", "--labels", "{labels}"],
 }
 # Numeric options for which 0, or a negative number, is a meaningful value.
 ZERO_OK = {"--seed", "--threshold"}
@@ -52,7 +53,8 @@ NEGATIVE_OK = {"--threshold"}
 # Enum-like text options: a bad value each.
 ENUMS = {"--device": "foo", "--precision": "foo", "--dtype": "foo", "--dataset": "foo",
          "--memory-budget": "lots", "--runs": "x", "--ranks": "x", "--reader": "foo",
-         "--code": "xyz", "--test-key": "nokey"}
+         "--code": "xyz", "--test-key": "nokey", "--split": "valid",
+         "--score": "foo"}
 
 
 def _long_options(command) -> list:
@@ -156,6 +158,12 @@ def _cases():
         ("evaluate", ["{src}", "--labels", "{labels}", "--test-key", "logits_tta"],
          r"b.pt: --test-key logits_tta: no such array in this file; keys found: "
          r"\['logits', 'logits_train'\]"),
+        ("label-issues", BASE["label-issues"] + ["--split", "train", "--k", "30"],
+         "--k must be between 1 and 29 .*got 30: pass --k 29 or less"),
+        ("label-issues", BASE["label-issues"] + ["--k", "31"],
+         "--k must be between 1 and 30 .*got 31"),
+        ("label-issues", ["{src}", "--split", "test"],
+         "label-issues --split test needs train labels, .*b.pt carries none: pass --labels"),
     ]
     return cases
 

@@ -194,11 +194,13 @@ def _commands(tmp_path, src, labels):
         "compare": (["compare", src, "--labels", labels, "--out", "{out}"], "{out}"),
         "duplicates": (["duplicates", src, "--memory-budget", "1KiB", "--out", "{out}"],
                        "{out}"),
+        "label-issues": (["label-issues", src, "--labels", labels, "--k", "0", "--out",
+                          "{out}.csv"], "{out}.csv"),
     }
 
 
 @pytest.mark.parametrize("command", ["neighbors", "predict", "report", "sweep", "pairs",
-                                     "failures", "compare", "duplicates"])
+                                     "failures", "compare", "duplicates", "label-issues"])
 def test_a_refused_command_leaves_an_existing_output_alone(tmp_path, ens, command):
     src = save_pt(tmp_path / "b.pt", ens.train, ens.test)
     labels = save_labels(tmp_path / "labels.npz", ens)
@@ -226,6 +228,7 @@ def test_a_refused_command_leaves_an_existing_output_alone(tmp_path, ens, comman
 @pytest.mark.parametrize("command,args,match", [
     ("neighbors", ["--out", "{dir}"], "is a folder; name a file"),
     ("predict", ["--out", "{dir}"], "is a folder; name a file"),
+    ("label-issues", ["--out", "{dir}"], "is a folder; name a file"),
     ("report", ["--out", "{dir}"], "is a folder; name a file"),
     ("report", ["--out", "{file_html}"], r"x_files is a file, not a folder"),
     ("sweep", ["--out", "{file}"], "is a file, not a folder"),
@@ -241,7 +244,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path, ens, command, args, 
         (tmp_path / name).mkdir()
     (tmp_path / "f").write_text("mine")
     (tmp_path / "x_files").write_text("mine")
-    suffix = {"neighbors": ".npz", "predict": ".csv", "report": ".html"}.get(command, "")
+    suffix = {"neighbors": ".npz", "predict": ".csv", "report": ".html",
+              "label-issues": ".csv"}.get(command, "")
     fill = dict(dir=tmp_path / f"d{suffix}", file=tmp_path / "f",
                 file_html=tmp_path / "x.html")
     before = tree(tmp_path)

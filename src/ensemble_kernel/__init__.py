@@ -27,6 +27,7 @@ from .errors import (
 )
 from .evaluation import Evaluation, Selection, evaluate, select_by_leave_one_out
 from .kernel import dense_kernel
+from .labelissues import LabelIssues, knn_graph, label_issues
 from .neighbors import Neighbors
 from .precision import PrecisionChoice, choose_precision
 from .runs import Runs, open_runs
@@ -61,6 +62,9 @@ __all__ = [
     "choose_precision",
     "PrecisionChoice",
     "dense_kernel",
+    "label_issues",
+    "LabelIssues",
+    "knn_graph",
     "plan_memory",
     "Plan",
     "Progress",

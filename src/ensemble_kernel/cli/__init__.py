@@ -2,14 +2,15 @@
 
 One typer app (`common.app`); each module registers its commands on it:
 `compute` (evaluate, neighbors, predict), `ingest` (ingest, info), `demo` (demo, sweep),
-`views` (pairs, duplicates, failures, compare, report), `labels` (labels).
+`views` (pairs, duplicates, failures, compare, report), `labels` (labels),
+`label_issues` (label-issues).
 """
 
 from __future__ import annotations
 
 import sys
 
-from . import compute, demo, ingest, labels, views  # noqa: F401  (they register the commands)
+from . import compute, demo, ingest, label_issues, labels, views  # noqa: F401  (they register the commands)
 from .common import app, err, parse_size
 from .malloc import return_large_blocks
 

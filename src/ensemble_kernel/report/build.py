@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write, atomic_write_text
 from ..evaluation import Evaluation, evaluate
 from ..neighbors import Neighbors
 from ..sources import LogitSource
@@ -13,6 +13,7 @@ from ..sweeps import SweepResult, sweep
 from .files import write_sweep
 from .grids import InputRenderer
 from .html import build_views, render_report, write_views
+from .labels import LabelSection, build_label_section, render_label_section
 from .plots import plot_sweep
 
 __all__ = ["build_report"]
@@ -47,13 +48,39 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                 (f"ensemble average ({e.n_models} runs)", e.ensemble_accuracy),
                 (f"kernel k-NN (k={e.k})", e.knn_accuracy),
                 (f"weighted vote (k={e.weighted_k}, K**{e.power})", e.weighted_accuracy)]
+    label_section = _label_section(train, test, labels_train, labels_test, found, renderer,
+                                   class_names)
     html = render_report(
         views=views, source=source, n_models=train.n_models, n_train=train.n_examples,
         n_test=test.n_examples, accuracy=accuracy, sweep_figure=plot_sweep(result),
         significance=result.significance, ablations=result.ablations,
-        has_inputs=renderer.has_inputs)
+        has_inputs=renderer.has_inputs, sections=[render_label_section(label_section)])
     atomic_write_text(out, html)
+    written += _write_label_section(label_section, files)
     accuracy_csv = files / "accuracy.csv"
     atomic_write_text(accuracy_csv, "method,accuracy\n" + "".join(
         f"{name},{value}\n" for name, value in accuracy))
     return written + [accuracy_csv, out]
+
+
+def _label_section(train, test, labels_train, labels_test, found: Neighbors,
+                   renderer: InputRenderer, class_names) -> LabelSection:
+    """The test split's label issues from the neighbours the report already has (issue 11)."""
+    from ..labelissues import label_issues
+
+    issues = label_issues(train, test, labels_train, labels_test, split="test",
+                          k=min(20, found.k), neighbors=found)
+    return build_label_section(issues, renderer, labels_train, class_names)
+
+
+def _write_label_section(section: LabelSection, files: Path) -> list[Path]:
+    path = files / "label_issues.csv"
+    atomic_write_text(path, section.to_csv())
+    written = [path]
+    if section.image is not None:
+        from .html import png_bytes
+
+        image = files / "label_issues.png"
+        atomic_write(image, lambda f: f.write(png_bytes(section.image)))
+        written.append(image)
+    return written

@@ -132,8 +132,10 @@ def _b64(image) -> str | None:
 def render_report(*, views: Views, accuracy: Sequence[tuple[str, float]], source: str,
                   n_models: int, n_train: int, n_test: int, sweep_figure=None,
                   significance=None, ablations: dict | None = None,
-                  has_inputs: bool = True, title: str = "ensemble-kernel report") -> str:
-    """The whole report as one self-contained HTML string."""
+                  has_inputs: bool = True, title: str = "ensemble-kernel report",
+                  sections: Sequence[str] = ()) -> str:
+    """The whole report as one self-contained HTML string; `sections` are HTML blocks
+    (already escaped, e.g. `report.labels.render_label_section`) placed after the views."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("ensemble_kernel", "report"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.get_template("template.html")
@@ -147,6 +149,7 @@ def render_report(*, views: Views, accuracy: Sequence[tuple[str, float]], source
         dup_png=_b64(views.images["duplicates_threshold"]), dup_table=views.tables["duplicates"],
         failures_png=_b64(views.images.get("failures")), failures_table=views.tables["failures"],
         compare_png=_b64(views.images.get("compare")), has_inputs=has_inputs,
+        sections=list(sections),
     )
 
 
