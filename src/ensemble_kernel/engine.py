@@ -294,19 +294,24 @@ class _Engine:
         self._query_cache.clear()
         return best
 
-    def rescore(self, candidates: torch.Tensor) -> Rescored:
+    def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None) -> Rescored:
         """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
 
         Parameters
         ----------
         candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
+        lengths : Tensor of shape (n_queries,), int64, or None: re-score only the first
+            `lengths[q]` candidates of query q (a window; see `_fast_search`); None: all.
 
         Returns
         -------
-        Rescored: values of shape (n_queries, n_candidates), float32, and the squared
-        norms of the feature rows of every query and every reference (float64).
+        Rescored: values of shape (n_queries, n_candidates), float32 (-inf past each
+        query's window), and the squared norms of the feature rows of every query and
+        every reference (float64).
         """
         n_q, n_c = candidates.shape
+        if lengths is None:
+            lengths = torch.full((n_q,), n_c, dtype=torch.int64, device=self.device)
         out = torch.zeros(n_q, n_c, device=self.device)
         query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
@@ -314,32 +319,34 @@ class _Engine:
         step = self.plan.rescore_chunk_models
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
+        groups = _window_groups(lengths, n_c)
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
             query_norms += torch.linalg.vector_norm(fa, dim=1, dtype=torch.float64).square_()
             reference_norms += torch.linalg.vector_norm(fb, dim=1, dtype=torch.float64).square_()
-            # Gathered rows: the (rows, n_candidates, d) temporary within the plan.
-            rows_per_block = max(1, self.plan.rescore_gather_bytes // (n_c * fa.shape[1] * 4))
-            for q0 in range(0, n_q, rows_per_block):
-                q = slice(q0, min(q0 + rows_per_block, n_q))
-                gathered = fb[candidates[q]]  # (rows, n_candidates, d)
-                out[q] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
+            for rows, width in groups:
+                # Gathered rows: the (rows, width, d) temporary within the plan.
+                per_block = max(1, self.plan.rescore_gather_bytes // (width * fa.shape[1] * 4))
+                for r0 in range(0, len(rows), per_block):
+                    q = rows[r0:r0 + per_block]
+                    gathered = fb[candidates[q, :width]]  # (rows, width, d)
+                    out[q, :width] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
+                    del gathered
             del fa, fb
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
-        return Rescored(out * (1.0 / (self.n_models * self.n_used)), query_norms, reference_norms)
+        out *= 1.0 / (self.n_models * self.n_used)
+        outside = torch.arange(n_c, device=self.device)[None, :] >= lengths[:, None]
+        out[outside] = float("-inf")  # never re-scored: below the window (see _fast_search)
+        return Rescored(out, query_norms, reference_norms)
 
-    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
-        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+    def bound_coefficient(self) -> float:
+        """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
 
         The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
-        float32 sums) plus the re-score's own float32 error, from `bounds`: the
-        coefficient times ||a|| * max_b ||b|| / (n_models * n_used).
-
-        Returns
-        -------
-        Tensor of shape (n_rows,), float64.
+        float32 sums) plus the re-score's own float32 error, from `bounds`, scaled as the
+        kernel is (by 1 / (n_models * n_used)).
         """
         n_blocks = math.ceil(self.n_models / self.plan.chunk_models)
         low = product_error_coefficient(
@@ -349,11 +356,59 @@ class _Engine:
         exact = product_error_coefficient(
             width=step * self.n_used, n_blocks=math.ceil(self.n_models / step), unit=0.0,
             output_rounding=False)
+        return (low + exact) / (self.n_models * self.n_used)
+
+    def expected_norm(self) -> float:
+        """What a feature row's norm should be: sqrt((n_models - 1) * n_used), slightly raised.
+
+        Standardising with the unbiased std makes each class's column of a row sum to
+        n_models - 1 in squares (0 for an output no run changes), so the norm is at most
+        this up to rounding. Only a guess for sizing the re-score's window: the bound that
+        decides a query uses the norms the re-score measures (`low_precision_bound`).
+        """
+        return math.sqrt((self.n_models - 1) * self.n_used) * (1 + WINDOW_NORM_SLACK)
+
+    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
+        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+
+        `bound_coefficient()` times ||a|| * max_b ||b||, the norms as the re-score measured
+        them (raised by NORM_SLACK), plus ABSOLUTE_SLACK.
+
+        Returns
+        -------
+        Tensor of shape (n_rows,), float64.
+        """
         slack = 1 + NORM_SLACK
         query = rescored.query_norms.sqrt() * slack
         reference = float(rescored.reference_norms.max().sqrt()) * slack
-        scale = 1.0 / (self.n_models * self.n_used)
-        return (low + exact) * query * reference * scale + ABSOLUTE_SLACK
+        return self.bound_coefficient() * query * reference + ABSOLUTE_SLACK
+
+
+# How far above sqrt((n_models - 1) * n_used) a feature norm may come before the re-score's
+# window, sized from that guess, no longer proves anything (such queries are recomputed).
+WINDOW_NORM_SLACK = 2.0**-10
+
+
+def _window_groups(lengths: torch.Tensor, n_c: int) -> list[tuple[torch.Tensor, int]]:
+    """Queries grouped by window length, so that gathers waste little on padding.
+
+    Returns
+    -------
+    list of (rows, width): query indices (int64) whose windows are at most `width` long;
+    every query with a non-empty window is in exactly one group.
+    """
+    order = lengths.argsort(stable=True)
+    sorted_lengths = lengths[order]
+    groups, start, n = [], int((sorted_lengths == 0).sum()), len(order)
+    while start < n:
+        width = int(sorted_lengths[start])
+        # widths grow by at most 25% (and at least 8) per group: padding below a quarter
+        limit = max(width + 8, width * 5 // 4)
+        stop = int(torch.searchsorted(sorted_lengths, min(limit, n_c), right=True))
+        stop = max(stop, start + 1)
+        groups.append((order[start:stop], min(int(sorted_lengths[stop - 1]), n_c)))
+        start = stop
+    return groups
 
 
 @dataclass(frozen=True)
@@ -507,25 +562,41 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
                  combine: Callable[[Neighbors], Neighbors]) -> Neighbors:
     """bfloat16 candidates, an exact re-score, and a proof per query that nothing was missed.
 
-    A reference left out of a query's candidates has a bfloat16 value no larger than the
-    last candidate's; its exact value exceeds that by at most the query's error bound
-    (`_Engine.low_precision_bound`). When even that cannot reach the exact k-th value,
-    the query's top-k is final. Any other query is recomputed in exact mode.
+    Every pair's exact value lies within the query's error bound B of its bfloat16 value
+    (`_Engine.low_precision_bound`). The k best bfloat16 candidates therefore have exact
+    values of at least v_k - B (v_k: the k-th bfloat16 value), so any reference whose
+    bfloat16 value is below v_k - 2B cannot reach the exact top-k. Only the window of
+    candidates at or above v_k - 2G is re-scored, G being the bound computed from the
+    expected feature norms; once the re-score has measured the norms, a query is final if
+
+    - B <= G and its window stopped before the end of its candidates (everything after
+      it, and every reference outside the candidates, lies below v_k - 2B), or
+    - its window holds every candidate and even the last candidate's bfloat16 value plus B
+      cannot reach the exact k-th value.
+
+    Any other query is recomputed in exact mode.
     """
-    n_c = min(n_candidates, engine.references.n_examples)
+    n_refs = engine.references.n_examples
+    n_c = min(n_candidates, n_refs)
     with bfloat16_matmul(engine.device):
         approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
+    guess = engine.bound_coefficient() * engine.expected_norm() ** 2 + ABSOLUTE_SLACK
+    low = approx.values.double()  # (n_queries, n_c), best first
+    lengths = (low >= (low[:, k - 1] - 2 * guess)[:, None]).sum(dim=1)  # a prefix of each row
     with exact_float32_matmul(engine.device):
-        rescored = engine.rescore(approx.indices)
+        rescored = engine.rescore(approx.indices, lengths)
         exact = rescored.values
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
         best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
                           Neighbors(approx.indices, exact), k)
-        if n_c >= engine.references.n_examples - engine.exclude_self:
-            return best  # every reference was re-scored
-        reachable = approx.values[:, -1].double() + engine.low_precision_bound(rescored)
-        rows = (best.values[:, -1].double() <= reachable).nonzero().flatten()
-        logger.info("fast mode: %d of %d queries recomputed exactly", len(rows), exact.shape[0])
+        bound = engine.low_precision_bound(rescored)
+        every_reference = n_c >= n_refs - engine.exclude_self
+        whole = lengths >= n_c
+        proven_tail = every_reference | (best.values[:, -1].double() > low[:, -1] + bound)
+        settled = torch.where(whole, proven_tail, bound <= guess)
+        rows = (~settled).nonzero().flatten()
+        logger.info("fast mode: %d pairs re-scored; %d of %d queries recomputed exactly",
+                    int(lengths.sum()), len(rows), exact.shape[0])
         if len(rows):
             redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")
             best.indices[rows], best.values[rows] = redo.indices, redo.values
