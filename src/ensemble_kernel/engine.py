@@ -64,6 +64,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Working set of one piece of rows normalised at a time: small enough to stay in a core's
+# L2 cache (the passes over it are memory-bound otherwise), large enough that the dozen
+# torch calls per piece cost little beside the arithmetic.
+_PIECE_CACHE_BYTES = 4 << 20
+
+
+def _cache_rows(n_block_models: int, n_classes: int) -> int:
+    """Rows of a block of runs whose float32 values fill about half a piece."""
+    return max(1, (_PIECE_CACHE_BYTES // 2) // (4 * n_block_models * n_classes))
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -158,23 +168,37 @@ class _Engine:
     def _block_statistics(self, source: LogitSource, rows: slice, only: torch.Tensor | None,
                           b: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and 1 / std of the examples `rows`, or, in float64, of the positions `only`
-        in it (see `StatsAccumulator.finalize`)."""
+        in it (see `StatsAccumulator.finalize`).
+
+        Each block of runs is read whole (stores read best in large blocks), then prepared
+        and summed in pieces of rows small enough to stay in a core's cache: the dozen
+        passes of log-softmax and sums over a piece then run at cache speed rather than
+        memory speed, which is what limits them on most CPUs.
+        """
         n_rows = rows.stop - rows.start if only is None else len(only)
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
-        acc = StatsAccumulator(n_rows, self.n_used, self.device)
+        step = _cache_rows(min(self.plan.chunk_models, self.n_models), self.n_used)
+        pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+        accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
             models = slice(m0, min(m0 + self.plan.chunk_models, self.n_models))
             raw = source.read(models, rows)
             if only is not None:
                 raw = raw[:, only.to(raw.device)]
-            x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
-                        device=self.device, runs_first=True, precise=precise)
-            if not acc.update(x):
-                self._update_precisely(acc, raw, m0, rows.start, source, precise)
+            for piece, acc in zip(pieces, accs):
+                part = raw[:, piece]
+                x = prepare(part, log_softmax=self.log_softmax, classes=self.classes,
+                            device=self.device, runs_first=True,
+                            precise=None if precise is None else precise[piece])
+                if not acc.update(x):
+                    first = rows.start + piece.start if only is None else rows.start
+                    self._update_precisely(acc, part, m0, first, source,
+                                           None if precise is None else precise[piece])
             if only is None:
                 self._report("statistics", b * self.n_models + models.stop,
                              n_blocks * self.n_models)
-        return acc.finalize()
+        mean, scale = zip(*(acc.finalize() for acc in accs))
+        return torch.cat(mean), torch.cat(scale)
 
     def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
                           source: LogitSource, precise: torch.Tensor | None) -> None:
@@ -198,7 +222,8 @@ class _Engine:
         raw = source.read(models, examples)  # (n_block_models, n_examples, n_classes)
         n_block, n_rows = raw.shape[0], raw.shape[1]
         out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
-        piece = max(1, self.plan.piece_bytes // (16 * n_block * raw.shape[2]))
+        piece = max(1, min(self.plan.piece_bytes, _PIECE_CACHE_BYTES)
+                    // (16 * n_block * raw.shape[2]))
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
@@ -312,33 +337,37 @@ class _Engine:
         n_q, n_c = candidates.shape
         if lengths is None:
             lengths = torch.full((n_q,), n_c, dtype=torch.int64, device=self.device)
-        out = torch.zeros(n_q, n_c, device=self.device)
         query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
                                       device=self.device)
         step = self.plan.rescore_chunk_models
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
-        groups = _window_groups(lengths, n_c)
+        # The pairs to re-score as a sparse (n_queries, n_references) pattern, columns
+        # sorted within each row as CSR wants (the window's references first: the others
+        # sort last as n_references); `order` maps sorted slots back to candidate slots.
+        inside = torch.arange(n_c, device=self.device)[None, :] < lengths[:, None]
+        keys = torch.where(inside, candidates, self.references.n_examples)
+        sorted_keys, order = keys.sort(dim=1)
+        crow = torch.zeros(n_q + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = lengths.cumsum(0)
+        pattern = _csr(crow, sorted_keys[inside], torch.zeros(int(crow[-1]), device=self.device),
+                       (n_q, self.references.n_examples))
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
             query_norms += torch.linalg.vector_norm(fa, dim=1, dtype=torch.float64).square_()
             reference_norms += torch.linalg.vector_norm(fb, dim=1, dtype=torch.float64).square_()
-            for rows, width in groups:
-                # Gathered rows: the (rows, width, d) temporary within the plan.
-                per_block = max(1, self.plan.rescore_gather_bytes // (width * fa.shape[1] * 4))
-                for r0 in range(0, len(rows), per_block):
-                    q = rows[r0:r0 + per_block]
-                    gathered = fb[candidates[q, :width]]  # (rows, width, d)
-                    out[q, :width] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
-                    del gathered
+            # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
+            # straight from the feature rows (no gathered copy), added to the running sum.
+            pattern = torch.sparse.sampled_addmm(pattern, fa, fb.T)
             del fa, fb
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
-        out *= 1.0 / (self.n_models * self.n_used)
-        outside = torch.arange(n_c, device=self.device)[None, :] >= lengths[:, None]
-        out[outside] = float("-inf")  # never re-scored: below the window (see _fast_search)
+        scale = 1.0 / (self.n_models * self.n_used)
+        values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
+        values[inside] = pattern.values() * scale  # (n_queries, n_c), in sorted slots
+        out = torch.empty_like(values).scatter_(1, order, values)
         return Rescored(out, query_norms, reference_norms)
 
     def bound_coefficient(self) -> float:
@@ -389,26 +418,12 @@ class _Engine:
 WINDOW_NORM_SLACK = 2.0**-10
 
 
-def _window_groups(lengths: torch.Tensor, n_c: int) -> list[tuple[torch.Tensor, int]]:
-    """Queries grouped by window length, so that gathers waste little on padding.
-
-    Returns
-    -------
-    list of (rows, width): query indices (int64) whose windows are at most `width` long;
-    every query with a non-empty window is in exactly one group.
-    """
-    order = lengths.argsort(stable=True)
-    sorted_lengths = lengths[order]
-    groups, start, n = [], int((sorted_lengths == 0).sum()), len(order)
-    while start < n:
-        width = int(sorted_lengths[start])
-        # widths grow by at most 25% (and at least 8) per group: padding below a quarter
-        limit = max(width + 8, width * 5 // 4)
-        stop = int(torch.searchsorted(sorted_lengths, min(limit, n_c), right=True))
-        stop = max(stop, start + 1)
-        groups.append((order[start:stop], min(int(sorted_lengths[stop - 1]), n_c)))
-        start = stop
-    return groups
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+         size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor, without torch's notice that CSR support is in beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=True)
 
 
 @dataclass(frozen=True)
