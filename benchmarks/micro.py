@@ -6,6 +6,7 @@
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
+    python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
 
@@ -142,6 +143,45 @@ def stages(precision: str, k: int, n_test: int | None = None) -> None:
           + ", ".join(f"{s} {wall[s]:.1f} / {cpu[s]:.1f}" for s in wall))
 
 
+def pairs(n_queries: int = 1000, n_candidates: int = 131, width: int = 1360,
+          n_references: int = 50000) -> None:
+    """Fast mode's re-score products for one block of runs: the gathered batched product
+    it used against the sampled product it uses (CPU seconds, best of 3)."""
+    g = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(n_queries, width, generator=g), torch.randn(n_references, width, generator=g)
+    cand = torch.randint(0, n_references, (n_queries, n_candidates), generator=g)
+    crow = torch.arange(0, n_queries * n_candidates + 1, n_candidates)
+    col, order = cand.sort(dim=1)
+
+    def gathered():
+        out = torch.empty(n_queries, n_candidates)
+        for q0 in range(0, n_queries, 100):
+            q = slice(q0, q0 + 100)
+            out[q] = torch.bmm(fb[cand[q]], fa[q].unsqueeze(2)).squeeze(2)
+        return out
+
+    def sampled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = torch.sparse_csr_tensor(crow, col.flatten(), torch.zeros(crow[-1]),
+                                        (n_queries, n_references))
+        v = torch.sparse.sampled_addmm(s, fa, fb.T).values().reshape(n_queries, n_candidates)
+        return torch.empty_like(v).scatter_(1, order, v)
+
+    def best(f):
+        times = []
+        for _ in range(3):
+            c0 = time.process_time()
+            f()
+            times.append(time.process_time() - c0)
+        return min(times)
+
+    diff = float((gathered() - sampled()).abs().max())
+    print(f"{_machine()}\n{n_queries} queries x {n_candidates} candidates, d = {width}, "
+          f"{n_references} references: gather + bmm {best(gathered):.2f} CPU s, "
+          f"sampled_addmm {best(sampled):.2f} CPU s (largest difference {diff:.1e})")
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -198,7 +238,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates"])
+                                    "candidates", "pairs"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates: a store instead of the CIFAR-shaped logits")
@@ -215,6 +255,8 @@ def main() -> None:
         recipe(args.epochs, args.seed, args.models)
     elif args.what == "stages":
         stages(args.precision, args.k, args.n_test)
+    elif args.what == "pairs":
+        pairs()
     elif args.what == "candidates":
         candidates(args.k, args.store)
     else:
