@@ -430,7 +430,7 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
 class Rescored:
     """Exact values of candidate pairs and the squared norms of the feature rows."""
 
-    values: torch.Tensor  # (n_rows, n_candidates) float32
+    values: torch.Tensor  # (n_rows, n_candidates) float32; -inf where not re-scored
     query_norms: torch.Tensor  # (n_rows,) float64: squared norm of each query's features
     reference_norms: torch.Tensor  # (n_references,) float64
 
