@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import dense_kernel
+from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel import engine as engine_module
 from ensemble_kernel.bounds import BFLOAT16_ROUNDOFF, product_error_coefficient
 from ensemble_kernel.engine import _prepare_engine
@@ -111,7 +112,7 @@ def test_window_keeps_a_neighbour_pushed_down_by_nearly_the_bound(monkeypatch):
     monkeypatch.setattr(engine_module._Engine, "accumulate_tile",
                         _adversarial_pass(best, 0.999, runner_up))
     stages = []
-    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
+    got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
     assert torch.equal(got.indices[:, 0], best)
     assert_same_neighbors(got.indices, got.values, truth, 1)
@@ -126,7 +127,7 @@ def test_a_window_sized_from_a_wrong_guess_is_not_trusted(monkeypatch):
     monkeypatch.setattr(engine_module._Engine, "accumulate_tile", _adversarial_pass(best, 0.999))
     monkeypatch.setattr(engine_module._Engine, "expected_norm", lambda self: 1e-3)
     stages = []
-    got = top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
+    got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
     assert "fallback" in stages
     assert torch.equal(got.indices[:, 0], best)
@@ -143,9 +144,9 @@ def test_fast_equals_exact_with_windows_and_ties(exclude_self, k):
     train[:, 20:25] = train[:, 0:5] + 7.0  # near ties
     train[:, -1] = 1e3 * torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
     queries = train if exclude_self else ens.test
-    got = top_k_neighbors(queries, None if exclude_self else train, k, precision="fast",
+    got = _top_k_neighbors(queries, None if exclude_self else train, k, precision="fast",
                           exclude_self=exclude_self, memory_budget=64 * MiB, tile_size=31)
-    exact = top_k_neighbors(queries, None if exclude_self else train, k, precision="exact",
+    exact = _top_k_neighbors(queries, None if exclude_self else train, k, precision="exact",
                             exclude_self=exclude_self, memory_budget=64 * MiB, tile_size=31)
     kernel = dense_kernel(queries, train)
     if exclude_self:
@@ -164,7 +165,8 @@ def test_statistics_in_pieces_equal_the_whole_block(monkeypatch, piece_bytes):
     x = torch.log_softmax(ens.train.double(), dim=-1)
     torch.testing.assert_close(engine.stats_r.mean, x.mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(engine.stats_r.scale, 1 / x.std(0), rtol=1e-5, atol=0)
-    got = top_k_neighbors(ens.test, ens.train, 5, memory_budget=64 * MiB, chunk_models=4)
+    got = _top_k_neighbors(ens.test, ens.train, 5, precision="exact", memory_budget=64 * MiB,
+                           chunk_models=4)
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 5)
 
 
@@ -174,4 +176,4 @@ def test_non_finite_in_a_later_piece_names_its_example(monkeypatch):
     b = ens.train.clone()
     b[3, 113, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"run 3 .*example 113, class 2 is nan"):
-        top_k_neighbors(ens.test, b, 3, memory_budget=64 * MiB, chunk_models=3)
+        _top_k_neighbors(ens.test, b, 3, precision="exact", memory_budget=64 * MiB, chunk_models=3)
