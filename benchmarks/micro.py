@@ -5,6 +5,8 @@
     python benchmarks/micro.py storeread  # reading blocks of runs from the benchmark stores
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
+    python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
+    python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
 
@@ -111,20 +113,90 @@ def _cifar_logits(n_test: int | None = None):
     return train, test if n_test is None else test[:, :n_test]
 
 
-def stages(precision: str, k: int) -> None:
-    """Seconds spent in each stage the engine reports (statistics, kernel, rescore, fallback)."""
+def stages(precision: str, k: int, n_test: int | None = None) -> None:
+    """Wall and CPU seconds spent in each stage the engine reports (statistics, kernel,
+    rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine."""
     from ensemble_kernel.engine import _top_k_neighbors
 
-    train, test = _cifar_logits()
-    spans: dict[str, list[float]] = {}
+    train, test = _cifar_logits(n_test)
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    current = [None, time.perf_counter(), time.process_time()]
+
+    def close(now_wall: float, now_cpu: float) -> None:
+        if current[0] is not None:
+            wall[current[0]] = wall.get(current[0], 0.0) + now_wall - current[1]
+            cpu[current[0]] = cpu.get(current[0], 0.0) + now_cpu - current[2]
 
     def note(p):
-        spans.setdefault(p.stage, [p.elapsed_s, p.elapsed_s])[1] = p.elapsed_s
+        if p.stage != current[0]:
+            now_wall, now_cpu = time.perf_counter(), time.process_time()
+            close(now_wall, now_cpu)
+            current[:] = [p.stage, now_wall, now_cpu]
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _top_k_neighbors(test, train, k, precision=precision, memory_budget=1 << 30, progress=note)
-    print(f"{precision}, k = {k}: {time.perf_counter() - t0:.1f} s in all; stages (first to "
-          "last report, s): " + ", ".join(f"{s} {a:.1f}-{b:.1f}" for s, (a, b) in spans.items()))
+    t1, c1 = time.perf_counter(), time.process_time()
+    close(t1, c1)
+    print(f"{_machine()}\n{precision}, k = {k}, {test.shape[1]} queries: {t1 - t0:.1f} s wall, "
+          f"{c1 - c0:.1f} s CPU; per stage (wall / CPU, s): "
+          + ", ".join(f"{s} {wall[s]:.1f} / {cpu[s]:.1f}" for s in wall))
+
+
+def pairs(n_queries: int = 1000, n_candidates: int = 131, width: int = 1360,
+          n_references: int = 50000) -> None:
+    """Fast mode's re-score products for one block of runs: the gathered batched product
+    it used against the sampled product it uses (CPU seconds, best of 3)."""
+    g = torch.Generator().manual_seed(0)
+    fa, fb = torch.randn(n_queries, width, generator=g), torch.randn(n_references, width, generator=g)
+    cand = torch.randint(0, n_references, (n_queries, n_candidates), generator=g)
+    crow = torch.arange(0, n_queries * n_candidates + 1, n_candidates)
+    col, order = cand.sort(dim=1)
+
+    def gathered():
+        out = torch.empty(n_queries, n_candidates)
+        for q0 in range(0, n_queries, 100):
+            q = slice(q0, q0 + 100)
+            out[q] = torch.bmm(fb[cand[q]], fa[q].unsqueeze(2)).squeeze(2)
+        return out
+
+    def sampled():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = torch.sparse_csr_tensor(crow, col.flatten(), torch.zeros(crow[-1]),
+                                        (n_queries, n_references))
+        v = torch.sparse.sampled_addmm(s, fa, fb.T).values().reshape(n_queries, n_candidates)
+        return torch.empty_like(v).scatter_(1, order, v)
+
+    def best(f):
+        times = []
+        for _ in range(3):
+            c0 = time.process_time()
+            f()
+            times.append(time.process_time() - c0)
+        return min(times)
+
+    diff = float((gathered() - sampled()).abs().max())
+    print(f"{_machine()}\n{n_queries} queries x {n_candidates} candidates, d = {width}, "
+          f"{n_references} references: gather + bmm {best(gathered):.2f} CPU s, "
+          f"sampled_addmm {best(sampled):.2f} CPU s (largest difference {diff:.1e})")
+
+
+def _machine() -> str:
+    """CPU model, the ISA flags that matter here, and torch's threads."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
+    isa = " ".join(f for f in wanted if f in flags) or "flags unknown"
+    return (f"{model} ({isa}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def candidates(k: int, store: str | None = None, n_test: int = 1000,
@@ -166,19 +238,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates"])
+                                    "candidates", "pairs"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates: a store instead of the CIFAR-shaped logits")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
+    p.add_argument("--n-test", type=int, help="stages: only the first N test examples")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(header(describe()), flush=True)
     if args.what == "recipe":
         recipe(args.epochs, args.seed, args.models)
     elif args.what == "stages":
-        stages(args.precision, args.k)
+        stages(args.precision, args.k, args.n_test)
+    elif args.what == "pairs":
+        pairs()
     elif args.what == "candidates":
         candidates(args.k, args.store)
     else:

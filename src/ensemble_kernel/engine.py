@@ -64,6 +64,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Working set of one piece of rows normalised at a time: small enough to stay in a core's
+# L2 cache (the passes over it are memory-bound otherwise), large enough that the dozen
+# torch calls per piece cost little beside the arithmetic.
+_PIECE_CACHE_BYTES = 4 << 20
+
+
+def _cache_rows(n_block_models: int, n_classes: int) -> int:
+    """Rows of a block of runs whose float32 values fill about half a piece."""
+    return max(1, (_PIECE_CACHE_BYTES // 2) // (4 * n_block_models * n_classes))
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -158,23 +168,37 @@ class _Engine:
     def _block_statistics(self, source: LogitSource, rows: slice, only: torch.Tensor | None,
                           b: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and 1 / std of the examples `rows`, or, in float64, of the positions `only`
-        in it (see `StatsAccumulator.finalize`)."""
+        in it (see `StatsAccumulator.finalize`).
+
+        Each block of runs is read whole (stores read best in large blocks), then prepared
+        and summed in pieces of rows small enough to stay in a core's cache: the dozen
+        passes of log-softmax and sums over a piece then run at cache speed rather than
+        memory speed, which is what limits them on most CPUs.
+        """
         n_rows = rows.stop - rows.start if only is None else len(only)
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
-        acc = StatsAccumulator(n_rows, self.n_used, self.device)
+        step = _cache_rows(min(self.plan.chunk_models, self.n_models), self.n_used)
+        pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+        accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
             models = slice(m0, min(m0 + self.plan.chunk_models, self.n_models))
             raw = source.read(models, rows)
             if only is not None:
                 raw = raw[:, only.to(raw.device)]
-            x = prepare(raw, log_softmax=self.log_softmax, classes=self.classes,
-                        device=self.device, runs_first=True, precise=precise)
-            if not acc.update(x):
-                self._update_precisely(acc, raw, m0, rows.start, source, precise)
+            for piece, acc in zip(pieces, accs):
+                part = raw[:, piece]
+                x = prepare(part, log_softmax=self.log_softmax, classes=self.classes,
+                            device=self.device, runs_first=True,
+                            precise=None if precise is None else precise[piece])
+                if not acc.update(x):
+                    first = rows.start + piece.start if only is None else rows.start
+                    self._update_precisely(acc, part, m0, first, source,
+                                           None if precise is None else precise[piece])
             if only is None:
                 self._report("statistics", b * self.n_models + models.stop,
                              n_blocks * self.n_models)
-        return acc.finalize()
+        mean, scale = zip(*(acc.finalize() for acc in accs))
+        return torch.cat(mean), torch.cat(scale)
 
     def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
                           source: LogitSource, precise: torch.Tensor | None) -> None:
@@ -198,7 +222,8 @@ class _Engine:
         raw = source.read(models, examples)  # (n_block_models, n_examples, n_classes)
         n_block, n_rows = raw.shape[0], raw.shape[1]
         out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
-        piece = max(1, self.plan.piece_bytes // (16 * n_block * raw.shape[2]))
+        piece = max(1, min(self.plan.piece_bytes, _PIECE_CACHE_BYTES)
+                    // (16 * n_block * raw.shape[2]))
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
@@ -294,52 +319,63 @@ class _Engine:
         self._query_cache.clear()
         return best
 
-    def rescore(self, candidates: torch.Tensor) -> Rescored:
+    def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None) -> Rescored:
         """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
 
         Parameters
         ----------
         candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
+        lengths : Tensor of shape (n_queries,), int64, or None: re-score only the first
+            `lengths[q]` candidates of query q (a window; see `_fast_search`); None: all.
 
         Returns
         -------
-        Rescored: values of shape (n_queries, n_candidates), float32, and the squared
-        norms of the feature rows of every query and every reference (float64).
+        Rescored: values of shape (n_queries, n_candidates), float32 (-inf past each
+        query's window), and the squared norms of the feature rows of every query and
+        every reference (float64).
         """
         n_q, n_c = candidates.shape
-        out = torch.zeros(n_q, n_c, device=self.device)
+        if lengths is None:
+            lengths = torch.full((n_q,), n_c, dtype=torch.int64, device=self.device)
         query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
                                       device=self.device)
         step = self.plan.rescore_chunk_models
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
+        # The pairs to re-score as a sparse (n_queries, n_references) pattern, columns
+        # sorted within each row as CSR wants (the window's references first: the others
+        # sort last as n_references); `order` maps sorted slots back to candidate slots.
+        inside = torch.arange(n_c, device=self.device)[None, :] < lengths[:, None]
+        keys = torch.where(inside, candidates, self.references.n_examples)
+        sorted_keys, order = keys.sort(dim=1)
+        crow = torch.zeros(n_q + 1, dtype=torch.int64, device=self.device)
+        crow[1:] = lengths.cumsum(0)
+        pattern = _csr(crow, sorted_keys[inside], torch.zeros(int(crow[-1]), device=self.device),
+                       (n_q, self.references.n_examples))
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
             query_norms += torch.linalg.vector_norm(fa, dim=1, dtype=torch.float64).square_()
             reference_norms += torch.linalg.vector_norm(fb, dim=1, dtype=torch.float64).square_()
-            # Gathered rows: the (rows, n_candidates, d) temporary within the plan.
-            rows_per_block = max(1, self.plan.rescore_gather_bytes // (n_c * fa.shape[1] * 4))
-            for q0 in range(0, n_q, rows_per_block):
-                q = slice(q0, min(q0 + rows_per_block, n_q))
-                gathered = fb[candidates[q]]  # (rows, n_candidates, d)
-                out[q] += torch.bmm(gathered, fa[q].unsqueeze(2)).squeeze(2)
+            # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
+            # straight from the feature rows (no gathered copy), added to the running sum.
+            pattern = torch.sparse.sampled_addmm(pattern, fa, fb.T)
             del fa, fb
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
-        return Rescored(out * (1.0 / (self.n_models * self.n_used)), query_norms, reference_norms)
+        scale = 1.0 / (self.n_models * self.n_used)
+        values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
+        values[inside] = pattern.values() * scale  # (n_queries, n_c), in sorted slots
+        out = torch.empty_like(values).scatter_(1, order, values)
+        return Rescored(out, query_norms, reference_norms)
 
-    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
-        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+    def bound_coefficient(self) -> float:
+        """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
 
         The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
-        float32 sums) plus the re-score's own float32 error, from `bounds`: the
-        coefficient times ||a|| * max_b ||b|| / (n_models * n_used).
-
-        Returns
-        -------
-        Tensor of shape (n_rows,), float64.
+        float32 sums) plus the re-score's own float32 error, from `bounds`, scaled as the
+        kernel is (by 1 / (n_models * n_used)).
         """
         n_blocks = math.ceil(self.n_models / self.plan.chunk_models)
         low = product_error_coefficient(
@@ -349,18 +385,52 @@ class _Engine:
         exact = product_error_coefficient(
             width=step * self.n_used, n_blocks=math.ceil(self.n_models / step), unit=0.0,
             output_rounding=False)
+        return (low + exact) / (self.n_models * self.n_used)
+
+    def expected_norm(self) -> float:
+        """What a feature row's norm should be: sqrt((n_models - 1) * n_used), slightly raised.
+
+        Standardising with the unbiased std makes each class's column of a row sum to
+        n_models - 1 in squares (0 for an output no run changes), so the norm is at most
+        this up to rounding. Only a guess for sizing the re-score's window: the bound that
+        decides a query uses the norms the re-score measures (`low_precision_bound`).
+        """
+        return math.sqrt((self.n_models - 1) * self.n_used) * (1 + WINDOW_NORM_SLACK)
+
+    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
+        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+
+        `bound_coefficient()` times ||a|| * max_b ||b||, the norms as the re-score measured
+        them (raised by NORM_SLACK), plus ABSOLUTE_SLACK.
+
+        Returns
+        -------
+        Tensor of shape (n_rows,), float64.
+        """
         slack = 1 + NORM_SLACK
         query = rescored.query_norms.sqrt() * slack
         reference = float(rescored.reference_norms.max().sqrt()) * slack
-        scale = 1.0 / (self.n_models * self.n_used)
-        return (low + exact) * query * reference * scale + ABSOLUTE_SLACK
+        return self.bound_coefficient() * query * reference + ABSOLUTE_SLACK
+
+
+# How far above sqrt((n_models - 1) * n_used) a feature norm may come before the re-score's
+# window, sized from that guess, no longer proves anything (such queries are recomputed).
+WINDOW_NORM_SLACK = 2.0**-10
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+         size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor, without torch's notice that CSR support is in beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=True)
 
 
 @dataclass(frozen=True)
 class Rescored:
     """Exact values of candidate pairs and the squared norms of the feature rows."""
 
-    values: torch.Tensor  # (n_rows, n_candidates) float32
+    values: torch.Tensor  # (n_rows, n_candidates) float32; -inf where not re-scored
     query_norms: torch.Tensor  # (n_rows,) float64: squared norm of each query's features
     reference_norms: torch.Tensor  # (n_references,) float64
 
@@ -507,25 +577,41 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
                  combine: Callable[[Neighbors], Neighbors]) -> Neighbors:
     """bfloat16 candidates, an exact re-score, and a proof per query that nothing was missed.
 
-    A reference left out of a query's candidates has a bfloat16 value no larger than the
-    last candidate's; its exact value exceeds that by at most the query's error bound
-    (`_Engine.low_precision_bound`). When even that cannot reach the exact k-th value,
-    the query's top-k is final. Any other query is recomputed in exact mode.
+    Every pair's exact value lies within the query's error bound B of its bfloat16 value
+    (`_Engine.low_precision_bound`). The k best bfloat16 candidates therefore have exact
+    values of at least v_k - B (v_k: the k-th bfloat16 value), so any reference whose
+    bfloat16 value is below v_k - 2B cannot reach the exact top-k. Only the window of
+    candidates at or above v_k - 2G is re-scored, G being the bound computed from the
+    expected feature norms; once the re-score has measured the norms, a query is final if
+
+    - B <= G and its window stopped before the end of its candidates (everything after
+      it, and every reference outside the candidates, lies below v_k - 2B), or
+    - its window holds every candidate and even the last candidate's bfloat16 value plus B
+      cannot reach the exact k-th value.
+
+    Any other query is recomputed in exact mode.
     """
-    n_c = min(n_candidates, engine.references.n_examples)
+    n_refs = engine.references.n_examples
+    n_c = min(n_candidates, n_refs)
     with bfloat16_matmul(engine.device):
         approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
+    guess = engine.bound_coefficient() * engine.expected_norm() ** 2 + ABSOLUTE_SLACK
+    low = approx.values.double()  # (n_queries, n_c), best first
+    lengths = (low >= (low[:, k - 1] - 2 * guess)[:, None]).sum(dim=1)  # a prefix of each row
     with exact_float32_matmul(engine.device):
-        rescored = engine.rescore(approx.indices)
+        rescored = engine.rescore(approx.indices, lengths)
         exact = rescored.values
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
         best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
                           Neighbors(approx.indices, exact), k)
-        if n_c >= engine.references.n_examples - engine.exclude_self:
-            return best  # every reference was re-scored
-        reachable = approx.values[:, -1].double() + engine.low_precision_bound(rescored)
-        rows = (best.values[:, -1].double() <= reachable).nonzero().flatten()
-        logger.info("fast mode: %d of %d queries recomputed exactly", len(rows), exact.shape[0])
+        bound = engine.low_precision_bound(rescored)
+        every_reference = n_c >= n_refs - engine.exclude_self
+        whole = lengths >= n_c
+        proven_tail = every_reference | (best.values[:, -1].double() > low[:, -1] + bound)
+        settled = torch.where(whole, proven_tail, bound <= guess)
+        rows = (~settled).nonzero().flatten()
+        logger.info("fast mode: %d pairs re-scored; %d of %d queries recomputed exactly",
+                    int(lengths.sum()), len(rows), exact.shape[0])
         if len(rows):
             redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")
             best.indices[rows], best.values[rows] = redo.indices, redo.values
