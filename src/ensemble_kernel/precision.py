@@ -2,7 +2,7 @@
 
 Fast mode pays only where low-precision products are much faster than float32 ones
 *and* that gain outweighs its extra work: the exact re-score (every feature normalised
-again in float32, the candidates' features gathered and multiplied) and the queries the
+again in float32, one dot product per candidate) and the queries the
 proof sends back to exact mode. So the probe measures four rates at the engine's shapes,
 on the chosen device, with the engine's own code and settings:
 
@@ -12,8 +12,8 @@ on the chosen device, with the engine's own code and settings:
   candidate pass), FLOP/s;
 - `normalize`: log-softmax and standardisation of float16 logits into features
   (`kernel.prepare`, `kernel.normalized_features`), feature values per second;
-- `gather`: the re-score's gather of candidates' feature rows and their batched product
-  with the query's row, feature values per second.
+- `gather`: the re-score: one float32 dot product per (query, candidate) pair, read
+  from the feature rows by `torch.sparse.sampled_addmm`, feature values per second.
 
 `predict_times` turns the rates into the time of each path for a job's shapes (the
 engine's plan for each precision gives the tiles and whether query features are cached),
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
-PROBE_VERSION = 1  # bump when the probe or the model changes: old cache files are ignored
+PROBE_VERSION = 2  # bump when the probe or the model changes: old cache files are ignored
 PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
@@ -436,11 +436,17 @@ def _gather_step(randn, gen, device):
     def make(rows):
         queries = randn(rows, _WIDTH)
         candidates = torch.randint(0, _GATHER_REFERENCES, (rows, _CANDIDATES),
-                                   generator=gen).to(device)
-        out = torch.zeros(rows, _CANDIDATES, device=device)
+                                   generator=gen).to(device).sort(dim=1).values
+        crow = torch.arange(0, rows * _CANDIDATES + 1, _CANDIDATES, device=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(crow, candidates.reshape(-1),
+                                              torch.zeros(rows * _CANDIDATES, device=device),
+                                              (rows, _GATHER_REFERENCES),
+                                              check_invariants=False)  # sorted, in range
 
-        def run():  # as `_Engine.rescore`
-            out.add_(torch.bmm(features[candidates], queries.unsqueeze(2)).squeeze(2))
+        def run():  # as `_Engine.rescore`: one float32 dot product per (query, candidate)
+            torch.sparse.sampled_addmm(pattern, queries, features.T)
         return run, float(rows * _CANDIDATES * _WIDTH)
     return make
 
