@@ -11,9 +11,10 @@ import typer
 
 from ..demo.data import DATASETS
 from ..errors import InputError
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
-                     _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
-                     choice, err, format_card, parse_run_counts, parse_size)
+from .common import (BudgetOpt, DeviceOpt, FullSweepOpt, LabelsOpt, MaxSubsetsOpt,
+                     PrecisionOpt, QuietOpt, SrcArg, _check_precision, _open, _progress_bar,
+                     _stage_bar, _user_errors, app, check_sweep_size, choice, err, format_card,
+                     parse_run_counts, parse_size, sweep_subsets)
 from .outputs import check_output_folder
 
 
@@ -25,8 +26,8 @@ def sweep_cmd(
                                             show_default="powers of 2 up to all runs"),
     out: Path = typer.Option(Path("sweep-output"), "--out", help="Folder for sweep.png, "
                              "sweep.csv and sweep.json."),
-    max_subsets: int = typer.Option(8, "--max-subsets", min=1,
-                                    help="Disjoint subsets per run count."),
+    max_subsets: Optional[int] = MaxSubsetsOpt,
+    full_sweep: bool = FullSweepOpt,
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
@@ -44,6 +45,7 @@ def sweep_cmd(
 
     with _user_errors():
         _check_precision(precision)
+        subsets = sweep_subsets(max_subsets, full_sweep)
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
         runset, _ = _open(src, labels, None)
@@ -51,9 +53,10 @@ def sweep_cmd(
             raise InputError("sweep needs train and test labels: pass --labels FILE.npz")
         counts = parse_run_counts(runs_list, runset.n_models)
         check_sweep_size("sweep", runset.train.n_examples)
-        result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                       runs=counts, max_subsets=max_subsets, precision=precision,
-                       memory_budget=budget, device=device)
+        with _progress_bar(quiet or as_json) as report:
+            result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                           runs=counts, max_subsets=subsets, precision=precision,
+                           memory_budget=budget, device=device, progress=report)
         paths = write_sweep(result, out)
     if as_json:
         typer.echo(json.dumps(sweep_json(result), indent=2))
@@ -98,6 +101,8 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if the demo did "
                                "not make it, replacing OUT/store."),
+    max_subsets: Optional[int] = MaxSubsetsOpt,
+    full_sweep: bool = FullSweepOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train an ensemble of small 1-D CNNs on the CPU and show the kernel beating the average.
@@ -113,7 +118,8 @@ def demo_cmd(
 
     started = time.perf_counter()
     with _user_errors():
-        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out, force=force)
+        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out, force=force,
+                              max_subsets=sweep_subsets(max_subsets, full_sweep))
         with _stage_bar(quiet or as_json) as report:
             result = run_demo(options, report)
     if as_json:
