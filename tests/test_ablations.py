@@ -132,6 +132,32 @@ def test_no_log_softmax_joins_the_pass_only_where_the_budget_allows():
                               memory_budget=1 << 26).no_log_softmax is None
 
 
+def test_a_budget_too_small_for_the_pass_computes_one_kernel_at_a_time():
+    ens = make_ensemble(n_models=6, n_train=3000, n_test=2000, n_classes=6)
+    kw = dict(k_keep=3, raw_bytes=4)
+    budget = next(b for b in range(4 << 20, 256 << 20, 1 << 18)
+                  if _fits(2000, 3000, 6, 6, b, **kw) and not _fits(2000, 3000, 6, 12, b,
+                                                                     n_kernels=6, **kw))
+    found = ablation_neighbors(ens.test, ens.train, 3, memory_budget=budget)
+    assert not found.one_pass and not found.fused_no_log_softmax
+    assert ablation_neighbors(ens.test, ens.train, 3, memory_budget=1 << 30).one_pass
+    for c, alone in enumerate(found.per_class):
+        assert_same_neighbors(alone.indices, alone.values,
+                              dense_kernel(ens.test, ens.train, classes=[c]), 3)
+    assert_same_neighbors(found.no_log_softmax.indices, found.no_log_softmax.values,
+                          dense_kernel(ens.test, ens.train, log_softmax=False), 3)
+
+
+def _fits(n_q, n_r, n_models, n_used, budget, **kw) -> bool:
+    from ensemble_kernel.errors import BudgetError
+
+    try:
+        plan_memory(n_q, n_r, n_models, n_used, budget=budget, **kw)
+        return True
+    except BudgetError:
+        return False
+
+
 @pytest.mark.parametrize("bad", [0, 91, 2.5])
 def test_a_bad_k_is_refused(bad):
     ens, train, test = adversarial()

@@ -117,18 +117,22 @@ def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
     seen = []
     real = sweep_module.top_k_neighbors
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["memory_budget"], kwargs["device"]))
+    def spy(*args, real=real, **kwargs):
+        seen.append((kwargs["memory_budget"], kwargs["device"], real.__name__))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "top_k_neighbors", spy)
+    monkeypatch.setattr(sweep_module, "ablation_neighbors",
+                        lambda *a, real=sweep_module.ablation_neighbors, **kw:
+                        spy(*a, real=real, **kw))
     ens = make_ensemble(n_models=4, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
     budget = 32 * MiB
     sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
                        memory_budget=budget, device="cpu")
     held = sweep_module._held_bytes(40, 5, 20)
-    assert seen and all(b == budget - held and d == "cpu" for b, d in seen)
+    assert seen and all(b == budget - held and d == "cpu" for b, d, _ in seen)
+    assert {name for _, _, name in seen} == {"top_k_neighbors", "ablation_neighbors"}
     with pytest.raises(BudgetError, match="the sweep's neighbours and predictions hold"):
         sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
                            memory_budget=held)

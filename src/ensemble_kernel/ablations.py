@@ -56,12 +56,15 @@ class AblationNeighbors:
         asked for.
     fused_no_log_softmax : whether `no_log_softmax` came from the same pass (False: its
         own pass, because the budget did not hold both without more tiles).
+    one_pass : whether the per-class kernels came from one pass (False: a budget too
+        small for them side by side, so one engine run each, as `top_k_neighbors` does).
     """
 
     per_class: tuple[Neighbors, ...]
     full: Neighbors | None
     no_log_softmax: Neighbors | None
     fused_no_log_softmax: bool
+    one_pass: bool = True
 
 
 def ablation_neighbors(
@@ -116,16 +119,29 @@ def ablation_neighbors(
                     references.read(slice(0, 1), slice(0, 1)).element_size())
     n_classes = queries.n_classes
 
+    def staged(p: Progress) -> None:
+        if progress is not None:
+            progress(Progress("ablations" if p.stage == "kernel" else p.stage, p.done,
+                              p.total, p.tiles_done, p.n_tiles, p.elapsed_s))
+
     def plan_for(with_raw: bool):
         # Features of the full kernel plus their per-class copy for the batched product
         # (2 x n_classes columns), twice that with the no-log-softmax features beside them.
+        # The running top-k lists: k per ablation kernel, k_full for the full one.
+        n_kernels = n_classes + (k_full is not None) + with_raw
+        k_total = k * (n_classes + with_raw) + (k_full or 0)
         return plan_memory(
             queries.n_examples, n_refs, queries.n_models, n_classes * (4 if with_raw else 2),
-            k_keep=max(k, k_full or 0), budget=budget, precision="exact",
+            k_keep=-(-k_total // n_kernels), budget=budget, precision="exact",
             chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes,
-            n_kernels=n_classes + (k_full is not None) + with_raw)
+            n_kernels=n_kernels)
 
-    plan = plan_for(False)
+    try:
+        plan = plan_for(False)
+    except BudgetError:  # too small a budget for the kernels side by side: one at a time
+        return _one_at_a_time(queries, references, k, k_full, no_log_softmax,
+                              dict(memory_budget=budget, device=device, progress=staged,
+                                   chunk_models=chunk_models, tile_size=tile_size))
     fused = False
     if no_log_softmax:
         try:
@@ -136,11 +152,6 @@ def ablation_neighbors(
         if fused:
             plan = both
 
-    def staged(p: Progress) -> None:
-        if progress is not None:
-            progress(Progress("ablations" if p.stage == "kernel" else p.stage, p.done,
-                              p.total, p.tiles_done, p.n_tiles, p.elapsed_s))
-
     common = dict(classes=None, device=device, plan=plan, exclude_self=False, progress=staged)
     main = _Engine(queries, references, log_softmax=True, **common)
     raw = _Engine(queries, references, log_softmax=False, **common) if fused else None
@@ -148,8 +159,20 @@ def ablation_neighbors(
         per_class, full, alone = _search(main, raw, k, k_full)
     if no_log_softmax and not fused:
         alone = top_k_neighbors(queries, references, k, log_softmax=False,
-                                memory_budget=budget, device=device, progress=staged)
+                                memory_budget=budget, device=device, progress=staged,
+                                chunk_models=chunk_models, tile_size=tile_size)
     return AblationNeighbors(per_class, full, alone, fused)
+
+
+def _one_at_a_time(queries, references, k, k_full, no_log_softmax, common) -> AblationNeighbors:
+    """The plain twin, and the way under a budget too small for the pass: one engine run
+    per kernel (each within the whole budget)."""
+    per_class = tuple(top_k_neighbors(queries, references, k, classes=[c], **common)
+                      for c in range(queries.n_classes))
+    full = None if k_full is None else top_k_neighbors(queries, references, k_full, **common)
+    alone = (top_k_neighbors(queries, references, k, log_softmax=False, **common)
+             if no_log_softmax else None)
+    return AblationNeighbors(per_class, full, alone, False, one_pass=False)
 
 
 def _search(main: _Engine, raw: _Engine | None, k: int, k_full: int | None):
