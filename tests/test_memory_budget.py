@@ -165,6 +165,13 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     found = 50 * 20 * (8 + 4)  # the neighbours (int64, float32) the report holds
     assert seen["memory_budget"] == 48 * MiB - found
     assert np.isfinite(seen["memory_budget"])
+    assert seen["max_subsets"] == 3  # the default cap
+    for options, cap in ((["--max-subsets", "2"], 2), (["--full-sweep"], None)):
+        seen.clear()
+        result = CliRunner().invoke(app, ["report", str(src), "--labels", str(labels), "--out",
+                                          str(tmp_path / "r.html"), "-q", *options])
+        assert result.exit_code == 0, result.output
+        assert seen["max_subsets"] == cap
 
 
 def feature_files(root, name, n_train, n_test, dim):

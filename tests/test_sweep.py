@@ -95,3 +95,21 @@ def test_progress_covers_the_sweep_and_the_ablations():
     assert swept[-1].done == swept[-1].total == 3 * 1 + 3 * 2 + 8
     assert all(a.done <= b.done for a, b in zip(swept, swept[1:]))
     assert swept[-1].tiles_done == swept[-1].n_tiles == 7
+
+
+@pytest.mark.parametrize("options, n_subsets", [([], {1: 3, 2: 3, 4: 2, 8: 1}),
+                                                (["--max-subsets", "1"], {1: 1, 2: 1, 4: 1, 8: 1}),
+                                                (["--full-sweep"], {1: 8, 2: 4, 4: 2, 8: 1})])
+def test_the_sweep_command_caps_subsets_by_default(tmp_path, options, n_subsets):
+    import json
+
+    from conftest import run_cli, save_labels, save_pt
+
+    ens = make_ensemble(n_models=8, n_train=60, n_test=20)
+    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+                             str(tmp_path / "sweep"), "--json", *options)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert {r["n_models"]: r["n_subsets"] for r in rows if r["metric"] == "single"} == n_subsets
