@@ -117,41 +117,19 @@ def ablation_neighbors(
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
                     references.read(slice(0, 1), slice(0, 1)).element_size())
-    n_classes = queries.n_classes
 
     def staged(p: Progress) -> None:
         if progress is not None:
             progress(Progress("ablations" if p.stage == "kernel" else p.stage, p.done,
                               p.total, p.tiles_done, p.n_tiles, p.elapsed_s))
 
-    def plan_for(with_raw: bool):
-        # Features of the full kernel plus their per-class copy for the batched product
-        # (2 x n_classes columns), twice that with the no-log-softmax features beside them.
-        # The running top-k lists: k per ablation kernel, k_full for the full one.
-        n_kernels = n_classes + (k_full is not None) + with_raw
-        k_total = k * (n_classes + with_raw) + (k_full or 0)
-        return plan_memory(
-            queries.n_examples, n_refs, queries.n_models, n_classes * (4 if with_raw else 2),
-            k_keep=-(-k_total // n_kernels), budget=budget, precision="exact",
-            chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes,
-            n_kernels=n_kernels)
-
-    try:
-        plan = plan_for(False)
-    except BudgetError:  # too small a budget for the kernels side by side: one at a time
+    choice = _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_bytes,
+                          chunk_models, tile_size)
+    if choice is None:  # too small a budget for the kernels side by side: one at a time
         return _one_at_a_time(queries, references, k, k_full, no_log_softmax,
                               dict(memory_budget=budget, device=device, progress=staged,
                                    chunk_models=chunk_models, tile_size=tile_size))
-    fused = False
-    if no_log_softmax:
-        try:
-            both = plan_for(True)
-            fused = both.n_tiles <= plan.n_tiles
-        except BudgetError:
-            fused = False
-        if fused:
-            plan = both
-
+    plan, fused = choice
     common = dict(classes=None, device=device, plan=plan, exclude_self=False, progress=staged)
     main = _Engine(queries, references, log_softmax=True, **common)
     raw = _Engine(queries, references, log_softmax=False, **common) if fused else None
@@ -162,6 +140,38 @@ def ablation_neighbors(
                                 memory_budget=budget, device=device, progress=staged,
                                 chunk_models=chunk_models, tile_size=tile_size)
     return AblationNeighbors(per_class, full, alone, fused)
+
+
+def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_bytes,
+                 chunk_models, tile_size):
+    """The pass's plan, and whether the no-log-softmax kernel joins it (when that takes no
+    more tiles); None when the kernels side by side do not fit the budget at all."""
+    n_classes = queries.n_classes
+
+    def plan_for(with_raw: bool):
+        # Features of the full kernel plus their per-class copy for the batched product
+        # (2 x n_classes columns), twice that with the no-log-softmax features beside them.
+        # The running top-k lists: k per ablation kernel, k_full for the full one.
+        n_kernels = n_classes + (k_full is not None) + with_raw
+        k_total = k * (n_classes + with_raw) + (k_full or 0)
+        return plan_memory(
+            queries.n_examples, references.n_examples, queries.n_models,
+            n_classes * (4 if with_raw else 2), k_keep=-(-k_total // n_kernels),
+            budget=budget, precision="exact", chunk_models=chunk_models,
+            tile_size=tile_size, raw_bytes=raw_bytes, n_kernels=n_kernels)
+
+    try:
+        plan = plan_for(False)
+    except BudgetError:
+        return None
+    if no_log_softmax:
+        try:
+            both = plan_for(True)
+        except BudgetError:
+            return plan, False
+        if both.n_tiles <= plan.n_tiles:
+            return both, True
+    return plan, False
 
 
 def _one_at_a_time(queries, references, k, k_full, no_log_softmax, common) -> AblationNeighbors:
