@@ -39,6 +39,8 @@ def sweep_cmd(
     Single model, ensemble average, kernel k-NN (k = 1, 3, 5, 9) and the weighted vote;
     at the largest count: no log-softmax, each per-class kernel alone, McNemar's exact test
     and a bootstrap interval of kernel 3-NN minus the ensemble average.
+    At most 3 disjoint subsets per run count (--max-subsets N, or --full-sweep for all);
+    the ablations come from one pass over the runs.
     """
     from ..report.files import sweep_json, write_sweep
     from ..sweep import sweep
