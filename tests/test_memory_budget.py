@@ -117,18 +117,22 @@ def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
     seen = []
     real = sweep_module._top_k_neighbors
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["memory_budget"], kwargs["device"]))
+    def spy(*args, real=real, **kwargs):
+        seen.append((kwargs["memory_budget"], kwargs["device"], real.__name__))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "_top_k_neighbors", spy)
+    monkeypatch.setattr(sweep_module, "ablation_neighbors",
+                        lambda *a, real=sweep_module.ablation_neighbors, **kw:
+                        spy(*a, real=real, **kw))
     ens = make_ensemble(n_models=4, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
     budget = 32 * MiB
     sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
                        memory_budget=budget, device="cpu")
     held = sweep_module._held_bytes(40, 5, 20)
-    assert seen and all(b == budget - held and d == "cpu" for b, d in seen)
+    assert seen and all(b == budget - held and d == "cpu" for b, d, _ in seen)
+    assert {name for _, _, name in seen} == {"_top_k_neighbors", "ablation_neighbors"}
     with pytest.raises(BudgetError, match="the sweep's neighbours and predictions hold"):
         sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
                            memory_budget=held)
@@ -161,6 +165,13 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     found = 50 * 20 * (8 + 4)  # the neighbours (int64, float32) the report holds
     assert seen["memory_budget"] == 48 * MiB - found
     assert np.isfinite(seen["memory_budget"])
+    assert seen["max_subsets"] == 3  # the default cap
+    for options, cap in ((["--max-subsets", "2"], 2), (["--full-sweep"], None)):
+        seen.clear()
+        result = CliRunner().invoke(app, ["report", str(src), "--labels", str(labels), "--out",
+                                          str(tmp_path / "r.html"), "-q", *options])
+        assert result.exit_code == 0, result.output
+        assert seen["max_subsets"] == cap
 
 
 def feature_files(root, name, n_train, n_test, dim):

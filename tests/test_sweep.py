@@ -43,9 +43,10 @@ def test_sweep_rows_and_ablations():
                    ens.labels_test, runs=[1, 2, 8])
     metrics = {(r.n_models, r.metric): r for r in result.rows}
     assert (1, "knn_k3") not in metrics  # one run makes no kernel
-    assert metrics[2, "knn_k3"].n_subsets == 4 and metrics[8, "knn_k3"].n_subsets == 1
+    # The default cap: 3 disjoint subsets per count (8 // 2 = 4 exist at n = 2).
+    assert metrics[2, "knn_k3"].n_subsets == 3 and metrics[8, "knn_k3"].n_subsets == 1
     single = metrics[1, "single"]
-    assert single.n_subsets == 8 and single.min <= single.mean <= single.max
+    assert single.n_subsets == 3 and single.min <= single.mean <= single.max
     assert set(result.ablations) == {"no_log_softmax"} | {f"class_{c}_only" for c in range(5)}
     sig = result.significance
     assert sig.n_models == 8 and 0 <= sig.mcnemar_p <= 1
@@ -129,3 +130,53 @@ def test_the_bootstrap_agrees_with_the_torch_twin_to_resampling_noise(seed):
 def test_the_bootstrap_refuses_no_examples():
     with pytest.raises(InputError, match="at least one example"):
         bootstrap_difference(torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("cap, n_subsets", [(None, {1: 8, 2: 4, 8: 1}), (1, {1: 1, 2: 1, 8: 1}),
+                                            (5, {1: 5, 2: 4, 8: 1})])
+def test_the_subset_cap_and_the_full_sweep(cap, n_subsets):
+    ens = make_ensemble(n_models=8, n_train=60, n_test=20)
+    result = sweep(ArraySource(ens.train), ArraySource(ens.test), ens.labels_train,
+                   ens.labels_test, runs=[1, 2, 8], max_subsets=cap)
+    got = {r.n_models: r.n_subsets for r in result.rows if r.metric == "single"}
+    assert got == n_subsets
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "3"])
+def test_a_bad_subset_cap_is_refused(bad):
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    with pytest.raises(InputError, match="max_subsets must be a positive integer or None"):
+        sweep(ArraySource(ens.train), ArraySource(ens.test), ens.labels_train,
+              ens.labels_test, max_subsets=bad)
+
+
+def test_progress_covers_the_sweep_and_the_ablations():
+    ens = make_ensemble(n_models=8, n_train=60, n_test=20)
+    seen = []
+    sweep(ArraySource(ens.train), ArraySource(ens.test), ens.labels_train, ens.labels_test,
+          runs=[1, 2, 8], progress=seen.append)
+    stages = {p.stage for p in seen}
+    assert {"sweep", "statistics", "ablations"} <= stages
+    swept = [p for p in seen if p.stage == "sweep"]
+    # Kernel work in runs: 3 subsets of 1, 3 of 2, 1 of 8; it only grows, up to all of it.
+    assert swept[-1].done == swept[-1].total == 3 * 1 + 3 * 2 + 8
+    assert all(a.done <= b.done for a, b in zip(swept, swept[1:]))
+    assert swept[-1].tiles_done == swept[-1].n_tiles == 7
+
+
+@pytest.mark.parametrize("options, n_subsets", [([], {1: 3, 2: 3, 4: 2, 8: 1}),
+                                                (["--max-subsets", "1"], {1: 1, 2: 1, 4: 1, 8: 1}),
+                                                (["--full-sweep"], {1: 8, 2: 4, 4: 2, 8: 1})])
+def test_the_sweep_command_caps_subsets_by_default(tmp_path, options, n_subsets):
+    import json
+
+    from conftest import run_cli, save_labels, save_pt
+
+    ens = make_ensemble(n_models=8, n_train=60, n_test=20)
+    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+                             str(tmp_path / "sweep"), "--json", *options)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert {r["n_models"]: r["n_subsets"] for r in rows if r["metric"] == "single"} == n_subsets

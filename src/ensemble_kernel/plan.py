@@ -114,6 +114,7 @@ def plan_memory(
     tile_size: int | None = None,
     raw_bytes: int = 4,
     cache_queries: bool | None = None,
+    n_kernels: int = 1,
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
 
@@ -123,6 +124,10 @@ def plan_memory(
     or bfloat16 plus a transposed copy); the normalised query features of every run when
     they are cached; statistics, running top-k and a fixed allowance for the temporaries of
     normalising one piece of rows.
+
+    `n_kernels` kernels accumulated side by side in each tile (the report's ablations,
+    `ablations.py`) multiply the accumulator and the running top-k; their own feature
+    copies are the caller's to count in `n_used_classes`.
 
     Raises
     ------
@@ -134,11 +139,11 @@ def plan_memory(
     piece_bytes = min(_PIECE_BYTES, budget // 8)
     per_query = (raw_bytes + feature) * n_used_classes  # per (query, run) in a block
     per_reference = (raw_bytes + feature * (2 if fast else 1)) * n_used_classes
-    acc_per_column = n_queries * (6 if fast else 4) + 4096
+    acc_per_column = (n_queries * (6 if fast else 4) + 4096) * n_kernels
     fixed = (
         # ClassStats, both splits: float64 mean and scale, float32 mean pair and scale
         (n_queries + n_references) * n_used_classes * 28
-        + n_queries * k_keep * 16 * 6  # running top-k and its merge temporaries
+        + n_queries * k_keep * 16 * 6 * n_kernels  # running top-k and its merge temporaries
         + piece_bytes  # normalising one piece of rows
         + (4 << 20)  # allocator slack, small tensors
     )

@@ -1,17 +1,19 @@
 """Accuracy against the number of runs, ablations, and whether the gain is real.
 
 For each n, the runs are cut into disjoint contiguous subsets of n runs (at most
-`max_subsets`), and every metric is computed on each subset: the mean single-model
-accuracy, the ensemble average, kernel k-NN for several k, and the weighted vote. The
-sweep reports the mean and spread over subsets. At the largest n it adds the ablations
-(no log-softmax; each per-class kernel alone) and a paired comparison of kernel k-NN with
-the ensemble average on the same test examples: McNemar's exact test and a bootstrap
-confidence interval of the accuracy difference.
+`max_subsets`, 3 by default; None: every disjoint subset), and every metric is computed on
+each subset: the mean single-model accuracy, the ensemble average, kernel k-NN for several
+k, and the weighted vote. The sweep reports the mean and spread over subsets. At the
+largest n it adds the ablations (no log-softmax; each per-class kernel alone), computed in
+one streamed pass beside that subset's full kernel (`ablations.py`), and a paired
+comparison of kernel k-NN with the ensemble average on the same test examples: McNemar's
+exact test and a bootstrap confidence interval of the accuracy difference.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -19,7 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .engine import _top_k_neighbors
+from .ablations import ablation_neighbors
+from .engine import Progress, ProgressCallback, _top_k_neighbors
 from .errors import InputError
 from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
@@ -29,7 +32,12 @@ from .formats import check_labels
 from .sources import LogitSource, as_source, select_runs
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
-           "mcnemar_exact", "bootstrap_difference", "default_run_counts"]
+           "mcnemar_exact", "bootstrap_difference", "default_run_counts", "DEFAULT_MAX_SUBSETS"]
+
+# Disjoint subsets per run count unless asked otherwise: enough for a spread, and the
+# sweep's kernels then cost about two full kernels at any run count (the full sweep, up
+# to n_models // n subsets per count, costs about log2(n_models)).
+DEFAULT_MAX_SUBSETS = 3
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,13 @@ def default_run_counts(n_models: int) -> list[int]:
     return counts if counts[-1] == n_models else counts + [n_models]
 
 
-def disjoint_subsets(n_models: int, n: int, max_subsets: int) -> list[slice]:
-    """Disjoint contiguous slices of n runs: [0, n), [n, 2n), ... (at most max_subsets)."""
+def disjoint_subsets(n_models: int, n: int, max_subsets: int | None) -> list[slice]:
+    """Disjoint contiguous slices of n runs: [0, n), [n, 2n), ... (at most max_subsets;
+    None: all n_models // n of them)."""
     if not 1 <= n <= n_models:
         raise InputError(f"a run count must be between 1 and {n_models}, got {n}")
-    return [slice(i * n, (i + 1) * n) for i in range(min(n_models // n, max_subsets))]
+    count = n_models // n if max_subsets is None else min(n_models // n, max_subsets)
+    return [slice(i * n, (i + 1) * n) for i in range(count)]
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -186,7 +196,8 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
     return float(interval.low), float(interval.high)
 
 
-def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common, known=None):
+def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common, known=None,
+                    progress=None):
     """Metrics of one subset; also its neighbours and ensemble predictions (for the tests).
 
     `known`: neighbours of this very subset computed before (k >= what is needed), reused.
@@ -200,7 +211,7 @@ def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common
         return out, None, ensemble
     k_max = max(list(ks) + [weighted[0]])
     found = (known.first(k_max) if known is not None and known.k >= k_max
-             else _top_k_neighbors(test, train, k_max, **common))
+             else _top_k_neighbors(test, train, k_max, progress=progress, **common))
     for k in ks:
         out[f"knn_k{k}"] = accuracy(knn_predict(found, labels_train, n_classes, k), labels_test)
     out["weighted"] = accuracy(weighted_predict(found, labels_train, n_classes, *weighted),
@@ -217,12 +228,13 @@ def sweep(
     runs: Sequence[int] | None = None,
     ks: Sequence[int] = (1, 3, 5, 9),
     weighted: tuple[int, int] = (20, 4),
-    max_subsets: int = 8,
+    max_subsets: int | None = DEFAULT_MAX_SUBSETS,
     significance_k: int = 3,
     precision: str = "auto",
     memory_budget: int | None = None,
     device: str = "cpu",
     neighbors: Neighbors | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SweepResult:
     """Accuracy against the number of runs over disjoint subsets, plus ablations.
 
@@ -232,6 +244,8 @@ def sweep(
         Train first, as everywhere.
     labels_train, labels_test : array or Tensor of shape (n_train,) and (n_test,), integers.
     runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
+    max_subsets : disjoint subsets per run count, at most (default 3); None: all
+        n_models // n of them (the full sweep, about log2(n_models) kernels' work).
     memory_budget : bytes for the whole sweep (default: a quarter of what is available).
         What the sweep keeps between kernels (the neighbours and predictions of the
         subsets, see `_held_bytes`) is taken off it; the rest goes to each kernel, to the
@@ -240,6 +254,9 @@ def sweep(
     neighbors : test -> train neighbours over all runs, if already computed (k >= 20):
         reused for the subset of all runs instead of computing that kernel again (the
         caller holds them, and counts them in its own budget).
+    progress : called with a `Progress` per stage: 'sweep' (runs' worth of kernel work
+        done over the subsets, so the time left is that of the whole sweep), then
+        'statistics' and 'ablations' of the ablations' pass.
 
     Returns
     -------
@@ -247,6 +264,9 @@ def sweep(
     """
     from .evaluation import _require_labels
 
+    if max_subsets is not None and (not isinstance(max_subsets, int) or max_subsets < 1):
+        raise InputError(f"max_subsets must be a positive integer or None (every disjoint "
+                         f"subset), got {max_subsets!r}")
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
@@ -257,7 +277,8 @@ def sweep(
         result = _sweep(train, test, labels_train, labels_test, runs=runs, ks=ks,
                         weighted=weighted, max_subsets=max_subsets,
                         significance_k=significance_k, precision=precision,
-                        memory_budget=memory_budget, device=device, neighbors=neighbors)
+                        memory_budget=memory_budget, device=device, neighbors=neighbors,
+                        progress=progress)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -277,23 +298,39 @@ def _held_bytes(n_test: int, n_classes: int, k: int) -> int:
 
 
 def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
-           significance_k, precision, memory_budget, device, neighbors) -> SweepResult:
+           significance_k, precision, memory_budget, device, neighbors,
+           progress) -> SweepResult:
     n_models, n_classes = train.n_models, train.n_classes
     runs = sorted(set(runs or default_run_counts(n_models)))
     ks = sorted(set(ks))
+    k_max = max(ks + [weighted[0]])
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    left = budget_beside(budget, _held_bytes(test.n_examples, n_classes, max(ks + [weighted[0]])),
+    left = budget_beside(budget, _held_bytes(test.n_examples, n_classes, k_max),
                          "the sweep's neighbours and predictions")
     common = dict(precision=precision, memory_budget=left, device=device)
+    plan = [(n, disjoint_subsets(n_models, n, max_subsets)) for n in runs]
+    clock = _SweepClock(progress, plan)
     rows: list[SweepRow] = []
-    largest = None
-    for n in runs:
+    largest, ablations = None, {}
+    for n, parts in plan:
         values: dict[str, list[float]] = {}
-        for part in disjoint_subsets(n_models, n, max_subsets):
-            whole = (part.start, part.stop) == (0, n_models)
+        for part in parts:
+            sub_train, sub_test = select_runs(train, part), select_runs(test, part)
+            known = neighbors if (part.start, part.stop) == (0, n_models) else None
+            if n == runs[-1] and largest is None and n >= 2:
+                # The ablations in one pass, beside this subset's full kernel if not known.
+                found = ablation_neighbors(
+                    sub_test, sub_train, significance_k,
+                    k_full=None if known is not None else k_max, memory_budget=left,
+                    device=device, progress=progress)
+                ablations = _ablation_accuracies(found, labels_train, labels_test,
+                                                 significance_k)
+                known = known if known is not None else found.full
+                del found
             metrics, found, ensemble = _subset_metrics(
-                select_runs(train, part), select_runs(test, part), labels_train, labels_test,
-                ks, weighted, common, known=neighbors if whole else None)
+                sub_train, sub_test, labels_train, labels_test, ks, weighted, common,
+                known=known, progress=clock.engine(n))
+            clock.subset_done(n)
             for name, v in metrics.items():
                 values.setdefault(name, []).append(v)
             if n == runs[-1] and largest is None:
@@ -303,24 +340,67 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
             rows.append(SweepRow(n, name, float(t.mean()),
                                  float(t.std()) if len(vs) > 1 else 0.0,
                                  float(t.min()), float(t.max()), len(vs)))
-    result_ablations, significance = {}, None
+    significance = None
     if largest is not None and largest[1] is not None:
-        part, found, ensemble = largest
-        sub_train, sub_test = select_runs(train, part), select_runs(test, part)
-        k3 = significance_k
-        for name, options in [("no_log_softmax", {"log_softmax": False})] + [
-                (f"class_{c}_only", {"classes": [c]}) for c in range(n_classes)]:
-            alone = _top_k_neighbors(sub_test, sub_train, k3, **options, **common)
-            result_ablations[name] = accuracy(knn_predict(alone, labels_train, n_classes, k3),
-                                              labels_test)
-        knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test
-        ens_ok = ensemble == labels_test
-        b, c = int((knn_ok & ~ens_ok).sum()), int((~knn_ok & ens_ok).sum())
-        low, high = bootstrap_difference(knn_ok, ens_ok, max_bytes=left)
-        significance = Significance(
-            n_models=part.stop - part.start, k=k3, knn_accuracy=float(knn_ok.double().mean()),
-            ensemble_accuracy=float(ens_ok.double().mean()), only_knn_correct=b,
-            only_ensemble_correct=c, mcnemar_p=mcnemar_exact(b, c),
-            difference=float(knn_ok.double().mean() - ens_ok.double().mean()),
-            ci_low=low, ci_high=high)
-    return SweepResult(tuple(rows), result_ablations, significance)
+        significance = _significance(largest, labels_train, labels_test, n_classes,
+                                     significance_k, left)
+    return SweepResult(tuple(rows), ablations, significance)
+
+
+def _ablation_accuracies(found, labels_train, labels_test, k: int) -> dict[str, float]:
+    """k-NN accuracy of each ablation kernel: 'no_log_softmax', 'class_{c}_only'."""
+    n_classes = len(found.per_class)
+    out = {}
+    if found.no_log_softmax is not None:
+        out["no_log_softmax"] = accuracy(
+            knn_predict(found.no_log_softmax, labels_train, n_classes, k), labels_test)
+    for c, alone in enumerate(found.per_class):
+        out[f"class_{c}_only"] = accuracy(knn_predict(alone, labels_train, n_classes, k),
+                                          labels_test)
+    return out
+
+
+def _significance(largest, labels_train, labels_test, n_classes, k3, left) -> Significance:
+    part, found, ensemble = largest
+    knn_ok = knn_predict(found, labels_train, n_classes, k3) == labels_test
+    ens_ok = ensemble == labels_test
+    b, c = int((knn_ok & ~ens_ok).sum()), int((~knn_ok & ens_ok).sum())
+    low, high = bootstrap_difference(knn_ok, ens_ok, max_bytes=left)
+    return Significance(
+        n_models=part.stop - part.start, k=k3, knn_accuracy=float(knn_ok.double().mean()),
+        ensemble_accuracy=float(ens_ok.double().mean()), only_knn_correct=b,
+        only_ensemble_correct=c, mcnemar_p=mcnemar_exact(b, c),
+        difference=float(knn_ok.double().mean() - ens_ok.double().mean()),
+        ci_low=low, ci_high=high)
+
+
+class _SweepClock:
+    """The 'sweep' stage's progress: kernel work in runs (a subset of n runs weighs n),
+    advanced within a subset by its engine's progress, so that the bar's time left is
+    the whole sweep's."""
+
+    def __init__(self, progress: ProgressCallback | None, plan):
+        self.progress = progress
+        self.total = sum(max(n, 1) * len(parts) for n, parts in plan)
+        self.n_subsets = sum(len(parts) for _, parts in plan)
+        self.done = self.subsets = 0
+        self.start = time.perf_counter()
+
+    def _emit(self, done: float) -> None:
+        if self.progress is not None:
+            self.progress(Progress("sweep", int(done), self.total, self.subsets,
+                                   self.n_subsets, time.perf_counter() - self.start))
+
+    def engine(self, n: int) -> ProgressCallback | None:
+        if self.progress is None:
+            return None
+
+        def report(p: Progress) -> None:
+            if p.stage == "kernel" and p.total:
+                self._emit(self.done + max(n, 1) * p.done / p.total)
+        return report
+
+    def subset_done(self, n: int) -> None:
+        self.done += max(n, 1)
+        self.subsets += 1
+        self._emit(self.done)

@@ -214,6 +214,27 @@ BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,
 DeviceOpt = typer.Option("cpu", "--device", callback=_device_value,
                          help="cpu, cuda or cuda:N.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+MaxSubsetsOpt = typer.Option(
+    None, "--max-subsets", min=1, show_default="3",
+    help="Disjoint subsets of runs per run count in the sweep, at most. Each subset of n "
+         "runs costs a kernel of n runs: with 3, the sweep's kernels cost about two kernels "
+         "of all runs.")
+FullSweepOpt = typer.Option(
+    False, "--full-sweep",
+    help="Every disjoint subset per run count (n_models // n of them): a tighter spread, "
+         "about log2(n_models) kernels of all runs in all.")
+
+
+def sweep_subsets(max_subsets: Optional[int], full_sweep: bool) -> Optional[int]:
+    """--max-subsets and --full-sweep -> the sweep's `max_subsets` (None: every subset)."""
+    from ..sweeps import DEFAULT_MAX_SUBSETS
+
+    if full_sweep and max_subsets is not None:
+        raise InputError(f"--full-sweep takes every disjoint subset and --max-subsets "
+                         f"{max_subsets} caps them: give one of the two")
+    if full_sweep:
+        return None
+    return DEFAULT_MAX_SUBSETS if max_subsets is None else max_subsets
 
 
 def _fail(message: str) -> None:
@@ -271,8 +292,11 @@ def _progress_bar(quiet: bool) -> Iterator:
             return
 
         def report(p: Progress) -> None:
+            if p.stage == "sweep":  # done: runs' worth of kernels; tiles: subsets
+                update(p.stage, p.done, p.total, f"subset {p.tiles_done}/{p.n_tiles}")
+                return
             tiles = (f", tile {p.tiles_done}/{p.n_tiles}"
-                     if p.stage in ("kernel", "fallback") else "")
+                     if p.stage in ("kernel", "fallback", "ablations") else "")
             update(p.stage, p.done, p.total, f"{p.done}/{p.total} runs{tiles}")
 
         yield report

@@ -11,10 +11,11 @@ import typer
 
 from ..demo.data import DATASETS
 from ..errors import LABELS_HINT, InputError
-from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, SrcArg,
-                     TestKeyOpt, VerboseOpt, require_train, resolve_precision,
-                     _check_precision, _open, _stage_bar, _user_errors, app, check_sweep_size,
-                     choice, err, format_card, parse_run_counts, parse_size)
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, MaxSubsetsOpt,
+                     PrecisionOpt, QuietOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision,
+                     _open, _progress_bar, _stage_bar, _user_errors, app, check_sweep_size,
+                     choice, err, format_card, parse_run_counts, parse_size, require_train,
+                     resolve_precision, sweep_subsets)
 from .outputs import check_output_folder
 
 
@@ -26,8 +27,8 @@ def sweep_cmd(
                                             show_default="powers of 2 up to all runs"),
     out: Path = typer.Option(Path("sweep-output"), "--out", help="Folder for sweep.png, "
                              "sweep.csv and sweep.json."),
-    max_subsets: int = typer.Option(8, "--max-subsets", min=1,
-                                    help="Disjoint subsets per run count."),
+    max_subsets: Optional[int] = MaxSubsetsOpt,
+    full_sweep: bool = FullSweepOpt,
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
@@ -44,12 +45,15 @@ def sweep_cmd(
     at the largest count: no log-softmax, each per-class kernel alone, McNemar's exact test
     and a bootstrap interval of kernel 3-NN minus the ensemble average. The precision is
     chosen once, for the largest run count, and used for every kernel.
+    At most 3 disjoint subsets per run count (--max-subsets N, or --full-sweep for all);
+    the ablations come from one pass over the runs.
     """
     from ..report.files import sweep_json, write_sweep
     from ..sweeps import sweep
 
     with _user_errors():
         _check_precision(precision)
+        subsets = sweep_subsets(max_subsets, full_sweep)
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
         runset, _ = _open(src, labels, None)
@@ -61,9 +65,10 @@ def sweep_cmd(
         check_sweep_size("sweep", runset.train.n_examples)
         picked = resolve_precision(precision, runset, 20, device=device, memory_budget=budget,
                                    verbose=verbose)
-        result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                       runs=counts, max_subsets=max_subsets, precision=picked.precision,
-                       memory_budget=budget, device=device)
+        with _progress_bar(quiet or as_json) as report:
+            result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                           runs=counts, max_subsets=subsets, precision=picked.precision,
+                           memory_budget=budget, device=device, progress=report)
         paths = write_sweep(result, out)
     if as_json:
         typer.echo(json.dumps({**sweep_json(result), "precision": picked.as_dict()}, indent=2))
@@ -108,6 +113,8 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if the demo did "
                                "not make it, replacing OUT/store."),
+    max_subsets: Optional[int] = MaxSubsetsOpt,
+    full_sweep: bool = FullSweepOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train an ensemble of small 1-D CNNs on the CPU and show the kernel beating the average.
@@ -123,7 +130,8 @@ def demo_cmd(
 
     started = time.perf_counter()
     with _user_errors():
-        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out, force=force)
+        options = DemoOptions(dataset=dataset, models=models, seed=seed, out=out, force=force,
+                              max_subsets=sweep_subsets(max_subsets, full_sweep))
         with _stage_bar(quiet or as_json) as report:
             result = run_demo(options, report)
     if as_json:

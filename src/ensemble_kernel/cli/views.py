@@ -15,10 +15,11 @@ from ..errors import LABELS_HINT, InputError
 from ..formats import RunSet
 from ..within import duplicates_within
 from ..store import RunStore, is_store
-from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, OptionError, PrecisionOpt,
-                     QuietOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _open,
-                     _progress_bar, _user_errors, app, check_k, check_sweep_size, err,
-                     parse_size, require_train, resolve_precision, say, within_split_note)
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, MaxSubsetsOpt,
+                     OptionError, PrecisionOpt, QuietOpt, SrcArg, TestKeyOpt, VerboseOpt,
+                     _check_precision, _open, _progress_bar, _user_errors, app, check_k,
+                     check_sweep_size, err, parse_size, require_train, resolve_precision, say,
+                     sweep_subsets, within_split_note)
 from .outputs import check_output_file, check_output_folder
 
 
@@ -336,30 +337,37 @@ def report_cmd(
     ranks: str = typer.Option(DEFAULT_RANKS, "--ranks", help="Ranks of the similar pairs shown."),
     labels: Optional[Path] = LabelsOpt, inputs: Optional[Path] = InputsOpt,
     features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
-    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt, quiet: bool = QuietOpt,
-    verbose: bool = VerboseOpt,
+    memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt,
+    max_subsets: Optional[int] = MaxSubsetsOpt, full_sweep: bool = FullSweepOpt,
+    quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
     code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
     """One self-contained HTML file: accuracy, the sweep, pairs, duplicates, failures, comparison.
 
     Opens in any browser with no server and no network (images are embedded).
+    The sweep takes at most 3 disjoint subsets of runs per run count (--max-subsets N,
+    or --full-sweep for all); its ablations (each class's kernel alone, no log-softmax)
+    come from one pass over the runs.
     """
     from ..report.build import build_report
 
     with _user_errors():
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
+        subsets = sweep_subsets(max_subsets, full_sweep)
         runset, extras, renderer, found, left, choice = _views(
             src, labels, inputs, features, memory_budget, precision, device, quiet,
             name="report", out=out, needs_labels=True, ranks=ranks, verbose=verbose,
             check=lambda r: check_sweep_size("report", r.train.n_examples))
-        build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                     found=found, out=out, source=str(src[0]), renderer=renderer,
-                     class_names=extras["class_names"], features_train=extras["features_train"],
-                     features_test=extras["features_test"],
-                     ranks=_ranks(ranks, runset.test.n_examples),
-                     precision=choice.precision,
-                     memory_budget=left, device=device)
+        with _progress_bar(quiet) as report:
+            build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                         found=found, out=out, source=str(src[0]), renderer=renderer,
+                         class_names=extras["class_names"],
+                         features_train=extras["features_train"],
+                         features_test=extras["features_test"],
+                         ranks=_ranks(ranks, runset.test.n_examples), precision=choice.precision,
+                         memory_budget=left, device=device, max_subsets=subsets,
+                         progress=report)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
     _note_no_inputs(renderer)

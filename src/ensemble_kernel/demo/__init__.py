@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..engine import _top_k_neighbors
 from ..evaluation import Evaluation, evaluate
 from ..store import RunStore
-from ..sweeps import SweepResult, sweep
+from ..sweeps import DEFAULT_MAX_SUBSETS, SweepResult, sweep
 from .data import DATASETS, load_dataset
 from .output import check_output_folder, claim_output_folder, new_store_path, publish_store
 from .train import TrainConfig, init_ensemble, predict, train_ensemble
@@ -41,6 +41,7 @@ class DemoOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_models: int = 32  # networks per batched computation
     force: bool = False  # replace OUT/store even if the demo did not make it
+    max_subsets: int | None = DEFAULT_MAX_SUBSETS  # sweep's subsets per run count; None: all
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def run_demo(options: DemoOptions,
     timings["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = sweep(train, test, labels_train, labels_test, neighbors=found)
+    result = sweep(train, test, labels_train, labels_test, neighbors=found,
+                   max_subsets=options.max_subsets, progress=kernel_progress)
     timings["sweep_s"] = time.perf_counter() - t0
 
     from ..report.files import sweep_json, write_sweep  # matplotlib only when writing
@@ -164,6 +166,8 @@ def check_options(options: DemoOptions) -> None:
     if options.models < 2:
         raise InputError(f"--models must be at least 2 (the kernel needs 2 runs), got "
                          f"{options.models}")
+    if options.max_subsets is not None and options.max_subsets < 1:
+        raise InputError(f"--max-subsets must be at least 1, got {options.max_subsets}")
     if options.batch_models < 1:
         raise InputError(f"batch_models must be at least 1, got {options.batch_models}")
 

@@ -9,7 +9,8 @@ from ..atomic import atomic_write, atomic_write_text
 from ..evaluation import Evaluation, evaluate
 from ..neighbors import Neighbors
 from ..sources import LogitSource
-from ..sweeps import SweepResult, sweep
+from ..engine import ProgressCallback
+from ..sweeps import DEFAULT_MAX_SUBSETS, SweepResult, sweep
 from .files import write_sweep
 from .grids import InputRenderer
 from .html import build_views, render_report, write_views
@@ -25,19 +26,23 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                  features_test=None, ranks: slice = slice(0, 48),
                  evaluation: Evaluation | None = None, sweep_result: SweepResult | None = None,
                  precision: str = "auto", memory_budget: int | None = None,
-                 device: str = "cpu") -> list[Path]:
+                 device: str = "cpu", max_subsets: int | None = DEFAULT_MAX_SUBSETS,
+                 progress: ProgressCallback | None = None) -> list[Path]:
     """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
 
     `found` are the test -> train neighbours (k >= 20 for the weighted vote and the
     failures); `evaluation` and `sweep_result` are computed when not given, within
     `memory_budget` bytes (what the caller holds, `found` and the inputs, is the
-    caller's to take off) and on `device`.
+    caller's to take off) and on `device`. `max_subsets` caps the sweep's disjoint
+    subsets per run count (None: all of them); `progress` receives the sweep's stages
+    (see `sweep.sweep`).
     """
     e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found,
                                memory_budget=memory_budget, device=device)
     result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision,
                                    memory_budget=memory_budget, device=device,
-                                   neighbors=found)
+                                   neighbors=found, max_subsets=max_subsets,
+                                   progress=progress)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,
                         features_train=features_train, features_test=features_test,

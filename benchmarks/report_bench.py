@@ -1,0 +1,154 @@
+"""Benchmark: the whole `report` against one `evaluate`, same store, same process set-up.
+
+    python benchmarks/report_bench.py                      # CIFAR shape, 500 runs
+    python benchmarks/report_bench.py --runs 100 --repeats 2
+    python benchmarks/report_bench.py --report-args="--full-sweep"
+
+Each command runs as `python -m ensemble_kernel ... -q` in a fresh process on the same
+store (float16, ingested once from generated, class-structured logits under
+benchmarks/_data/, which git ignores), with the same --memory-budget. Prints the CPU (model,
+ISA flags), torch's thread count, the wall time and peak RSS of every run, and the ratio
+report / evaluate (the target of issue 9, item 7: at most 3). Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import generate  # noqa: E402  (the same generated logits as run.py)
+
+# Reports the child's peak RSS (VmHWM) into a file as it exits.
+_LAUNCH = """
+import atexit, re, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    status = open("/proc/self/status").read()
+    open(out, "w").write(re.search(r"VmHWM:\\s*(\\d+) kB", status).group(1))
+atexit.register(report)
+sys.argv[0] = "ensemble-kernel"
+runpy.run_module("ensemble_kernel", run_name="__main__", alter_sys=True)
+"""
+
+
+def cpu_description() -> dict:
+    """CPU model, the ISA flags that decide the products' speed, and torch's threads."""
+    import torch
+
+    model, flags = "unknown", set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", info).group(1).strip()
+        flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
+    return {"cpu": model, "flags": [f for f in wanted if f in flags],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                   "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}}
+
+
+def build_store(args) -> Path:
+    """The generated logits ingested into a store once (reused by later runs)."""
+    data = generate(args.data_dir, args.runs, args.n_train, args.n_test, args.n_classes)
+    tag = Path(data["train"]).name.rsplit("_train", 1)[0]
+    store = args.data_dir / f"{tag}_store"
+    if store.exists():
+        return store
+    parts = args.data_dir / f"{tag}_parts"
+    parts.mkdir(exist_ok=True)
+    train, test = np.load(data["train"], mmap_mode="r"), np.load(data["test"], mmap_mode="r")
+    files = []
+    for m0 in range(0, args.runs, 50):
+        path = parts / f"runs_{m0:05d}.npz"
+        if not path.exists():
+            np.savez(path.with_suffix(".tmp.npz"), logits_train=train[m0:m0 + 50],
+                     logits_test=test[m0:m0 + 50])
+            os.replace(path.with_suffix(".tmp.npz"), path)
+        files.append(str(path))
+    building = store.with_name(store.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "ensemble_kernel", "ingest", *files, "--store",
+                    str(building), "--labels", data["labels"], "-q"], check=True)
+    os.replace(building, store)
+    shutil.rmtree(parts)
+    return store
+
+
+def timed(args_list: list[str], scratch: Path) -> dict:
+    """Wall time and peak RSS of `python -m ensemble_kernel ARGS -q` in a fresh process."""
+    hwm = scratch / "vmhwm.txt"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _LAUNCH, str(hwm), *args_list, "-q"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args_list)} failed:\n{done.stderr[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(int(hwm.read_text()) / 1024)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--n-train", type=int, default=50_000)
+    p.add_argument("--n-test", type=int, default=10_000)
+    p.add_argument("--n-classes", type=int, default=10)
+    p.add_argument("--memory-budget", default="2GiB")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each command (alternating)")
+    p.add_argument("--report-args", default="", help="extra options for report, e.g. "
+                   "--full-sweep")
+    p.add_argument("--data-dir", type=Path, default=HERE / "_data")
+    p.add_argument("--json-out", type=Path, help="also write the figures as JSON here")
+    args = p.parse_args()
+
+    machine = cpu_description()
+    print(json.dumps(machine), flush=True)
+    t0 = time.perf_counter()
+    store = build_store(args)
+    print(f"store {store} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    budget = ["--memory-budget", args.memory_budget]
+    results = {"evaluate": [], "report": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        for r in range(args.repeats):
+            for case in ("evaluate", "report"):
+                cmd = (["evaluate", str(store), *budget] if case == "evaluate" else
+                       ["report", str(store), "--out", str(scratch / f"r{r}.html"), *budget,
+                        *args.report_args.split()])
+                got = timed(cmd, scratch)
+                results[case].append(got)
+                print(f"{case:<8} repeat {r}: {got['wall_s']:8.1f} s  peak "
+                      f"{got['peak_rss_mib']} MiB", flush=True)
+    walls = {c: [x["wall_s"] for x in v] for c, v in results.items()}
+    ratios = [rep / ev for ev, rep in zip(walls["evaluate"], walls["report"])]
+    summary = {
+        "shape": {"runs": args.runs, "n_train": args.n_train, "n_test": args.n_test,
+                  "n_classes": args.n_classes}, "memory_budget": args.memory_budget,
+        "report_args": args.report_args, "machine": machine, "results": results,
+        "median_wall_s": {c: statistics.median(v) for c, v in walls.items()},
+        "ratio_report_over_evaluate": [round(x, 2) for x in ratios]}
+    print(f"report / evaluate: {', '.join(f'{x:.2f}' for x in ratios)} "
+          f"(median walls: evaluate {summary['median_wall_s']['evaluate']:.1f} s, report "
+          f"{summary['median_wall_s']['report']:.1f} s; target <= 3)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The report's ablations in one pass (`ablations.py`) against their plain twins: the
+one-at-a-time engine runs (`top_k_neighbors(classes=[c])`, `log_softmax=False`) and the
+float64 definition (`dense_kernel`), on adversarial data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ensemble_kernel.engine import _top_k_neighbors as top_k_neighbors  # queries first, with hooks
+from ensemble_kernel.ablations import ablation_neighbors
+from ensemble_kernel.errors import InputError
+from ensemble_kernel.evaluation import accuracy, knn_predict
+from ensemble_kernel.kernel import dense_kernel
+from ensemble_kernel.plan import plan_memory
+from ensemble_kernel.sources import ArraySource
+from ensemble_kernel.sweeps import sweep
+
+from conftest import assert_same_neighbors, make_ensemble
+
+
+def adversarial(seed: int = 0, n_models: int = 7, n_train: int = 90, n_test: int = 30,
+                n_classes: int = 4):
+    """Ties, constant outputs, near-equal values and an outlier run, all in one ensemble."""
+    ens = make_ensemble(seed=seed, n_models=n_models, n_train=n_train, n_test=n_test,
+                        n_classes=n_classes)
+    train, test = ens.train.clone(), ens.test.clone()
+    train[2] *= 100.0  # an outlier run
+    test[2] *= 100.0
+    train[:, 5] = train[:, 3]  # exact duplicates: exact ties in every kernel
+    train[:, 11] = train[:, 3]
+    train[:, 7] = train[:1, 7]  # identical in every run: std 0 in every class
+    test[:, 2] = test[:1, 2]
+    train[:, :, 1] = 1.5  # a class whose logit is the same everywhere
+    test[:, :, 1] = 1.5
+    train[:, 20, 0] = 0.5  # exactly representable, next to a nearly equal one
+    train[:, 21, 0] = 0.5 + 2.0 ** -20
+    return ens, train, test
+
+
+def _old_path(test, train, labels_train, labels_test, n_classes, k=3):
+    """The ablations as the sweep computed them before: one engine run per kernel."""
+    out = {"no_log_softmax": accuracy(knn_predict(
+        top_k_neighbors(test, train, k, log_softmax=False), labels_train, n_classes, k),
+        labels_test)}
+    for c in range(n_classes):
+        alone = top_k_neighbors(test, train, k, classes=[c])
+        out[f"class_{c}_only"] = accuracy(knn_predict(alone, labels_train, n_classes, k),
+                                          labels_test)
+    return out
+
+
+@pytest.mark.parametrize("chunk_models, tile_size", [(None, None), (3, 17), (1, 90), (7, 1)])
+def test_every_kernel_of_the_pass_matches_the_definition(chunk_models, tile_size):
+    ens, train, test = adversarial()
+    with pytest.warns(RuntimeWarning, match="identical in every run"):
+        found = ablation_neighbors(test, train, 3, k_full=5, chunk_models=chunk_models,
+                                   tile_size=tile_size, memory_budget=1 << 26)
+    for c, alone in enumerate(found.per_class):
+        assert_same_neighbors(alone.indices, alone.values,
+                              dense_kernel(test, train, classes=[c]), 3)
+    assert_same_neighbors(found.full.indices, found.full.values, dense_kernel(test, train), 5)
+    assert_same_neighbors(found.no_log_softmax.indices, found.no_log_softmax.values,
+                          dense_kernel(test, train, log_softmax=False), 3)
+
+
+def test_the_full_kernel_is_exact_modes_bit_for_bit_under_the_same_blocks():
+    ens, train, test = adversarial(seed=1)
+    with pytest.warns(RuntimeWarning):
+        found = ablation_neighbors(test, train, 3, k_full=20, chunk_models=2, tile_size=25,
+                                   memory_budget=1 << 26)
+        plain = top_k_neighbors(test, train, 20, chunk_models=2, tile_size=25,
+                                memory_budget=1 << 26)
+    assert torch.equal(found.full.indices, plain.indices)
+    assert torch.equal(found.full.values, plain.values)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ablation_accuracies_equal_the_one_at_a_time_path(seed):
+    ens, train, test = adversarial(seed=seed)
+    n_classes = train.shape[2]
+    with pytest.warns(RuntimeWarning):
+        old = _old_path(test, train, ens.labels_train, ens.labels_test, n_classes)
+        found = ablation_neighbors(test, train, 3, memory_budget=1 << 26)
+    assert found.full is None
+    new = {"no_log_softmax": accuracy(knn_predict(found.no_log_softmax, ens.labels_train,
+                                                  n_classes, 3), ens.labels_test)}
+    for c, alone in enumerate(found.per_class):
+        new[f"class_{c}_only"] = accuracy(knn_predict(alone, ens.labels_train, n_classes, 3),
+                                          ens.labels_test)
+    assert new == old
+    # The constant example ties with everything at 0 in every per-class kernel: its
+    # neighbours are the smallest indices, whichever path.
+    for alone in found.per_class:
+        assert alone.indices[2].tolist() == [0, 1, 2] and bool((alone.values[2] == 0).all())
+
+
+def test_the_sweeps_ablations_are_the_one_at_a_time_ones():
+    ens, train, test = adversarial(seed=3)
+    with pytest.warns(RuntimeWarning):
+        old = _old_path(test, train, ens.labels_train, ens.labels_test, train.shape[2])
+        result = sweep(ArraySource(train), ArraySource(test), ens.labels_train,
+                       ens.labels_test, runs=[2, 7])
+    assert result.ablations == old
+
+
+def _budget_where_no_log_softmax_needs_more_tiles(n_q, n_r, n_models, n_classes, k):
+    """A budget under which the pass with the no-log-softmax kernel needs more tiles than
+    without it (computed from the plan, not guessed)."""
+    for budget in range(8 << 20, 64 << 20, 1 << 18):
+        kw = dict(k_keep=k, budget=budget, raw_bytes=4)
+        try:
+            alone = plan_memory(n_q, n_r, n_models, 2 * n_classes, n_kernels=n_classes, **kw)
+            both = plan_memory(n_q, n_r, n_models, 4 * n_classes, n_kernels=n_classes + 1, **kw)
+        except Exception:
+            continue
+        if both.n_tiles > alone.n_tiles:
+            return budget
+    raise AssertionError("no such budget in the range tried")
+
+
+def test_no_log_softmax_joins_the_pass_only_where_the_budget_allows():
+    ens = make_ensemble(n_models=6, n_train=3000, n_test=400, n_classes=4)
+    budget = _budget_where_no_log_softmax_needs_more_tiles(400, 3000, 6, 4, 3)
+    tight = ablation_neighbors(ens.test, ens.train, 3, memory_budget=budget)
+    roomy = ablation_neighbors(ens.test, ens.train, 3, memory_budget=1 << 30)
+    assert not tight.fused_no_log_softmax and roomy.fused_no_log_softmax
+    want = dense_kernel(ens.test, ens.train, log_softmax=False)
+    for found in (tight, roomy):
+        assert_same_neighbors(found.no_log_softmax.indices, found.no_log_softmax.values, want, 3)
+    assert ablation_neighbors(ens.test, ens.train, 3, no_log_softmax=False,
+                              memory_budget=1 << 26).no_log_softmax is None
+
+
+def test_a_budget_too_small_for_the_pass_computes_one_kernel_at_a_time():
+    ens = make_ensemble(n_models=6, n_train=3000, n_test=2000, n_classes=6)
+    kw = dict(k_keep=3, raw_bytes=4)
+    budget = next(b for b in range(4 << 20, 256 << 20, 1 << 18)
+                  if _fits(2000, 3000, 6, 6, b, **kw) and not _fits(2000, 3000, 6, 12, b,
+                                                                     n_kernels=6, **kw))
+    found = ablation_neighbors(ens.test, ens.train, 3, memory_budget=budget)
+    assert not found.one_pass and not found.fused_no_log_softmax
+    assert ablation_neighbors(ens.test, ens.train, 3, memory_budget=1 << 30).one_pass
+    for c, alone in enumerate(found.per_class):
+        assert_same_neighbors(alone.indices, alone.values,
+                              dense_kernel(ens.test, ens.train, classes=[c]), 3)
+    assert_same_neighbors(found.no_log_softmax.indices, found.no_log_softmax.values,
+                          dense_kernel(ens.test, ens.train, log_softmax=False), 3)
+
+
+def _fits(n_q, n_r, n_models, n_used, budget, **kw) -> bool:
+    from ensemble_kernel.errors import BudgetError
+
+    try:
+        plan_memory(n_q, n_r, n_models, n_used, budget=budget, **kw)
+        return True
+    except BudgetError:
+        return False
+
+
+@pytest.mark.parametrize("bad", [0, 91, 2.5])
+def test_a_bad_k_is_refused(bad):
+    ens, train, test = adversarial()
+    with pytest.raises(InputError, match=r"k must be between 1 and 90 \(the number of "
+                                         r"references\), got"):
+        ablation_neighbors(test, train, bad)
+    with pytest.raises(InputError, match=r"k_full must be between 1 and 90"):
+        ablation_neighbors(test, train, 3, k_full=bad)
