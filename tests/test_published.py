@@ -403,3 +403,25 @@ def test_every_command_warns_once_on_mixed_codes(published, command, args):
     warned = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "mixes 2 training configurations" in warned[0], err
     assert "pass --code PREFIX to use one" in warned[0]
+
+
+def test_label_issues_takes_code_and_test_key_like_the_library(published):
+    """label-issues reads SRC like the other commands: --code and --test-key reach it, and
+    its missing-labels error points to the labels command."""
+    from ensemble_kernel import label_issues
+
+    tmp, _, _, _ = published
+    prefix = code_hash(CODE_B)[:6]
+    code, out, err = run_cli("label-issues", tmp / "logs", "--labels", tmp / "labels.npz",
+                             "--code", prefix, "--test-key", "logits_tta", "--k", "5",
+                             "--json")
+    assert code == 0, err
+    assert "training configurations" not in err
+    got = json.loads(out)
+    runset = open_runs([tmp / "logs"], labels=tmp / "labels.npz", code=prefix,
+                       test_key="logits_tta")
+    want = label_issues(runset.train, runset.test, runset.labels_train, runset.labels_test,
+                        k=5)
+    assert [r["index"] for r in got["rows"]] == want.order.tolist()
+    code, _, err = run_cli("label-issues", tmp / "logs", "--code", prefix)
+    assert code == 2 and len(err.splitlines()) == 1 and HINT in err, err

@@ -13,10 +13,10 @@ import numpy as np
 import typer
 
 from ..atomic import atomic_write, atomic_write_text
-from ..errors import InputError
+from ..errors import LABELS_HINT, InputError
 from ..labelissues import LabelIssues, SCORES, SPLITS, check_k_for_split, knn_graph, label_issues
-from .common import (BudgetOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt, RunsOpt, SrcArg,
-                     _check_precision, _meta, _open, _progress_bar, _user_errors, app, choice,
+from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt,
+                     RunsOpt, SrcArg, TestKeyOpt, _check_precision, _meta, _open, _progress_bar, _user_errors, app, choice,
                      err, parse_size)
 from .outputs import check_output_file
 
@@ -51,6 +51,8 @@ def label_issues_cmd(
                                                  "(cleanlab's pred_probs)."),
     labels: Optional[Path] = LabelsOpt,
     runs: Optional[str] = RunsOpt,
+    code: Optional[str] = CodeOpt,
+    test_key: Optional[str] = TestKeyOpt,
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
@@ -81,7 +83,8 @@ def label_issues_cmd(
             if have is None:
                 raise InputError(f"label-issues --split {split} needs {which} labels, and "
                                  f"{', '.join(map(str, src))} carries none: pass --labels "
-                                 f"FILE.npz with labels_train and labels_test")
+                                 f"FILE.npz with labels_train and labels_test "
+                                 f"({LABELS_HINT})")
         check_k_for_split(k, split, runset.train.n_examples)
         audited = runset.train if split == "train" else runset.test
         if graph is not None and k > audited.n_examples - 1:
