@@ -211,3 +211,19 @@ def test_a_single_split_store_appended_to(tmp_path):
     both = save_pt(tmp_path / "both.pt", torch.zeros(1, 5, 10), torch.zeros(1, 12, 10))
     code, _, err = run_cli("ingest", both, "--store", tmp_path / "st")
     assert code == 2 and "5 train examples but the store" in err and "has 0" in err
+
+
+def test_label_issues_on_a_test_only_source_says_it_needs_the_train_split(tmp_path):
+    """Labels given for the test split: the refusal names the missing split, not the labels."""
+    from conftest import make_ensemble, run_cli
+
+    ens = make_ensemble()
+    torch.save({"logits": ens.test}, tmp_path / "t.pt")
+    np.savez(tmp_path / "l.npz", labels_train=ens.labels_train.numpy(),
+             labels_test=ens.labels_test.numpy())
+    for split in ("test", "train"):
+        code, _, err = run_cli("label-issues", tmp_path / "t.pt", "--labels", tmp_path / "l.npz",
+                               "--split", split, "--k", "3")
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert "label-issues needs a train split" in lines[0], err

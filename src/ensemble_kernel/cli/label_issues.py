@@ -16,8 +16,9 @@ from ..atomic import atomic_write, atomic_write_text
 from ..errors import LABELS_HINT, InputError
 from ..labelissues import LabelIssues, SCORES, SPLITS, check_k_for_split, knn_graph, label_issues
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt,
-                     RunsOpt, SrcArg, TestKeyOpt, _check_precision, _meta, _open, _progress_bar, _user_errors, app, choice,
-                     err, parse_size)
+                     RunsOpt, SrcArg, TestKeyOpt, _check_precision, _meta, _open,
+                     _progress_bar, _user_errors, app, choice, err, parse_size,
+                     require_train)
 from .outputs import check_output_file
 
 SHOWN_NEIGHBORS = 5  # nearest neighbours written per row
@@ -78,6 +79,7 @@ def label_issues_cmd(
                 check_output_file(path, option)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
+        require_train(runset, "label-issues")
         given = runset.labels_train if split == "train" else runset.labels_test
         for which, have in (("train", runset.labels_train), (split, given)):
             if have is None:
