@@ -320,3 +320,21 @@ def test_report_section_shows_the_top_suspects_beside_their_neighbours(tmp_path)
     want = label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=20)
     assert [int(r[1]) for r in rows[1:]] == want.order[:8].tolist()
     assert (tmp_path / "r_files" / "label_issues.png").is_file()
+
+
+def test_label_issues_show_themselves_like_the_other_results():
+    """LabelIssues prints as a table, renders HTML and has to_dict/to_pandas with the
+    columns of label-issues --out (issue 10's result protocol)."""
+    import ensemble_kernel as ek
+    from conftest import make_ensemble
+
+    ens = make_ensemble()
+    found = ek.label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=5)
+    text = repr(found)
+    assert "flagged" in text and "given_label" in text and "voted_label" in text
+    assert "<table>" in found._repr_html_()
+    rows = found.to_dict()["rows"]
+    assert [r["index"] for r in rows] == found.order.tolist()
+    frame = found.to_pandas()
+    assert list(frame.columns)[:4] == ["index", "score", "given_label", "voted_label"]
+    assert len(frame) == ens.test.shape[1]

@@ -37,6 +37,7 @@ from .engine import _top_k_neighbors
 from .errors import InputError
 from .formats import check_labels
 from .neighbors import Neighbors
+from .results import Shown
 from .sources import LogitSource, as_source
 
 __all__ = ["LabelIssues", "label_issues", "vote_probabilities", "ensemble_probabilities",
@@ -47,8 +48,8 @@ SCORES = ("kernel", "combined")
 Score = Literal["kernel", "combined"]
 
 
-@dataclass(frozen=True)
-class LabelIssues:
+@dataclass(frozen=True, repr=False)
+class LabelIssues(Shown):
     """One split's examples ranked by how suspicious their given labels are.
 
     Attributes
@@ -84,10 +85,23 @@ class LabelIssues:
     def n_flagged(self) -> int:
         return int(self.flagged.sum())
 
-    def __repr__(self) -> str:
-        return (f"LabelIssues(split={self.split!r}, n_examples={len(self.order)}, "
-                f"n_flagged={self.n_flagged}, score={self.score!r}, k={self.k}, "
-                f"power={self.power})")
+    def _title(self) -> str:
+        return (f"LabelIssues: {self.n_flagged} of {len(self.order)} {self.split} examples "
+                f"flagged (score {self.score}, k={self.k}, power {self.power}), most "
+                f"suspicious first")
+
+    def _records(self) -> list[dict]:
+        # The columns of `label-issues --out`, one row per example, most suspicious first.
+        p = self.vote_probabilities
+        shown = self.neighbors.indices[:, :5].cpu()
+        rows = []
+        for i in self.order.tolist():
+            g, v = int(self.given[i]), int(self.voted[i])
+            rows.append({"index": i, "score": float(self.scores[i]), "given_label": g,
+                         "voted_label": v, "vote_share_given": float(p[i, g]),
+                         "vote_share_voted": float(p[i, v]), "flagged": bool(self.flagged[i]),
+                         "neighbors": " ".join(map(str, shown[i].tolist()))})
+        return rows
 
 
 def vote_probabilities(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int,
