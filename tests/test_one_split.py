@@ -227,3 +227,20 @@ def test_label_issues_on_a_test_only_source_says_it_needs_the_train_split(tmp_pa
         lines = err.splitlines()
         assert code == 2 and len(lines) == 1, err
         assert "label-issues needs a train split" in lines[0], err
+
+
+def test_the_library_says_the_train_split_is_empty(tmp_path):
+    """A test-only source opened with labels for both splits: evaluate, sweep and
+    KernelKNN.fit name the empty train split, not missing labels or 'k between 1 and 0'."""
+    import ensemble_kernel as ek
+
+    ens = make_ensemble()
+    torch.save({"logits": ens.test}, tmp_path / "t.pt")
+    np.savez(tmp_path / "l.npz", labels_train=ens.labels_train.numpy(),
+             labels_test=ens.labels_test.numpy())
+    runs = ek.open_runs(tmp_path / "t.pt", labels=tmp_path / "l.npz")
+    for call in (lambda: ek.evaluate(runs.train, runs.test, runs.labels_train, runs.labels_test),
+                 lambda: ek.sweep(runs.train, runs.test, runs.labels_train, runs.labels_test),
+                 lambda: ek.KernelKNN(k=3).fit(runs.train, runs.labels_train)):
+        with pytest.raises(ek.InputError, match="needs a train split, but it is empty"):
+            call()

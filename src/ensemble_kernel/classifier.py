@@ -13,7 +13,7 @@ import torch
 
 from .engine import top_k_neighbors
 from .errors import InputError
-from .evaluation import accuracy
+from .evaluation import _require_train_split, accuracy
 from .neighbors import Neighbors, knn_scores, predict_from_scores, weighted_scores
 from .precision import PRECISIONS, Precision
 from .runs import as_labels
@@ -99,6 +99,7 @@ class KernelKNN:
             self.
         """
         train = as_source(train_logits, "train logits")
+        _require_train_split(train, "KernelKNN.fit")
         if self.k > train.n_examples:
             raise InputError(f"KernelKNN: k must be between 1 and {train.n_examples} (the "
                              f"number of training examples), got {self.k}: pass k <= "

@@ -159,6 +159,15 @@ class Selection(Shown):
                  (v, k, p) == (self.vote, self.k, self.power)} for v, k, p, a in self.table]
 
 
+def _require_train_split(train: LogitSource, what: str) -> None:
+    """One InputError when the train split is empty (a source of test logits only)."""
+    if train.n_examples == 0:
+        raise InputError(
+            f"{what} needs a train split, but it is empty (the source holds test logits "
+            "only); within the test split use top_k_neighbors(test) alone, "
+            "select_by_leave_one_out(test, labels_test) or ensemble_kernel.within")
+
+
 def _require_labels(labels, split: str) -> torch.Tensor:
     """Labels as an int64 Tensor (from a list, array or Tensor); none is an InputError."""
     if labels is None:
@@ -206,6 +215,7 @@ def evaluate(
         The model card's four accuracies (and each run's own).
     """
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
+    _require_train_split(train, "evaluate")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
     n_classes = train.n_classes

@@ -262,12 +262,13 @@ def sweep(
     -------
     SweepResult
     """
-    from .evaluation import _require_labels
+    from .evaluation import _require_labels, _require_train_split
 
     if max_subsets is not None and (not isinstance(max_subsets, int) or max_subsets < 1):
         raise InputError(f"max_subsets must be a positive integer or None (every disjoint "
                          f"subset), got {max_subsets!r}")
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
+    _require_train_split(train, "sweep")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
     check_labels(labels_train, train.n_examples, train.n_classes, "train")
