@@ -21,12 +21,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", nargs="+", help="a store, run files or directories of them")
     parser.add_argument("--labels", help="an .npz with labels_train and labels_test")
     parser.add_argument("--example", type=int, default=0, help="the test example to explain")
+    parser.add_argument("--code", help="one training configuration: a code sha256 prefix")
+    parser.add_argument("--test-key", help="run files: the test split's array (logits_tta)")
     args = parser.parse_args(argv)
     try:
-        runs = ek.open_runs(args.src, labels=args.labels)  # train and test logits, labels
+        quickstart(args)
     except ek.EnsembleKernelError as e:  # a user error: one line, exit status 2
         parser.exit(2, f"error: {e}\n")
+
+
+def quickstart(args: argparse.Namespace) -> None:
+    runs = ek.open_runs(args.src, labels=args.labels, code=args.code,  # train and test
+                        test_key=args.test_key)                        # logits, labels
     print(runs)
+    if not 0 <= args.example < runs.test.n_examples:
+        raise ek.InputError(f"--example must be between 0 and {runs.test.n_examples - 1}, "
+                            f"got {args.example}")
 
     # The model card's table (what `ensemble-kernel evaluate SRC` prints).
     evaluation = ek.evaluate(runs.train, runs.test, runs.labels_train, runs.labels_test)

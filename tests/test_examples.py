@@ -43,3 +43,18 @@ def test_the_quickstart_refuses_a_missing_source_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "no such file or directory" in done.stderr
+
+
+def test_the_quickstart_refuses_user_errors_after_opening_in_one_line(tmp_path):
+    """Labels missing, or --example out of range: one line, exit 2, no traceback."""
+    ens = make_ensemble(n_train=40, n_test=10)
+    np.savez(tmp_path / "runs.npz", logits_train=ens.train.numpy(),
+             logits_test=ens.test.numpy())
+    for extra in ([], ["--labels", str(tmp_path / "l.npz"), "--example", "10"]):
+        np.savez(tmp_path / "l.npz", labels_train=ens.labels_train.numpy(),
+                 labels_test=ens.labels_test.numpy())
+        done = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path / "runs.npz"),
+                               *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.strip().count("\n") == 0, \
+            done.stderr
