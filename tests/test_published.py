@@ -423,5 +423,7 @@ def test_label_issues_takes_code_and_test_key_like_the_library(published):
     want = label_issues(runset.train, runset.test, runset.labels_train, runset.labels_test,
                         k=5)
     assert [r["index"] for r in got["rows"]] == want.order.tolist()
+    assert got["meta"]["options"]["code"] == prefix
+    assert got["meta"]["options"]["test_key"] == "logits_tta"
     code, _, err = run_cli("label-issues", tmp / "logs", "--code", prefix)
     assert code == 2 and len(err.splitlines()) == 1 and HINT in err, err

@@ -101,7 +101,8 @@ def label_issues_cmd(
                                 device=device) if graph is not None else None)
         options = {"split": split, "k": k, "power": power, "score": score,
                    "precision": precision, "memory_budget": budget, "device": device,
-                   "labels": str(labels) if labels else None}
+                   "labels": str(labels) if labels else None, "code": code,
+                   "test_key": test_key}
         meta = _meta(options, runset, chosen, started)
         if out is not None:
             atomic_write_text(out, issues_csv(found))
