@@ -257,3 +257,20 @@ def test_output_paths_are_checked_before_any_work(tmp_path, ens, command, args, 
 
 def test_demo_options_are_a_frozen_record_with_force():
     assert DemoOptions().force is False
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_users_umask_not_0600(tmp_path, umask):
+    """A result file is made as open() would make it (0666 less the umask), so a shared
+    folder's readers can read it; mkstemp alone would leave it 0600."""
+    import os
+    import stat
+
+    from ensemble_kernel.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o666 & ~umask

@@ -21,6 +21,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             if durable:
@@ -32,6 +33,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *,
         raise
     if durable:
         fsync_path(path.parent)  # the rename itself
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
