@@ -167,7 +167,7 @@ def _check_split(split: str) -> None:
 
 def label_issues(train: LogitSource, test: LogitSource | None, labels_train, labels_test=None,
                  *, split: str = "test", k: int = 20, power: int = 4,
-                 score: Score = "combined", precision: str = "exact",
+                 score: Score = "combined", precision: str = "auto",
                  memory_budget: int | None = None, device: str = "cpu",
                  progress=None, neighbors: Neighbors | None = None) -> LabelIssues:
     """Rank one split's examples by how strongly their kernel neighbours disagree with
@@ -237,7 +237,7 @@ def label_issues(train: LogitSource, test: LogitSource | None, labels_train, lab
     return LabelIssues(split, order, scores, given, voted, p, flagged, found, score, k, power)
 
 
-def knn_graph(source, k: int = 10, *, precision: str = "exact",
+def knn_graph(source, k: int = 10, *, precision: str = "auto",
               memory_budget: int | None = None, device: str = "cpu"):
     """The kernel's k-nearest-neighbour graph of one split, as cleanlab's `Datalab`
     accepts it (``find_issues(knn_graph=...)``).
