@@ -30,17 +30,22 @@ from .plots import plot_threshold
 __all__ = ["Table", "Views", "build_views", "render_report", "write_views", "png_bytes"]
 
 
+def csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A header and rows as CSV text."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 @dataclass(frozen=True)
 class Table:
     header: tuple[str, ...]
     rows: tuple[tuple, ...]
 
     def to_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(self.header)
-        writer.writerows(self.rows)
-        return buffer.getvalue()
+        return csv_text(self.header, self.rows)
 
 
 @dataclass(frozen=True)

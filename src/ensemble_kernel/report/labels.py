@@ -35,14 +35,9 @@ class LabelSection:
     image: Image.Image | None
 
     def to_csv(self) -> str:
-        import csv
-        import io
+        from .html import csv_text
 
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(self.header)
-        writer.writerows(self.rows)
-        return buffer.getvalue()
+        return csv_text(self.header, self.rows)
 
 
 def render_suspects(issues: LabelIssues, renderer: InputRenderer, labels_train,
