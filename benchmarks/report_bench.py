@@ -31,17 +31,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import generate  # noqa: E402  (the same generated logits as run.py)
 
-# Reports the child's peak RSS (VmHWM) into a file as it exits.
-_LAUNCH = """
-import atexit, re, runpy, sys
-out = sys.argv.pop(1)
-def report():
-    status = open("/proc/self/status").read()
-    open(out, "w").write(re.search(r"VmHWM:\\s*(\\d+) kB", status).group(1))
-atexit.register(report)
-sys.argv[0] = "ensemble-kernel"
-runpy.run_module("ensemble_kernel", run_name="__main__", alter_sys=True)
-"""
+sys.path.insert(0, str(HERE.parent / "tests"))
+# The program run so that it writes its own peak RSS (VmHWM) to a file as it exits.
+from test_memory_budget import _LAUNCH  # noqa: E402  (as memory_budget.py shares peak_rss)
 
 
 def cpu_description() -> dict:

@@ -33,11 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .engine import Progress, ProgressCallback, _Engine, _top_k_neighbors
+from .engine import Progress, ProgressCallback, _Engine, _resources, _top_k_neighbors
 from .errors import BudgetError, InputError
 from .kernel import exact_float32_matmul
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import default_memory_budget, plan_memory, resolve_device
+from .plan import plan_memory
 from .sources import as_source, check_pair
 
 __all__ = ["AblationNeighbors", "ablation_neighbors"]
@@ -111,12 +111,7 @@ def ablation_neighbors(
                                   or not 1 <= value <= n_refs):
             raise InputError(f"{name} must be between 1 and {n_refs} (the number of "
                              f"references), got {value}")
-    device = resolve_device(device)
-    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
-                    references.read(slice(0, 1), slice(0, 1)).element_size())
+    device, budget, raw_bytes = _resources(queries, references, memory_budget, device)
 
     def staged(p: Progress) -> None:
         if progress is not None:

@@ -435,6 +435,18 @@ class Rescored:
     reference_norms: torch.Tensor  # (n_references,) float64
 
 
+def _resources(queries: LogitSource, references: LogitSource, memory_budget: int | None,
+               device) -> tuple[torch.device, int, int]:
+    """(device, budget in bytes, bytes per stored logit) of a job, the budget checked."""
+    device = resolve_device(device)
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
+                    references.read(slice(0, 1), slice(0, 1)).element_size())
+    return device, budget, raw_bytes
+
+
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
                     cache_queries=None):
@@ -452,12 +464,7 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                          f"{' other than the query itself' if exclude_self else ''}), got {k}")
     used = check_classes(classes, queries.n_classes)
     n_used = len(used) if used is not None else queries.n_classes
-    device = resolve_device(device)
-    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
-                    references.read(slice(0, 1), slice(0, 1)).element_size())
+    device, budget, raw_bytes = _resources(queries, references, memory_budget, device)
     plan = plan_memory(queries.n_examples, references.n_examples, queries.n_models, n_used,
                        k_keep=k_keep, budget=budget, precision=precision,
                        chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes,

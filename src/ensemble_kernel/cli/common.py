@@ -8,7 +8,6 @@ escape codes (control characters in the text, e.g. from a file name, are escaped
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import sys
