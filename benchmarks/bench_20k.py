@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=20, help="neighbours per test example (default 20)")
     p.add_argument("--memory-budget", default="4GiB",
                    help="neighbours' --memory-budget, e.g. 4GiB (default) or 512MiB")
-    p.add_argument("--precision", default="exact",
-                   help="neighbours' --precision (default exact)")
+    p.add_argument("--precision", default="auto",
+                   help="neighbours' --precision: auto (the CLI's default), exact or fast")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits")
     p.add_argument("--dir", type=Path, default=HERE / "_data",
                    help="where the files and the store go (default benchmarks/_data)")
@@ -193,8 +193,9 @@ def check_space(args: argparse.Namespace, folder: Path) -> dict:
 
 # ---- the stages ------------------------------------------------------------------------
 
-def measured(cmd: list[str]) -> dict:
-    """Run `cmd` (output passes through); its wall time and its own peak RSS (wait4)."""
+def measured(stage: str, cmd: list[str]) -> dict:
+    """Run `cmd` (output passes through); its wall time and its own peak RSS (wait4),
+    printed as soon as it ends (a long benchmark shows each stage's figure as it goes)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -202,6 +203,7 @@ def measured(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[2:5]))} ... exited with {proc.returncode}")
+    print(f"{stage}: {wall:.1f} s wall, peak RSS {usage.ru_maxrss / 2**20:.2f} GiB", flush=True)
     return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
@@ -211,7 +213,7 @@ def run_stages(args: argparse.Namespace, folder: Path, budget: int) -> dict:
     todo = missing_files(folder, args.files)
     print(f"generate: {len(todo)} of {args.files} files to write "
           f"({args.files - len(todo)} already whole)", flush=True)
-    stages["generate"] = {**measured([
+    stages["generate"] = {**measured("generate", [
         sys.executable, __file__, "--generate-child", str(folder), ",".join(map(str, todo)),
         "--runs-per-file", str(args.runs_per_file), "--n-train", str(args.n_train),
         "--n-test", str(args.n_test), "--n-classes", str(args.n_classes),
@@ -220,15 +222,15 @@ def run_stages(args: argparse.Namespace, folder: Path, budget: int) -> dict:
     resumed = store.exists()
     print(f"ingest into {store}{' (resumed: stored files are skipped)' if resumed else ''}",
           flush=True)
-    stages["ingest"] = {**measured([*cli, "ingest", str(folder / "files"), "--store", str(store),
-                                    "--labels", str(folder / "labels.npz"), "--quiet"]),
-                        "store_existed": resumed}
+    stages["ingest"] = {**measured("ingest", [
+        *cli, "ingest", str(folder / "files"), "--store", str(store),
+        "--labels", str(folder / "labels.npz"), "--quiet"]), "store_existed": resumed}
     out = folder / f"neighbors-{args.precision}-k{args.k}.npz"
     print(f"neighbors: k = {args.k}, --memory-budget {args.memory_budget}, "
           f"--precision {args.precision}", flush=True)
-    stages["neighbors"] = measured([*cli, "neighbors", str(store), "--out", str(out),
-                                    "--k", str(args.k), "--memory-budget", str(budget),
-                                    "--precision", args.precision, "--no-resume", "--quiet"])
+    stages["neighbors"] = measured("neighbors", [
+        *cli, "neighbors", str(store), "--out", str(out), "--k", str(args.k),
+        "--memory-budget", str(budget), "--precision", args.precision, "--no-resume", "--quiet"])
     stages["neighbors"]["out"] = str(out)
     return stages
 
