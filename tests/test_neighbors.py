@@ -38,3 +38,34 @@ def test_weighted_vote_by_hand():
     assert predict_from_scores(weighted_scores(found, labels, 2, power=1))[0].tolist() == [1]
     with pytest.raises(InputError, match="power must be a positive integer, got 0"):
         weighted_scores(found, labels, 2, power=0)
+
+
+def _by_rule(block: torch.Tensor, k: int, offset: int) -> tuple[list, list]:
+    """The plain twin of the order rule: sort each row's (value, index) pairs in Python."""
+    indices, values = [], []
+    for row in block.tolist():
+        best = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+        indices.append([j + offset for j in best])
+        values.append([row[j] for j in best])
+    return indices, values
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 19, 20])
+def test_topk_block_follows_the_order_rule_on_heavily_tied_blocks(k):
+    # Few runs give kernel values on a few levels: most rows tie at the k-th place. Mix in
+    # rows tied everywhere, rows with no tie, -inf (self, left out), and -0.0 beside 0.0;
+    # more rows than one repair chunk.
+    g = torch.Generator().manual_seed(k)
+    levels = torch.tensor([-0.5, -0.0, 0.0, 0.05, 0.1, 0.25, 0.25 + 2**-24, float("-inf")])
+    block = levels[torch.randint(len(levels), (150, 21), generator=g)]
+    block[0] = 0.1  # every value tied
+    block[1] = torch.arange(21, dtype=torch.float32)  # no tie at all
+    block[2, :] = float("-inf")
+    block[2, 5] = 0.0
+    got = topk_block(block, k, offset=1000, row_chunk=16)
+    want_indices, want_values = _by_rule(block, k, 1000)
+    assert got.indices.tolist() == want_indices
+    assert got.values.tolist() == want_values
+    # bit for bit: the sign of a zero kept as well
+    assert torch.equal(torch.signbit(got.values),
+                       torch.signbit(torch.tensor(want_values, dtype=torch.float32)))
