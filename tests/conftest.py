@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,35 @@ def assert_same_neighbors(indices, values, kernel, k, rtol=1e-5, atol=1e-6):
     assert bool((values[:, :-1] >= values[:, 1:]).all())
     equal = values[:, :-1] == values[:, 1:]
     assert bool((indices[:, :-1][equal] < indices[:, 1:][equal]).all())
+
+
+class ExactRows:
+    """How many queries fast mode computed whole in float32, read from the engine's log line.
+
+    `inline`: in the re-score's own pass; `fallback`: in a second exact pass. Use through
+    the `exact_rows` fixture, then call `.counts()` after the computation.
+    """
+
+    _LINE = re.compile(r"(\d+) queries computed whole in the same pass; (\d+) of \d+ "
+                       r"queries recomputed exactly")
+
+    def __init__(self, caplog):
+        self.caplog = caplog
+        caplog.set_level(logging.INFO, logger="ensemble_kernel.engine")
+
+    def counts(self) -> tuple[int, int]:
+        found = [self._LINE.search(r.getMessage()) for r in self.caplog.records]
+        found = [m for m in found if m]
+        assert found, "no fast-mode summary line was logged"
+        return sum(int(m[1]) for m in found), sum(int(m[2]) for m in found)
+
+    def total(self) -> int:
+        return sum(self.counts())
+
+
+@pytest.fixture
+def exact_rows(caplog) -> ExactRows:
+    return ExactRows(caplog)
 
 
 def save_pt(path: Path, train, test, **extra) -> Path:

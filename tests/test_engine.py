@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from ensemble_kernel import dense_kernel
+from ensemble_kernel import engine as engine_module
 from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.errors import InputError
 
@@ -20,15 +23,28 @@ def test_engine_agrees_with_the_dense_twin(precision, tile_size, chunk_models):
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 9)
 
 
-def test_fast_mode_with_few_candidates_falls_back_to_exact_rows():
+@pytest.mark.parametrize("inline_rows", [None, 3, 0])
+def test_fast_mode_with_few_candidates_falls_back_to_exact_rows(inline_rows, exact_rows,
+                                                                monkeypatch):
     # With one candidate beyond k the approximate ranking often misses a neighbour;
-    # the certificate must catch it and recompute those rows exactly.
+    # the certificate must catch it and compute those rows exactly: whole in the
+    # re-score's pass as far as its memory allows (all, 3, none), the rest recomputed.
     ens = make_ensemble(seed=3, n_models=12, n_train=400, n_test=60, noise=0.3)
+    if inline_rows is not None:
+        original = engine_module.plan_memory
+
+        def plan(*args, **kwargs):  # room for `inline_rows` whole rows of 400 references
+            return dataclasses.replace(original(*args, **kwargs),
+                                       rescore_rows_bytes=8 * 400 * inline_rows)
+        monkeypatch.setattr(engine_module, "plan_memory", plan)
     stages = []
     got = _top_k_neighbors(ens.test, ens.train, 10, precision="fast", n_candidates=11,
                           tile_size=64, memory_budget=64 * MiB,
                           progress=lambda p: stages.append(p.stage))
-    assert "fallback" in stages  # the recomputation this test is about did run
+    inline, recomputed = exact_rows.counts()
+    assert inline + recomputed > 3  # the rows this test is about were computed exactly
+    assert inline == (inline + recomputed if inline_rows is None else inline_rows)
+    assert ("fallback" in stages) == (recomputed > 0)
     assert_same_neighbors(got.indices, got.values, dense_kernel(ens.test, ens.train), 10)
 
 

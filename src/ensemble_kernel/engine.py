@@ -319,7 +319,8 @@ class _Engine:
         self._query_cache.clear()
         return best
 
-    def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None) -> Rescored:
+    def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                whole: torch.Tensor | None = None, k: int = 1) -> Rescored:
         """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
 
         Parameters
@@ -327,12 +328,15 @@ class _Engine:
         candidates : Tensor of shape (n_queries, n_candidates), int64 reference indices.
         lengths : Tensor of shape (n_queries,), int64, or None: re-score only the first
             `lengths[q]` candidates of query q (a window; see `_fast_search`); None: all.
+        whole : Tensor of shape (n_whole,), int64 query indices, or None: queries whose
+            whole row of exact values is accumulated in the same pass (from the same
+            float32 features), and their top-`k` taken under the order rule.
 
         Returns
         -------
         Rescored: values of shape (n_queries, n_candidates), float32 (-inf past each
-        query's window), and the squared norms of the feature rows of every query and
-        every reference (float64).
+        query's window), the squared norms of the feature rows of every query and every
+        reference (float64), and the `whole` rows' top-k (None without `whole`).
         """
         n_q, n_c = candidates.shape
         if lengths is None:
@@ -353,6 +357,9 @@ class _Engine:
         crow[1:] = lengths.cumsum(0)
         pattern = _csr(crow, sorted_keys[inside], torch.zeros(int(crow[-1]), device=self.device),
                        (n_q, self.references.n_examples))
+        rows = None
+        if whole is not None and len(whole):
+            rows = torch.zeros(len(whole), self.references.n_examples, device=self.device)
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
@@ -362,13 +369,23 @@ class _Engine:
             # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
             # straight from the feature rows (no gathered copy), added to the running sum.
             pattern = torch.sparse.sampled_addmm(pattern, fa, fb.T)
+            if rows is not None:
+                rows.addmm_(fa[whole.to(self.device)], fb.T)
             del fa, fb
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
         scale = 1.0 / (self.n_models * self.n_used)
         values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
         values[inside] = pattern.values() * scale  # (n_queries, n_c), in sorted slots
         out = torch.empty_like(values).scatter_(1, order, values)
-        return Rescored(out, query_norms, reference_norms)
+        found = None
+        if rows is not None:
+            rows *= scale
+            if self.exclude_self:
+                self._mask_self(rows, slice(0, self.references.n_examples), whole)
+            # the repair of tied rows holds at most 64 bytes per element of its rows
+            chunk = max(1, self.plan.rescore_rows_bytes // (2 * 64 * rows.shape[1]))
+            found = topk_block(rows, k, row_chunk=chunk)
+        return Rescored(out, query_norms, reference_norms, found)
 
     def bound_coefficient(self) -> float:
         """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
@@ -413,6 +430,12 @@ class _Engine:
         return self.bound_coefficient() * query * reference + ABSOLUTE_SLACK
 
 
+# Fast mode computes whole in its re-score the queries whose window holds every candidate and
+# whose bfloat16 k-th and last values lie within this many guessed bounds G (see
+# `_fast_search`): where the proof after the re-score is expected to fail. A guess only: a
+# query it misses is recomputed, one it takes needlessly costs a row of products.
+INLINE_GAP = 1 + 1 / 16
+
 # How far above sqrt((n_models - 1) * n_used) a feature norm may come before the re-score's
 # window, sized from that guess, no longer proves anything (such queries are recomputed).
 WINDOW_NORM_SLACK = 2.0**-10
@@ -433,6 +456,7 @@ class Rescored:
     values: torch.Tensor  # (n_rows, n_candidates) float32; -inf where not re-scored
     query_norms: torch.Tensor  # (n_rows,) float64: squared norm of each query's features
     reference_norms: torch.Tensor  # (n_references,) float64
+    whole: Neighbors | None = None  # top-k of the rows computed whole, in `whole`'s order
 
 
 def _resources(queries: LogitSource, references: LogitSource, memory_budget: int | None,
@@ -596,7 +620,12 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
     - its window holds every candidate and even the last candidate's bfloat16 value plus B
       cannot reach the exact k-th value.
 
-    Any other query is recomputed in exact mode.
+    The second test needs the re-score's values. It fails about where the bfloat16 k-th
+    and last values lie within G of each other (the exact k-th value is then seldom B above
+    the last), so those queries (up to `INLINE_GAP` G) get their whole row of exact values
+    in the re-score's own pass, from the same float32 features, as far as
+    `Plan.rescore_rows_bytes` allows, rather than a second pass over every reference. Any
+    other unsettled query is recomputed in exact mode.
     """
     n_refs = engine.references.n_examples
     n_c = min(n_candidates, n_refs)
@@ -605,20 +634,31 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
     guess = engine.bound_coefficient() * engine.expected_norm() ** 2 + ABSOLUTE_SLACK
     low = approx.values.double()  # (n_queries, n_c), best first
     lengths = (low >= (low[:, k - 1] - 2 * guess)[:, None]).sum(dim=1)  # a prefix of each row
+    every_reference = n_c >= n_refs - engine.exclude_self
+    whole = lengths >= n_c
+    crowded = whole & (low[:, k - 1] - low[:, -1] <= INLINE_GAP * guess)
+    # float32 accumulator and the top-k's repair (at most as large again), per row
+    room = engine.plan.rescore_rows_bytes // (8 * n_refs)
+    inline = torch.zeros(0, dtype=torch.int64) if every_reference else \
+        crowded.nonzero().flatten()[:room]
     with exact_float32_matmul(engine.device):
-        rescored = engine.rescore(approx.indices, lengths)
+        rescored = engine.rescore(approx.indices, lengths, whole=inline, k=k)
         exact = rescored.values
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
         best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
                           Neighbors(approx.indices, exact), k)
         bound = engine.low_precision_bound(rescored)
-        every_reference = n_c >= n_refs - engine.exclude_self
-        whole = lengths >= n_c
         proven_tail = every_reference | (best.values[:, -1].double() > low[:, -1] + bound)
         settled = torch.where(whole, proven_tail, bound <= guess)
+        if len(inline):
+            inline = inline.to(engine.device)
+            settled[inline] = True
+            best.indices[inline], best.values[inline] = rescored.whole.indices, \
+                rescored.whole.values
         rows = (~settled).nonzero().flatten()
-        logger.info("fast mode: %d pairs re-scored; %d of %d queries recomputed exactly",
-                    int(lengths.sum()), len(rows), exact.shape[0])
+        logger.info("fast mode: %d pairs re-scored, %d queries computed whole in the same "
+                    "pass; %d of %d queries recomputed exactly", int(lengths.sum()),
+                    len(inline), len(rows), exact.shape[0])
         if len(rows):
             redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")
             best.indices[rows], best.values[rows] = redo.indices, redo.values

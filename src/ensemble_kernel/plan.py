@@ -36,7 +36,8 @@ class Plan:
     n_tiles : tiles on the reference axis.
     chunk_models : runs per block in the kernel pass.
     rescore_chunk_models : runs per block in fast mode's exact re-score.
-    rescore_gather_bytes : the re-score's gathered candidate features, per block of rows.
+    rescore_rows_bytes : the re-score's whole exact rows (float32 accumulators of the queries
+        whose candidate window cannot settle them, and their top-k's temporaries).
     example_block : examples per block in the statistics pass.
     cache_queries : keep the normalised query features between tiles (when they fit in
         a third of the budget) instead of normalising the queries again for every tile.
@@ -48,7 +49,7 @@ class Plan:
     n_tiles: int
     chunk_models: int
     rescore_chunk_models: int
-    rescore_gather_bytes: int
+    rescore_rows_bytes: int
     example_block: int
     cache_queries: bool
     piece_bytes: int
@@ -183,11 +184,11 @@ def plan_memory(
         cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
     # Fast mode's re-score holds float32 features of every query and every reference
-    # (half the room), and gathers candidates' features in blocks of rows (a fifth).
+    # (half the room), and whole exact rows for the queries its window cannot settle (a fifth).
     rescore_room = int(0.5 * (budget - fixed)) // (
         (n_queries + n_references) * (raw_bytes + 4) * n_used_classes)
     rescore_models = int(max(1, min(rescore_room, n_models)))
-    gather_bytes = int(max(1 << 16, 0.2 * (budget - fixed)))
+    rows_bytes = int(max(1 << 16, 0.2 * (budget - fixed)))
     example_block = int(max(1, min(n_references + n_queries,
                                    (budget - fixed) // (_STATS_BYTES * n_used_classes * models))))
     return Plan(
@@ -195,7 +196,7 @@ def plan_memory(
         n_tiles=math.ceil(n_references / tile),
         chunk_models=models,
         rescore_chunk_models=rescore_models,
-        rescore_gather_bytes=gather_bytes,
+        rescore_rows_bytes=rows_bytes,
         example_block=example_block,
         cache_queries=cache_queries,
         piece_bytes=piece_bytes,

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
-PROBE_VERSION = 2  # bump when the probe or the model changes: old cache files are ignored
+PROBE_VERSION = 3  # bump when the probe or the model changes: old cache files are ignored
 PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
@@ -66,8 +66,9 @@ SMALL_JOB_FLOP = 1e11
 # Fast mode must be predicted this much faster than exact mode to be chosen: the rates are
 # measured on small shapes in a few seconds, on a machine that may be shared.
 SAFETY = 1.25
-# Share of queries assumed recomputed in exact mode after fast mode's proof. It depends on
-# the data (0.5% at CIFAR shape with synthetic logits, 0 on the demo's store); assume more.
+# Share of queries whose whole row fast mode computes exactly (in the re-score's pass: their
+# float32 products, nothing normalised again). It depends on the data (0.5% at CIFAR shape
+# with synthetic logits, 0 on the demo's store); assume more.
 FALLBACK_SHARE = 0.05
 # Environment variables that change which kernels torch, oneDNN and MKL run on a CPU.
 _ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
@@ -184,7 +185,7 @@ def choose_precision(
 
     'exact' is returned as is, without a probe. 'auto' picks 'fast' only when the probe's
     rates predict it faster than 'exact' by the `SAFETY` margin, counting its re-score and
-    `FALLBACK_SHARE` of the queries recomputed exactly; a job too small to pay for a probe
+    `FALLBACK_SHARE` of the queries computed whole in float32; a job too small to pay for a probe
     (`SMALL_JOB_FLOP`) runs exact. 'fast' is kept as asked, with a `RuntimeWarning` (one
     line, with the rates) when the probe predicts it slower; a small job is not probed.
 
@@ -249,9 +250,9 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     exact: the float32 products, and the features normalised for them (each reference
     once; the queries once, or once per tile when the plan cannot cache them).
     fast: the same with bfloat16 products; then the re-score (every feature normalised
-    again in float32, and n_queries x n_candidates feature rows gathered and multiplied);
-    then `FALLBACK_SHARE` of the queries recomputed in exact mode (their products, and
-    every reference normalised again).
+    again in float32, and n_queries x n_candidates feature rows gathered and multiplied),
+    with `FALLBACK_SHARE` of the queries' whole rows in float32 in the same pass (their
+    products only).
     """
     d = n_models * n_classes  # feature length
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
@@ -276,8 +277,8 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     exact = kernel_pass("exact", rates.float32, n_queries)
     rescore = ((n_queries + n_references) * d / rates.normalize
                + float(n_queries) * n_c * d / rates.gather)
-    fallback = kernel_pass("exact", rates.float32, FALLBACK_SHARE * n_queries)
-    fast = kernel_pass("fast", rates.bfloat16, n_queries) + rescore + fallback
+    whole_rows = 2.0 * FALLBACK_SHARE * n_queries * n_references * d / rates.float32
+    fast = kernel_pass("fast", rates.bfloat16, n_queries) + rescore + whole_rows
     return exact, fast
 
 
