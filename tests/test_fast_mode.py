@@ -288,3 +288,40 @@ def test_fast_equals_exact_under_every_option(case):
     # ~4 roundings times |output| / std (below 64 before an example goes to float64), so
     # small kernel values can be off by a few 1e-6 in absolute terms.
     assert_same_neighbors(got.indices, got.values, kernel, case["k"], atol=2e-5)
+
+
+def _exact_squares(rows: torch.Tensor) -> list:
+    from fractions import Fraction
+    return [sum(Fraction(float(v)) ** 2 for v in row) for row in rows]
+
+
+@pytest.mark.parametrize("float32_norms", [True, False])
+def test_squared_norm_upper_bounds_the_measured_norms(float32_norms, monkeypatch):
+    """The re-score's norms, measured block by block, bound the exact squared norms from
+    above on rows built to round down: squares just below a rounding midpoint, one large
+    entry beside many small ones (the small ones' squares lost against it), and entries
+    whose squares fall below float32's normal range."""
+    from ensemble_kernel import bounds
+
+    if not float32_norms:
+        monkeypatch.setattr(bounds, "_FLOAT32_NORM_WIDTH", 4)
+    g = torch.Generator().manual_seed(0)
+    width, n_blocks = 600, 3
+    rows = torch.empty(5, width * n_blocks)
+    rows[0] = 1 + 2.0**-12 - 2.0**-23  # squares just below a midpoint: each rounds down
+    rows[1] = 2.0**-20
+    rows[1, ::97] = 3.0e3  # big ones first: the small squares vanish in float32 sums
+    rows[2] = 2.0**-70  # squares below float32's normal range (subnormal or flushed)
+    rows[2, 0] = 1.0
+    rows[3] = torch.randn(width * n_blocks, generator=g) * 1e-3
+    rows[4] = 0.0
+    measured = torch.zeros(len(rows), dtype=torch.float64)
+    for b in range(n_blocks):
+        measured += engine_module._block_norms(rows[:, b * width:(b + 1) * width])
+    upper = bounds.squared_norm_upper(measured, width=width, n_blocks=n_blocks,
+                                      n_terms=width * n_blocks)
+    for got, exact in zip(upper.tolist(), _exact_squares(rows)):
+        assert got >= exact
+        # not vacuous: within twice the worst rounding (and the floor of lost squares)
+        slack = 2 * bounds.gamma(width + 8, bounds.norm_unit(width))
+        assert got <= float(exact) * (1 + slack) + 2 * width * n_blocks * 2.0**-126

@@ -48,6 +48,8 @@ __all__ = [
     "NORM_SLACK",
     "gamma",
     "product_error_coefficient",
+    "squared_norm_upper",
+    "norm_unit",
 ]
 
 BFLOAT16_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest
@@ -93,7 +95,39 @@ def product_error_coefficient(*, width: int, n_blocks: int, unit: float,
     return (1 + v) ** 2 * c + 2 * v + v**2
 
 
-# Relative slack on a feature norm: its squared norm is summed in float64 (error below
-# d * 2**-53), and the re-score's features may differ from those of the candidate pass by
-# 5 float32 roundings (< 2**-21 relative). 2**-20 covers both for d < 2**30.
+# Relative slack on a feature norm: the re-score's features may differ from those of the
+# candidate pass by 5 float32 roundings (< 2**-21 relative). The rounding of the norm's own
+# computation is in `squared_norm_upper`.
 NORM_SLACK = 2.0**-20
+FLOAT64_ROUNDOFF = 2.0**-53
+# Smallest normal squares: a square below them may be flushed to 0 (at most this much lost).
+_NORMAL_FLOOR = {FLOAT32_ROUNDOFF: 2.0**-126, FLOAT64_ROUNDOFF: 2.0**-1022}
+# Blocks wider than this get float64 norms: gamma(width) in float32 would pass 1/64.
+_FLOAT32_NORM_WIDTH = 2**18 - 8
+
+
+def norm_unit(width: int) -> float:
+    """The unit roundoff in which blocks of `width` features have their norms measured:
+    float32 (ten times faster than float64 on CPUs), unless so wide that its bound would
+    pass 1/64 relative."""
+    return FLOAT32_ROUNDOFF if width <= _FLOAT32_NORM_WIDTH else FLOAT64_ROUNDOFF
+
+
+def squared_norm_upper(measured, *, width: int, n_blocks: int, n_terms: int):
+    """An upper bound on sum_i a_i**2 from the norms measured block by block.
+
+    `measured` is sum_b r_b**2, summed in float64 over `n_blocks` blocks, where r_b is
+    the norm of a block of at most `width` terms computed in the unit of
+    `norm_unit(width)` (torch's `vector_norm`, in any order and with any scaling):
+
+    - the block's squares and sums: T_b >= S_b (1 - gamma(width + 4)) - width * f, f the
+      smallest normal square (a smaller square may be flushed to 0);
+    - the root: r_b >= sqrt(T_b) (1 - v), and r_b**2 is exact in float64;
+    - the float64 sum over blocks: measured >= sum_b r_b**2 (1 - gamma64(n_blocks)).
+
+    So S <= (measured / (1 - gamma64(n_blocks)) + n_terms f) / (1 - gamma(width + 8)),
+    the 8 covering (1 - v)**-2 with room.
+    """
+    unit = norm_unit(width)
+    blocks = measured / (1 - gamma(max(n_blocks, 1), FLOAT64_ROUNDOFF))
+    return (blocks + n_terms * _NORMAL_FLOOR[unit]) / (1 - gamma(width + 8, unit))

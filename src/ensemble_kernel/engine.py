@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .errors import BudgetError, InputError
-from .bounds import ABSOLUTE_SLACK, NORM_SLACK, RECOMPUTED_ROUNDOFF, product_error_coefficient
+from .bounds import (ABSOLUTE_SLACK, FLOAT32_ROUNDOFF, NORM_SLACK, RECOMPUTED_ROUNDOFF,
+                     norm_unit, product_error_coefficient, squared_norm_upper)
 from .kernel import (
     ClassStats,
     StatsAccumulator,
@@ -335,8 +336,9 @@ class _Engine:
         Returns
         -------
         Rescored: values of shape (n_queries, n_candidates), float32 (-inf past each
-        query's window), the squared norms of the feature rows of every query and every
-        reference (float64), and the `whole` rows' top-k (None without `whole`).
+        query's window), upper bounds on the squared norms of the feature rows of every
+        query and every reference (float64, `bounds.squared_norm_upper`), and the `whole`
+        rows' top-k (None without `whole`).
         """
         n_q, n_c = candidates.shape
         if lengths is None:
@@ -364,8 +366,8 @@ class _Engine:
             models = slice(m0, min(m0 + step, self.n_models))
             fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
             fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
-            query_norms += torch.linalg.vector_norm(fa, dim=1, dtype=torch.float64).square_()
-            reference_norms += torch.linalg.vector_norm(fb, dim=1, dtype=torch.float64).square_()
+            query_norms += _block_norms(fa)
+            reference_norms += _block_norms(fb)
             # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
             # straight from the feature rows (no gathered copy), added to the running sum.
             pattern = torch.sparse.sampled_addmm(pattern, fa, fb.T)
@@ -377,6 +379,10 @@ class _Engine:
         values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
         values[inside] = pattern.values() * scale  # (n_queries, n_c), in sorted slots
         out = torch.empty_like(values).scatter_(1, order, values)
+        bound = dict(width=step * self.n_used, n_blocks=math.ceil(self.n_models / step),
+                     n_terms=self.n_models * self.n_used)
+        query_norms = squared_norm_upper(query_norms, **bound)
+        reference_norms = squared_norm_upper(reference_norms, **bound)
         found = None
         if rows is not None:
             rows *= scale
@@ -417,8 +423,8 @@ class _Engine:
     def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
         """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
 
-        `bound_coefficient()` times ||a|| * max_b ||b||, the norms as the re-score measured
-        them (raised by NORM_SLACK), plus ABSOLUTE_SLACK.
+        `bound_coefficient()` times ||a|| * max_b ||b||, the norms' upper bounds from the
+        re-score (raised by NORM_SLACK), plus ABSOLUTE_SLACK.
 
         Returns
         -------
@@ -441,6 +447,14 @@ INLINE_GAP = 1 + 1 / 16
 WINDOW_NORM_SLACK = 2.0**-10
 
 
+def _block_norms(features: torch.Tensor) -> torch.Tensor:
+    """Squared norms of a block's feature rows, float64, measured in `bounds.norm_unit`
+    (float32 for all but enormous blocks; `bounds.squared_norm_upper` bounds the error)."""
+    if norm_unit(features.shape[1]) == FLOAT32_ROUNDOFF:
+        return torch.linalg.vector_norm(features, dim=1).double().square_()
+    return torch.linalg.vector_norm(features, dim=1, dtype=torch.float64).square_()
+
+
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
          size: tuple[int, int]) -> torch.Tensor:
     """A sparse CSR tensor, without torch's notice that CSR support is in beta."""
@@ -454,8 +468,8 @@ class Rescored:
     """Exact values of candidate pairs and the squared norms of the feature rows."""
 
     values: torch.Tensor  # (n_rows, n_candidates) float32; -inf where not re-scored
-    query_norms: torch.Tensor  # (n_rows,) float64: squared norm of each query's features
-    reference_norms: torch.Tensor  # (n_references,) float64
+    query_norms: torch.Tensor  # (n_rows,) float64: each query's squared feature norm, or above
+    reference_norms: torch.Tensor  # (n_references,) float64: the same for references
     whole: Neighbors | None = None  # top-k of the rows computed whole, in `whole`'s order
 
 
