@@ -113,7 +113,7 @@ def _cifar_logits(n_test: int | None = None):
     return train, test if n_test is None else test[:, :n_test]
 
 
-def stages(precision: str, k: int, n_test: int | None = None) -> None:
+def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 << 30) -> None:
     """Wall and CPU seconds spent in each stage the engine reports (statistics, kernel,
     rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine."""
     from ensemble_kernel.engine import _top_k_neighbors
@@ -135,10 +135,11 @@ def stages(precision: str, k: int, n_test: int | None = None) -> None:
             current[:] = [p.stage, now_wall, now_cpu]
 
     t0, c0 = time.perf_counter(), time.process_time()
-    _top_k_neighbors(test, train, k, precision=precision, memory_budget=1 << 30, progress=note)
+    _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget, progress=note)
     t1, c1 = time.perf_counter(), time.process_time()
     close(t1, c1)
-    print(f"{_machine()}\n{precision}, k = {k}, {test.shape[1]} queries: {t1 - t0:.1f} s wall, "
+    print(f"{_machine()}\n{precision}, k = {k}, {test.shape[1]} queries, budget "
+          f"{budget / 2**30:.1f} GiB: {t1 - t0:.1f} s wall, "
           f"{c1 - c0:.1f} s CPU; per stage (wall / CPU, s): "
           + ", ".join(f"{s} {wall[s]:.1f} / {cpu[s]:.1f}" for s in wall))
 
@@ -247,6 +248,8 @@ def main() -> None:
     p.add_argument("--models", type=int, default=128)
     p.add_argument("--n-test", type=int, help="stages: only the first N test examples")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    p.add_argument("--memory-budget", default="1GiB",
+                   help="stages: the engine's budget, e.g. 1GiB (default) or 5GiB")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,7 +257,9 @@ def main() -> None:
     if args.what == "recipe":
         recipe(args.epochs, args.seed, args.models)
     elif args.what == "stages":
-        stages(args.precision, args.k, args.n_test)
+        from ensemble_kernel.cli.common import parse_size
+
+        stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget))
     elif args.what == "pairs":
         pairs()
     elif args.what == "candidates":

@@ -29,6 +29,42 @@ from conftest import assert_same_neighbors
 MiB = 1 << 20
 
 
+@pytest.fixture(autouse=True, params=["kept", "recomputed"])
+def _features_for_the_rescore(request, monkeypatch):
+    """Every test here twice: the re-score reading the candidate pass's kept float32
+    features (`Plan.keep_features`, where they fit), and normalising them again."""
+    if request.param == "recomputed":
+        original = engine_module.plan_memory
+
+        def plan(*args, **kwargs):
+            return original(*args, **{**kwargs, "keep_features": False})
+        monkeypatch.setattr(engine_module, "plan_memory", plan)
+    return request.param
+
+
+def test_the_rescore_reads_the_kept_features(_features_for_the_rescore, monkeypatch):
+    # With room, fast mode normalises every logit once for its candidate pass and never
+    # again; without, the re-score normalises them again. Same neighbours either way.
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(9, 300, 5, generator=g), torch.randn(9, 40, 5, generator=g)
+    calls = []
+    original = engine_module._Engine._features
+
+    def counted(self, source, stats, models, examples, dtype, out=None):
+        calls.append((source is self.queries, examples.stop - examples.start))
+        return original(self, source, stats, models, examples, dtype, out)
+    monkeypatch.setattr(engine_module._Engine, "_features", counted)
+    stages = []
+    got = _top_k_neighbors(test, train, 3, precision="fast", memory_budget=64 * MiB,
+                          progress=lambda p: stages.append(p.stage))
+    normalised = sum(n for _, n in calls)
+    kept = _features_for_the_rescore == "kept"
+    assert normalised == (340 if kept else 680)  # every query and reference, once or twice
+    assert "rescore" in stages
+    exact = _top_k_neighbors(test, train, 3, precision="exact", memory_budget=64 * MiB)
+    assert torch.equal(got.indices, exact.indices)
+
+
 def sign_pattern(n_models: int, n_classes: int) -> torch.Tensor:
     """Per class, half the runs +1, half -1, one 0: mean 0 and unbiased std exactly 1.
 

@@ -124,6 +124,11 @@ class _Engine:
         self.n_used = len(classes) if classes is not None else queries.n_classes
         self.start = time.perf_counter()
         self._query_cache: dict[tuple, torch.Tensor] = {}
+        # Fast mode's float32 features from its candidate pass (`Plan.keep_features`):
+        # (queries, references) while that pass fills them, and `_kept_whole` once every
+        # tile has, so that the re-score reads them instead of normalising again.
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kept_whole = False
         self.stats_q = self._statistics(queries, "query")
         self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
 
@@ -213,8 +218,10 @@ class _Engine:
             raise RuntimeError("float64 statistics of finite float32 values overflowed")
 
     def _features(self, source: LogitSource, stats: ClassStats, models: slice,
-                  examples: slice, dtype: torch.dtype) -> torch.Tensor:
-        """Normalised features of a block, built piece by piece of rows into one buffer.
+                  examples: slice, dtype: torch.dtype,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised features of a block, built piece by piece of rows into one buffer
+        (`out`, a view of that shape and dtype, when given).
 
         Returns
         -------
@@ -222,7 +229,8 @@ class _Engine:
         """
         raw = source.read(models, examples)  # (n_block_models, n_examples, n_classes)
         n_block, n_rows = raw.shape[0], raw.shape[1]
-        out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
+        if out is None:
+            out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
         piece = max(1, min(self.plan.piece_bytes, _PIECE_CACHE_BYTES)
                     // (16 * n_block * raw.shape[2]))
         for r0 in range(0, n_rows, piece):
@@ -244,7 +252,12 @@ class _Engine:
         acc = None
         for models in self._model_blocks():
             fa = self._query_features(models, rows, dtype)
-            fb = self._features(self.references, self.stats_r, models, tile, dtype)
+            if self._kept is not None:  # float32 into the kept features, then rounded
+                kept = self._kept[1][tile, self._columns(models)]
+                fb = self._features(self.references, self.stats_r, models, tile,
+                                    torch.float32, out=kept).to(dtype)
+            else:
+                fb = self._features(self.references, self.stats_r, models, tile, dtype)
             if dtype == torch.float32:
                 # (n_rows, tile) += (n_rows, d) @ (d, tile); the first block writes it.
                 acc = fa @ fb.T if acc is None else acc.addmm_(fa, fb.T)
@@ -259,6 +272,10 @@ class _Engine:
             self._mask_self(acc, tile, rows)
         return acc
 
+    def _columns(self, models: slice) -> slice:
+        """The feature columns of a block of runs."""
+        return slice(models.start * self.n_used, models.stop * self.n_used)
+
     def _model_blocks(self) -> list[slice]:
         step = self.plan.chunk_models
         return [slice(m, min(m + step, self.n_models)) for m in range(0, self.n_models, step)]
@@ -269,8 +286,13 @@ class _Engine:
         key = (models.start, models.stop, dtype)
         if key in self._query_cache:
             return self._query_cache[key]
-        fa = self._features(self.queries, self.stats_q, models,
-                            slice(0, self.queries.n_examples), dtype)
+        everything = slice(0, self.queries.n_examples)
+        if self._kept is not None and rows is None:  # float32 into the kept features
+            kept = self._kept[0][:, self._columns(models)]
+            fa = self._features(self.queries, self.stats_q, models, everything, torch.float32,
+                                out=kept).to(dtype)
+        else:
+            fa = self._features(self.queries, self.stats_q, models, everything, dtype)
         if rows is not None:
             fa = fa[rows]
         if self.plan.cache_queries and self.plan.n_tiles > 1:
@@ -300,6 +322,14 @@ class _Engine:
         best = empty_topk(n_rows, k_keep, self.device)
         tiles = self.tiles()
         total = len(tiles) * self.n_models
+        self._report(stage, 0, total, 0)  # the stage starts (its first report is a block away)
+        # Keep the float32 features only where this pass computes every one of them.
+        keep = (self.plan.keep_features and dtype != torch.float32 and rows is None
+                and only is None and not finished)
+        if keep:
+            d = self.n_models * self.n_used
+            self._kept = (torch.empty(self.queries.n_examples, d, device=self.device),
+                          torch.empty(self.references.n_examples, d, device=self.device))
         for i, tile in enumerate(tiles):
             if only is not None and i not in only:  # another rank's tile
                 continue
@@ -318,7 +348,12 @@ class _Engine:
             best = merge_topk(best, found, k_keep)
             self._report(stage, (i + 1) * self.n_models, total, i + 1)
         self._query_cache.clear()
+        self._kept_whole = keep
         return best
+
+    def _rescore_step(self) -> int:
+        """Runs per block of the re-score: all of them when it reads the kept features."""
+        return self.n_models if self._kept_whole else self.plan.rescore_chunk_models
 
     def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None, *,
                 whole: torch.Tensor | None = None, k: int = 1) -> Rescored:
@@ -346,7 +381,7 @@ class _Engine:
         query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
                                       device=self.device)
-        step = self.plan.rescore_chunk_models
+        step = self._rescore_step()
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
         # The pairs to re-score as a sparse (n_queries, n_references) pattern, columns
@@ -359,13 +394,19 @@ class _Engine:
         crow[1:] = lengths.cumsum(0)
         pattern = _csr(crow, sorted_keys[inside], torch.zeros(int(crow[-1]), device=self.device),
                        (n_q, self.references.n_examples))
+        self._report("rescore", 0, self.n_models, self.plan.n_tiles)
         rows = None
         if whole is not None and len(whole):
             rows = torch.zeros(len(whole), self.references.n_examples, device=self.device)
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
-            fa = self._features(self.queries, self.stats_q, models, everything_q, torch.float32)
-            fb = self._features(self.references, self.stats_r, models, everything_r, torch.float32)
+            if self._kept_whole:  # one block: every feature, as the candidate pass made it
+                fa, fb = self._kept
+            else:
+                fa = self._features(self.queries, self.stats_q, models, everything_q,
+                                    torch.float32)
+                fb = self._features(self.references, self.stats_r, models, everything_r,
+                                    torch.float32)
             query_norms += _block_norms(fa)
             reference_norms += _block_norms(fb)
             # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
@@ -374,6 +415,7 @@ class _Engine:
             if rows is not None:
                 rows.addmm_(fa[whole.to(self.device)], fb.T)
             del fa, fb
+            self._kept = None  # read once
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
         scale = 1.0 / (self.n_models * self.n_used)
         values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
@@ -404,7 +446,7 @@ class _Engine:
         low = product_error_coefficient(
             width=self.plan.chunk_models * self.n_used, n_blocks=n_blocks,
             unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
-        step = self.plan.rescore_chunk_models
+        step = self._rescore_step()
         exact = product_error_coefficient(
             width=step * self.n_used, n_blocks=math.ceil(self.n_models / step), unit=0.0,
             output_rounding=False)

@@ -36,6 +36,9 @@ class Plan:
     n_tiles : tiles on the reference axis.
     chunk_models : runs per block in the kernel pass.
     rescore_chunk_models : runs per block in fast mode's exact re-score.
+    keep_features : fast mode keeps the float32 features of every query and reference that
+        its candidate pass computes, for the re-score to read in one block (instead of
+        normalising every logit again); only where they fit beside a working plan.
     rescore_rows_bytes : the re-score's whole exact rows (float32 accumulators of the queries
         whose candidate window cannot settle them, and their top-k's temporaries).
     example_block : examples per block in the statistics pass.
@@ -50,6 +53,7 @@ class Plan:
     chunk_models: int
     rescore_chunk_models: int
     rescore_rows_bytes: int
+    keep_features: bool
     example_block: int
     cache_queries: bool
     piece_bytes: int
@@ -116,6 +120,7 @@ def plan_memory(
     raw_bytes: int = 4,
     cache_queries: bool | None = None,
     n_kernels: int = 1,
+    keep_features: bool | None = None,
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
 
@@ -157,6 +162,12 @@ def plan_memory(
                   and budget - fixed - cache_bytes >= smallest)
     cache_queries = fits_cache if cache_queries is None else (cache_queries and fits_cache)
     avail = budget - fixed - (cache_bytes if cache_queries else 0)
+    # Fast mode's float32 features, kept for the re-score where they take at most 40% of
+    # the room and leave the smallest plan (None: where they fit; False: never).
+    keep_bytes = (n_queries + n_references) * n_models * n_used_classes * 4
+    keep = (fast and keep_features is not False and keep_bytes <= 0.4 * (budget - fixed)
+            and avail - keep_bytes >= smallest)
+    avail -= keep_bytes if keep else 0
     want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
 
     def fits(t: int, models: int) -> bool:
@@ -197,6 +208,7 @@ def plan_memory(
         chunk_models=models,
         rescore_chunk_models=rescore_models,
         rescore_rows_bytes=rows_bytes,
+        keep_features=keep,
         example_block=example_block,
         cache_queries=cache_queries,
         piece_bytes=piece_bytes,
