@@ -18,8 +18,10 @@ from conftest import assert_same_neighbors, make_ensemble, run_cli, save_pt
 
 # Rates under which fast mode clearly pays (bfloat16 1000x float32), and under which it
 # cannot (an AVX2-only CPU: bfloat16 emulated, 7x slower than float32).
-FAST_PAYS = Rates(float32=1e9, bfloat16=1e12, normalize=1e12, gather=1e12, probe_s=0.1)
-FAST_LOSES = Rates(float32=110e9, bfloat16=16e9, normalize=1e9, gather=1e9, probe_s=0.1)
+FAST_PAYS = Rates(float32=1e9, bfloat16=1e12, normalize=1e12, gather=1e12, select_exact=1e12,
+                  select_fast=1e12, probe_s=0.1)
+FAST_LOSES = Rates(float32=110e9, bfloat16=16e9, normalize=1e9, gather=1e9, select_exact=1e9,
+                   select_fast=0.5e9, probe_s=0.1)
 CIFAR = dict(n_queries=10_000, n_references=50_000, n_models=500, n_classes=10, k=20,
              memory_budget=1536 << 20)
 
@@ -111,11 +113,11 @@ def test_re_score_cost_can_make_fast_lose_despite_faster_products(fake_probe):
     """This machine's trap: bfloat16 products 1.7x faster than float32, but the re-score's
     gather slow: the product rates alone would pick fast mode wrongly."""
     fake_probe.rates = Rates(float32=270e9, bfloat16=470e9, normalize=1e9, gather=0.35e9,
-                             probe_s=0.1)
+                             select_exact=1e9, select_fast=1e9, probe_s=0.1)
     slow_gather = choose_precision("auto", **CIFAR)
     assert slow_gather.precision == "exact"
     fake_probe.rates = Rates(float32=270e9, bfloat16=4 * 270e9, normalize=10e9, gather=50e9,
-                             probe_s=0.1)
+                             select_exact=1e9, select_fast=1e9, probe_s=0.1)
     precision_dir = precision.cache_dir()
     for path in precision_dir.glob("probe-*.json"):
         path.unlink()
@@ -322,3 +324,18 @@ def test_neighbors_records_the_choice(fake_probe, tmp_path):
     assert code == 0
     meta = json.loads(str(np.load(out)["meta"]))
     assert meta["options"]["precision"] == "fast" and meta["precision"]["chosen"] == "fast"
+
+
+def test_a_slow_candidate_selection_can_make_fast_lose(fake_probe):
+    """bfloat16 products 3x faster and a fast re-score, but keeping 148 candidates per tile
+    (widening the block, a wider top-k) costs more per pair than the products save."""
+    rates = dict(float32=300e9, bfloat16=900e9, normalize=10e9, gather=50e9,
+                 select_exact=1.5e9, probe_s=0.1)
+    fake_probe.rates = Rates(**rates, select_fast=1.5e9)
+    assert choose_precision("auto", **CIFAR).precision == "fast"
+    for path in precision.cache_dir().glob("probe-*.json"):
+        path.unlink()
+    fake_probe.rates = Rates(**rates, select_fast=0.03e9)  # 17 s for CIFAR's 5e8 pairs
+    slow = choose_precision("auto", **CIFAR)
+    assert slow.precision == "exact"
+    assert slow.predicted_fast_s > slow.predicted_exact_s

@@ -1,10 +1,10 @@
 """`precision="auto"`: choose exact or fast mode from a short probe of this machine.
 
 Fast mode pays only where low-precision products are much faster than float32 ones
-*and* that gain outweighs its extra work: the exact re-score (every feature normalised
-again in float32, one dot product per candidate) and the queries the
-proof sends back to exact mode. So the probe measures four rates at the engine's shapes,
-on the chosen device, with the engine's own code and settings:
+*and* that gain outweighs its extra work: a longer candidate list per tile, the exact
+re-score (one dot product per candidate, and every feature normalised again unless the
+plan keeps them) and the rows its proof computes whole. So the probe measures six rates
+at the engine's shapes, on the chosen device, with the engine's own code and settings:
 
 - `float32`: a float32 product accumulated with `addmm` under `highest` precision
   (exact mode's kernel pass), FLOP/s;
@@ -13,7 +13,9 @@ on the chosen device, with the engine's own code and settings:
 - `normalize`: log-softmax and standardisation of float16 logits into features
   (`kernel.prepare`, `kernel.normalized_features`), feature values per second;
 - `gather`: the re-score: one float32 dot product per (query, candidate) pair, read
-  from the feature rows by `torch.sparse.sampled_addmm`, feature values per second.
+  from the feature rows by `torch.sparse.sampled_addmm`, feature values per second;
+- `select_exact`, `select_fast`: each mode's per-tile top-k selection (21 of a float32
+  block; 148 of a bfloat16 block widened to float32), pairs per second.
 
 `predict_times` turns the rates into the time of each path for a job's shapes (the
 engine's plan for each precision gives the tiles and whether query features are cached),
@@ -58,7 +60,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
-PROBE_VERSION = 3  # bump when the probe or the model changes: old cache files are ignored
+PROBE_VERSION = 4  # bump when the probe or the model changes: old cache files are ignored
 PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
@@ -89,6 +91,10 @@ class Rates:
         FLOP per second.
     normalize : feature values produced per second from float16 logits.
     gather : re-score rate, candidate feature values gathered and multiplied per second.
+    select_exact : (query, reference) pairs per second through exact mode's per-tile
+        selection (`topk` of k + 1 = 21 of a float32 block).
+    select_fast : the same for fast mode's (a bfloat16 block widened to float32, then
+        `topk` of k + 128 = 148 candidates).
     probe_s : seconds the probe took.
     """
 
@@ -96,11 +102,14 @@ class Rates:
     bfloat16: float
     normalize: float
     gather: float
+    select_exact: float
+    select_fast: float
     probe_s: float
 
     def valid(self) -> bool:
         return all(isinstance(v, float) and math.isfinite(v) and v > 0
-                   for v in (self.float32, self.bfloat16, self.normalize, self.gather))
+                   for v in (self.float32, self.bfloat16, self.normalize, self.gather,
+                             self.select_exact, self.select_fast))
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,8 @@ class PrecisionChoice:
                             "bfloat16_gflops": _round(r.bfloat16 / 1e9),
                             "normalize_mvalues_s": _round(r.normalize / 1e6),
                             "gather_mvalues_s": _round(r.gather / 1e6),
+                            "select_exact_mpairs_s": _round(r.select_exact / 1e6),
+                            "select_fast_mpairs_s": _round(r.select_fast / 1e6),
                             "probe_s": _round(r.probe_s)}
         return out
 
@@ -159,7 +170,8 @@ class PrecisionChoice:
 def describe_rates(r: Rates) -> str:
     return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s, "
             f"normalise {r.normalize / 1e6:.3g} M values/s, re-score gather "
-            f"{r.gather / 1e6:.3g} M values/s")
+            f"{r.gather / 1e6:.3g} M values/s, selection {r.select_exact / 1e6:.3g} (exact) "
+            f"and {r.select_fast / 1e6:.3g} (fast) M pairs/s")
 
 
 def _round(x: float | None) -> float | None:
@@ -248,9 +260,11 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     and the other 0.
 
     exact: the float32 products, and the features normalised for them (each reference
-    once; the queries once, or once per tile when the plan cannot cache them).
+    once; the queries once, or once per tile when the plan cannot cache them), and every
+    (query, reference) pair through its top-k selection.
     fast: the same with bfloat16 products; then the re-score (every feature normalised
-    again in float32, and n_queries x n_candidates feature rows gathered and multiplied),
+    again in float32 unless the plan keeps them from the candidate pass, and n_queries x
+    n_candidates feature rows gathered and multiplied),
     with `FALLBACK_SHARE` of the queries' whole rows in float32 in the same pass (their
     products only).
     """
@@ -274,11 +288,13 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
         values = (n_references + queries * query_passes) * d
         return 2.0 * queries * n_references * d / rate + values / rates.normalize
 
-    exact = kernel_pass("exact", rates.float32, n_queries)
-    rescore = ((n_queries + n_references) * d / rates.normalize
-               + float(n_queries) * n_c * d / rates.gather)
+    pairs = float(n_queries) * n_references
+    exact = kernel_pass("exact", rates.float32, n_queries) + pairs / rates.select_exact
+    normalised_again = 0 if plans["fast"].keep_features else (n_queries + n_references) * d
+    rescore = normalised_again / rates.normalize + float(n_queries) * n_c * d / rates.gather
     whole_rows = 2.0 * FALLBACK_SHARE * n_queries * n_references * d / rates.float32
-    fast = kernel_pass("fast", rates.bfloat16, n_queries) + rescore + whole_rows
+    fast = (kernel_pass("fast", rates.bfloat16, n_queries) + pairs / rates.select_fast
+            + rescore + whole_rows)
     return exact, fast
 
 
@@ -377,15 +393,16 @@ _WIDTH, _TILE = 2048, 2048
 _ROWS = (4, 32, 256, 1024, 4096)
 _CANDIDATES = 131  # k = 3 with k + 128 candidates
 _GATHER_REFERENCES = 8192
+_SELECT_TILE = 16384  # references per tile of the selection step
 _CLASSES = 10
 
 
 def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SECONDS) -> Rates:
-    """Measure the four rates on `device` within about `seconds` (hard cap: each rate
+    """Measure the six rates on `device` within about `seconds` (hard cap: each rate
     stops growing its shapes once the next size would not fit its share)."""
     device = torch.device(device)
     started = time.perf_counter()
-    share = seconds / 4
+    share = seconds / 5
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape, dtype=torch.float32):
@@ -412,7 +429,11 @@ def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SEC
                                    2 * share, device)
         normalize, = _rates([_normalize_step(randn, device)], (256, 1024, 4096), share, device)
         gather, = _rates([_gather_step(randn, gen, device)], (1, 4, 16, 64, 128), share, device)
-    return Rates(float32, bfloat16, normalize, gather, time.perf_counter() - started)
+        select_exact, select_fast = _rates(
+            [_select_step(randn, torch.float32, 21), _select_step(randn, torch.bfloat16, 148)],
+            (16, 64, 256, 1024), share, device)
+    return Rates(float32, bfloat16, normalize, gather, select_exact, select_fast,
+                 time.perf_counter() - started)
 
 
 def _normalize_step(randn, device):
@@ -428,6 +449,17 @@ def _normalize_step(randn, device):
             x = prepare(raw, log_softmax=True, classes=None, device=device)
             normalized_features(x, stats)
         return run, float(runs * rows * _CLASSES)
+    return make
+
+
+def _select_step(randn, dtype, keep: int):
+    """A tile's top-`keep` selection, as the engine's (a low-precision block widened first)."""
+    def make(rows):
+        block = randn(rows, _SELECT_TILE, dtype=dtype)
+
+        def run():
+            (block if dtype == torch.float32 else block.float()).topk(keep, dim=1)
+        return run, float(rows * _SELECT_TILE)
     return make
 
 
