@@ -12,7 +12,11 @@ import torch
 
 from ensemble_kernel import dense_kernel, engine, precision, top_k_neighbors
 from ensemble_kernel.errors import InputError
+from ensemble_kernel import engine as engine_module
+from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel.plan import plan_memory
 from ensemble_kernel.precision import Rates, choose_precision, machine_key, probe
+from ensemble_kernel.sources import as_source
 
 from conftest import assert_same_neighbors, make_ensemble, run_cli, save_pt
 
@@ -339,3 +343,118 @@ def test_a_slow_candidate_selection_can_make_fast_lose(fake_probe):
     slow = choose_precision("auto", **CIFAR)
     assert slow.precision == "exact"
     assert slow.predicted_fast_s > slow.predicted_exact_s
+
+
+# ---- the pilot: how crowded the data's candidates are ----------------------------------
+
+def crowded_ensemble(n_models=40, n_train=600, n_test=50, seed=0):
+    """References all nearly alike (one shared pattern, tiny noise): each test example's
+    kernel values to them differ by far less than fast mode's bound, so every candidate
+    window is crowded."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n_models, 1, 5, generator=g) * 2
+    train = shared + 1e-4 * torch.randn(n_models, n_train, 5, generator=g)
+    test = torch.randn(n_models, n_test, 5, generator=g)
+    return train, test
+
+
+def separated_ensemble(n_models=40, seed=0):
+    """20 clusters of 30 references; each test example a near copy of one reference."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_models, 20, 5, generator=g) * 3
+    train = centres.repeat_interleave(30, 1) + torch.randn(n_models, 600, 5, generator=g)
+    test = train[:, ::12] + 0.01 * torch.randn(n_models, 50, 5, generator=g)
+    return train, test
+
+
+def _share(train, test, k):
+    """The pilot's share for test -> train (test None: leave-one-out within train)."""
+    queries = train if test is None else test
+    guess = engine_module.guessed_bound(
+        plan_memory(queries.shape[1], train.shape[1], train.shape[0], 5, k_keep=148,
+                    budget=64 << 20, precision="fast"), train.shape[0], 5)
+    return engine_module._crowded_share(queries, None if test is None else train, k, guess,
+                                        n_candidates=None, log_softmax=True, classes=None,
+                                        memory_budget=64 << 20, device="cpu")
+
+
+def test_the_pilot_tells_crowded_candidates_from_separated_ones(exact_rows):
+    train, test = crowded_ensemble()
+    assert _share(train, test, 20) == 1.0
+    # ... as fast mode itself finds: every row computed whole
+    _top_k_neighbors(test, train, 20, precision="fast", memory_budget=64 << 20)
+    assert exact_rows.total() == test.shape[1]
+    train, test = separated_ensemble()
+    assert _share(train, test, 1) == 0.0
+    # every reference a candidate: nothing to crowd
+    assert _share(train[:, :100], test, 1) == 0.0
+
+
+def test_the_pilot_samples_spans_of_a_large_split(monkeypatch):
+    # More references than the sample: it reads spread spans, and still sees the crowding.
+    monkeypatch.setattr(engine_module, "PILOT_REFERENCES", 256)
+    monkeypatch.setattr(engine_module, "PILOT_QUERIES", 16)
+    train, test = crowded_ensemble(n_train=2000)
+    assert _share(train, test, 20) == 1.0
+    train, test = separated_ensemble()
+    assert _share(train, test, 1) == 0.0
+    # leave-one-out (the references are the queries)
+    assert _share(train, None, 1) == pytest.approx(0.0, abs=0.2)
+
+
+def test_spans_read_as_one_source():
+    data = torch.arange(2 * 100 * 3, dtype=torch.float32).reshape(2, 100, 3)
+    spans = engine_module._spread_spans(100, 30, 4)
+    assert len(spans) == 4 and spans[0][0] == 0 and spans[-1][1] == 100  # window 120 > 100
+    assert all(b - a == 7 for a, b in spans)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # disjoint, in order
+    source = engine_module._Spans(as_source(data, "x"), spans)
+    whole = torch.cat([data[:, a:b] for a, b in spans], dim=1)
+    assert source.n_examples == 28
+    for e0, e1 in [(0, 28), (3, 9), (6, 8), (7, 14), (13, 27), (27, 28)]:
+        assert torch.equal(source.read(slice(0, 2), slice(e0, e1)), whole[:, e0:e1])
+    assert engine_module._spread_spans(50, 60, 8) == [(0, 50)]
+    # a large split: spans within the first chunk-sized window, which one read covers
+    big = engine_module._spread_spans(50_000, 4096, 8)
+    assert big[0][0] == 0 and big[-1][1] == engine_module.PILOT_WINDOW
+    assert sum(b - a for a, b in big) == 4096
+
+
+def test_auto_asks_the_pilot_only_when_the_products_favour_fast(fake_probe):
+    asked = []
+
+    def pilot(share):
+        def crowding(guess):
+            asked.append(guess)
+            return share
+        return crowding
+    fake_probe.rates = FAST_LOSES
+    assert choose_precision("auto", **CIFAR, crowding=pilot(0.0)).precision == "exact"
+    assert asked == []
+    for path in precision.cache_dir().glob("probe-*.json"):
+        path.unlink()
+    fake_probe.rates = Rates(float32=300e9, bfloat16=1000e9, normalize=10e9, gather=50e9,
+                             select_exact=1.5e9, select_fast=1e9, probe_s=0.1)
+    separated = choose_precision("auto", **CIFAR, crowding=pilot(0.0))
+    assert separated.precision == "fast" and separated.crowded_share == 0.0
+    assert asked and 0 < asked[0] < 0.05  # G: about 1.2% of the kernel's scale
+    crowded = choose_precision("auto", **CIFAR, crowding=pilot(1.0))
+    assert crowded.precision == "exact" and "pilot found 100%" in crowded.reason
+    assert crowded.predicted_fast_s > crowded.predicted_exact_s
+    assert crowded.as_dict()["crowded_share"] == 1.0
+
+
+def test_auto_takes_exact_on_crowded_data_end_to_end(fake_probe, exact_rows):
+    # Products that favour fast mode, data that defeats it: auto runs exact mode.
+    fake_probe.rates = Rates(float32=1e9, bfloat16=1e12, normalize=1e12, gather=1e12,
+                             select_exact=1e12, select_fast=1e12, probe_s=0.1)
+    train, test = crowded_ensemble()
+    stages = []
+    _top_k_neighbors(test, train, 20, precision="auto", memory_budget=64 << 20,
+                     progress=lambda p: stages.append(p.stage))
+    assert "rescore" not in stages  # exact mode ran
+    train, test = separated_ensemble()
+    stages.clear()
+    _top_k_neighbors(test, train, 1, precision="auto", memory_budget=64 << 20,
+                     progress=lambda p: stages.append(p.stage))
+    assert "rescore" in stages

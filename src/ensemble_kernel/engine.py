@@ -436,21 +436,9 @@ class _Engine:
         return Rescored(out, query_norms, reference_norms, found)
 
     def bound_coefficient(self) -> float:
-        """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
-
-        The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
-        float32 sums) plus the re-score's own float32 error, from `bounds`, scaled as the
-        kernel is (by 1 / (n_models * n_used)).
-        """
-        n_blocks = math.ceil(self.n_models / self.plan.chunk_models)
-        low = product_error_coefficient(
-            width=self.plan.chunk_models * self.n_used, n_blocks=n_blocks,
-            unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
-        step = self._rescore_step()
-        exact = product_error_coefficient(
-            width=step * self.n_used, n_blocks=math.ceil(self.n_models / step), unit=0.0,
-            output_rounding=False)
-        return (low + exact) / (self.n_models * self.n_used)
+        """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK
+        (`_bound_coefficient`, with the re-score's blocks as this engine runs it)."""
+        return _bound_coefficient(self.plan, self.n_models, self.n_used, self._rescore_step())
 
     def expected_norm(self) -> float:
         """What a feature row's norm should be: sqrt((n_models - 1) * n_used), slightly raised.
@@ -460,7 +448,7 @@ class _Engine:
         this up to rounding. Only a guess for sizing the re-score's window: the bound that
         decides a query uses the norms the re-score measures (`low_precision_bound`).
         """
-        return math.sqrt((self.n_models - 1) * self.n_used) * (1 + WINDOW_NORM_SLACK)
+        return _expected_norm(self.n_models, self.n_used)
 
     def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
         """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
@@ -483,6 +471,36 @@ class _Engine:
 # `_fast_search`): where the proof after the re-score is expected to fail. A guess only: a
 # query it misses is recomputed, one it takes needlessly costs a row of products.
 INLINE_GAP = 1 + 1 / 16
+
+def _bound_coefficient(plan: Plan, n_models: int, n_used: int, rescore_step: int) -> float:
+    """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
+
+    The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
+    float32 sums) plus the re-score's own float32 error (blocks of `rescore_step` runs),
+    from `bounds`, scaled as the kernel is (by 1 / (n_models * n_used)).
+    """
+    n_blocks = math.ceil(n_models / plan.chunk_models)
+    low = product_error_coefficient(
+        width=plan.chunk_models * n_used, n_blocks=n_blocks,
+        unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
+    exact = product_error_coefficient(
+        width=rescore_step * n_used, n_blocks=math.ceil(n_models / rescore_step), unit=0.0,
+        output_rounding=False)
+    return (low + exact) / (n_models * n_used)
+
+
+def _expected_norm(n_models: int, n_used: int) -> float:
+    """sqrt((n_models - 1) * n_used), raised by WINDOW_NORM_SLACK (see `_Engine.expected_norm`)."""
+    return math.sqrt((n_models - 1) * n_used) * (1 + WINDOW_NORM_SLACK)
+
+
+def guessed_bound(plan: Plan, n_models: int, n_used: int) -> float:
+    """G, the bound fast mode sizes its windows with (`_fast_search`), for a fast plan
+    before it runs (the re-score reads kept features in one block where the plan keeps them)."""
+    step = n_models if plan.keep_features else plan.rescore_chunk_models
+    return (_bound_coefficient(plan, n_models, n_used, step) * _expected_norm(n_models, n_used) ** 2
+            + ABSOLUTE_SLACK)
+
 
 # How far above sqrt((n_models - 1) * n_used) a feature norm may come before the re-score's
 # window, sized from that guess, no longer proves anything (such queries are recomputed).
@@ -619,7 +637,8 @@ def _top_k_neighbors(
     if precision == "auto":
         precision = _resolve_auto(queries, references, k, exclude_self=exclude_self,
                                   classes=classes, n_candidates=n_candidates,
-                                  memory_budget=memory_budget, device=device)
+                                  memory_budget=memory_budget, device=device,
+                                  log_softmax=log_softmax)
     n_candidates = k_keep = candidates_per_query(k, precision, n_candidates)
     engine = _prepare_engine(queries, references, k, log_softmax=log_softmax, classes=classes,
                              exclude_self=exclude_self, precision=precision,
@@ -635,9 +654,10 @@ def _top_k_neighbors(
 
 
 def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates,
-                  memory_budget, device) -> str:
-    """'exact' or 'fast' for precision='auto', from the job's shapes and the machine's
-    probe. Inputs the engine will refuse resolve to 'exact' (the engine says why)."""
+                  memory_budget, device, log_softmax=True) -> str:
+    """'exact' or 'fast' for precision='auto', from the job's shapes, the machine's probe
+    and a pilot on the data (`_crowded_share`). Inputs the engine will refuse resolve to
+    'exact' (the engine says why)."""
     queries = as_source(queries, "query logits")
     references = queries if (exclude_self and references is None) else as_source(
         references, "reference logits")
@@ -646,11 +666,106 @@ def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates
             and references.n_models == queries.n_models and n_classes >= 1
             and (memory_budget is None or int(memory_budget) > 0)):
         return "exact"
+    def crowding(guess: float) -> float:
+        return _crowded_share(queries, None if exclude_self else references, int(k), guess,
+                              n_candidates=n_candidates, log_softmax=log_softmax,
+                              classes=classes, memory_budget=memory_budget, device=device)
     return choose_precision(
         "auto", n_queries=queries.n_examples, n_references=references.n_examples,
         n_models=queries.n_models, n_classes=n_classes, k=int(k), n_candidates=n_candidates,
         memory_budget=memory_budget, device=device,
-        raw_bytes=queries.read(slice(0, 1), slice(0, 1)).element_size()).precision
+        raw_bytes=queries.read(slice(0, 1), slice(0, 1)).element_size(),
+        crowding=crowding).precision
+
+
+class _Spans:
+    """Some runs' logits at a few spans of examples, read as one source (the pilot's sample)."""
+
+    def __init__(self, source: LogitSource, spans: list[tuple[int, int]]):
+        self.source, self.spans = source, spans
+        self.n_models, self.n_classes = source.n_models, source.n_classes
+        self.n_examples = sum(b - a for a, b in spans)
+
+    def read(self, models: slice, examples: slice) -> torch.Tensor:
+        e0, e1, _ = examples.indices(self.n_examples)
+        wanted, at = [], 0
+        for a, b in self.spans:  # the parts of [e0, e1) that fall in each span
+            lo, hi = max(e0, at), min(e1, at + b - a)
+            if lo < hi:
+                wanted.append((a + lo - at, a + hi - at))
+            at += b - a
+        # One read of the range that covers them: a store reads whole chunks of examples,
+        # so reading each span apart would read a chunk once per span.
+        first, last = wanted[0][0], wanted[-1][1]
+        block = self.source.read(models, slice(first, last))
+        return torch.cat([block[:, a - first:b - first] for a, b in wanted], dim=1)
+
+    def describe_run(self, model: int) -> str:
+        return self.source.describe_run(model)
+
+
+def _spread_spans(n: int, total: int, pieces: int) -> list[tuple[int, int]]:
+    """`pieces` contiguous spans of about total / pieces examples, spread evenly over the
+    first max(4 total, PILOT_WINDOW) of n (everything when total >= n): not one corner of
+    a data set sorted by class, and within few of a store's chunks of examples (`_Spans`
+    reads the range that covers them)."""
+    if total >= n:
+        return [(0, n)]
+    window = min(n, max(4 * total, PILOT_WINDOW))
+    size = max(1, total // pieces)
+    starts = [round(i * (window - size) / max(pieces - 1, 1)) for i in range(pieces)]
+    return [(s, s + size) for s in starts]
+
+
+# The pilot's sample: test examples, and references (in spans, see `_spread_spans`), within
+# a window of examples as wide as a store's chunk (`store.py` chunks 16,384 examples).
+PILOT_QUERIES, PILOT_REFERENCES, PILOT_SPANS, PILOT_WINDOW = 128, 4096, 8, 16384
+
+
+def _crowded_share(queries, references, k: int, guess: float, *, n_candidates, log_softmax,
+                   classes, memory_budget, device) -> float:
+    """Estimated share of queries whose fast-mode candidates are crowded: the bfloat16 k-th
+    and last candidates within `INLINE_GAP` G, so that fast mode computes their whole row
+    in float32 (`_fast_search`).
+
+    Exact kernel values of a sample (PILOT_QUERIES test examples against PILOT_REFERENCES
+    references, each in a few spread spans) stand in for the full ones: the statistics
+    are per example, so the sample's kernel values are the full kernel's. Among n_r
+    references the k-th and n_c-th values are the (k / n_r) and (n_c / n_r) quantiles of a
+    query's row; in the sample they are its values of rank k r_s / n_r and n_c r_s / n_r.
+    An estimate: a wrong one costs time, never a wrong neighbour.
+    """
+    queries = as_source(queries, "query logits")
+    references = queries if references is None else as_source(references, "reference logits")
+    leave_one_out = references is queries
+    n_r = references.n_examples - leave_one_out
+    n_c = min(n_r, n_candidates or max(2 * k, k + 128))
+    if n_c >= n_r:  # every reference is a candidate: the proof needs no window
+        return 0.0
+    refs = _Spans(references, _spread_spans(references.n_examples, PILOT_REFERENCES,
+                                            PILOT_SPANS))
+    if leave_one_out:  # queries among the sampled references, each leaving itself out
+        sample_q, sample_r = refs, None
+    else:
+        sample_q = _Spans(queries, _spread_spans(queries.n_examples, PILOT_QUERIES, 4))
+        sample_r = refs
+    r_s = refs.n_examples - leave_one_out
+    rank_k = min(r_s, math.ceil(k * r_s / n_r))  # 1-based ranks in the sample
+    rank_c = min(r_s, max(rank_k + 1, math.ceil(n_c * r_s / n_r)))
+    if rank_c <= rank_k:
+        return 0.0
+    found = _top_k_neighbors(sample_q, sample_r, rank_c, exclude_self=leave_one_out,
+                             log_softmax=log_softmax, classes=classes, precision="exact",
+                             memory_budget=memory_budget, device=device)
+    values = found.values.double()
+    if leave_one_out and len(values) > PILOT_QUERIES:
+        values = values[torch.linspace(0, len(values) - 1, PILOT_QUERIES).long()]
+    gap = values[:, rank_k - 1] - values[:, rank_c - 1]
+    share = float((gap <= INLINE_GAP * guess).double().mean())
+    logger.info("pilot: %d test examples x %d references, ranks %d and %d: %.0f%% crowded "
+                "(G = %.3g)", len(values), r_s + leave_one_out, rank_k, rank_c, 100 * share,
+                guess)
+    return share
 
 
 def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:

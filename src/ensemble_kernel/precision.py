@@ -127,6 +127,8 @@ class PrecisionChoice:
     from_cache : the rates came from the cache file (no probe ran).
     predicted_exact_s, predicted_fast_s : predicted seconds of each path for this job
         (without the statistics pass, which both share); None without rates.
+    crowded_share : the share of queries the pilot found crowded (fast mode computes their
+        whole rows in float32; see `choose_precision`'s `crowding`); None without a pilot.
     """
 
     requested: str
@@ -136,13 +138,15 @@ class PrecisionChoice:
     from_cache: bool = False
     predicted_exact_s: float | None = None
     predicted_fast_s: float | None = None
+    crowded_share: float | None = None
 
     def as_dict(self) -> dict:
         """A JSON-ready description (products in GFLOP/s, the others in M values/s)."""
         out = {"requested": self.requested, "chosen": self.precision, "reason": self.reason,
                "from_cache": self.from_cache,
                "predicted_exact_s": _round(self.predicted_exact_s),
-               "predicted_fast_s": _round(self.predicted_fast_s), "rates": None}
+               "predicted_fast_s": _round(self.predicted_fast_s),
+               "crowded_share": _round(self.crowded_share), "rates": None}
         if self.rates is not None:
             r = self.rates
             out["rates"] = {"float32_gflops": _round(r.float32 / 1e9),
@@ -192,6 +196,7 @@ def choose_precision(
     memory_budget: int | None = None,
     device: torch.device | str = "cpu",
     raw_bytes: int = 2,
+    crowding: Callable[[float], float] | None = None,
 ) -> PrecisionChoice:
     """Resolve `precision` ('auto', 'exact' or 'fast') for one job.
 
@@ -208,6 +213,12 @@ def choose_precision(
     k : neighbours per query; n_candidates : fast mode's list (default as the engine's).
     memory_budget : bytes, as the engine gets it (the plan decides tiles and caching).
     raw_bytes : item size of the logits read (2 for float16 stores).
+    crowding : for 'auto', a pilot on the data (`engine._crowded_share`): called with
+        the bound fast mode's plan would use, it returns the share of queries whose
+        candidates lie so close together that fast mode would compute their whole rows in
+        float32. Called only when the products alone predict fast mode faster; that share
+        (at least `FALLBACK_SHARE`) then replaces the assumed one. Without it, auto
+        assumes `FALLBACK_SHARE`, which data with tightly packed kernel values defeats.
 
     Returns
     -------
@@ -225,13 +236,19 @@ def choose_precision(
     device = resolve_device(device)
     rates, from_cache = probe(device)
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    exact_s, fast_s = predict_times(rates, n_queries=n_queries, n_references=n_references,
-                                    n_models=n_models, n_classes=n_classes, k=k,
-                                    n_candidates=n_candidates, memory_budget=budget,
-                                    raw_bytes=raw_bytes)
+    shape = dict(n_queries=n_queries, n_references=n_references, n_models=n_models,
+                 n_classes=n_classes, k=k, n_candidates=n_candidates, memory_budget=budget,
+                 raw_bytes=raw_bytes)
+    exact_s, fast_s = predict_times(rates, **shape)
     pays = fast_s * SAFETY < exact_s
+    share = None
+    if precision == "auto" and pays and crowding is not None:
+        share = float(crowding(fast_bound(**shape)))
+        exact_s, fast_s = predict_times(rates, **shape, whole_share=max(share, FALLBACK_SHARE))
+        pays = fast_s * SAFETY < exact_s
     if precision == "fast":
-        choice = PrecisionChoice("fast", "fast", "asked for", rates, from_cache, exact_s, fast_s)
+        choice = PrecisionChoice("fast", "fast", "asked for", rates, from_cache, exact_s, fast_s,
+                                 share)
         if not pays and math.isfinite(fast_s):  # (a fast plan over budget: the engine says so)
             warnings.warn(
                 f"--precision fast is predicted slower than exact on this machine (fast "
@@ -244,15 +261,19 @@ def choose_precision(
             reason = f"fast predicted {exact_s / fast_s:.2f}x faster (needs {SAFETY}x)"
         else:
             reason = f"fast not predicted {SAFETY}x faster ({exact_s / max(fast_s, 1e-300):.2f}x)"
+        if share is not None:
+            reason += (f"; a pilot found {100 * share:.0f}% of the test examples' candidates "
+                       "crowded (computed whole in float32)")
         choice = PrecisionChoice("auto", "fast" if pays else "exact", reason, rates,
-                                 from_cache, exact_s, fast_s)
+                                 from_cache, exact_s, fast_s, share)
     logger.info("%s", choice.describe())
     return choice
 
 
 def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: int,
                   n_classes: int, k: int, n_candidates: int | None = None,
-                  memory_budget: int, raw_bytes: int = 2) -> tuple[float, float]:
+                  memory_budget: int, raw_bytes: int = 2,
+                  whole_share: float = FALLBACK_SHARE) -> tuple[float, float]:
     """Predicted seconds of exact and fast mode for a job (the statistics pass, which both
     share, left out).
 
@@ -265,8 +286,9 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     fast: the same with bfloat16 products; then the re-score (every feature normalised
     again in float32 unless the plan keeps them from the candidate pass, and n_queries x
     n_candidates feature rows gathered and multiplied),
-    with `FALLBACK_SHARE` of the queries' whole rows in float32 in the same pass (their
-    products only).
+    with `whole_share` of the queries' whole rows in float32: in the same pass (their
+    products only) as far as the plan's room for them goes, the rest in a second exact
+    pass (their products, and every reference normalised again).
     """
     d = n_models * n_classes  # feature length
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
@@ -292,10 +314,27 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     exact = kernel_pass("exact", rates.float32, n_queries) + pairs / rates.select_exact
     normalised_again = 0 if plans["fast"].keep_features else (n_queries + n_references) * d
     rescore = normalised_again / rates.normalize + float(n_queries) * n_c * d / rates.gather
-    whole_rows = 2.0 * FALLBACK_SHARE * n_queries * n_references * d / rates.float32
+    whole = whole_share * n_queries
+    inline = min(whole, plans["fast"].rescore_rows_bytes // (8 * n_references))
+    whole_rows = 2.0 * inline * n_references * d / rates.float32
+    if whole > inline:
+        whole_rows += kernel_pass("exact", rates.float32, whole - inline)
     fast = (kernel_pass("fast", rates.bfloat16, n_queries) + pairs / rates.select_fast
             + rescore + whole_rows)
     return exact, fast
+
+
+def fast_bound(*, n_queries: int, n_references: int, n_models: int, n_classes: int, k: int,
+               n_candidates: int | None = None, memory_budget: int, raw_bytes: int = 2,
+               **_) -> float:
+    """G: the bound on |bfloat16 value - exact value| that fast mode's plan for this job
+    would guess from the expected feature norms (`engine.guessed_bound`), in kernel units."""
+    from .engine import guessed_bound
+
+    n_c = min(n_references, n_candidates or max(2 * k, k + 128))
+    plan = plan_memory(n_queries, n_references, n_models, n_classes, k_keep=n_c,
+                       budget=memory_budget, precision="fast", raw_bytes=raw_bytes)
+    return guessed_bound(plan, n_models, n_classes)
 
 
 # ---- the probe and its cache ----------------------------------------------------------

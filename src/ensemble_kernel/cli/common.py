@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
-from ..engine import Progress
+from ..engine import Progress, _crowded_share
 from ..errors import EnsembleKernelError, InputError
 from ..formats import RunSet
 from ..precision import PrecisionChoice, choose_precision
@@ -368,18 +368,24 @@ def _check_precision(precision: str) -> None:
 
 def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
                       memory_budget: Optional[int], verbose: bool,
-                      within: bool = False) -> PrecisionChoice:
+                      within: bool = False, log_softmax: bool = True) -> PrecisionChoice:
     """The precision a command runs ('exact' or 'fast') for its test -> train neighbours
     (test -> test with `within`, for a single-split SRC), chosen once
     (`precision.choose_precision`); with `verbose`, one line on stderr saying which and
     why. A forced 'fast' that the probe predicts slower warns (one line)."""
     sample = runset.test.read(slice(0, 1), slice(0, 1))
     n_references = runset.test.n_examples - 1 if within else runset.train.n_examples
+    k = max(1, min(k, n_references))
+
+    def crowding(guess: float) -> float:  # the pilot on the data (`engine._crowded_share`)
+        return _crowded_share(runset.test, None if within else runset.train, k, guess,
+                              n_candidates=None, log_softmax=log_softmax, classes=None,
+                              memory_budget=memory_budget, device=device)
     choice = choose_precision(precision, n_queries=runset.test.n_examples,
                               n_references=n_references, n_models=runset.n_models,
-                              n_classes=runset.n_classes, k=max(1, min(k, n_references)),
+                              n_classes=runset.n_classes, k=k,
                               memory_budget=memory_budget, device=device,
-                              raw_bytes=sample.element_size())
+                              raw_bytes=sample.element_size(), crowding=crowding)
     if verbose:
         say(choice.describe())
     return choice

@@ -73,7 +73,8 @@ def evaluate_cmd(
         n_refs = refs.n_examples - within  # leave-one-out: every example but itself
         what = "other test examples" if within else "training examples"
         choice = resolve_precision(precision, runset, max(k, weighted_k), device=device,
-                                   memory_budget=budget, verbose=verbose, within=within)
+                                   memory_budget=budget, verbose=verbose, within=within,
+                                   log_softmax=not no_log_softmax)
         # --select's leave-one-out resolves 'auto' for its own shape.
         common = dict(log_softmax=not no_log_softmax, memory_budget=budget, device=device)
         selection = None
@@ -183,7 +184,8 @@ def neighbors_cmd(
         try:
             # Rank 0 chooses (and probes, once); every rank runs its choice.
             choice = (resolve_precision(precision, runset, k, device=device,
-                                        memory_budget=budget, verbose=verbose, within=within)
+                                        memory_budget=budget, verbose=verbose, within=within,
+                                        log_softmax=not no_log_softmax)
                       if group is None or group.is_main else None)
             if group is not None:
                 choice = group.broadcast(choice)
@@ -260,7 +262,8 @@ def predict_cmd(
         check_k("--weighted-k" if weighted else "--k", k_used, runset.train.n_examples,
                 default=20 if weighted else 3)
         choice = resolve_precision(precision, runset, k_used, device=device,
-                                   memory_budget=budget, verbose=verbose)
+                                   memory_budget=budget, verbose=verbose,
+                                   log_softmax=not no_log_softmax)
         with _progress_bar(quiet) as report:
             found = _top_k_neighbors(runset.test, runset.train, k_used,
                                      log_softmax=not no_log_softmax, precision=choice.precision,
