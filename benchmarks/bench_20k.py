@@ -232,7 +232,23 @@ def run_stages(args: argparse.Namespace, folder: Path, budget: int) -> dict:
         *cli, "neighbors", str(store), "--out", str(out), "--k", str(args.k),
         "--memory-budget", str(budget), "--precision", args.precision, "--no-resume", "--quiet"])
     stages["neighbors"]["out"] = str(out)
+    stages["neighbors"]["precision"] = chosen_precision(out)
     return stages
+
+
+def chosen_precision(out: Path) -> dict:
+    """What the neighbours ran (`auto` resolves per machine and data): the file's record."""
+    import numpy as np
+
+    with np.load(out) as f:
+        meta = json.loads(str(f["meta"]))
+    return meta.get("precision") or {"chosen": meta["options"]["precision"]}
+
+
+def precision_text(neighbors: dict) -> str:
+    p = neighbors.get("precision") or {}
+    chosen = p.get("chosen", "?")
+    return f"{chosen}: {p['reason']}" if p.get("reason") else chosen
 
 
 def render(result: dict) -> str:
@@ -253,7 +269,7 @@ def render(result: dict) -> str:
         f"| ingest | {s['ingest']['wall_s']:.1f} | {s['ingest']['peak_rss_bytes'] / gib:.2f} | "
         f"{d['store_bytes'] / s['ingest']['wall_s'] / 1e6:.0f} MB/s of store"
         f"{' (resumed)' if s['ingest']['store_existed'] else ''} |",
-        f"| neighbors | {s['neighbors']['wall_s']:.1f} | "
+        f"| neighbors ({precision_text(s['neighbors'])}) | {s['neighbors']['wall_s']:.1f} | "
         f"{s['neighbors']['peak_rss_bytes'] / gib:.2f} | {result['neighbors_gflops']:.1f} GFLOP/s, "
         f"{100 * result['of_float32_rate']:.0f}% of the float32 product rate |",
         "",

@@ -108,6 +108,10 @@ def test_bench_20k_end_to_end_at_tiny_scale(tmp_path, capsys):
         assert result["stages"][stage]["peak_rss_bytes"] > 10 << 20  # a Python process at least
     assert result["data"]["runs"] == 6 and result["stages"]["generate"]["files_written"] == 2
     assert result["machine"]["cpu"] in (tmp_path / "out" / "bench_20k_results.md").read_text()
+    # which precision the neighbours ran (auto resolves it), from the file's record
+    assert result["stages"]["neighbors"]["precision"]["chosen"] in ("exact", "fast")
+    assert "| neighbors (exact" in (tmp_path / "out" / "bench_20k_results.md").read_text() or \
+        "| neighbors (fast" in (tmp_path / "out" / "bench_20k_results.md").read_text()
 
     # The neighbours the benchmark computed from the store are the library's on the files.
     got = np.load(result["stages"]["neighbors"]["out"])

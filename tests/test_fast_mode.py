@@ -8,6 +8,7 @@ judged the error from the candidates alone, accepted rows that had missed a neig
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -353,7 +354,8 @@ def test_squared_norm_upper_bounds_the_measured_norms(float32_norms, monkeypatch
     rows[4] = 0.0
     measured = torch.zeros(len(rows), dtype=torch.float64)
     for b in range(n_blocks):
-        measured += engine_module._block_norms(rows[:, b * width:(b + 1) * width])
+        measured += engine_module._block_norms(rows[:, b * width:(b + 1) * width],
+                                               bounds.norm_unit(width))
     upper = bounds.squared_norm_upper(measured, width=width, n_blocks=n_blocks,
                                       n_terms=width * n_blocks)
     for got, exact in zip(upper.tolist(), _exact_squares(rows)):
@@ -361,3 +363,33 @@ def test_squared_norm_upper_bounds_the_measured_norms(float32_norms, monkeypatch
         # not vacuous: within twice the worst rounding (and the floor of lost squares)
         slack = 2 * bounds.gamma(width + 8, bounds.norm_unit(width))
         assert got <= float(exact) * (1 + slack) + 2 * width * n_blocks * 2.0**-126
+
+
+def test_rescore_norms_bound_a_narrower_last_block_too(monkeypatch):
+    """The re-score's blocks of runs: the last may be narrower than the others. Its norms
+    must be measured in the unit the bound assumes for the nominal width (a reviewer's
+    case: a float32-measured last block bounded as float64 fell short on half the rows).
+    The float32/float64 switch is lowered so that small shapes reach it."""
+    from fractions import Fraction
+
+    from ensemble_kernel import bounds
+
+    monkeypatch.setattr(bounds, "_FLOAT32_NORM_WIDTH", 12)  # 4 runs x 5 classes: float64
+    original = engine_module.plan_memory
+
+    def plan(*args, **kwargs):  # blocks of 4 runs: 4, 4, then 1 (float32 by its own width)
+        return dataclasses.replace(original(*args, **{**kwargs, "keep_features": False}),
+                                   rescore_chunk_models=4)
+    monkeypatch.setattr(engine_module, "plan_memory", plan)
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(9, 200, 5, generator=g), torch.randn(9, 30, 5, generator=g)
+    engine = engine_module._prepare_engine(
+        test, train, 3, log_softmax=True, classes=None, exclude_self=False, precision="fast",
+        memory_budget=64 * MiB, device="cpu", chunk_models=None, tile_size=None,
+        progress=None, k_keep=5)
+    rescored = engine.rescore(torch.arange(5).repeat(30, 1))
+    for source, stats, upper in ((engine.queries, engine.stats_q, rescored.query_norms),
+                                 (engine.references, engine.stats_r, rescored.reference_norms)):
+        features = _features(engine, source, stats)
+        for row, bound in zip(features.tolist(), upper.tolist()):
+            assert Fraction(bound) >= sum(Fraction(v) ** 2 for v in row)

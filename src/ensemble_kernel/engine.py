@@ -352,8 +352,8 @@ class _Engine:
         return best
 
     def _rescore_step(self) -> int:
-        """Runs per block of the re-score: all of them when it reads the kept features."""
-        return self.n_models if self._kept_whole else self.plan.rescore_chunk_models
+        """Runs per block of the re-score (the kept features are read in blocks as wide)."""
+        return self.plan.rescore_chunk_models
 
     def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None, *,
                 whole: torch.Tensor | None = None, k: int = 1) -> Rescored:
@@ -382,6 +382,7 @@ class _Engine:
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
                                       device=self.device)
         step = self._rescore_step()
+        unit = norm_unit(step * self.n_used)  # every block's norms in the bound's unit
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
         # The pairs to re-score as a sparse (n_queries, n_references) pattern, columns
@@ -400,23 +401,23 @@ class _Engine:
             rows = torch.zeros(len(whole), self.references.n_examples, device=self.device)
         for m0 in range(0, self.n_models, step):
             models = slice(m0, min(m0 + step, self.n_models))
-            if self._kept_whole:  # one block: every feature, as the candidate pass made it
-                fa, fb = self._kept
+            if self._kept_whole:  # the features as the candidate pass made them
+                fa, fb = (kept[:, self._columns(models)] for kept in self._kept)
             else:
                 fa = self._features(self.queries, self.stats_q, models, everything_q,
                                     torch.float32)
                 fb = self._features(self.references, self.stats_r, models, everything_r,
                                     torch.float32)
-            query_norms += _block_norms(fa)
-            reference_norms += _block_norms(fb)
+            query_norms += _block_norms(fa, unit)
+            reference_norms += _block_norms(fb, unit)
             # values += <fa[q], fb[r]> for every pair: one float32 dot product each, read
             # straight from the feature rows (no gathered copy), added to the running sum.
             pattern = torch.sparse.sampled_addmm(pattern, fa, fb.T)
             if rows is not None:
                 rows.addmm_(fa[whole.to(self.device)], fb.T)
             del fa, fb
-            self._kept = None  # read once
             self._report("rescore", models.stop, self.n_models, self.plan.n_tiles)
+        self._kept = None  # read once
         scale = 1.0 / (self.n_models * self.n_used)
         values = torch.full((n_q, n_c), float("-inf"), device=self.device)  # never re-scored
         values[inside] = pattern.values() * scale  # (n_queries, n_c), in sorted slots
@@ -496,8 +497,8 @@ def _expected_norm(n_models: int, n_used: int) -> float:
 
 def guessed_bound(plan: Plan, n_models: int, n_used: int) -> float:
     """G, the bound fast mode sizes its windows with (`_fast_search`), for a fast plan
-    before it runs (the re-score reads kept features in one block where the plan keeps them)."""
-    step = n_models if plan.keep_features else plan.rescore_chunk_models
+    before it runs."""
+    step = plan.rescore_chunk_models
     return (_bound_coefficient(plan, n_models, n_used, step) * _expected_norm(n_models, n_used) ** 2
             + ABSOLUTE_SLACK)
 
@@ -507,10 +508,11 @@ def guessed_bound(plan: Plan, n_models: int, n_used: int) -> float:
 WINDOW_NORM_SLACK = 2.0**-10
 
 
-def _block_norms(features: torch.Tensor) -> torch.Tensor:
-    """Squared norms of a block's feature rows, float64, measured in `bounds.norm_unit`
-    (float32 for all but enormous blocks; `bounds.squared_norm_upper` bounds the error)."""
-    if norm_unit(features.shape[1]) == FLOAT32_ROUNDOFF:
+def _block_norms(features: torch.Tensor, unit: float) -> torch.Tensor:
+    """Squared norms of a block's feature rows, float64, measured in `unit` (the one
+    `bounds.norm_unit` gives the re-score's nominal block width, which its bound assumes,
+    also for a narrower last block)."""
+    if unit == FLOAT32_ROUNDOFF:
         return torch.linalg.vector_norm(features, dim=1).double().square_()
     return torch.linalg.vector_norm(features, dim=1, dtype=torch.float64).square_()
 
