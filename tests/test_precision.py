@@ -234,8 +234,20 @@ def test_key_names_machine_torch_threads_and_device():
 
 def _entry(**rates):
     return json.dumps({"key": machine_key("cpu"), "rates": {
-        "float32": 1.0, "bfloat16": 1.0, "normalize": 1.0, "gather": 1.0, "probe_s": 1.0,
-        **rates}})
+        "float32": 1.0, "bfloat16": 1.0, "normalize": 1.0, "gather": 1.0, "select_exact": 1.0,
+        "select_fast": 1.0, "probe_s": 1.0, **rates}})
+
+
+def _huge_rate() -> bytes:
+    """A rate past float's range: JSON reads it as an int that float() refuses."""
+    return _entry(float32=0.5).replace("0.5", "1" + "0" * 400).encode()
+
+
+def _old_entry() -> bytes:
+    """A cache file of the previous probe, without the selection rates."""
+    entry = json.loads(_entry())
+    del entry["rates"]["select_exact"], entry["rates"]["select_fast"]
+    return json.dumps(entry).encode()
 
 
 @pytest.mark.parametrize("content", [
@@ -244,6 +256,7 @@ def _entry(**rates):
     _entry(bfloat16="fast").encode(), _entry(normalize=None).encode(),
     _entry(float32=float("nan")).encode(), _entry(gather=float("inf")).encode(),
     json.dumps({"key": machine_key("cpu"), "rates": [1, 2]}).encode(),
+    _huge_rate(), b"[" * 200_000, _old_entry(),
 ])
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_probe, content):
     probe(torch.device("cpu"))
@@ -413,6 +426,7 @@ def test_spans_read_as_one_source():
     assert source.n_examples == 28
     for e0, e1 in [(0, 28), (3, 9), (6, 8), (7, 14), (13, 27), (27, 28)]:
         assert torch.equal(source.read(slice(0, 2), slice(e0, e1)), whole[:, e0:e1])
+    assert source.read(slice(0, 2), slice(5, 5)).shape == (2, 0, 3)  # empty, as arrays do
     assert engine_module._spread_spans(50, 60, 8) == [(0, 50)]
     # a large split: spans within the first chunk-sized window, which one read covers
     big = engine_module._spread_spans(50_000, 4096, 8)

@@ -696,6 +696,8 @@ class _Spans:
             if lo < hi:
                 wanted.append((a + lo - at, a + hi - at))
             at += b - a
+        if not wanted:  # an empty slice
+            return self.source.read(models, slice(0, 0))
         # One read of the range that covers them: a store reads whole chunks of examples,
         # so reading each span apart would read a chunk once per span.
         first, last = wanted[0][0], wanted[-1][1]

@@ -417,7 +417,8 @@ def _read_cache(path: Path, key: dict) -> Rates | None:
                          for f in dataclasses.fields(Rates)})
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            RecursionError) as e:  # (an integer past float's range; JSON nested too deep)
         logger.info("ignoring the precision probe cache %s: %s", path, e)
         return None
     return rates if rates.valid() else None
