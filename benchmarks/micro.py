@@ -6,7 +6,10 @@
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
+    python benchmarks/micro.py stages --store benchmarks/_data/bench20k-r500-tr50000-te10000-c10-s0/store \
+        --n-test 1000 --k 20 --memory-budget 4GiB   # the 20,000-run store of bench_20k.py --keep
     python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
+    python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
 
@@ -113,12 +116,43 @@ def _cifar_logits(n_test: int | None = None):
     return train, test if n_test is None else test[:, :n_test]
 
 
-def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 << 30) -> None:
+def _store_logits(store: str, n_test: int | None = None):
+    """A store's train split, and its first `n_test` test examples (all: None)."""
+    from ensemble_kernel.engine import _Spans
+    from ensemble_kernel.store import RunStore
+
+    runs = RunStore(store)
+    train, test = runs.source("train"), runs.source("test")
+    return train, test if n_test is None else _Spans(test, [(0, min(n_test, test.n_examples))])
+
+
+def pilot(store: str, k: int, budget: int) -> None:
+    """auto's pilot on a store: the share of test examples whose fast-mode candidates are
+    crowded (`engine._crowded_share`), with the bound fast mode's plan would use, and its time."""
+    from ensemble_kernel.engine import _crowded_share
+    from ensemble_kernel.precision import fast_bound
+
+    train, test = _store_logits(store)
+    shape = dict(n_queries=test.n_examples, n_references=train.n_examples,
+                 n_models=train.n_models, n_classes=train.n_classes, k=k,
+                 memory_budget=budget, raw_bytes=2)
+    guess = fast_bound(**shape)
+    t0 = time.perf_counter()
+    share = _crowded_share(test, train, k, guess, n_candidates=None, log_softmax=True,
+                           classes=None, memory_budget=budget, device="cpu")
+    print(f"{_machine()}\npilot on {store} ({train.n_models} runs), k = {k}, budget "
+          f"{budget / 2**30:.1f} GiB: G = {guess:.4g}, {100 * share:.0f}% of the sampled test "
+          f"examples crowded, {time.perf_counter() - t0:.1f} s")
+
+
+def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 << 30,
+           store: str | None = None) -> None:
     """Wall and CPU seconds spent in each stage the engine reports (statistics, kernel,
-    rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine."""
+    rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine.
+    With `store`, that store's logits (e.g. bench_20k.py's, kept with --keep)."""
     from ensemble_kernel.engine import _top_k_neighbors
 
-    train, test = _cifar_logits(n_test)
+    train, test = _store_logits(store, n_test) if store else _cifar_logits(n_test)
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
     current = [None, time.perf_counter(), time.process_time()]
@@ -138,7 +172,8 @@ def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 <<
     _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget, progress=note)
     t1, c1 = time.perf_counter(), time.process_time()
     close(t1, c1)
-    print(f"{_machine()}\n{precision}, k = {k}, {test.shape[1]} queries, budget "
+    n_queries = test.n_examples if store else test.shape[1]
+    print(f"{_machine()}\n{precision}, k = {k}, {n_queries} queries, budget "
           f"{budget / 2**30:.1f} GiB: {t1 - t0:.1f} s wall, "
           f"{c1 - c0:.1f} s CPU; per stage (wall / CPU, s): "
           + ", ".join(f"{s} {wall[s]:.1f} / {cpu[s]:.1f}" for s in wall))
@@ -239,10 +274,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates", "pairs"])
+                                    "candidates", "pairs", "pilot"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--store", help="candidates: a store instead of the CIFAR-shaped logits")
+    p.add_argument("--store", help="candidates, stages: a store instead of the CIFAR-shaped "
+                   "logits")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
@@ -259,7 +295,13 @@ def main() -> None:
     elif args.what == "stages":
         from ensemble_kernel.cli.common import parse_size
 
-        stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget))
+        stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget), args.store)
+    elif args.what == "pilot":
+        from ensemble_kernel.cli.common import parse_size
+
+        if not args.store:
+            p.error("pilot needs --store STORE (for example bench_20k.py's, kept with --keep)")
+        pilot(args.store, args.k, parse_size(args.memory_budget))
     elif args.what == "pairs":
         pairs()
     elif args.what == "candidates":
