@@ -6,6 +6,7 @@
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
+    python benchmarks/micro.py stages --precision exact --k 20 --runs 2   # a 2-run kernel: ties
     python benchmarks/micro.py stages --store benchmarks/_data/bench20k-r500-tr50000-te10000-c10-s0/store \
         --n-test 1000 --k 20 --memory-budget 4GiB   # the 20,000-run store of bench_20k.py --keep
     python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
@@ -146,13 +147,15 @@ def pilot(store: str, k: int, budget: int) -> None:
 
 
 def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 << 30,
-           store: str | None = None) -> None:
+           store: str | None = None, runs: int | None = None) -> None:
     """Wall and CPU seconds spent in each stage the engine reports (statistics, kernel,
     rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine.
     With `store`, that store's logits (e.g. bench_20k.py's, kept with --keep)."""
     from ensemble_kernel.engine import _top_k_neighbors
 
     train, test = _store_logits(store, n_test) if store else _cifar_logits(n_test)
+    if runs is not None:  # the first `runs` runs (few runs: kernel values on few levels)
+        train, test = train[:runs], test[:runs]
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
     current = [None, time.perf_counter(), time.process_time()]
@@ -284,6 +287,7 @@ def main() -> None:
     p.add_argument("--models", type=int, default=128)
     p.add_argument("--n-test", type=int, help="stages: only the first N test examples")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    p.add_argument("--runs", type=int, help="stages: only the first N runs (CIFAR logits)")
     p.add_argument("--memory-budget", default="1GiB",
                    help="stages: the engine's budget, e.g. 1GiB (default) or 5GiB")
     args = p.parse_args()
@@ -295,7 +299,8 @@ def main() -> None:
     elif args.what == "stages":
         from ensemble_kernel.cli.common import parse_size
 
-        stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget), args.store)
+        stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget), args.store,
+               args.runs)
     elif args.what == "pilot":
         from ensemble_kernel.cli.common import parse_size
 
