@@ -351,10 +351,6 @@ class _Engine:
         self._kept_whole = keep
         return best
 
-    def _rescore_step(self) -> int:
-        """Runs per block of the re-score (the kept features are read in blocks as wide)."""
-        return self.plan.rescore_chunk_models
-
     def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None, *,
                 whole: torch.Tensor | None = None, k: int = 1) -> Rescored:
         """Exact float32 kernel values of (query, candidate) pairs, and the feature norms.
@@ -381,7 +377,7 @@ class _Engine:
         query_norms = torch.zeros(n_q, dtype=torch.float64, device=self.device)
         reference_norms = torch.zeros(self.references.n_examples, dtype=torch.float64,
                                       device=self.device)
-        step = self._rescore_step()
+        step = self.plan.rescore_chunk_models  # (the kept features are read in blocks as wide)
         unit = norm_unit(step * self.n_used)  # every block's norms in the bound's unit
         everything_q = slice(0, self.queries.n_examples)
         everything_r = slice(0, self.references.n_examples)
@@ -439,7 +435,7 @@ class _Engine:
     def bound_coefficient(self) -> float:
         """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK
         (`_bound_coefficient`, with the re-score's blocks as this engine runs it)."""
-        return _bound_coefficient(self.plan, self.n_models, self.n_used, self._rescore_step())
+        return _bound_coefficient(self.plan, self.n_models, self.n_used)
 
     def expected_norm(self) -> float:
         """What a feature row's norm should be: sqrt((n_models - 1) * n_used), slightly raised.
@@ -473,19 +469,20 @@ class _Engine:
 # query it misses is recomputed, one it takes needlessly costs a row of products.
 INLINE_GAP = 1 + 1 / 16
 
-def _bound_coefficient(plan: Plan, n_models: int, n_used: int, rescore_step: int) -> float:
+def _bound_coefficient(plan: Plan, n_models: int, n_used: int) -> float:
     """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
 
     The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
-    float32 sums) plus the re-score's own float32 error (blocks of `rescore_step` runs),
+    float32 sums) plus the re-score's own float32 error (blocks of the plan's
+    `rescore_chunk_models` runs),
     from `bounds`, scaled as the kernel is (by 1 / (n_models * n_used)).
     """
-    n_blocks = math.ceil(n_models / plan.chunk_models)
+    n_blocks, step = math.ceil(n_models / plan.chunk_models), plan.rescore_chunk_models
     low = product_error_coefficient(
         width=plan.chunk_models * n_used, n_blocks=n_blocks,
         unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
     exact = product_error_coefficient(
-        width=rescore_step * n_used, n_blocks=math.ceil(n_models / rescore_step), unit=0.0,
+        width=step * n_used, n_blocks=math.ceil(n_models / step), unit=0.0,
         output_rounding=False)
     return (low + exact) / (n_models * n_used)
 
@@ -498,8 +495,7 @@ def _expected_norm(n_models: int, n_used: int) -> float:
 def guessed_bound(plan: Plan, n_models: int, n_used: int) -> float:
     """G, the bound fast mode sizes its windows with (`_fast_search`), for a fast plan
     before it runs."""
-    step = plan.rescore_chunk_models
-    return (_bound_coefficient(plan, n_models, n_used, step) * _expected_norm(n_models, n_used) ** 2
+    return (_bound_coefficient(plan, n_models, n_used) * _expected_norm(n_models, n_used) ** 2
             + ABSOLUTE_SLACK)
 
 

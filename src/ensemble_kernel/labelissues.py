@@ -90,18 +90,25 @@ class LabelIssues(Shown):
                 f"flagged (score {self.score}, k={self.k}, power {self.power}), most "
                 f"suspicious first")
 
-    def _records(self) -> list[dict]:
-        # The columns of `label-issues --out`, one row per example, most suspicious first.
+    def rows(self, n_neighbors: int = 5) -> list[dict]:
+        """One dict per example, most suspicious first: index, score, given_label,
+        voted_label, vote_share_given, vote_share_voted, flagged, and neighbors (the
+        nearest `n_neighbors` reference indices, a list): the columns of
+        `label-issues --out` and `--json`."""
         p = self.vote_probabilities
-        shown = self.neighbors.indices[:, :5].cpu()
+        shown = self.neighbors.indices[:, :n_neighbors].cpu()
         rows = []
         for i in self.order.tolist():
             g, v = int(self.given[i]), int(self.voted[i])
             rows.append({"index": i, "score": float(self.scores[i]), "given_label": g,
                          "voted_label": v, "vote_share_given": float(p[i, g]),
                          "vote_share_voted": float(p[i, v]), "flagged": bool(self.flagged[i]),
-                         "neighbors": " ".join(map(str, shown[i].tolist()))})
+                         "neighbors": shown[i].tolist()})
         return rows
+
+    def _records(self) -> list[dict]:
+        return [{**row, "neighbors": " ".join(map(str, row["neighbors"]))}
+                for row in self.rows()]
 
 
 def vote_probabilities(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int,

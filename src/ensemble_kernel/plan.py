@@ -40,7 +40,7 @@ class Plan:
     chunk_models : runs per block in the kernel pass.
     rescore_chunk_models : runs per block in fast mode's exact re-score.
     keep_features : fast mode keeps the float32 features of every query and reference that
-        its candidate pass computes, for the re-score to read in one block (instead of
+        its candidate pass computes, for the re-score to read (instead of
         normalising every logit again); only where they fit beside a working plan.
     rescore_rows_bytes : the re-score's whole exact rows (float32 accumulators of the queries
         whose candidate window cannot settle them, and their top-k's temporaries).

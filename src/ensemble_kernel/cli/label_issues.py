@@ -128,18 +128,8 @@ def label_issues_cmd(
 
 
 def issue_rows(found: LabelIssues) -> list[dict]:
-    """One dict per example, most suspicious first: index, score, given_label,
-    voted_label, vote_share_given, vote_share_voted, flagged, neighbors (train indices)."""
-    p = found.vote_probabilities
-    shown = found.neighbors.indices[:, :SHOWN_NEIGHBORS]
-    rows = []
-    for i in found.order.tolist():
-        g, v = int(found.given[i]), int(found.voted[i])
-        rows.append({"index": i, "score": float(found.scores[i]), "given_label": g,
-                     "voted_label": v, "vote_share_given": float(p[i, g]),
-                     "vote_share_voted": float(p[i, v]), "flagged": bool(found.flagged[i]),
-                     "neighbors": shown[i].tolist()})
-    return rows
+    """One dict per example, most suspicious first (`LabelIssues.rows`)."""
+    return found.rows(SHOWN_NEIGHBORS)
 
 
 def issues_json(found: LabelIssues) -> dict:
