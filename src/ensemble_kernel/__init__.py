@@ -13,6 +13,10 @@ labels_train, labels_test)``, ``KernelKNN().fit(train, y_train).predict(test)``.
 >>> ek.evaluate(runs.train, runs.test, runs.labels_train, runs.labels_test)  # doctest: +SKIP
 """
 
+from .vector_math import resolve_dispatch as _resolve_dispatch
+
+_resolve_dispatch()  # before any computation: see vector_math
+
 # The functions `evaluate` and `sweep` live in modules with other names (evaluation,
 # sweeps), so importing any submodule never rebinds a top-level name to a module.
 from .classifier import KernelKNN

@@ -1,0 +1,32 @@
+"""A guard against a race in oneMKL's vector math: its first call, made concurrently.
+
+torch routes float unary functions on contiguous CPU tensors (exp, log, log1p, sqrt, ...)
+to oneMKL's vector math (VML), each intra-op thread calling it on its chunk. oneMKL picks
+each function's kernel lazily, at its first call; when that call runs on several threads
+at once, one thread can run a low-accuracy kernel for its whole chunk of that one call
+(pytorch/pytorch#188792; oneMKL 2024.2, the version torch 2.13's wheels bundle). Later
+calls are accurate, so a fresh process computes its first sizeable `exp` wrong about one
+process in seven on a 2-core machine here: relative errors near 1e-4 instead of 6e-8.
+The engine's first `exp` is the log-softmax of the statistics pass, so a whole command
+came out 40x less accurate than its float64 twin, at random.
+
+`resolve_dispatch` calls each function once, on one element (one thread), so that oneMKL
+has chosen every kernel before any concurrent call. `ensemble_kernel` runs it at import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The torch functions that go to VML and that this package, or a caller's code between
+# its calls, may reach first: those the engine uses and their close relatives.
+_FUNCTIONS = ("exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "tanh",
+              "sigmoid", "sin", "cos", "erf", "erfc", "lgamma")
+
+
+def resolve_dispatch() -> None:
+    """Have oneMKL choose its kernels now, from this one thread (a few milliseconds)."""
+    for dtype in (torch.float32, torch.float64):  # oneMKL chooses per precision
+        one = torch.full((1,), 0.5, dtype=dtype)
+        for name in _FUNCTIONS:
+            getattr(torch, name)(one)
