@@ -3,6 +3,7 @@
     python benchmarks/micro.py stats      # the statistics pass at CIFAR shape, n = 500
     python benchmarks/micro.py reduce     # float32 vs float64-accumulating reductions
     python benchmarks/micro.py storeread  # reading blocks of runs from the benchmark stores
+    python benchmarks/micro.py storeread --store STORE   # plain-file reads against zarr's
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
@@ -64,21 +65,40 @@ def reduce() -> None:
           f"float64-accumulating {1e3 * f64:.1f} ms ({f64 / f32:.0f}x)")
 
 
-def storeread() -> None:
+def storeread(store_path: str | None = None, repeats: int = 3) -> None:
+    """Reading blocks of runs: the plain-file read (`read_logits`) against zarr's, alternated
+    in one process, page cache warm (as the engine's passes read), `repeats` times each."""
     from ensemble_kernel.store import RunStore
 
-    for case, models, examples in (("cifar2000", slice(0, 100), slice(0, 60000)),
-                                   ("runs20000", slice(0, 2000), slice(0, 6000))):
-        path = DATA / f"store_{case}" / "store"
+    cases = ([("store", Path(store_path), None, None)] if store_path else
+             [(case, DATA / f"store_{case}" / "store", models, examples)
+              for case, models, examples in (("cifar2000", slice(0, 100), slice(0, 60000)),
+                                             ("runs20000", slice(0, 2000), slice(0, 6000)))])
+    for case, path, models, examples in cases:
         if not path.exists():
-            print(f"{case}: no store at {path} (run benchmarks/store_bench.py first)")
+            print(f"{case}: no store at {path} (run benchmarks/store_bench.py first, or pass "
+                  "--store)")
             continue
         store = RunStore(path)
-        store.read_logits(models, examples)  # warm the page cache, as the engine's passes do
-        t0 = time.perf_counter()
-        x = store.read_logits(models, examples)
-        dt = time.perf_counter() - t0
-        print(f"{case}: read {x.shape} float16 in {dt:.2f} s = {x.nbytes / dt / 1e9:.2f} GB/s")
+        n = store.n_models
+        blocks = ([(models, examples)] if models is not None else
+                  [(slice(0, min(n, 32)), slice(0, store.spec.n_train + store.spec.n_test)),
+                   (slice(0, min(n, 100)), slice(0, 4096))])
+        print(f"{case}: {path}, plain layout: {store._plain is not None}")
+        for models, examples in blocks:
+            store.read_logits(models, examples)  # warm the page cache
+            walls = {"plain": [], "zarr": []}
+            for _ in range(repeats):
+                for name, read in (("plain", store.read_logits), ("zarr", store._read_zarr)):
+                    t0 = time.perf_counter()
+                    x = read(models, examples)
+                    walls[name].append(time.perf_counter() - t0)
+            mb = x.nbytes / 1e6
+            print(f"  runs {models.start}:{models.stop} x examples {examples.start}:"
+                  f"{examples.stop} ({mb:.0f} MB): " + ", ".join(
+                      f"{name} " + " ".join(f"{t:.3f}" for t in ts) + " s" for name, ts in
+                      walls.items()) + "; zarr / plain (medians) "
+                  f"{np.median(walls['zarr']) / np.median(walls['plain']):.1f}x", flush=True)
 
 
 def recipe(epochs: int, seed: int, models: int) -> None:
@@ -280,8 +300,8 @@ def main() -> None:
                                     "candidates", "pairs", "pilot"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--store", help="candidates, stages: a store instead of the CIFAR-shaped "
-                   "logits")
+    p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
+                   "CIFAR-shaped logits (or the store benchmarks' stores)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--models", type=int, default=128)
@@ -311,8 +331,10 @@ def main() -> None:
         pairs()
     elif args.what == "candidates":
         candidates(args.k, args.store)
+    elif args.what == "storeread":
+        storeread(args.store)
     else:
-        {"stats": stats, "reduce": reduce, "storeread": storeread}[args.what]()
+        {"stats": stats, "reduce": reduce}[args.what]()
 
 
 if __name__ == "__main__":
