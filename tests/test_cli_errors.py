@@ -141,6 +141,8 @@ def _cases():
         ("demo", BASE["demo"] + ["--full-sweep", "--max-subsets", "1"],
          "--full-sweep takes every disjoint subset and --max-subsets 1 caps them: give one"),
         ("report", BASE["report"] + ["--full-swep"], "No such option: --full-swep"),
+        ("report", BASE["report"] + ["--sweep-examples", "many"],
+         "--sweep-examples takes a positive number of test examples or 'all', got 'many'"),
         ("failures", BASE["failures"] + ["--neighbors", "31"],
          "--neighbors must be between 1 and 30 .*got 31"),
         ("pairs", BASE["pairs"] + ["--ranks", "5:99"], "--ranks 5:99 is outside the 10 test"),

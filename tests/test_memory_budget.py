@@ -80,8 +80,11 @@ def peak_rss(args, tmp) -> int:
     return int(hwm.read_text()) * 1024
 
 
-def sweep_args(src, out):
-    return ["sweep", src, "--runs", "16", "--max-subsets", "1", "--out", out]
+def sweep_args(src, out, examples="all"):
+    # Every test example by default: the default sample (2,000 of the big store's 6,000)
+    # makes the sweep small enough that a roomy budget would not show the budget binding.
+    return ["sweep", src, "--runs", "16", "--max-subsets", "1", "--out", out,
+            "--sweep-examples", examples]
 
 
 @pytest.mark.slow
@@ -96,6 +99,10 @@ def test_sweep_peak_rss_stays_within_the_budget(stores):
     # The sizes make the budget matter: given room, the command uses more than the limit.
     roomy = peak_rss([*sweep_args(big, root / "out-1g"), "--memory-budget", "1GiB"], root)
     assert roomy > limit, f"{roomy / MiB:.0f} MiB with 1 GiB: the budget never binds"
+    # The sample (read once into memory, counted in what the sweep holds) stays within it.
+    sampled = peak_rss([*sweep_args(big, root / "out-s", "2000"), "--memory-budget", "64MiB"],
+                       root)
+    assert sampled <= limit, f"sampled: peak {sampled / MiB:.0f} MiB, limit {limit / MiB:.0f}"
 
 
 def test_the_bootstrap_is_the_same_in_any_block_size():
@@ -136,6 +143,27 @@ def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
     with pytest.raises(BudgetError, match="the sweep's neighbours and predictions hold"):
         sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
                            memory_budget=held)
+
+
+def test_a_sampled_sweep_counts_its_sample_in_what_it_holds(monkeypatch):
+    import ensemble_kernel.sweeps as sweep_module
+    from ensemble_kernel.errors import BudgetError
+
+    seen = []
+    real = sweep_module._top_k_neighbors
+    monkeypatch.setattr(sweep_module, "_top_k_neighbors", lambda *a, **kw: seen.append(
+        kw["memory_budget"]) or real(*a, **kw))
+    ens = make_ensemble(n_models=4, n_train=100, n_test=40)
+    train, test = ArraySource(ens.train), ArraySource(ens.test)
+    budget = 32 * MiB
+    result = sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
+                                memory_budget=budget, test_examples=20)
+    held = sweep_module._held_bytes(20, 5, 20) + 4 * 20 * 5 * 4  # float32 logits of 20
+    assert result.n_test == 20 and seen and all(b == budget - held for b in seen)
+    with pytest.raises(BudgetError, match="the sweep's neighbours, predictions and test "
+                                          "sample hold"):
+        sweep_module.sweep(train, test, ens.labels_train, ens.labels_test,
+                           memory_budget=held, test_examples=20)
 
 
 def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch):

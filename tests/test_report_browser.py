@@ -20,7 +20,7 @@ from conftest import make_ensemble
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _report(tmp_path, with_inputs=True):
+def _report(tmp_path, with_inputs=True, **options):
     ens = make_ensemble(n_models=8, n_train=150, n_test=50)
     rng = np.random.default_rng(0)
     images = (rng.random((150, 8, 8)), rng.random((50, 8, 8))) if with_inputs else (None, None)
@@ -31,7 +31,7 @@ def _report(tmp_path, with_inputs=True):
                  renderer=InputRenderer(*images),
                  class_names=["a<b", "c&d", "e", "f", "g"],
                  features_train=rng.random((150, 4)), features_test=rng.random((50, 4)),
-                 ranks=slice(0, 12))
+                 ranks=slice(0, 12), **options)
     return out
 
 
@@ -46,6 +46,13 @@ def test_report_is_self_contained_and_escapes_data(tmp_path):
     for name in ("pairs.png", "pairs.csv", "duplicates.csv", "duplicates_threshold.png",
                  "failures.png", "compare.png", "sweep.png", "sweep.csv", "accuracy.csv"):
         assert (files / name).is_file(), name
+
+
+def test_a_sampled_sweep_says_so_in_the_report_and_an_unsampled_one_does_not(tmp_path):
+    sampled = _report(tmp_path / "a", test_examples=20).read_text()
+    assert "computed on 20 of 50 test examples (spread evenly)" in sampled
+    whole = _report(tmp_path / "b").read_text()  # 50 test examples: within the default 2,000
+    assert "test examples (spread evenly)" not in whole and "--sweep-examples" not in whole
 
 
 NO_INPUTS_NOTE = "This source has no inputs, so the views above are tables only"

@@ -180,3 +180,147 @@ def test_the_sweep_command_caps_subsets_by_default(tmp_path, options, n_subsets)
     assert code == 0, err
     rows = json.loads(out)["rows"]
     assert {r["n_models"]: r["n_subsets"] for r in rows if r["metric"] == "single"} == n_subsets
+
+
+# ---- the sweep on a sample of the test split (issue 9: the report within 3 evaluates) ----
+
+class _CountingSource:
+    """A source that records every read, to check what read_sample promises."""
+
+    def __init__(self, logits):
+        self.base, self.reads = ArraySource(logits), []
+        self.n_models, self.n_examples, self.n_classes = logits.shape
+
+    def read(self, models, examples):
+        self.reads.append((models, examples))
+        return self.base.read(models, examples)
+
+    def describe_run(self, model):
+        return f"run {model} of the counted source"
+
+
+@pytest.mark.parametrize("n, size, max_read", [(10, 1, 1), (10, 3, 10**9), (10, 9, 80),
+                                               (10, 10, 100), (97, 13, 97 * 3 * 2 + 5),
+                                               (7, 6, 0), (1000, 999, 12_000)])
+def test_the_sample_holds_exactly_its_examples_read_in_whole_runs_within_the_limit(
+        n, size, max_read):
+    from ensemble_kernel.sources import read_sample, sample_bytes, sample_positions
+
+    logits = torch.arange(5 * n * 3, dtype=torch.float32).reshape(5, n, 3)
+    logits[2, n // 2, 1] = float("nan")  # a value passes through untouched
+    source = _CountingSource(logits)
+    pick = sample_positions(n, size)
+    assert len(set(pick.tolist())) == size and pick.min() >= 0 and pick.max() < n
+    assert bool((pick[1:] > pick[:-1]).all()) and pick[0] == 0
+    sample = read_sample(source, pick, max_read)
+    torch.testing.assert_close(sample.read(slice(0, 5), slice(0, size)), logits[:, pick],
+                               rtol=0, atol=0, equal_nan=True)
+    assert sample.logits.dtype == logits.dtype and sample.n_examples == size
+    assert sample_bytes(source, size) == sample.logits.numel() * 4
+    whole = [(m, e) for m, e in source.reads if e != slice(0, 1)]
+    runs = [r for m, _ in whole for r in range(m.start, m.stop)]
+    assert sorted(runs) == list(range(5))  # every run read once, whole
+    assert all(e == slice(0, n) for _, e in whole)
+    assert all((m.stop - m.start) * n * 3 * 4 <= max(max_read, n * 3 * 4) for m, _ in whole)
+    assert sample.describe_run(3) == "run 3 of the counted source"
+
+
+@pytest.mark.parametrize("n, size", [(10, 0), (10, 11), (0, 1)])
+def test_an_impossible_sample_is_refused(n, size):
+    from ensemble_kernel.sources import sample_positions
+
+    with pytest.raises(InputError, match=f"a sample of {size} examples from {n}"):
+        sample_positions(n, size)
+
+
+def test_a_split_sorted_by_class_keeps_every_class_in_the_sample():
+    from ensemble_kernel.sources import sample_positions
+
+    labels = torch.arange(10).repeat_interleave(1000)  # 10,000 sorted by class
+    counts = torch.bincount(labels[sample_positions(10_000, 2000)], minlength=10)
+    assert counts.tolist() == [200] * 10
+
+
+def _sample_twin(ens, size):
+    """The plain twin: the sweep over the test split cut down by hand, on every example."""
+    from ensemble_kernel.sources import sample_positions
+
+    pick = sample_positions(ens.test.shape[1], size)
+    return sweep(ArraySource(ens.train), ArraySource(ens.test[:, pick].contiguous()),
+                 ens.labels_train, ens.labels_test[pick], runs=[1, 2, 8], test_examples=None)
+
+
+@pytest.mark.parametrize("size", [1, 7, 39])
+def test_a_sampled_sweep_is_the_sweep_of_those_examples(size):
+    from ensemble_kernel.engine import _top_k_neighbors
+
+    ens = make_ensemble(n_models=8, n_train=100, n_test=40)
+    train, test = ArraySource(ens.train), ArraySource(ens.test)
+    twin = _sample_twin(ens, size)
+    sampled = sweep(train, test, ens.labels_train, ens.labels_test, runs=[1, 2, 8],
+                    test_examples=size)
+    # The same figures to the last bit, with or without the neighbours of every example.
+    known = _top_k_neighbors(test, train, 20, memory_budget=1 << 26)
+    reused = sweep(train, test, ens.labels_train, ens.labels_test, runs=[1, 2, 8],
+                   test_examples=size, neighbors=known)
+    for result in (sampled, reused):
+        assert result.table() == twin.table()
+        assert result.ablations == twin.ablations and result.significance == twin.significance
+        assert (result.n_test, result.n_test_all, result.sampled) == (size, 40, True)
+        assert f"on {size:,} of 40 test examples" in result.to_dict()["title"]
+    whole = sweep(train, test, ens.labels_train, ens.labels_test, runs=[2, 8], test_examples=40)
+    assert (whole.n_test, whole.n_test_all, whole.sampled, whole.sample_note()) == (40, 40, False, "")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "100", True])
+def test_a_bad_sample_size_is_refused(bad):
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    with pytest.raises(InputError, match="test_examples must be a positive integer or None"):
+        sweep(ens.train, ens.test, ens.labels_train, ens.labels_test, test_examples=bad)
+
+
+def test_known_neighbours_of_other_examples_are_refused():
+    from ensemble_kernel.engine import _top_k_neighbors
+
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    found = _top_k_neighbors(ens.test[:, :6], ens.train, 5, memory_budget=1 << 26)
+    with pytest.raises(InputError, match="neighbors has 6 rows but the test split has 10"):
+        sweep(ens.train, ens.test, ens.labels_train, ens.labels_test, neighbors=found)
+
+
+@pytest.mark.parametrize("option, n_test", [([], 20), (["--sweep-examples", "7"], 7),
+                                            (["--sweep-examples", "all"], 20),
+                                            (["--sweep-examples", "ALL"], 20),
+                                            (["--sweep-examples", "500"], 20)])
+def test_the_sweep_command_takes_its_sample_size(tmp_path, monkeypatch, option, n_test):
+    import json
+
+    from conftest import run_cli, save_labels, save_pt
+
+    ens = make_ensemble(n_models=4, n_train=60, n_test=20)
+    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+                             str(tmp_path / "sweep"), "--json", *option)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["n_test"], doc["n_test_all"]) == (n_test, 20)
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert (saved["n_test"], saved["n_test_all"]) == (n_test, 20)
+    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+                             str(tmp_path / "sweep2"), *option)
+    assert code == 0 and ("on 7 of 20 test examples" in out) == (n_test == 7), out
+
+
+@pytest.mark.parametrize("typo", ["0", "-5", "al", "2k", "", "1e3"])
+def test_a_typo_in_the_sample_size_is_one_line(tmp_path, typo):
+    from conftest import run_cli, save_labels, save_pt
+
+    ens = make_ensemble(n_models=4, n_train=60, n_test=20)
+    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
+    labels = save_labels(tmp_path / "labels.npz", ens)
+    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+                             str(tmp_path / "sweep"), "--sweep-examples", typo)
+    assert code == 2 and "--sweep-examples takes a positive number of test examples or 'all'" \
+        in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sweep").exists()

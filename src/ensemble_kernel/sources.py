@@ -196,6 +196,66 @@ class RunSubset:
         return self.base.describe_run(self.start + model)
 
 
+@dataclass(frozen=True, eq=False)
+class ExampleSample:
+    """Some examples of another source, held in memory (`read_sample` reads them once).
+
+    Runs are described as `base` describes them; an example index in a message is its
+    position in the sample (`sample_positions` maps it back).
+    """
+
+    logits: torch.Tensor  # (n_models, n_sample, n_classes), the base's dtype
+    base: LogitSource
+
+    @property
+    def n_models(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def n_examples(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return self.logits.shape[2]
+
+    def read(self, models: slice, examples: slice) -> torch.Tensor:
+        return self.logits[models, examples]
+
+    def describe_run(self, model: int) -> str:
+        return self.base.describe_run(model)
+
+
+def sample_positions(n_examples: int, size: int) -> torch.Tensor:
+    """`size` examples spread evenly over `n_examples`: (i * n_examples) // size for i < size,
+    int64, increasing. A split sorted by class keeps every class in proportion."""
+    if not 1 <= size <= n_examples:
+        raise InputError(f"a sample of {size} examples from {n_examples} is not possible")
+    return torch.arange(size, dtype=torch.int64) * n_examples // size
+
+
+def sample_bytes(source: LogitSource, size: int) -> int:
+    """What `read_sample` holds for `size` examples of `source`."""
+    itemsize = source.read(slice(0, 1), slice(0, 1)).element_size()
+    return source.n_models * size * source.n_classes * itemsize
+
+
+def read_sample(source: LogitSource, positions: torch.Tensor, max_read_bytes: int) -> ExampleSample:
+    """The examples `positions` of every run of `source`, read once into memory.
+
+    The source is read whole, a block of runs at a time (a store reads best in whole
+    chunks), each block's read within `max_read_bytes` (one run at least).
+    """
+    first = source.read(slice(0, 1), slice(0, 1))
+    run_bytes = source.n_examples * source.n_classes * first.element_size()
+    step = max(1, int(max_read_bytes) // max(run_bytes, 1))
+    out = torch.empty(source.n_models, len(positions), source.n_classes, dtype=first.dtype)
+    for m0 in range(0, source.n_models, step):
+        models = slice(m0, min(m0 + step, source.n_models))
+        out[models] = source.read(models, slice(0, source.n_examples))[:, positions]
+    return ExampleSample(out, source)
+
+
 def as_source(logits: "np.ndarray | torch.Tensor | LogitSource", name: str = "logits") -> LogitSource:
     """Wrap an array as a source; pass a source through unchanged."""
     if isinstance(logits, (np.ndarray, torch.Tensor)):

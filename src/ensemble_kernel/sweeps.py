@@ -2,7 +2,8 @@
 
 For each n, the runs are cut into disjoint contiguous subsets of n runs (at most
 `max_subsets`, 3 by default; None: every disjoint subset), and every metric is computed on
-each subset: the mean single-model accuracy, the ensemble average, kernel k-NN for several
+each subset, over at most `test_examples` test examples (2,000 by default, spread evenly
+over the test split; None: all): the mean single-model accuracy, the ensemble average, kernel k-NN for several
 k, and the weighted vote. The sweep reports the mean and spread over subsets. At the
 largest n it adds the ablations (no log-softmax; each per-class kernel alone), computed in
 one streamed pass beside that subset's full kernel (`ablations.py`), and a paired
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -29,15 +30,24 @@ from .neighbors import Neighbors
 from .results import Shown
 from .plan import budget_beside, default_memory_budget
 from .formats import check_labels
-from .sources import LogitSource, as_source, select_runs
+from .sources import (LogitSource, as_source, read_sample, sample_bytes, sample_positions,
+                      select_runs)
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
-           "mcnemar_exact", "bootstrap_difference", "default_run_counts", "DEFAULT_MAX_SUBSETS"]
+           "mcnemar_exact", "bootstrap_difference", "default_run_counts", "DEFAULT_MAX_SUBSETS",
+           "DEFAULT_TEST_EXAMPLES"]
 
 # Disjoint subsets per run count unless asked otherwise: enough for a spread, and the
 # sweep's kernels then cost about two full kernels at any run count (the full sweep, up
 # to n_models // n subsets per count, costs about log2(n_models)).
 DEFAULT_MAX_SUBSETS = 3
+
+# Test examples the sweep and its ablations use unless asked otherwise. Their kernels'
+# products scale with it: at CIFAR shape (10,000 test examples, 500 runs) the sweep and
+# the ablations on every example cost about four kernels of all runs, on 2,000 about
+# one. The binomial standard error of an accuracy near 95% is then 0.5 points; the
+# counts are compared on the same examples, which narrows their differences' error.
+DEFAULT_TEST_EXAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -90,22 +100,37 @@ class SweepResult(Shown):
     significance : Significance or None
         Kernel k-NN against the ensemble average: McNemar's exact test and a bootstrap
         interval of the difference (None with a single run).
+    n_test, n_test_all : int
+        Test examples every figure here is computed on, and in the test split: fewer when
+        the sweep took a sample (`sweep(test_examples=...)`, spread evenly).
     """
 
     rows: tuple[SweepRow, ...]
     ablations: dict[str, float] = field(default_factory=dict)  # name -> accuracy
     significance: Significance | None = None
+    n_test: int = 0
+    n_test_all: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        """True when the figures come from a sample of the test split."""
+        return self.n_test < self.n_test_all
+
+    def sample_note(self) -> str:
+        """'on 2,000 of 10,000 test examples (spread evenly)', or '' when on all of them."""
+        return (f"on {self.n_test:,} of {self.n_test_all:,} test examples (spread evenly)"
+                if self.sampled else "")
 
     def table(self) -> list[dict]:
         """The rows as dicts (n_models, metric, mean, std, min, max, n_subsets)."""
         return [dict(row.__dict__) for row in self.rows]
 
     def _title(self) -> str:
-        s = self.significance
+        s, where = self.significance, f" {self.sample_note()}" if self.sampled else ""
         if s is None:
-            return "Sweep over the number of runs"
-        return (f"Sweep over the number of runs; at {s.n_models} runs kernel {s.k}-NN minus "
-                f"ensemble average {100 * s.difference:+.2f} points (95% CI "
+            return f"Sweep over the number of runs{where}"
+        return (f"Sweep over the number of runs{where}; at {s.n_models} runs kernel {s.k}-NN "
+                f"minus ensemble average {100 * s.difference:+.2f} points (95% CI "
                 f"{100 * s.ci_low:+.2f} to {100 * s.ci_high:+.2f}), McNemar p = "
                 f"{s.mcnemar_p:.3g}")
 
@@ -116,7 +141,8 @@ class SweepResult(Shown):
         """The rows, the ablations and the significance, as plain Python."""
         return {"title": self._title(), "rows": self.table(), "ablations": dict(self.ablations),
                 "significance": (None if self.significance is None
-                                 else dict(self.significance.__dict__))}
+                                 else dict(self.significance.__dict__)),
+                "n_test": self.n_test, "n_test_all": self.n_test_all}
 
 
 def default_run_counts(n_models: int) -> list[int]:
@@ -229,6 +255,7 @@ def sweep(
     ks: Sequence[int] = (1, 3, 5, 9),
     weighted: tuple[int, int] = (20, 4),
     max_subsets: int | None = DEFAULT_MAX_SUBSETS,
+    test_examples: int | None = DEFAULT_TEST_EXAMPLES,
     significance_k: int = 3,
     precision: str = "auto",
     memory_budget: int | None = None,
@@ -246,14 +273,20 @@ def sweep(
     runs : run counts to evaluate; default 1, 2, 4, ..., n_models.
     max_subsets : disjoint subsets per run count, at most (default 3); None: all
         n_models // n of them (the full sweep, about log2(n_models) kernels' work).
+    test_examples : test examples every figure is computed on, at most (default 2,000):
+        example (i * n_test) // test_examples for each i, so spread evenly over the split
+        (a split sorted by class keeps every class); None: every test example. Their
+        kernel values and neighbours are exactly those of the whole split: only the
+        accuracies are estimates, from fewer examples. `n_test` of the result says how
+        many.
     memory_budget : bytes for the whole sweep (default: a quarter of what is available).
         What the sweep keeps between kernels (the neighbours and predictions of the
         subsets, see `_held_bytes`) is taken off it; the rest goes to each kernel, to the
         blocks of runs read for the accuracies, and to the bootstrap, one at a time.
     device : where the kernels are computed.
-    neighbors : test -> train neighbours over all runs, if already computed (k >= 20):
-        reused for the subset of all runs instead of computing that kernel again (the
-        caller holds them, and counts them in its own budget).
+    neighbors : test -> train neighbours over all runs, of every test example, if already
+        computed (k >= 20): reused for the subset of all runs instead of computing that
+        kernel again (the caller holds them, and counts them in its own budget).
     progress : called with a `Progress` per stage: 'sweep' (runs' worth of kernel work
         done over the subsets, so the time left is that of the whole sweep), then
         'statistics' and 'ablations' of the ablations' pass.
@@ -267,19 +300,34 @@ def sweep(
     if max_subsets is not None and (not isinstance(max_subsets, int) or max_subsets < 1):
         raise InputError(f"max_subsets must be a positive integer or None (every disjoint "
                          f"subset), got {max_subsets!r}")
+    if test_examples is not None and (isinstance(test_examples, bool) or not isinstance(
+            test_examples, int) or test_examples < 1):
+        raise InputError(f"test_examples must be a positive integer or None (every test "
+                         f"example), got {test_examples!r}")
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
     _require_train_split(train, "sweep")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
     check_labels(labels_train, train.n_examples, train.n_classes, "train")
     check_labels(labels_test, test.n_examples, test.n_classes, "test")
+    if neighbors is not None and neighbors.indices.shape[0] != test.n_examples:
+        raise InputError(f"neighbors has {neighbors.indices.shape[0]} rows but the test split "
+                         f"has {test.n_examples} examples: pass the neighbours of every one")
+    n_test_all, pick = test.n_examples, None
+    if test_examples is not None and test_examples < n_test_all:
+        pick = sample_positions(n_test_all, test_examples)
+        labels_test = labels_test[pick]
+        if neighbors is not None:
+            neighbors = Neighbors(neighbors.indices[pick.to(neighbors.indices.device)],
+                                  neighbors.values[pick.to(neighbors.values.device)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = _sweep(train, test, labels_train, labels_test, runs=runs, ks=ks,
                         weighted=weighted, max_subsets=max_subsets,
                         significance_k=significance_k, precision=precision,
                         memory_budget=memory_budget, device=device, neighbors=neighbors,
-                        progress=progress)
+                        sample=pick, progress=progress)
+    result = replace(result, n_test_all=n_test_all)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -299,15 +347,23 @@ def _held_bytes(n_test: int, n_classes: int, k: int) -> int:
 
 
 def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
-           significance_k, precision, memory_budget, device, neighbors,
+           significance_k, precision, memory_budget, device, neighbors, sample,
            progress) -> SweepResult:
+    """The sweep; on the test examples `sample` (positions, or None: all), which are
+    read once into memory (and counted in the budget) when given."""
     n_models, n_classes = train.n_models, train.n_classes
     runs = sorted(set(runs or default_run_counts(n_models)))
     ks = sorted(set(ks))
     k_max = max(ks + [weighted[0]])
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    left = budget_beside(budget, _held_bytes(test.n_examples, n_classes, k_max),
-                         "the sweep's neighbours and predictions")
+    n_test = test.n_examples if sample is None else len(sample)
+    held = _held_bytes(n_test, n_classes, k_max)
+    if sample is not None:
+        held += sample_bytes(test, n_test)
+    left = budget_beside(budget, held, "the sweep's neighbours and predictions" if sample is None
+                         else "the sweep's neighbours, predictions and test sample")
+    if sample is not None:  # read once, its transient read within a quarter of the rest
+        test = read_sample(test, sample, left // 4)
     common = dict(precision=precision, memory_budget=left, device=device)
     plan = [(n, disjoint_subsets(n_models, n, max_subsets)) for n in runs]
     clock = _SweepClock(progress, plan)
@@ -345,7 +401,8 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
     if largest is not None and largest[1] is not None:
         significance = _significance(largest, labels_train, labels_test, n_classes,
                                      significance_k, left)
-    return SweepResult(tuple(rows), ablations, significance)
+    return SweepResult(tuple(rows), ablations, significance, n_test=test.n_examples,
+                       n_test_all=test.n_examples)
 
 
 def _ablation_accuracies(found, labels_train, labels_test, k: int) -> dict[str, float]:

@@ -224,6 +224,32 @@ FullSweepOpt = typer.Option(
          "about log2(n_models) kernels of all runs in all.")
 
 
+SweepExamplesOpt = typer.Option(
+    None, "--sweep-examples", show_default="2000",
+    help="Test examples the sweep and its ablations are computed on, spread evenly over "
+         "the test split (N, or 'all'). Their neighbours are exact; only the accuracies are "
+         "estimates: near 95%, 0.5 points of standard error on 2,000. With all of CIFAR's "
+         "10,000, the sweep costs about 3 more kernels of all runs.")
+
+
+def sweep_examples(text: Optional[str]) -> Optional[int]:
+    """--sweep-examples -> the sweep's `test_examples` (None: every test example)."""
+    from ..sweeps import DEFAULT_TEST_EXAMPLES
+
+    if text is None:
+        return DEFAULT_TEST_EXAMPLES
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text.strip().replace("_", "").replace(",", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"--sweep-examples takes a positive number of test examples or 'all', "
+                         f"got {text!r}")
+    return value
+
+
 def sweep_subsets(max_subsets: Optional[int], full_sweep: bool) -> Optional[int]:
     """--max-subsets and --full-sweep -> the sweep's `max_subsets` (None: every subset)."""
     from ..sweeps import DEFAULT_MAX_SUBSETS

@@ -15,7 +15,7 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, Max
                      PrecisionOpt, QuietOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision,
                      _open, _progress_bar, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size, require_train,
-                     resolve_precision, sweep_subsets)
+                     resolve_precision, sweep_examples, sweep_subsets, SweepExamplesOpt)
 from .outputs import check_output_folder
 
 
@@ -29,6 +29,7 @@ def sweep_cmd(
                              "sweep.csv and sweep.json."),
     max_subsets: Optional[int] = MaxSubsetsOpt,
     full_sweep: bool = FullSweepOpt,
+    examples: Optional[str] = SweepExamplesOpt,
     precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt,
     device: str = DeviceOpt,
@@ -45,8 +46,9 @@ def sweep_cmd(
     at the largest count: no log-softmax, each per-class kernel alone, McNemar's exact test
     and a bootstrap interval of kernel 3-NN minus the ensemble average. The precision is
     chosen once, for the largest run count, and used for every kernel.
-    At most 3 disjoint subsets per run count (--max-subsets N, or --full-sweep for all);
-    the ablations come from one pass over the runs.
+    At most 3 disjoint subsets per run count (--max-subsets N, or --full-sweep for all),
+    on at most 2,000 test examples spread evenly (--sweep-examples N or all); the
+    ablations come from one pass over the runs.
     """
     from ..report.files import sweep_json, write_sweep
     from ..sweeps import sweep
@@ -54,6 +56,7 @@ def sweep_cmd(
     with _user_errors():
         _check_precision(precision)
         subsets = sweep_subsets(max_subsets, full_sweep)
+        test_examples = sweep_examples(examples)
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
         runset, _ = _open(src, labels, None)
@@ -67,7 +70,8 @@ def sweep_cmd(
                                    verbose=verbose)
         with _progress_bar(quiet or as_json) as report:
             result = sweep(runset.train, runset.test, runset.labels_train, runset.labels_test,
-                           runs=counts, max_subsets=subsets, precision=picked.precision,
+                           runs=counts, max_subsets=subsets, test_examples=test_examples,
+                           precision=picked.precision,
                            memory_budget=budget, device=device, progress=report)
         paths = write_sweep(result, out)
     if as_json:
@@ -83,7 +87,8 @@ def format_sweep(result) -> str:
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     counts = sorted({r.n_models for r in result.rows})
     cell = {(r.n_models, r.metric): r for r in result.rows}
-    lines = ["runs  " + "".join(f"{m:>10}" for m in metrics)]
+    lines = [f"accuracy (%) {result.sample_note()}"] if result.sampled else []
+    lines.append("runs  " + "".join(f"{m:>10}" for m in metrics))
     for n in counts:
         lines.append(f"{n:>4}  " + "".join(
             f"{100 * cell[n, m].mean:>10.2f}" if (n, m) in cell else f"{'-':>10}"

@@ -19,7 +19,7 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, Max
                      OptionError, PrecisionOpt, QuietOpt, SrcArg, TestKeyOpt, VerboseOpt,
                      _check_precision, _open, _progress_bar, _user_errors, app, check_k,
                      check_sweep_size, err, parse_size, require_train, resolve_precision, say,
-                     sweep_subsets, within_split_note)
+                     sweep_examples, sweep_subsets, within_split_note, SweepExamplesOpt)
 from .outputs import check_output_file, check_output_folder
 
 
@@ -339,6 +339,7 @@ def report_cmd(
     features: Optional[Path] = FeaturesOpt, precision: str = PrecisionOpt,
     memory_budget: Optional[str] = BudgetOpt, device: str = DeviceOpt,
     max_subsets: Optional[int] = MaxSubsetsOpt, full_sweep: bool = FullSweepOpt,
+    examples: Optional[str] = SweepExamplesOpt,
     quiet: bool = QuietOpt, verbose: bool = VerboseOpt,
     code: Optional[str] = CodeOpt, test_key: Optional[str] = TestKeyOpt,
 ) -> None:
@@ -346,8 +347,9 @@ def report_cmd(
 
     Opens in any browser with no server and no network (images are embedded).
     The sweep takes at most 3 disjoint subsets of runs per run count (--max-subsets N,
-    or --full-sweep for all); its ablations (each class's kernel alone, no log-softmax)
-    come from one pass over the runs.
+    or --full-sweep for all), on at most 2,000 test examples spread evenly
+    (--sweep-examples N or all); its ablations (each class's kernel alone, no
+    log-softmax) come from one pass over the runs. Everything else uses every example.
     """
     from ..report.build import build_report
 
@@ -355,6 +357,7 @@ def report_cmd(
         if out.suffix.lower() not in (".html", ".htm"):
             raise InputError(f"--out must name an .html file, got {out}")
         subsets = sweep_subsets(max_subsets, full_sweep)
+        test_examples = sweep_examples(examples)
         runset, extras, renderer, found, left, choice = _views(
             src, labels, inputs, features, memory_budget, precision, device, quiet,
             name="report", out=out, needs_labels=True, ranks=ranks, verbose=verbose,
@@ -367,7 +370,7 @@ def report_cmd(
                          features_test=extras["features_test"],
                          ranks=_ranks(ranks, runset.test.n_examples), precision=choice.precision,
                          memory_budget=left, device=device, max_subsets=subsets,
-                         progress=report)
+                         test_examples=test_examples, progress=report)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
     _note_no_inputs(renderer)

@@ -10,7 +10,7 @@ from ..evaluation import Evaluation, evaluate
 from ..neighbors import Neighbors
 from ..sources import LogitSource
 from ..engine import ProgressCallback
-from ..sweeps import DEFAULT_MAX_SUBSETS, SweepResult, sweep
+from ..sweeps import DEFAULT_MAX_SUBSETS, DEFAULT_TEST_EXAMPLES, SweepResult, sweep
 from .files import write_sweep
 from .grids import InputRenderer
 from .html import build_views, render_report, write_views
@@ -27,6 +27,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                  evaluation: Evaluation | None = None, sweep_result: SweepResult | None = None,
                  precision: str = "auto", memory_budget: int | None = None,
                  device: str = "cpu", max_subsets: int | None = DEFAULT_MAX_SUBSETS,
+                 test_examples: int | None = DEFAULT_TEST_EXAMPLES,
                  progress: ProgressCallback | None = None) -> list[Path]:
     """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
 
@@ -34,15 +35,16 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
     failures); `evaluation` and `sweep_result` are computed when not given, within
     `memory_budget` bytes (what the caller holds, `found` and the inputs, is the
     caller's to take off) and on `device`. `max_subsets` caps the sweep's disjoint
-    subsets per run count (None: all of them); `progress` receives the sweep's stages
-    (see `sweep.sweep`).
+    subsets per run count (None: all of them), `test_examples` the test examples it and
+    its ablations use (None: all; see `sweeps.sweep`); `progress` receives the sweep's
+    stages.
     """
     e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found,
                                memory_budget=memory_budget, device=device)
     result = sweep_result or sweep(train, test, labels_train, labels_test, precision=precision,
                                    memory_budget=memory_budget, device=device,
                                    neighbors=found, max_subsets=max_subsets,
-                                   progress=progress)
+                                   test_examples=test_examples, progress=progress)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,
                         features_train=features_train, features_test=features_test,
@@ -59,6 +61,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
         views=views, source=source, n_models=train.n_models, n_train=train.n_examples,
         n_test=test.n_examples, accuracy=accuracy, sweep_figure=plot_sweep(result),
         significance=result.significance, ablations=result.ablations,
+        sweep_note=result.sample_note(),
         has_inputs=renderer.has_inputs, sections=[render_label_section(label_section)])
     atomic_write_text(out, html)
     written += _write_label_section(label_section, files)

@@ -17,7 +17,8 @@ __all__ = ["write_sweep", "sweep_json"]
 def sweep_json(result: SweepResult) -> dict:
     sig = result.significance
     return {"rows": result.table(), "ablations": result.ablations,
-            "significance": sig.__dict__ if sig is not None else None}
+            "significance": sig.__dict__ if sig is not None else None,
+            "n_test": result.n_test, "n_test_all": result.n_test_all}
 
 
 def write_sweep(result: SweepResult, folder: Path, title: str = "") -> list[Path]:
