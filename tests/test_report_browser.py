@@ -51,6 +51,7 @@ def test_report_is_self_contained_and_escapes_data(tmp_path):
 def test_a_sampled_sweep_says_so_in_the_report_and_an_unsampled_one_does_not(tmp_path):
     sampled = _report(tmp_path / "a", test_examples=20).read_text()
     assert "computed on 20 of 50 test examples (spread evenly)" in sampled
+    assert "a standard error of about\n4.9 points near 95%" in sampled  # sqrt(.95 .05 / 20)
     whole = _report(tmp_path / "b").read_text()  # 50 test examples: within the default 2,000
     assert "test examples (spread evenly)" not in whole and "--sweep-examples" not in whole
 

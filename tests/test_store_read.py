@@ -79,6 +79,9 @@ def test_a_damaged_chunk_is_named_and_nothing_is_returned(tmp_path, monkeypatch,
         store.read_logits(slice(0, 5), slice(0, 35))
     with pytest.raises(StoreError, match=message):
         store.read_logits(slice(3, 4), slice(15, 16))  # one example of that chunk
+    with pytest.raises(StoreError, match="chunk logits/c/3/2/0 \\(run 3\\) (is missing|could "
+                                          "not be read).*re-ingest that run's file"):
+        store._read_zarr(slice(0, 5), slice(0, 35))  # the twin refuses it too
     # Reads that do not touch it still work.
     assert store.read_logits(slice(0, 3), slice(0, 35)).shape == (3, 35, 3)
     assert store.read_logits(slice(3, 4), slice(0, 14)).shape == (1, 14, 3)
@@ -105,3 +108,49 @@ def test_any_other_layout_is_read_by_zarr(tmp_path, monkeypatch, edit):
     assert reopened._plain is None
     assert reopened.read_logits(slice(0, 5), slice(0, 35)).tobytes() == \
         reopened._read_zarr(slice(0, 5), slice(0, 35)).tobytes()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("directory", "could not be read \\(not a file\\)"),
+    ("fifo", "could not be read \\(not a file\\)"),
+    ("loop", "could not be read \\(Too many levels of symbolic links\\)"),
+])
+def test_a_chunk_that_is_not_a_file_is_named_not_waited_on(tmp_path, monkeypatch, damage,
+                                                            message):
+    import os
+
+    store = _store(tmp_path, monkeypatch, "float16")
+    chunk = tmp_path / "st" / "logits" / "c" / "1" / "0" / "0"
+    chunk.unlink()
+    if damage == "directory":
+        chunk.mkdir()
+    elif damage == "fifo":
+        os.mkfifo(chunk)  # opened non-blocking: refused at once, not waited on
+    else:
+        chunk.symlink_to(chunk)
+    with pytest.raises(StoreError, match="chunk logits/c/1/0/0 \\(run 1\\) " + message +
+                       "; the store is damaged: re-ingest that run's file"):
+        store.read_logits(slice(0, 3), slice(0, 10))
+
+
+@pytest.mark.parametrize("models, examples", [
+    (slice(3, 1), slice(0, 35)), (slice(0, 2), slice(30, 40)), (slice(4, 99), slice(34, 35)),
+    (slice(-2, None), slice(-8, -1)), (slice(None), slice(None)), (slice(0, 5), slice(20, 10)),
+    (slice(0, 2), slice(35, 36)), (slice(5, 6), slice(0, 3)),
+])
+def test_any_slice_reads_as_python_slices_the_whole(tmp_path, monkeypatch, models, examples):
+    store = _store(tmp_path, monkeypatch, "float32")
+    whole = np.asarray(store._read_zarr(slice(0, 5), slice(0, 35)))
+    got = store.read_logits(models, examples)
+    assert got.shape == whole[models, examples].shape and got.dtype == whole.dtype
+    assert got.tobytes() == whole[models, examples].tobytes()
+
+
+@pytest.mark.parametrize("models, examples", [(slice(0, 5, 2), slice(0, 35)),
+                                              (slice(0, 5), slice(1, 30, 3))])
+def test_a_stepped_read_is_refused(tmp_path, monkeypatch, models, examples):
+    from ensemble_kernel.errors import InputError
+
+    store = _store(tmp_path, monkeypatch, "float16")
+    with pytest.raises(InputError, match="reads contiguous ranges of runs and examples"):
+        store.read_logits(models, examples)

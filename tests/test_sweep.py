@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,7 +273,24 @@ def test_a_sampled_sweep_is_the_sweep_of_those_examples(size):
     assert (whole.n_test, whole.n_test_all, whole.sampled, whole.sample_note()) == (40, 40, False, "")
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, "100", True])
+@pytest.mark.parametrize("spelling, value", [("2000", 2000), ("2,000", 2000), ("2_000", 2000),
+                                             (" 7 ", 7), ("07", 7), ("1,234,567", 1234567),
+                                             ("all", None), ("ALL", None)])
+def test_the_sample_size_is_read_as_written(spelling, value):
+    from ensemble_kernel.cli.common import sweep_examples
+
+    assert sweep_examples(spelling) == value
+    assert sweep_examples(None) == 2000
+
+
+def test_a_numpy_sample_size_is_taken():
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    result = sweep(ens.train, ens.test, ens.labels_train, ens.labels_test, runs=[4],
+                   test_examples=np.int64(7))
+    assert (result.n_test, result.n_test_all) == (7, 10)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "100", True, np.float64(7)])
 def test_a_bad_sample_size_is_refused(bad):
     ens = make_ensemble(n_models=4, n_train=30, n_test=10)
     with pytest.raises(InputError, match="test_examples must be a positive integer or None"):
@@ -312,7 +330,8 @@ def test_the_sweep_command_takes_its_sample_size(tmp_path, monkeypatch, option, 
     assert code == 0 and ("on 7 of 20 test examples" in out) == (n_test == 7), out
 
 
-@pytest.mark.parametrize("typo", ["0", "-5", "al", "2k", "", "1e3"])
+@pytest.mark.parametrize("typo", ["0", "-5", "al", "2k", "", "1e3", "1,2", "_7_", "2_0",
+                                  "\u0667", "\uff17", "7\xa0", "0x7", "-0"])
 def test_a_typo_in_the_sample_size_is_one_line(tmp_path, typo):
     from conftest import run_cli, save_labels, save_pt
 

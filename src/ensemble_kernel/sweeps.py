@@ -14,6 +14,7 @@ exact test and a bootstrap confidence interval of the accuracy difference.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -120,6 +121,10 @@ class SweepResult(Shown):
         """'on 2,000 of 10,000 test examples (spread evenly)', or '' when on all of them."""
         return (f"on {self.n_test:,} of {self.n_test_all:,} test examples (spread evenly)"
                 if self.sampled else "")
+
+    def standard_error(self, accuracy: float = 0.95) -> float:
+        """The binomial standard error of an accuracy near `accuracy` on `n_test` examples."""
+        return math.sqrt(accuracy * (1 - accuracy) / max(self.n_test, 1))
 
     def table(self) -> list[dict]:
         """The rows as dicts (n_models, metric, mean, std, min, max, n_subsets)."""
@@ -300,10 +305,12 @@ def sweep(
     if max_subsets is not None and (not isinstance(max_subsets, int) or max_subsets < 1):
         raise InputError(f"max_subsets must be a positive integer or None (every disjoint "
                          f"subset), got {max_subsets!r}")
-    if test_examples is not None and (isinstance(test_examples, bool) or not isinstance(
-            test_examples, int) or test_examples < 1):
-        raise InputError(f"test_examples must be a positive integer or None (every test "
-                         f"example), got {test_examples!r}")
+    if test_examples is not None:
+        if isinstance(test_examples, bool) or not isinstance(test_examples, numbers.Integral) \
+                or test_examples < 1:
+            raise InputError(f"test_examples must be a positive integer or None (every test "
+                             f"example), got {test_examples!r}")
+        test_examples = int(test_examples)
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
     _require_train_split(train, "sweep")
     labels_train = _require_labels(labels_train, "train")

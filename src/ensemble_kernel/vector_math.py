@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
-# The torch functions that go to VML and that this package, or a caller's code between
-# its calls, may reach first: those the engine uses and their close relatives.
+# The float unary functions torch may hand to VML (a superset: calling one that does not
+# go there costs nothing). Here one warm call resolved the race for every function, but
+# pytorch#188792 describes the choice as per function and precision, so each gets its own.
 _FUNCTIONS = ("exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "tanh",
-              "sigmoid", "sin", "cos", "erf", "erfc", "lgamma")
+              "sigmoid", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "erf",
+              "erfc", "erfinv", "lgamma", "ceil", "floor", "round", "trunc")
 
 
 def resolve_dispatch() -> None:

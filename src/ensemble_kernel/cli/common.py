@@ -238,12 +238,12 @@ def sweep_examples(text: Optional[str]) -> Optional[int]:
 
     if text is None:
         return DEFAULT_TEST_EXAMPLES
-    if text.strip().lower() == "all":
+    text_ = text.strip(" \t")
+    if text_.lower() == "all":
         return None
-    try:
-        value = int(text.strip().replace("_", "").replace(",", ""))
-    except ValueError:
-        value = 0
+    # ASCII digits, optionally grouped by thousands (2000, 2_000, 2,000): '1,2' is a typo.
+    grouped = re.fullmatch(r"[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?:_[0-9]{3})+", text_)
+    value = int(text_.replace(",", "").replace("_", "")) if grouped else 0
     if value < 1:
         raise InputError(f"--sweep-examples takes a positive number of test examples or 'all', "
                          f"got {text!r}")

@@ -61,7 +61,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
         views=views, source=source, n_models=train.n_models, n_train=train.n_examples,
         n_test=test.n_examples, accuracy=accuracy, sweep_figure=plot_sweep(result),
         significance=result.significance, ablations=result.ablations,
-        sweep_note=result.sample_note(),
+        sweep_note=result.sample_note(), sweep_error=100 * result.standard_error(),
         has_inputs=renderer.has_inputs, sections=[render_label_section(label_section)])
     atomic_write_text(out, html)
     written += _write_label_section(label_section, files)

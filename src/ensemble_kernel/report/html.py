@@ -137,6 +137,7 @@ def _b64(image) -> str | None:
 def render_report(*, views: Views, accuracy: Sequence[tuple[str, float]], source: str,
                   n_models: int, n_train: int, n_test: int, sweep_figure=None,
                   significance=None, ablations: dict | None = None, sweep_note: str = "",
+                  sweep_error: float = 0.0,
                   has_inputs: bool = True, title: str = "ensemble-kernel report",
                   sections: Sequence[str] = ()) -> str:
     """The whole report as one self-contained HTML string; `sections` are HTML blocks
@@ -148,7 +149,8 @@ def render_report(*, views: Views, accuracy: Sequence[tuple[str, float]], source
         title=title, source=source, n_models=n_models, n_train=n_train, n_test=n_test,
         version=__version__, when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         accuracy=list(accuracy), sweep_png=_b64(sweep_figure), significance=significance,
-        ablations=sorted((ablations or {}).items()), sweep_note=sweep_note, pair_ranks=views.pair_ranks,
+        ablations=sorted((ablations or {}).items()), sweep_note=sweep_note,
+        sweep_error=sweep_error, pair_ranks=views.pair_ranks,
         pairs_png=_b64(views.images.get("pairs")), pairs_table=views.tables["pairs"],
         dup_method=views.duplicates.method, dup_count=len(views.duplicates.pairs),
         dup_png=_b64(views.images["duplicates_threshold"]), dup_table=views.tables["duplicates"],
