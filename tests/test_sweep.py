@@ -171,12 +171,10 @@ def test_progress_covers_the_sweep_and_the_ablations():
 def test_the_sweep_command_caps_subsets_by_default(tmp_path, options, n_subsets):
     import json
 
-    from conftest import run_cli, save_labels, save_pt
+    from conftest import run_cli
 
-    ens = make_ensemble(n_models=8, n_train=60, n_test=20)
-    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
-    labels = save_labels(tmp_path / "labels.npz", ens)
-    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+    src, labels = _saved(tmp_path, n_models=8)
+    code, out, err = run_cli("sweep", src, "--labels", labels, "--out",
                              str(tmp_path / "sweep"), "--json", *options)
     assert code == 0, err
     rows = json.loads(out)["rows"]
@@ -313,19 +311,17 @@ def test_known_neighbours_of_other_examples_are_refused():
 def test_the_sweep_command_takes_its_sample_size(tmp_path, monkeypatch, option, n_test):
     import json
 
-    from conftest import run_cli, save_labels, save_pt
+    from conftest import run_cli
 
-    ens = make_ensemble(n_models=4, n_train=60, n_test=20)
-    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
-    labels = save_labels(tmp_path / "labels.npz", ens)
-    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+    src, labels = _saved(tmp_path)
+    code, out, err = run_cli("sweep", src, "--labels", labels, "--out",
                              str(tmp_path / "sweep"), "--json", *option)
     assert code == 0, err
     doc = json.loads(out)
     assert (doc["n_test"], doc["n_test_all"]) == (n_test, 20)
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert (saved["n_test"], saved["n_test_all"]) == (n_test, 20)
-    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+    code, out, err = run_cli("sweep", src, "--labels", labels, "--out",
                              str(tmp_path / "sweep2"), *option)
     assert code == 0 and ("on 7 of 20 test examples" in out) == (n_test == 7), out
 
@@ -333,13 +329,20 @@ def test_the_sweep_command_takes_its_sample_size(tmp_path, monkeypatch, option, 
 @pytest.mark.parametrize("typo", ["0", "-5", "al", "2k", "", "1e3", "1,2", "_7_", "2_0",
                                   "\u0667", "\uff17", "7\xa0", "0x7", "-0"])
 def test_a_typo_in_the_sample_size_is_one_line(tmp_path, typo):
-    from conftest import run_cli, save_labels, save_pt
+    from conftest import run_cli
 
-    ens = make_ensemble(n_models=4, n_train=60, n_test=20)
-    src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
-    labels = save_labels(tmp_path / "labels.npz", ens)
-    code, out, err = run_cli("sweep", str(src), "--labels", str(labels), "--out",
+    src, labels = _saved(tmp_path)
+    code, out, err = run_cli("sweep", src, "--labels", labels, "--out",
                              str(tmp_path / "sweep"), "--sweep-examples", typo)
     assert code == 2 and "--sweep-examples takes a positive number of test examples or 'all'" \
         in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "sweep").exists()
+
+
+def _saved(tmp_path, n_models=4):
+    """Runs (20 test examples, 60 training) and labels saved as the CLI takes them."""
+    from conftest import save_labels, save_pt
+
+    ens = make_ensemble(n_models=n_models, n_train=60, n_test=20)
+    return (str(save_pt(tmp_path / "runs.pt", ens.train, ens.test)),
+            str(save_labels(tmp_path / "labels.npz", ens)))

@@ -197,30 +197,14 @@ class RunSubset:
 
 
 @dataclass(frozen=True, eq=False)
-class ExampleSample:
+class ExampleSample(ArraySource):
     """Some examples of another source, held in memory (`read_sample` reads them once).
 
     Runs are described as `base` describes them; an example index in a message is its
     position in the sample (`sample_positions` maps it back).
     """
 
-    logits: torch.Tensor  # (n_models, n_sample, n_classes), the base's dtype
-    base: LogitSource
-
-    @property
-    def n_models(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def n_examples(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def n_classes(self) -> int:
-        return self.logits.shape[2]
-
-    def read(self, models: slice, examples: slice) -> torch.Tensor:
-        return self.logits[models, examples]
+    base: LogitSource | None = None
 
     def describe_run(self, model: int) -> str:
         return self.base.describe_run(model)
@@ -253,7 +237,7 @@ def read_sample(source: LogitSource, positions: torch.Tensor, max_read_bytes: in
     for m0 in range(0, source.n_models, step):
         models = slice(m0, min(m0 + step, source.n_models))
         out[models] = source.read(models, slice(0, source.n_examples))[:, positions]
-    return ExampleSample(out, source)
+    return ExampleSample(out, "a sample of examples", source)
 
 
 def as_source(logits: "np.ndarray | torch.Tensor | LogitSource", name: str = "logits") -> LogitSource:
