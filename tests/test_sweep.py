@@ -321,6 +321,9 @@ def test_the_sweep_command_takes_its_sample_size(tmp_path, monkeypatch, option, 
     assert (doc["n_test"], doc["n_test_all"]) == (n_test, 20)
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert (saved["n_test"], saved["n_test_all"]) == (n_test, 20)
+    assert {row["n_test"] for row in saved["rows"]} == {n_test}
+    csv_lines = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].endswith(",n_test") and csv_lines[1].endswith(f",{n_test}")
     code, out, err = run_cli("sweep", src, "--labels", labels, "--out",
                              str(tmp_path / "sweep2"), *option)
     assert code == 0 and ("on 7 of 20 test examples" in out) == (n_test == 7), out

@@ -127,8 +127,9 @@ class SweepResult(Shown):
         return math.sqrt(accuracy * (1 - accuracy) / max(self.n_test, 1))
 
     def table(self) -> list[dict]:
-        """The rows as dicts (n_models, metric, mean, std, min, max, n_subsets)."""
-        return [dict(row.__dict__) for row in self.rows]
+        """The rows as dicts (n_models, metric, mean, std, min, max, n_subsets, and n_test:
+        the test examples behind every figure, so that sweep.csv and `to_pandas` say it)."""
+        return [dict(row.__dict__, n_test=self.n_test) for row in self.rows]
 
     def _title(self) -> str:
         s, where = self.significance, f" {self.sample_note()}" if self.sampled else ""
