@@ -66,6 +66,8 @@ def test_demo_end_to_end_small(tmp_path):
     assert {"n_models", "k", "single_model_accuracy", "ensemble_accuracy", "knn_accuracy",
             "weighted_accuracy"} <= set(summary)
     assert summary["n_models"] == 6
+    record = json.loads((out / "record.json").read_text())
+    assert summary["sweep_n_test"] == record["n_test"]  # the demo's sweep takes every example
     store = RunStore(out / "store")
     assert store.n_models == 6 and store.optional("features_test").shape[0] == 540
     assert store.records()[0]["seeds"] == [3 * 1_000_003 + i for i in range(6)]

@@ -136,8 +136,9 @@ def run_demo(options: DemoOptions,
     png, csv_path, json_path = write_sweep(
         result, out, title=f"{options.dataset}: {options.models} runs, seed {options.seed}")
     paths.update(sweep_png=png, sweep_csv=csv_path, sweep_json=json_path)
+    # The significance and ablations come from the sweep: on result.n_test test examples.
     summary = {**summary_of(evaluation), "significance": sweep_json(result)["significance"],
-               "ablations": result.ablations}
+               "ablations": result.ablations, "sweep_n_test": result.n_test}
     paths["summary"] = out / "summary.json"
     atomic_write_text(paths["summary"], json.dumps(summary, indent=2))
     t0 = time.perf_counter()
