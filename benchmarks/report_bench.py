@@ -49,10 +49,18 @@ def cpu_description() -> dict:
         pass
     wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
     return {"cpu": model, "flags": [f for f in wanted if f in flags],
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "torch_threads": _fresh_threads(),
             "torch": torch.__version__,
             "isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                    "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}}
+
+
+def _fresh_threads() -> int:
+    """torch's thread count in a fresh process, as the timed commands get it (this one's is
+    set to 1 by the tests' conftest, imported above for _LAUNCH)."""
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
 
 
 def build_store(args) -> Path:
