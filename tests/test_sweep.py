@@ -206,7 +206,7 @@ def test_the_sample_holds_exactly_its_examples_read_in_whole_runs_within_the_lim
     from ensemble_kernel.sources import read_sample, sample_bytes, sample_positions
 
     logits = torch.arange(5 * n * 3, dtype=torch.float32).reshape(5, n, 3)
-    logits[2, n // 2, 1] = float("nan")  # a value passes through untouched
+    logits[2, n // 2, 1] = -0.0
     source = _CountingSource(logits)
     pick = sample_positions(n, size)
     assert len(set(pick.tolist())) == size and pick.min() >= 0 and pick.max() < n
@@ -222,6 +222,30 @@ def test_the_sample_holds_exactly_its_examples_read_in_whole_runs_within_the_lim
     assert all(e == slice(0, n) for _, e in whole)
     assert all((m.stop - m.start) * n * 3 * 4 <= max(max_read, n * 3 * 4) for m, _ in whole)
     assert sample.describe_run(3) == "run 3 of the counted source"
+
+
+@pytest.mark.parametrize("bad, example", [(float("nan"), 22), (float("inf"), 23), (1e39, 23),
+                                          (-float("inf"), 0)])
+def test_a_bad_value_is_named_by_its_own_example_in_or_out_of_the_sample(bad, example):
+    from ensemble_kernel.errors import NonFiniteError
+
+    ens = make_ensemble(n_models=4, n_train=40, n_test=37)
+    test = ens.test.double()
+    test[2, example, 1] = bad  # 22 and 0 are in the sample of 10 (its 7th and 1st); 23 is not
+    error = NonFiniteError if bad != 1e39 else InputError
+    with pytest.raises(error, match=f"run 2 .*example {example}, class 1"):
+        sweep(ens.train.double(), test, ens.labels_train, ens.labels_test, runs=[4],
+              test_examples=10)
+
+
+def test_a_very_long_sample_size_is_a_typo_not_a_traceback(tmp_path):
+    from conftest import run_cli
+
+    src, labels = _saved(tmp_path)
+    code, _, err = run_cli("sweep", src, "--labels", labels, "--out", str(tmp_path / "s"),
+                           "--sweep-examples", "1" * 4301)
+    assert code == 2 and "--sweep-examples takes a positive number" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("n, size", [(10, 0), (10, 11), (0, 1)])

@@ -207,7 +207,7 @@ class ExampleSample(ArraySource):
     base: LogitSource | None = None
 
     def describe_run(self, model: int) -> str:
-        return self.base.describe_run(model)
+        return super().describe_run(model) if self.base is None else self.base.describe_run(model)
 
 
 def sample_positions(n_examples: int, size: int) -> torch.Tensor:
@@ -228,15 +228,25 @@ def read_sample(source: LogitSource, positions: torch.Tensor, max_read_bytes: in
     """The examples `positions` of every run of `source`, read once into memory.
 
     The source is read whole, a block of runs at a time (a store reads best in whole
-    chunks), each block's read within `max_read_bytes` (one run at least).
+    chunks), each block's read within `max_read_bytes` (one run at least). Every value
+    read is checked as the engine checks its inputs, so a NaN, an Inf or a float64 logit
+    beyond float32 is an error naming its run and its example in `source`, whether or
+    not the sample keeps that example.
     """
+    from .kernel import check_finite, check_fits_float32
+
     first = source.read(slice(0, 1), slice(0, 1))
     run_bytes = source.n_examples * source.n_classes * first.element_size()
     step = max(1, int(max_read_bytes) // max(run_bytes, 1))
     out = torch.empty(source.n_models, len(positions), source.n_classes, dtype=first.dtype)
     for m0 in range(0, source.n_models, step):
         models = slice(m0, min(m0 + step, source.n_models))
-        out[models] = source.read(models, slice(0, source.n_examples))[:, positions]
+        block = source.read(models, slice(0, source.n_examples))
+        where = dict(first_model=m0, first_example=0, describe=source.describe_run)
+        check_finite(block, **where)
+        if block.dtype == torch.float64:
+            check_fits_float32(block, **where)
+        out[models] = block[:, positions]
     return ExampleSample(out, "a sample of examples", source)
 
 

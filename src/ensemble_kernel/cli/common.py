@@ -243,7 +243,7 @@ def sweep_examples(text: Optional[str]) -> Optional[int]:
         return None
     # ASCII digits, optionally grouped by thousands (2000, 2_000, 2,000): '1,2' is a typo.
     grouped = re.fullmatch(r"[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?:_[0-9]{3})+", text_)
-    value = int(text_.replace(",", "").replace("_", "")) if grouped else 0
+    value = int(text_.replace(",", "").replace("_", "")) if grouped and len(text_) < 40 else 0
     if value < 1:
         raise InputError(f"--sweep-examples takes a positive number of test examples or 'all', "
                          f"got {text!r}")
