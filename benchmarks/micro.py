@@ -4,6 +4,8 @@
     python benchmarks/micro.py reduce     # float32 vs float64-accumulating reductions
     python benchmarks/micro.py storeread  # reading blocks of runs from the benchmark stores
     python benchmarks/micro.py storeread --store STORE   # plain-file reads against zarr's
+    python benchmarks/micro.py vmlrace --processes 40   # oneMKL's first-call race, guarded or not
+    python benchmarks/micro.py compare A.npz B.npz      # two neighbors files: same neighbours?
     python benchmarks/micro.py recipe --epochs 6 --seed 1 --models 128   # a demo recipe
     python benchmarks/micro.py stages --precision fast   # time per engine stage, CIFAR shape
     python benchmarks/micro.py stages --precision exact --n-test 2000 --threads 1   # CPU time
@@ -99,6 +101,55 @@ def storeread(store_path: str | None = None, repeats: int = 3) -> None:
                       f"{name} " + " ".join(f"{t:.3f}" for t in ts) + " s" for name, ts in
                       walls.items()) + "; zarr / plain (medians) "
                   f"{np.median(walls['zarr']) / np.median(walls['plain']):.1f}x", flush=True)
+
+
+# The guard's own cost: vector_math.py loaded alone into a fresh process, then timed.
+_VML_COST = """
+import importlib.util, time, torch
+spec = importlib.util.find_spec("ensemble_kernel")
+path = spec.submodule_search_locations[0] + "/vector_math.py"
+module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("vm", path))
+module.__spec__.loader.exec_module(module)
+t0 = time.perf_counter()
+module.resolve_dispatch()
+print(time.perf_counter() - t0)
+"""
+
+
+def vmlrace(processes: int) -> None:
+    """oneMKL's first-call race (pytorch#188792): how often a fresh process's first
+    two-thread exp is inaccurate, without the guard and with it, alternated."""
+    import subprocess
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_vector_math import _CHILD  # the test's child, with or without the guard
+
+    bad = {"torch alone": [], "after import ensemble_kernel": []}
+    for _ in range(processes):
+        for name, guard in (("torch alone", "pass"),
+                            ("after import ensemble_kernel", "import ensemble_kernel")):
+            out = subprocess.run([sys.executable, "-c", _CHILD.format(guard=guard)],
+                                 capture_output=True, text=True, check=True).stdout
+            bad[name].append(float(out))
+    for name, errors in bad.items():
+        wrong = [e for e in errors if e > 2.4e-7]  # beyond 2 ulp of the rounded float64 exp
+        print(f"{name}: {len(wrong)} of {len(errors)} processes inaccurate (largest relative "
+              f"error {max(errors):.1e}; accurate ones at most "
+              f"{max([e for e in errors if e <= 2.4e-7], default=float('nan')):.1e})")
+    costs = [float(subprocess.run([sys.executable, "-c", _VML_COST], capture_output=True,
+                                  text=True, check=True).stdout) for _ in range(3)]
+    print("the guard's calls in a fresh process: " + ", ".join(f"{1e3 * c:.1f}" for c in costs)
+          + " ms")
+
+
+def compare(first: str, second: str) -> None:
+    """Two `neighbors` files of the same test examples: rows with the same indices, and the
+    largest difference of their values."""
+    with np.load(first) as a, np.load(second) as b:
+        same = (a["indices"] == b["indices"]).all(axis=1)
+        diff = np.abs(a["values"].astype(np.float64) - b["values"]).max()
+        print(f"{int(same.sum())} of {len(same)} rows with the same indices; largest value "
+              f"difference {diff:.2e}")
 
 
 def recipe(epochs: int, seed: int, models: int) -> None:
@@ -297,7 +348,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates", "pairs", "pilot"])
+                                    "candidates", "pairs", "pilot", "vmlrace", "compare"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -307,9 +358,12 @@ def main() -> None:
     p.add_argument("--models", type=int, default=128)
     p.add_argument("--n-test", type=int, help="stages: only the first N test examples")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    p.add_argument("--processes", type=int, default=40,
+                   help="vmlrace: fresh processes of each kind (default 40)")
     p.add_argument("--runs", type=int, help="stages: only the first N runs (CIFAR logits)")
     p.add_argument("--memory-budget", default="1GiB",
                    help="stages: the engine's budget, e.g. 1GiB (default) or 5GiB")
+    p.add_argument("files", nargs="*", help="compare: two neighbors .npz files")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,6 +387,12 @@ def main() -> None:
         candidates(args.k, args.store)
     elif args.what == "storeread":
         storeread(args.store)
+    elif args.what == "vmlrace":
+        vmlrace(args.processes)
+    elif args.what == "compare":
+        if len(args.files) != 2:
+            p.error("compare takes two neighbors .npz files")
+        compare(*args.files)
     else:
         {"stats": stats, "reduce": reduce}[args.what]()
 
