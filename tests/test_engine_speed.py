@@ -125,7 +125,7 @@ def test_a_window_sized_from_a_wrong_guess_is_not_trusted(monkeypatch):
     truth = dense_kernel(test, train)
     best = truth.argmax(dim=1)
     monkeypatch.setattr(engine_module._Engine, "accumulate_tile", _adversarial_pass(best, 0.999))
-    monkeypatch.setattr(engine_module._Engine, "expected_norm", lambda self: 1e-3)
+    monkeypatch.setattr(engine_module, "_expected_norm", lambda n_models, n_used: 1e-3)
     stages = []
     got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))

@@ -47,7 +47,7 @@ from .kernel import (
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
 from .plan import Plan, default_memory_budget, format_bytes, plan_memory, resolve_device
 from .precision import Precision, choose_precision
-from .sources import LogitSource, as_source, check_pair
+from .sources import LogitSource, as_source, check_pair, item_size
 
 __all__ = [
     "Progress",
@@ -437,16 +437,6 @@ class _Engine:
         (`_bound_coefficient`, with the re-score's blocks as this engine runs it)."""
         return _bound_coefficient(self.plan, self.n_models, self.n_used)
 
-    def expected_norm(self) -> float:
-        """What a feature row's norm should be: sqrt((n_models - 1) * n_used), slightly raised.
-
-        Standardising with the unbiased std makes each class's column of a row sum to
-        n_models - 1 in squares (0 for an output no run changes), so the norm is at most
-        this up to rounding. Only a guess for sizing the re-score's window: the bound that
-        decides a query uses the norms the re-score measures (`low_precision_bound`).
-        """
-        return _expected_norm(self.n_models, self.n_used)
-
     def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
         """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
 
@@ -488,7 +478,14 @@ def _bound_coefficient(plan: Plan, n_models: int, n_used: int) -> float:
 
 
 def _expected_norm(n_models: int, n_used: int) -> float:
-    """sqrt((n_models - 1) * n_used), raised by WINDOW_NORM_SLACK (see `_Engine.expected_norm`)."""
+    """What a feature row's norm should be: sqrt((n_models - 1) * n_used), raised by
+    WINDOW_NORM_SLACK.
+
+    Standardising with the unbiased std makes each class's column of a row sum to
+    n_models - 1 in squares (0 for an output no run changes), so the norm is at most this
+    up to rounding. Only a guess for sizing the re-score's window: the bound that decides
+    a query uses the norms the re-score measures (`_Engine.low_precision_bound`).
+    """
     return math.sqrt((n_models - 1) * n_used) * (1 + WINDOW_NORM_SLACK)
 
 
@@ -538,8 +535,7 @@ def _resources(queries: LogitSource, references: LogitSource, memory_budget: int
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    raw_bytes = max(queries.read(slice(0, 1), slice(0, 1)).element_size(),
-                    references.read(slice(0, 1), slice(0, 1)).element_size())
+    raw_bytes = max(item_size(queries), item_size(references))
     return device, budget, raw_bytes
 
 
@@ -672,7 +668,7 @@ def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates
         "auto", n_queries=queries.n_examples, n_references=references.n_examples,
         n_models=queries.n_models, n_classes=n_classes, k=int(k), n_candidates=n_candidates,
         memory_budget=memory_budget, device=device,
-        raw_bytes=queries.read(slice(0, 1), slice(0, 1)).element_size(),
+        raw_bytes=item_size(queries),
         crowding=crowding).precision
 
 
@@ -802,7 +798,7 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
     n_c = min(n_candidates, n_refs)
     with bfloat16_matmul(engine.device):
         approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
-    guess = engine.bound_coefficient() * engine.expected_norm() ** 2 + ABSOLUTE_SLACK
+    guess = guessed_bound(engine.plan, engine.n_models, engine.n_used)
     low = approx.values.double()  # (n_queries, n_c), best first
     lengths = (low >= (low[:, k - 1] - 2 * guess)[:, None]).sum(dim=1)  # a prefix of each row
     every_reference = n_c >= n_refs - engine.exclude_self

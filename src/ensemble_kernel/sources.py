@@ -218,10 +218,14 @@ def sample_positions(n_examples: int, size: int) -> torch.Tensor:
     return torch.arange(size, dtype=torch.int64) * n_examples // size
 
 
+def item_size(source: LogitSource) -> int:
+    """Bytes per logit as `source` reads them (2 for float16 stores)."""
+    return source.read(slice(0, 1), slice(0, 1)).element_size()
+
+
 def sample_bytes(source: LogitSource, size: int) -> int:
     """What `read_sample` holds for `size` examples of `source`."""
-    itemsize = source.read(slice(0, 1), slice(0, 1)).element_size()
-    return source.n_models * size * source.n_classes * itemsize
+    return source.n_models * size * source.n_classes * item_size(source)
 
 
 def read_sample(source: LogitSource, positions: torch.Tensor, max_read_bytes: int) -> ExampleSample:

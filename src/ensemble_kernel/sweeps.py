@@ -3,8 +3,8 @@
 For each n, the runs are cut into disjoint contiguous subsets of n runs (at most
 `max_subsets`, 3 by default; None: every disjoint subset), and every metric is computed on
 each subset, over at most `test_examples` test examples (2,000 by default, spread evenly
-over the test split; None: all): the mean single-model accuracy, the ensemble average, kernel k-NN for several
-k, and the weighted vote. The sweep reports the mean and spread over subsets. At the
+over the test split; None: all): the mean single-model accuracy, the ensemble average,
+kernel k-NN for several k, and the weighted vote. The sweep reports the mean and spread over subsets. At the
 largest n it adds the ablations (no log-softmax; each per-class kernel alone), computed in
 one streamed pass beside that subset's full kernel (`ablations.py`), and a paired
 comparison of kernel k-NN with the ensemble average on the same test examples: McNemar's
@@ -17,7 +17,7 @@ import math
 import numbers
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -321,9 +321,9 @@ def sweep(
     if neighbors is not None and neighbors.indices.shape[0] != test.n_examples:
         raise InputError(f"neighbors has {neighbors.indices.shape[0]} rows but the test split "
                          f"has {test.n_examples} examples: pass the neighbours of every one")
-    n_test_all, pick = test.n_examples, None
-    if test_examples is not None and test_examples < n_test_all:
-        pick = sample_positions(n_test_all, test_examples)
+    pick = None
+    if test_examples is not None and test_examples < test.n_examples:
+        pick = sample_positions(test.n_examples, test_examples)
         labels_test = labels_test[pick]
         if neighbors is not None:
             neighbors = Neighbors(neighbors.indices[pick.to(neighbors.indices.device)],
@@ -335,7 +335,6 @@ def sweep(
                         significance_k=significance_k, precision=precision,
                         memory_budget=memory_budget, device=device, neighbors=neighbors,
                         sample=pick, progress=progress)
-    result = replace(result, n_test_all=n_test_all)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -364,7 +363,8 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
     ks = sorted(set(ks))
     k_max = max(ks + [weighted[0]])
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    n_test = test.n_examples if sample is None else len(sample)
+    n_test_all = test.n_examples
+    n_test = n_test_all if sample is None else len(sample)
     held = _held_bytes(n_test, n_classes, k_max)
     if sample is not None:
         held += sample_bytes(test, n_test)
@@ -409,8 +409,8 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
     if largest is not None and largest[1] is not None:
         significance = _significance(largest, labels_train, labels_test, n_classes,
                                      significance_k, left)
-    return SweepResult(tuple(rows), ablations, significance, n_test=test.n_examples,
-                       n_test_all=test.n_examples)
+    return SweepResult(tuple(rows), ablations, significance, n_test=n_test,
+                       n_test_all=n_test_all)
 
 
 def _ablation_accuracies(found, labels_train, labels_test, k: int) -> dict[str, float]:

@@ -29,6 +29,7 @@ from ..errors import EnsembleKernelError, InputError
 from ..formats import RunSet
 from ..precision import PrecisionChoice, choose_precision
 from ..runs import Runs, open_runs
+from ..sources import item_size
 
 try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
     from typer._click import exceptions as _click_errors
@@ -399,7 +400,6 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
     (test -> test with `within`, for a single-split SRC), chosen once
     (`precision.choose_precision`); with `verbose`, one line on stderr saying which and
     why. A forced 'fast' that the probe predicts slower warns (one line)."""
-    sample = runset.test.read(slice(0, 1), slice(0, 1))
     n_references = runset.test.n_examples - 1 if within else runset.train.n_examples
     k = max(1, min(k, n_references))
 
@@ -411,7 +411,7 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
                               n_references=n_references, n_models=runset.n_models,
                               n_classes=runset.n_classes, k=k,
                               memory_budget=memory_budget, device=device,
-                              raw_bytes=sample.element_size(), crowding=crowding)
+                              raw_bytes=item_size(runset.test), crowding=crowding)
     if verbose:
         say(choice.describe())
     return choice
