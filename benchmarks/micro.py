@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 import warnings
@@ -201,19 +202,23 @@ def _store_logits(store: str, n_test: int | None = None):
 def pilot(store: str, k: int, budget: int) -> None:
     """auto's pilot on a store: the share of test examples whose fast-mode candidates are
     crowded (`engine._crowded_share`), with the bound fast mode's plan would use, and its time."""
-    from ensemble_kernel.engine import _crowded_share
-    from ensemble_kernel.precision import fast_bound
+    from ensemble_kernel.engine import _crowded_share, guessed_bound
+    from ensemble_kernel.precision import fast_plan
 
     train, test = _store_logits(store)
     shape = dict(n_queries=test.n_examples, n_references=train.n_examples,
                  n_models=train.n_models, n_classes=train.n_classes, k=k,
                  memory_budget=budget, raw_bytes=2)
-    guess = fast_bound(**shape)
+    plan = fast_plan(**shape)
+    logging.basicConfig(format="%(message)s")  # the pilot's line: its median G
+    logging.getLogger("ensemble_kernel.engine").setLevel(logging.INFO)
     t0 = time.perf_counter()
-    share = _crowded_share(test, train, k, guess, n_candidates=None, log_softmax=True,
+    share = _crowded_share(test, train, k, plan, n_candidates=None, log_softmax=True,
                            classes=None, memory_budget=budget, device="cpu")
     print(f"{_machine()}\npilot on {store} ({train.n_models} runs), k = {k}, budget "
-          f"{budget / 2**30:.1f} GiB: G = {guess:.4g}, {100 * share:.0f}% of the sampled test "
+          f"{budget / 2**30:.1f} GiB ({plan.chunk_models} runs per block): "
+          f"worst-case G = {guessed_bound(plan, train.n_models, train.n_classes):.4g}, "
+          f"{100 * share:.0f}% of the sampled test "
           f"examples crowded, {time.perf_counter() - t0:.1f} s")
 
 

@@ -229,3 +229,46 @@ def make_published_tree(root: Path, labels_train, labels_test, *, n_files: int =
         torch.save(obj, path)
         paths.append(path)
     return paths
+
+
+def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor | None = None):
+    """A replacement for `_Engine.accumulate_tile` whose bfloat16 pass errs by `share` of
+    the engine's own bound where it hurts most: each query's true best neighbour pushed
+    down by it (and `runner_up`, if given, pushed up); every other value exact.
+
+    The real bfloat16 pass runs first, so the engine measures its rounding as it always
+    does; the bound is then the one the engine will use (`_Engine.error_bound`, at the
+    smallest value term, which holds for every value). One tile only: the queries and
+    all references are measured once it has run.
+    """
+    from ensemble_kernel import engine as engine_module
+
+    original = engine_module._Engine.accumulate_tile
+
+    def adversarial(self, tile, *, rows, dtype, **kw):
+        if dtype == torch.float32:
+            return original(self, tile, rows=rows, dtype=dtype, **kw)
+        assert (tile.start, tile.stop) == (0, self.references.n_examples), "one tile"
+        original(self, tile, rows=rows, dtype=dtype, **kw)  # measures the rounding
+        block = original(self, tile, rows=rows, dtype=torch.float32, **kw)
+        everything = slice(0, self.n_models)
+        fa = self._features(self.queries, self.stats_q, everything,
+                            slice(0, self.queries.n_examples), torch.float32)
+        fb = self._features(self.references, self.stats_r, everything, tile, torch.float32)
+        queries = torch.linalg.vector_norm(fa, dim=1).double()
+        if rows is not None:
+            queries = queries[rows]
+        reference = float(torch.linalg.vector_norm(fb, dim=1).max())
+        self._rounding.complete = True  # every row measured: one tile
+        try:
+            bound = self.error_bound(queries, reference, torch.zeros_like(queries))
+        finally:
+            self._rounding.complete = False
+        eps = (share * bound).float()
+        here = torch.arange(tile.start, tile.stop)[None, :]
+        block = block - (here == best[:, None]) * eps[:, None]
+        if runner_up is not None:
+            block = block + (here == runner_up[:, None]) * eps[:, None]
+        return block
+
+    return adversarial

@@ -19,7 +19,7 @@ from ensemble_kernel.bounds import BFLOAT16_ROUNDOFF, product_error_coefficient
 from ensemble_kernel.engine import _prepare_engine
 from ensemble_kernel.errors import NonFiniteError
 
-from conftest import assert_same_neighbors, make_ensemble
+from conftest import adversarial_pass, assert_same_neighbors, make_ensemble
 
 MiB = 1 << 20
 
@@ -61,39 +61,6 @@ def test_windowed_rescore_equals_the_plain_one(chunk_models):
     assert torch.equal(window.reference_norms, full.reference_norms)
 
 
-def _adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor | None = None):
-    """A bfloat16 pass replaced by the exact one minus `share` of the true bound on each
-    query's best neighbour (and plus it on `runner_up`): the worst a pass within the bound
-    could do to them."""
-    original = engine_module._Engine.accumulate_tile
-
-    def adversarial(self, tile, *, rows, dtype, **kw):
-        block = original(self, tile, rows=rows, dtype=torch.float32, **kw)
-        if dtype == torch.float32:
-            return block
-        everything_q = slice(0, self.queries.n_examples)
-        everything_r = slice(0, self.references.n_examples)
-        fa = self._features(self.queries, self.stats_q, slice(0, self.n_models), everything_q,
-                            torch.float32)
-        fb = self._features(self.references, self.stats_r, slice(0, self.n_models),
-                            everything_r, torch.float32)
-        queries = torch.linalg.vector_norm(fa, dim=1)
-        if rows is not None:
-            queries = queries[rows]
-        reference = float(torch.linalg.vector_norm(fb, dim=1).max())
-        c = product_error_coefficient(width=self.plan.chunk_models * self.n_used,
-                                      n_blocks=math.ceil(self.n_models / self.plan.chunk_models),
-                                      unit=BFLOAT16_ROUNDOFF, output_rounding=True)
-        eps = share * c * queries * reference / (self.n_models * self.n_used)
-        here = torch.arange(tile.start, tile.stop)[None, :]
-        block = block - (here == best[:, None]) * eps[:, None]
-        if runner_up is not None:
-            block = block + (here == runner_up[:, None]) * eps[:, None]
-        return block
-
-    return adversarial
-
-
 def _near_copies():
     g = torch.Generator().manual_seed(5)
     test = torch.randn(9, 6, 4, generator=g)
@@ -110,7 +77,7 @@ def test_window_keeps_a_neighbour_pushed_down_by_nearly_the_bound(monkeypatch):
     truth = dense_kernel(test, train)
     best, runner_up = truth.topk(2, dim=1).indices.unbind(1)
     monkeypatch.setattr(engine_module._Engine, "accumulate_tile",
-                        _adversarial_pass(best, 0.999, runner_up))
+                        adversarial_pass(best, 0.999, runner_up))
     stages = []
     got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,
                           memory_budget=64 * MiB, progress=lambda p: stages.append(p.stage))
@@ -124,7 +91,7 @@ def test_a_window_sized_from_a_wrong_guess_is_not_trusted(monkeypatch):
     test, train = _near_copies()
     truth = dense_kernel(test, train)
     best = truth.argmax(dim=1)
-    monkeypatch.setattr(engine_module._Engine, "accumulate_tile", _adversarial_pass(best, 0.999))
+    monkeypatch.setattr(engine_module._Engine, "accumulate_tile", adversarial_pass(best, 0.999))
     monkeypatch.setattr(engine_module, "_expected_norm", lambda n_models, n_used: 1e-3)
     stages = []
     got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=200,

@@ -21,11 +21,12 @@ from ensemble_kernel.bounds import (
     BFLOAT16_ROUNDOFF,
     RECOMPUTED_ROUNDOFF,
     gamma,
+    low_precision_error,
     product_error_coefficient,
 )
 from ensemble_kernel import engine as engine_module
 
-from conftest import assert_same_neighbors
+from conftest import adversarial_pass, assert_same_neighbors, make_ensemble
 
 MiB = 1 << 20
 
@@ -51,9 +52,9 @@ def test_the_rescore_reads_the_kept_features(_features_for_the_rescore, monkeypa
     calls = []
     original = engine_module._Engine._features
 
-    def counted(self, source, stats, models, examples, dtype, out=None):
+    def counted(self, source, stats, models, examples, dtype, **kw):
         calls.append((source is self.queries, examples.stop - examples.start))
-        return original(self, source, stats, models, examples, dtype, out)
+        return original(self, source, stats, models, examples, dtype, **kw)
     monkeypatch.setattr(engine_module._Engine, "_features", counted)
     stages = []
     got = _top_k_neighbors(test, train, 3, precision="fast", memory_budget=64 * MiB,
@@ -185,6 +186,118 @@ def test_error_coefficient_is_the_sum_of_its_parts():
     assert RECOMPUTED_ROUNDOFF > BFLOAT16_ROUNDOFF
 
 
+def _blocked_bfloat16(a: torch.Tensor, b: torch.Tensor, n_blocks: int) -> float:
+    """The candidate pass's value of one pair, as the engine computes it: bfloat16 inputs,
+    each block's product rounded to bfloat16, the blocks summed in float32, scaled by
+    1 / len(a) in float32."""
+    acc = None
+    for pa, pb in zip(a.bfloat16().chunk(n_blocks), b.bfloat16().chunk(n_blocks)):
+        block = (pa[None] @ pb[:, None]).float()[0, 0]  # one bfloat16 rounding of the block
+        acc = block if acc is None else acc + block
+    return float(acc * torch.tensor(1.0 / len(a), dtype=torch.float32))
+
+
+def _measured_bound(a: torch.Tensor, b: torch.Tensor, n_blocks: int, largest) -> float:
+    """`low_precision_error` with the norms and the rounding measured exactly (float64)."""
+    d = len(a)
+    rounding = [float((x.bfloat16().double() - x.double()).norm()) for x in (a, b)]
+    return float(low_precision_error(
+        query_norm=float(a.double().norm()), reference_norm=float(b.double().norm()),
+        query_rounding=rounding[0], reference_rounding=rounding[1], width=d // n_blocks,
+        n_blocks=n_blocks, n_terms=d, rescore_width=d, rescore_blocks=1, largest=largest))
+
+
+@pytest.mark.parametrize("n_blocks", [1, 4])
+@pytest.mark.parametrize("kind", ["down", "mixed", "large value"])
+def test_measured_bound_covers_the_worst_rounding(kind, n_blocks):
+    # Inputs bfloat16 rounds as far as it can (just below a midpoint), a value as large as
+    # the norms allow (every product the same sign: the block rounding at its largest), and
+    # a value near 0 from large products: the bound holds each time, and is not vacuous.
+    d = 512
+    up = torch.full((d,), 1.00389)  # rounds down by almost 2**-8 relative
+    if kind == "down":
+        a, b = up, up
+    elif kind == "mixed":  # products of both signs: the value near 0, the rounding not
+        a, b = up * torch.tensor([1.0, -1.0]).repeat(d // 2), up.clone()
+        b[: d // 4] = 1.0039  # a different rounding on a quarter
+    else:  # 1 + 3 * 2**-9 rounds up by 2**-9: the largest relative block rounding
+        a = b = torch.full((d,), 1.0 + 3 * 2.0**-9)
+    exact = float(a.double() @ b.double()) / d
+    approx = _blocked_bfloat16(a, b, n_blocks)
+    err = abs(approx - exact)
+    for largest in (abs(approx), None):  # the value term, or the worst case
+        bound = _measured_bound(a, b, n_blocks, largest)
+        assert err <= bound
+        if kind != "mixed":
+            assert err > 0.2 * bound  # of the bound's order: the rounding is the worst
+    worst = _measured_bound(a, b, n_blocks, None)
+    assert _measured_bound(a, b, n_blocks, abs(approx)) <= worst * (1 + 1e-12)  # (its order of sums)
+
+
+def test_measured_bound_is_the_old_bound_at_the_worst_rounding():
+    # With every input rounded by u and no value term, the measured bound is the old
+    # worst-case one: c ||a|| ||b|| / n_terms plus the re-score's float32 error.
+    u, width, n_blocks, n = BFLOAT16_ROUNDOFF, 64, 8, 512
+    c = product_error_coefficient(width=width, n_blocks=n_blocks, unit=u, output_rounding=True)
+    c32 = product_error_coefficient(width=n, n_blocks=1, unit=0.0, output_rounding=False)
+    got = low_precision_error(query_norm=3.0, reference_norm=5.0, query_rounding=3.0 * u,
+                              reference_rounding=5.0 * u, width=width, n_blocks=n_blocks,
+                              n_terms=n, rescore_width=n, rescore_blocks=1)
+    assert got == pytest.approx((c + c32) * 15.0 / n, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk_models", [1, None])
+def test_engine_bound_holds_for_every_pair(chunk_models):
+    # The engine's own bound (the rounding its candidate pass measured, the norms its
+    # re-score measured, each query's largest value) against every pair's re-scored value:
+    # exact patterns, blurred copies that bfloat16 rounds down, near copies (values near
+    # the largest possible) and Gaussian references.
+    n_models, n_classes = 33, 5
+    p = sign_pattern(n_models, n_classes)
+    g = torch.Generator().manual_seed(11)
+    refs = [p, blurred_copy(p), p * 1.0035, move_zero(p, 1, 3)]
+    refs += [p + 0.01 * torch.randn(n_models, n_classes, generator=g) for _ in range(8)]
+    refs += [torch.randn(n_models, n_classes, generator=g) for _ in range(20)]
+    refs = torch.stack(refs, dim=1)
+    queries = torch.stack([p, blurred_copy(p), refs[:, 20]], dim=1)
+    engine = engine_module._prepare_engine(
+        queries, refs, 1, log_softmax=False, classes=None, exclude_self=False,
+        precision="fast", memory_budget=64 * MiB, device="cpu", chunk_models=chunk_models,
+        tile_size=None, progress=None, k_keep=refs.shape[1])
+    assert (engine.plan.chunk_models == n_models) == (chunk_models is None)
+    approx = engine.search(refs.shape[1], dtype=torch.bfloat16)  # every pair
+    assert engine.rounding_norms() is not None  # measured
+    rescored = engine.rescore(approx.indices)
+    largest = approx.values.double().abs().amax(dim=1)
+    bound = engine.low_precision_bound(rescored, largest)
+    err = (approx.values.double() - rescored.values.double()).abs()
+    assert bool((err <= bound[:, None]).all())
+    engine._rounding = None  # as a resumed pass: u per side, no measurement
+    assert bool((engine.low_precision_bound(rescored, largest) >= bound).all())
+
+
+@pytest.mark.parametrize("chunk_models, tile_size", [(1, 7), (None, None), (2, 10)])
+def test_candidate_pass_measures_its_rounding(chunk_models, tile_size):
+    # What the candidate pass measured is ||bf16(a) - a|| of every row (an upper bound,
+    # tight), over every block of runs and every tile, queries measured once.
+    ens = make_ensemble(seed=4, n_models=9, n_train=40, n_test=12, n_classes=4)
+    engine = engine_module._prepare_engine(
+        ens.test, ens.train, 2, log_softmax=True, classes=None, exclude_self=False,
+        precision="fast", memory_budget=64 * MiB, device="cpu", chunk_models=chunk_models,
+        tile_size=tile_size, progress=None, k_keep=20)
+    engine.search(20, dtype=torch.bfloat16)
+    queries, reference = engine.rounding_norms()
+    for source, stats, measured in ((engine.queries, engine.stats_q, queries),
+                                    (engine.references, engine.stats_r, None)):
+        f = _features(engine, source, stats).double()
+        truth = (f.float().bfloat16().double() - f).norm(dim=1)
+        if measured is None:
+            assert truth.max() <= reference <= float(truth.max()) * (1 + 1e-3)
+        else:
+            assert bool((truth <= measured).all())
+            assert bool((measured <= truth * (1 + 1e-3)).all())
+
+
 def test_fast_mode_is_exact_against_an_adversarial_approximation(monkeypatch, exact_rows):
     """Replace the bfloat16 pass by one that errs by nearly the whole bound.
 
@@ -199,25 +312,7 @@ def test_fast_mode_is_exact_against_an_adversarial_approximation(monkeypatch, ex
     train = torch.cat([near.reshape(9, 180, 4), torch.randn(9, 60, 4, generator=g)], dim=1)
     truth = dense_kernel(test, train)
     best = truth.argmax(dim=1)
-    original = engine_module._Engine.accumulate_tile
-
-    def adversarial(self, tile, *, rows, dtype, **kw):
-        block = original(self, tile, rows=rows, dtype=torch.float32, **kw)
-        if dtype == torch.float32:
-            return block
-        queries = torch.linalg.vector_norm(_features(self, self.queries, self.stats_q), dim=1)
-        if rows is not None:
-            queries = queries[rows]
-        reference = float(torch.linalg.vector_norm(
-            _features(self, self.references, self.stats_r), dim=1).max())
-        c = product_error_coefficient(width=self.plan.chunk_models * self.n_used,
-                                      n_blocks=math.ceil(self.n_models / self.plan.chunk_models),
-                                      unit=BFLOAT16_ROUNDOFF, output_rounding=True)
-        eps = 0.999 * c * queries * reference / (self.n_models * self.n_used)
-        hit = torch.arange(tile.start, tile.stop)[None, :] == best[:, None]
-        return block - hit * eps[:, None]
-
-    monkeypatch.setattr(engine_module._Engine, "accumulate_tile", adversarial)
+    monkeypatch.setattr(engine_module._Engine, "accumulate_tile", adversarial_pass(best, 0.999))
     got = _top_k_neighbors(test, train, 1, precision="fast", n_candidates=4,
                           memory_budget=64 * MiB)
     assert torch.equal(got.indices[:, 0], best)

@@ -40,21 +40,26 @@ Flushing subnormal results to zero (AMX, AVX512-BF16) adds at most 2**-126 per o
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "BFLOAT16_ROUNDOFF",
     "FLOAT32_ROUNDOFF",
     "RECOMPUTED_ROUNDOFF",
+    "RECOMPUTED_SLACK",
     "ABSOLUTE_SLACK",
     "NORM_SLACK",
     "gamma",
     "product_error_coefficient",
+    "low_precision_error",
     "squared_norm_upper",
     "norm_unit",
 ]
 
 BFLOAT16_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest
 FLOAT32_ROUNDOFF = 2.0**-24
-RECOMPUTED_ROUNDOFF = BFLOAT16_ROUNDOFF + 8 * FLOAT32_ROUNDOFF
+RECOMPUTED_SLACK = 8 * FLOAT32_ROUNDOFF  # candidate pass's float32 features vs the re-score's
+RECOMPUTED_ROUNDOFF = BFLOAT16_ROUNDOFF + RECOMPUTED_SLACK
 ABSOLUTE_SLACK = 2.0**-40  # subnormal flushes and the mean pair's low half, generously
 
 
@@ -93,6 +98,59 @@ def product_error_coefficient(*, width: int, n_blocks: int, unit: float,
     v = FLOAT32_ROUNDOFF
     # K = fl(sum * fl(1 / (n_models n_classes))): two float32 roundings of the scaled sum.
     return (1 + v) ** 2 * c + 2 * v + v**2
+
+
+def low_precision_error(*, query_norm, reference_norm, query_rounding, reference_rounding,
+                        width: int, n_blocks: int, n_terms: int, rescore_width: int,
+                        rescore_blocks: int, largest=None):
+    """A bound on |bfloat16 kernel value - re-scored float32 value|, in kernel units, from
+    norms and the measured size of the bfloat16 rounding.
+
+    The steps of the module docstring, with step 1 from what the candidate pass measured
+    rather than from u, and step 3 from the computed value when there is one block:
+
+    Parameters
+    ----------
+    query_norm, reference_norm : upper bounds on ||a|| and max_b ||b||, the re-score's
+        feature rows (floats, or tensors of one value per query).
+    query_rounding, reference_rounding : upper bounds on ||a_hat - a|| and max_b
+        ||b_hat - b||: the inputs' rounding to bfloat16 (at most u ||a||; the candidate pass
+        measures it) plus any difference between its float32 features and the re-score's.
+        Then |a_hat b_hat - a b| <= Da ||b|| + ||a|| Db + Da Db (Cauchy-Schwarz), and
+        ||a_hat|| ||b_hat|| <= P = (||a|| + Da)(||b|| + Db).
+    width, n_blocks : the candidate pass's blocks (runs per block * classes; how many).
+    n_terms : n_models * n_used, the kernel's scale.
+    rescore_width, rescore_blocks : the same for the float32 re-score.
+    largest : None, or (one block only) an upper bound on |computed value| over the pairs
+        the bound must cover, in kernel units. With one block, the single bfloat16 rounding
+        of the block's result s is at most u |s| <= u |s_hat| / (1 - u), and s_hat is the
+        computed value times n_terms up to the scaling's two roundings. Without it the
+        rounding is bounded by u (1 + gamma(width)) P, whatever the value; with it, by the
+        smaller of the two.
+
+    The bound at a computed value x is then nondecreasing in x (x + min(c |x|, C) is, for
+    c < 1), so that every reference whose
+    computed value is below a candidate's has an exact value below that candidate's
+    computed value plus the bound (`engine._fast_search` relies on it).
+    """
+    u, v = BFLOAT16_ROUNDOFF, FLOAT32_ROUNDOFF
+    g_w, g_b = gamma(width), gamma(n_blocks)
+    inputs = query_rounding * reference_norm + query_norm * reference_rounding \
+        + query_rounding * reference_rounding
+    hat = (query_norm + query_rounding) * (reference_norm + reference_rounding)
+    accumulate = g_w * hat
+    value, rounding = 0.0, u * (1 + g_w) * hat
+    if largest is not None and n_blocks == 1:  # the smaller of the two, in kernel units
+        value = torch.minimum(
+            torch.as_tensor(u / (1 - u) / (1 - v) ** 2 * largest, dtype=torch.float64),
+            torch.as_tensor(rounding / n_terms, dtype=torch.float64))
+        rounding = 0.0
+    blocks = g_b * (1 + u) * (1 + g_w) * hat
+    low = ((inputs + accumulate + rounding + blocks) / n_terms + value) * (1 + v) ** 2 \
+        + (2 * v + v**2) * query_norm * reference_norm / n_terms
+    exact = product_error_coefficient(width=rescore_width, n_blocks=rescore_blocks, unit=0.0,
+                                      output_rounding=False)
+    return low + exact * query_norm * reference_norm / n_terms + ABSOLUTE_SLACK
 
 
 # Relative slack on a feature norm: the re-score's features may differ from those of the

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .errors import BudgetError, InputError
-from .bounds import (ABSOLUTE_SLACK, FLOAT32_ROUNDOFF, NORM_SLACK, RECOMPUTED_ROUNDOFF,
-                     norm_unit, product_error_coefficient, squared_norm_upper)
+from .bounds import (FLOAT32_ROUNDOFF, NORM_SLACK, RECOMPUTED_ROUNDOFF,
+                     RECOMPUTED_SLACK, low_precision_error, norm_unit, squared_norm_upper)
 from .kernel import (
     ClassStats,
     StatsAccumulator,
@@ -129,6 +129,9 @@ class _Engine:
         # tile has, so that the re-score reads them instead of normalising again.
         self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kept_whole = False
+        # Fast mode's candidate pass measures how far its bfloat16 features lie from the
+        # float32 ones (`_Rounding`), for a bound tighter than u ||a|| per side.
+        self._rounding: _Rounding | None = None
         self.stats_q = self._statistics(queries, "query")
         self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
 
@@ -218,10 +221,12 @@ class _Engine:
             raise RuntimeError("float64 statistics of finite float32 values overflowed")
 
     def _features(self, source: LogitSource, stats: ClassStats, models: slice,
-                  examples: slice, dtype: torch.dtype,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  examples: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+                  rounding: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised features of a block, built piece by piece of rows into one buffer
-        (`out`, a view of that shape and dtype, when given).
+        (`out`, a view of that shape and dtype, when given). With `rounding` (float64, one
+        per row), each row's squared distance from its float32 features (`_Rounding`) is
+        added to it.
 
         Returns
         -------
@@ -238,8 +243,27 @@ class _Engine:
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
             x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
                         device=self.device, precise=part.precise)
-            out[r0:r1] = normalized_features(x, part)  # cast to `dtype` here
+            features = normalized_features(x, part)
+            out[r0:r1] = features  # cast to `dtype` here
+            if rounding is not None:
+                self._measure_rounding(out[r0:r1], features, rounding[r0:r1])
         return out
+
+    def _measure_rounding(self, low: torch.Tensor, high: torch.Tensor,
+                          into: torch.Tensor) -> None:
+        """Add the squared norms of the rows of `low - high` to `into` (float64), measured
+        as `_Rounding` assumes: in pieces of rows that stay in cache.
+
+        low : the bfloat16 features; high : the same features before the cast (float32,
+        or float64 for the rows `kernel.prepare` computes so). The difference is exact:
+        a value and its rounding to bfloat16 lie within a factor 2 (Sterbenz).
+        """
+        unit = norm_unit(self.plan.chunk_models * self.n_used)
+        step = max(1, _PIECE_CACHE_BYTES // (8 * max(1, low.shape[1])))
+        for r0 in range(0, low.shape[0], step):
+            piece = slice(r0, r0 + step)
+            difference = low[piece].to(high.dtype, copy=True).sub_(high[piece])
+            into[piece] += _block_norms(difference, unit)
 
     def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,
                         stage: str, tiles_done: int, total: int, done_before: int) -> torch.Tensor:
@@ -250,14 +274,20 @@ class _Engine:
         Tensor of shape (n_rows, tile width), float32, scaled by 1 / (n_models * n_used).
         """
         acc = None
+        measured = None  # the rounding of a low-precision pass (`_Rounding`)
+        if self._rounding is not None and dtype != torch.float32:
+            measured = self._rounding.references[tile]
         for models in self._model_blocks():
             fa = self._query_features(models, rows, dtype)
             if self._kept is not None:  # float32 into the kept features, then rounded
                 kept = self._kept[1][tile, self._columns(models)]
                 fb = self._features(self.references, self.stats_r, models, tile,
                                     torch.float32, out=kept).to(dtype)
+                if measured is not None:
+                    self._measure_rounding(fb, kept, measured)
             else:
-                fb = self._features(self.references, self.stats_r, models, tile, dtype)
+                fb = self._features(self.references, self.stats_r, models, tile, dtype,
+                                    rounding=measured)
             if dtype == torch.float32:
                 # (n_rows, tile) += (n_rows, d) @ (d, tile); the first block writes it.
                 acc = fa @ fb.T if acc is None else acc.addmm_(fa, fb.T)
@@ -287,12 +317,21 @@ class _Engine:
         if key in self._query_cache:
             return self._query_cache[key]
         everything = slice(0, self.queries.n_examples)
+        # The queries' rounding is measured the first time their features are made (a
+        # later tile makes the same features again when the plan cannot cache them).
+        measured = None
+        if self._rounding is not None and not self._rounding.queries_done \
+                and dtype != torch.float32:
+            measured = self._rounding.queries
         if self._kept is not None and rows is None:  # float32 into the kept features
             kept = self._kept[0][:, self._columns(models)]
             fa = self._features(self.queries, self.stats_q, models, everything, torch.float32,
                                 out=kept).to(dtype)
+            if measured is not None:
+                self._measure_rounding(fa, kept, measured)
         else:
-            fa = self._features(self.queries, self.stats_q, models, everything, dtype)
+            fa = self._features(self.queries, self.stats_q, models, everything, dtype,
+                                rounding=measured)
         if rows is not None:
             fa = fa[rows]
         if self.plan.cache_queries and self.plan.n_tiles > 1:
@@ -330,6 +369,12 @@ class _Engine:
             d = self.n_models * self.n_used
             self._kept = (torch.empty(self.queries.n_examples, d, device=self.device),
                           torch.empty(self.references.n_examples, d, device=self.device))
+        # Measure the bfloat16 rounding only where this pass makes every feature (a resumed
+        # or distributed pass bounds it by u instead).
+        self._rounding = None
+        if dtype != torch.float32 and rows is None and only is None and not finished:
+            self._rounding = _Rounding.zeros(self.queries.n_examples,
+                                             self.references.n_examples, self.device)
         for i, tile in enumerate(tiles):
             if only is not None and i not in only:  # another rank's tile
                 continue
@@ -343,12 +388,16 @@ class _Engine:
                 found = topk_block(block, k_keep, offset=tile.start,
                                    exact_ties=dtype == torch.float32)
                 del block
+                if self._rounding is not None:
+                    self._rounding.queries_done = True
                 if on_tile is not None:
                     on_tile(i, found)
             best = merge_topk(best, found, k_keep)
             self._report(stage, (i + 1) * self.n_models, total, i + 1)
         self._query_cache.clear()
         self._kept_whole = keep
+        if self._rounding is not None:
+            self._rounding.complete = True
         return best
 
     def rescore(self, candidates: torch.Tensor, lengths: torch.Tensor | None = None, *,
@@ -432,16 +481,40 @@ class _Engine:
             found = topk_block(rows, k, row_chunk=chunk)
         return Rescored(out, query_norms, reference_norms, found)
 
-    def bound_coefficient(self) -> float:
-        """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK
-        (`_bound_coefficient`, with the re-score's blocks as this engine runs it)."""
-        return _bound_coefficient(self.plan, self.n_models, self.n_used)
+    def rounding_norms(self) -> tuple[torch.Tensor, float] | None:
+        """Upper bounds on ||a_hat - a|| per query and on max_b ||b_hat - b|| over the
+        references (the candidate pass's bfloat16 features against its float32 ones), or
+        None where that pass did not measure every row (`search`)."""
+        if self._rounding is None or not self._rounding.complete:
+            return None
+        blocks = self._model_blocks()
+        bound = dict(width=self.plan.chunk_models * self.n_used, n_blocks=len(blocks),
+                     n_terms=self.n_models * self.n_used)
+        queries = squared_norm_upper(self._rounding.queries, **bound).sqrt()
+        references = squared_norm_upper(self._rounding.references, **bound).max().sqrt()
+        return queries, float(references)
 
-    def low_precision_bound(self, rescored: Rescored) -> torch.Tensor:
+    def error_bound(self, query_norm, reference_norm, largest=None):
+        """A bound on |bfloat16 kernel value - re-scored value| (`bounds.low_precision_error`)
+        for feature norms at most `query_norm` and `reference_norm`, with the rounding this
+        engine's candidate pass measured (u per side where it measured none)."""
+        measured = self.rounding_norms()
+        if measured is None:
+            query_rounding = RECOMPUTED_ROUNDOFF * query_norm
+            reference_rounding = RECOMPUTED_ROUNDOFF * reference_norm
+        else:  # plus the difference a re-score's own float32 features may have
+            query_rounding = measured[0] + RECOMPUTED_SLACK * query_norm
+            reference_rounding = measured[1] + RECOMPUTED_SLACK * reference_norm
+        return _error_bound(self.plan, self.n_models, self.n_used, query_norm=query_norm,
+                            reference_norm=reference_norm, query_rounding=query_rounding,
+                            reference_rounding=reference_rounding, largest=largest)
+
+    def low_precision_bound(self, rescored: Rescored, largest=None) -> torch.Tensor:
         """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
 
-        `bound_coefficient()` times ||a|| * max_b ||b||, the norms' upper bounds from the
-        re-score (raised by NORM_SLACK), plus ABSOLUTE_SLACK.
+        `error_bound` at the norms' upper bounds from the re-score (raised by NORM_SLACK):
+        ||a|| and max_b ||b||. `largest`: per query, the largest |bfloat16 value| the bound
+        must hold at (see `bounds.low_precision_error`).
 
         Returns
         -------
@@ -450,7 +523,42 @@ class _Engine:
         slack = 1 + NORM_SLACK
         query = rescored.query_norms.sqrt() * slack
         reference = float(rescored.reference_norms.max().sqrt()) * slack
-        return self.bound_coefficient() * query * reference + ABSOLUTE_SLACK
+        return self.error_bound(query, reference, largest)
+
+    def guessed_bound(self, largest=None):
+        """G per query (`guessed_bound`), with the rounding measured where there is one."""
+        norm = _expected_norm(self.n_models, self.n_used)
+        return self.error_bound(norm, norm, largest)
+
+    def rounding_ratio(self, n_rows: int = 256) -> float:
+        """The largest ||bf16(a) - a|| / ||a|| over some reference rows' features of the
+        first block of runs: what the candidate pass would measure, as an estimate."""
+        rows = slice(0, min(n_rows, self.references.n_examples))
+        features = self._features(self.references, self.stats_r, self._model_blocks()[0],
+                                  rows, torch.float32)
+        delta = torch.zeros(features.shape[0], dtype=torch.float64, device=self.device)
+        self._measure_rounding(features.to(torch.bfloat16), features, delta)
+        norms = _block_norms(features, FLOAT32_ROUNDOFF)
+        ratio = (delta / norms.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+        return float(ratio.max()) if len(ratio) else RECOMPUTED_ROUNDOFF
+
+
+@dataclass
+class _Rounding:
+    """How far fast mode's bfloat16 features lie from the float32 ones they were cast
+    from: per row, the squared norms of the difference, measured block by block of runs
+    (float32 or float64, `_block_norms`) and summed in float64, as
+    `bounds.squared_norm_upper` assumes."""
+
+    queries: torch.Tensor  # (n_queries,) float64
+    references: torch.Tensor  # (n_references,) float64
+    queries_done: bool = False  # the queries' features were made (and measured) once
+    complete: bool = False  # every row measured: the pass made every feature
+
+    @classmethod
+    def zeros(cls, n_queries: int, n_references: int, device: torch.device) -> "_Rounding":
+        return cls(torch.zeros(n_queries, dtype=torch.float64, device=device),
+                   torch.zeros(n_references, dtype=torch.float64, device=device))
 
 
 # Fast mode computes whole in its re-score the queries whose window holds every candidate and
@@ -459,22 +567,13 @@ class _Engine:
 # query it misses is recomputed, one it takes needlessly costs a row of products.
 INLINE_GAP = 1 + 1 / 16
 
-def _bound_coefficient(plan: Plan, n_models: int, n_used: int) -> float:
-    """c with |bfloat16 kernel value - re-scored value| <= c ||a|| ||b|| + ABSOLUTE_SLACK.
-
-    The candidate pass's error (bfloat16 inputs, a bfloat16 result per block of runs,
-    float32 sums) plus the re-score's own float32 error (blocks of the plan's
-    `rescore_chunk_models` runs),
-    from `bounds`, scaled as the kernel is (by 1 / (n_models * n_used)).
-    """
-    n_blocks, step = math.ceil(n_models / plan.chunk_models), plan.rescore_chunk_models
-    low = product_error_coefficient(
-        width=plan.chunk_models * n_used, n_blocks=n_blocks,
-        unit=RECOMPUTED_ROUNDOFF, output_rounding=True)
-    exact = product_error_coefficient(
-        width=step * n_used, n_blocks=math.ceil(n_models / step), unit=0.0,
-        output_rounding=False)
-    return (low + exact) / (n_models * n_used)
+def _error_bound(plan: Plan, n_models: int, n_used: int, **norms):
+    """`bounds.low_precision_error` with the blocks of `plan` (candidate pass and re-score)."""
+    step = plan.rescore_chunk_models
+    return low_precision_error(
+        **norms, width=plan.chunk_models * n_used, n_blocks=math.ceil(n_models / plan.chunk_models),
+        n_terms=n_models * n_used, rescore_width=step * n_used,
+        rescore_blocks=math.ceil(n_models / step))
 
 
 def _expected_norm(n_models: int, n_used: int) -> float:
@@ -489,11 +588,17 @@ def _expected_norm(n_models: int, n_used: int) -> float:
     return math.sqrt((n_models - 1) * n_used) * (1 + WINDOW_NORM_SLACK)
 
 
-def guessed_bound(plan: Plan, n_models: int, n_used: int) -> float:
+def guessed_bound(plan: Plan, n_models: int, n_used: int, *, rounding: float | None = None,
+                  largest=None):
     """G, the bound fast mode sizes its windows with (`_fast_search`), for a fast plan
-    before it runs."""
-    return (_bound_coefficient(plan, n_models, n_used) * _expected_norm(n_models, n_used) ** 2
-            + ABSOLUTE_SLACK)
+    before it runs: at the expected feature norms, with the inputs' rounding `rounding`
+    times the norm (None: u, the most it can be) and the values at most `largest` (None:
+    any; see `bounds.low_precision_error`)."""
+    norm = _expected_norm(n_models, n_used)
+    ratio = RECOMPUTED_ROUNDOFF if rounding is None else rounding + RECOMPUTED_SLACK
+    return _error_bound(plan, n_models, n_used, query_norm=norm, reference_norm=norm,
+                        query_rounding=ratio * norm, reference_rounding=ratio * norm,
+                        largest=largest)
 
 
 # How far above sqrt((n_models - 1) * n_used) a feature norm may come before the re-score's
@@ -660,8 +765,8 @@ def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates
             and references.n_models == queries.n_models and n_classes >= 1
             and (memory_budget is None or int(memory_budget) > 0)):
         return "exact"
-    def crowding(guess: float) -> float:
-        return _crowded_share(queries, None if exclude_self else references, int(k), guess,
+    def crowding(plan: Plan) -> float:
+        return _crowded_share(queries, None if exclude_self else references, int(k), plan,
                               n_candidates=n_candidates, log_softmax=log_softmax,
                               classes=classes, memory_budget=memory_budget, device=device)
     return choose_precision(
@@ -718,11 +823,13 @@ def _spread_spans(n: int, total: int, pieces: int) -> list[tuple[int, int]]:
 PILOT_QUERIES, PILOT_REFERENCES, PILOT_SPANS, PILOT_WINDOW = 128, 4096, 8, 16384
 
 
-def _crowded_share(queries, references, k: int, guess: float, *, n_candidates, log_softmax,
+def _crowded_share(queries, references, k: int, plan: Plan, *, n_candidates, log_softmax,
                    classes, memory_budget, device) -> float:
     """Estimated share of queries whose fast-mode candidates are crowded: the bfloat16 k-th
     and last candidates within `INLINE_GAP` G, so that fast mode computes their whole row
-    in float32 (`_fast_search`).
+    in float32 (`_fast_search`). G is `guessed_bound` for fast mode's `plan`, with the
+    bfloat16 rounding measured on some of the sample's features and each sampled query's
+    largest value.
 
     Exact kernel values of a sample (PILOT_QUERIES test examples against PILOT_REFERENCES
     references, each in a few spread spans) stand in for the full ones: the statistics
@@ -750,17 +857,23 @@ def _crowded_share(queries, references, k: int, guess: float, *, n_candidates, l
     rank_c = min(r_s, max(rank_k + 1, math.ceil(n_c * r_s / n_r)))
     if rank_c <= rank_k:
         return 0.0
-    found = _top_k_neighbors(sample_q, sample_r, rank_c, exclude_self=leave_one_out,
-                             log_softmax=log_softmax, classes=classes, precision="exact",
-                             memory_budget=memory_budget, device=device)
-    values = found.values.double()
+    engine = _prepare_engine(sample_q, sample_r, rank_c, log_softmax=log_softmax,
+                             classes=classes, exclude_self=leave_one_out, precision="exact",
+                             memory_budget=memory_budget, device=device, chunk_models=None,
+                             tile_size=None, progress=None, k_keep=rank_c)
+    with exact_float32_matmul(engine.device):
+        values = engine.search(rank_c, dtype=torch.float32).values.double()
     if leave_one_out and len(values) > PILOT_QUERIES:
         values = values[torch.linspace(0, len(values) - 1, PILOT_QUERIES).long()]
+    # the values of fast mode's whole list lie about within the sample's first and last
+    largest = torch.maximum(values[:, 0].abs(), values[:, rank_c - 1].abs())
+    guess = guessed_bound(plan, engine.n_models, engine.n_used,
+                          rounding=engine.rounding_ratio(), largest=largest)
     gap = values[:, rank_k - 1] - values[:, rank_c - 1]
     share = float((gap <= INLINE_GAP * guess).double().mean())
     logger.info("pilot: %d test examples x %d references, ranks %d and %d: %.0f%% crowded "
-                "(G = %.3g)", len(values), r_s + leave_one_out, rank_k, rank_c, 100 * share,
-                guess)
+                "(median G = %.3g)", len(values), r_s + leave_one_out, rank_k, rank_c,
+                100 * share, float(guess.median()))
     return share
 
 
@@ -798,8 +911,9 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
     n_c = min(n_candidates, n_refs)
     with bfloat16_matmul(engine.device):
         approx = combine(engine.search(n_c, dtype=torch.bfloat16, **resume))
-    guess = guessed_bound(engine.plan, engine.n_models, engine.n_used)
     low = approx.values.double()  # (n_queries, n_c), best first
+    largest = _largest_magnitude(low)
+    guess = engine.guessed_bound(largest)  # (n_queries,)
     lengths = (low >= (low[:, k - 1] - 2 * guess)[:, None]).sum(dim=1)  # a prefix of each row
     every_reference = n_c >= n_refs - engine.exclude_self
     whole = lengths >= n_c
@@ -814,7 +928,7 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
         exact[approx.values == float("-inf")] = float("-inf")  # self (leave-one-out)
         best = merge_topk(empty_topk(exact.shape[0], k, engine.device),
                           Neighbors(approx.indices, exact), k)
-        bound = engine.low_precision_bound(rescored)
+        bound = engine.low_precision_bound(rescored, largest)
         proven_tail = every_reference | (best.values[:, -1].double() > low[:, -1] + bound)
         settled = torch.where(whole, proven_tail, bound <= guess)
         if len(inline):
@@ -830,6 +944,13 @@ def _fast_search(engine: _Engine, k: int, n_candidates: int, resume: dict,
             redo = engine.search(k, dtype=torch.float32, rows=rows, stage="fallback")
             best.indices[rows], best.values[rows] = redo.indices, redo.values
     return best
+
+
+def _largest_magnitude(values: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest |value| among the finite ones (0 for none): every candidate's
+    bfloat16 value lies within it, and every other reference's below the row's last."""
+    return values.abs().nan_to_num(posinf=0.0).amax(dim=1) if values.shape[1] else \
+        torch.zeros(values.shape[0], dtype=values.dtype, device=values.device)
 
 
 def _compute_kernel(

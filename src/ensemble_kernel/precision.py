@@ -50,7 +50,7 @@ import torch
 from .atomic import atomic_write_text
 from .errors import BudgetError, InputError
 from .kernel import ClassStats, bfloat16_matmul, exact_float32_matmul, normalized_features, prepare
-from .plan import default_memory_budget, plan_memory, resolve_device
+from .plan import Plan, default_memory_budget, plan_memory, resolve_device
 
 __all__ = ["PRECISIONS", "Rates", "PrecisionChoice", "choose_precision", "measure_rates",
            "machine_key", "cache_dir", "predict_times"]
@@ -196,7 +196,7 @@ def choose_precision(
     memory_budget: int | None = None,
     device: torch.device | str = "cpu",
     raw_bytes: int = 2,
-    crowding: Callable[[float], float] | None = None,
+    crowding: Callable[[Plan], float] | None = None,
 ) -> PrecisionChoice:
     """Resolve `precision` ('auto', 'exact' or 'fast') for one job.
 
@@ -214,7 +214,7 @@ def choose_precision(
     memory_budget : bytes, as the engine gets it (the plan decides tiles and caching).
     raw_bytes : item size of the logits read (2 for float16 stores).
     crowding : for 'auto', a pilot on the data (`engine._crowded_share`): called with
-        the bound fast mode's plan would use, it returns the share of queries whose
+        fast mode's plan for this job, it returns the share of queries whose
         candidates lie so close together that fast mode would compute their whole rows in
         float32. Called only when the products alone predict fast mode faster; that share
         (at least `FALLBACK_SHARE`) then replaces the assumed one. Without it, auto
@@ -243,7 +243,7 @@ def choose_precision(
     pays = fast_s * SAFETY < exact_s
     share = None
     if precision == "auto" and pays and crowding is not None:
-        share = float(crowding(fast_bound(**shape)))
+        share = float(crowding(fast_plan(**shape)))
         exact_s, fast_s = predict_times(rates, **shape, whole_share=max(share, FALLBACK_SHARE))
         pays = fast_s * SAFETY < exact_s
     if precision == "fast":
@@ -324,17 +324,14 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     return exact, fast
 
 
-def fast_bound(*, n_queries: int, n_references: int, n_models: int, n_classes: int, k: int,
-               n_candidates: int | None = None, memory_budget: int, raw_bytes: int = 2,
-               **_) -> float:
-    """G: the bound on |bfloat16 value - exact value| that fast mode's plan for this job
-    would guess from the expected feature norms (`engine.guessed_bound`), in kernel units."""
-    from .engine import guessed_bound
-
+def fast_plan(*, n_queries: int, n_references: int, n_models: int, n_classes: int, k: int,
+              n_candidates: int | None = None, memory_budget: int, raw_bytes: int = 2,
+              **_) -> Plan:
+    """Fast mode's plan for this job (its blocks decide the error bound it will use,
+    `engine.guessed_bound`)."""
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
-    plan = plan_memory(n_queries, n_references, n_models, n_classes, k_keep=n_c,
+    return plan_memory(n_queries, n_references, n_models, n_classes, k_keep=n_c,
                        budget=memory_budget, precision="fast", raw_bytes=raw_bytes)
-    return guessed_bound(plan, n_models, n_classes)
 
 
 # ---- the probe and its cache ----------------------------------------------------------

@@ -403,8 +403,8 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
     n_references = runset.test.n_examples - 1 if within else runset.train.n_examples
     k = max(1, min(k, n_references))
 
-    def crowding(guess: float) -> float:  # the pilot on the data (`engine._crowded_share`)
-        return _crowded_share(runset.test, None if within else runset.train, k, guess,
+    def crowding(plan) -> float:  # the pilot on the data (`engine._crowded_share`)
+        return _crowded_share(runset.test, None if within else runset.train, k, plan,
                               n_candidates=None, log_softmax=log_softmax, classes=None,
                               memory_budget=memory_budget, device=device)
     choice = choose_precision(precision, n_queries=runset.test.n_examples,
