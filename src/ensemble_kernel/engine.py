@@ -132,6 +132,8 @@ class _Engine:
         # Fast mode's candidate pass measures how far its bfloat16 features lie from the
         # float32 ones (`_Rounding`), for a bound tighter than u ||a|| per side.
         self._rounding: _Rounding | None = None
+        # Working blocks reused from tile to tile while `search` runs (`_Buffers`).
+        self._buffers: _Buffers | None = None
         self.stats_q = self._statistics(queries, "query")
         self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
 
@@ -277,6 +279,8 @@ class _Engine:
         measured = None  # the rounding of a low-precision pass (`_Rounding`)
         if self._rounding is not None and dtype != torch.float32:
             measured = self._rounding.references[tile]
+        width = tile.stop - tile.start
+        shape = (self.queries.n_examples if rows is None else len(rows), width)
         for models in self._model_blocks():
             fa = self._query_features(models, rows, dtype)
             if self._kept is not None:  # float32 into the kept features, then rounded
@@ -287,20 +291,34 @@ class _Engine:
                     self._measure_rounding(fb, kept, measured)
             else:
                 fb = self._features(self.references, self.stats_r, models, tile, dtype,
-                                    rounding=measured)
+                                    rounding=measured,
+                                    out=self._buffer("references", (width, fa.shape[1]), dtype))
             if dtype == torch.float32:
                 # (n_rows, tile) += (n_rows, d) @ (d, tile); the first block writes it.
-                acc = fa @ fb.T if acc is None else acc.addmm_(fa, fb.T)
+                if acc is None:
+                    acc = torch.mm(fa, fb.T, out=self._buffer("acc", shape, torch.float32))
+                else:
+                    acc.addmm_(fa, fb.T)
             else:  # low-precision product, float32 accumulation
-                product = fa @ fb.T.contiguous()  # a contiguous (d, tile) operand is faster
-                acc = product.float() if acc is None else acc.add_(product)
-                del product
+                # a contiguous (d, tile) operand is faster
+                fb_t = self._buffer("transposed", fb.T.shape, dtype).copy_(fb.T)
+                product = torch.mm(fa, fb_t, out=self._buffer("product", shape, dtype))
+                if acc is None:
+                    acc = self._buffer("acc", shape, torch.float32).copy_(product)
+                else:
+                    acc.add_(product)
+                del product, fb_t
             del fa, fb
             self._report(stage, done_before + models.stop, total, tiles_done)
         acc *= 1.0 / (self.n_models * self.n_used)
         if self.exclude_self:
             self._mask_self(acc, tile, rows)
         return acc
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A reused working block while `search` runs (`_Buffers`); None otherwise (the
+        caller allocates)."""
+        return None if self._buffers is None else self._buffers.get(name, shape, dtype)
 
     def _columns(self, models: slice) -> slice:
         """The feature columns of a block of runs."""
@@ -375,6 +393,7 @@ class _Engine:
         if dtype != torch.float32 and rows is None and only is None and not finished:
             self._rounding = _Rounding.zeros(self.queries.n_examples,
                                              self.references.n_examples, self.device)
+        self._buffers = _Buffers(self.device)
         for i, tile in enumerate(tiles):
             if only is not None and i not in only:  # another rank's tile
                 continue
@@ -395,6 +414,7 @@ class _Engine:
             best = merge_topk(best, found, k_keep)
             self._report(stage, (i + 1) * self.n_models, total, i + 1)
         self._query_cache.clear()
+        self._buffers = None
         self._kept_whole = keep
         if self._rounding is not None:
             self._rounding.complete = True
@@ -541,6 +561,29 @@ class _Engine:
         norms = _block_norms(features, FLOAT32_ROUNDOFF)
         ratio = (delta / norms.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
         return float(ratio.max()) if len(ratio) else RECOMPUTED_ROUNDOFF
+
+
+class _Buffers:
+    """Working blocks kept from one tile to the next, by name.
+
+    A fresh block of this size is newly mapped memory (`cli/malloc.py`), and the first
+    write to each of its pages costs the kernel a fault: at CIFAR shape about 870,000 of
+    them in an exact search, 2.8 s of system time. The plan counts every such block at
+    its peak anyway, so keeping them costs no memory beyond it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous block of `shape` and `dtype` (its values undefined)."""
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.dtype != dtype or flat.numel() < n:
+            self._flat.pop(name, None)  # freed before its successor is allocated
+            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return flat[:n].view(shape)
 
 
 @dataclass
