@@ -488,3 +488,27 @@ def test_rescore_norms_bound_a_narrower_last_block_too(monkeypatch):
         features = _features(engine, source, stats)
         for row, bound in zip(features.tolist(), upper.tolist()):
             assert Fraction(bound) >= sum(Fraction(v) ** 2 for v in row)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_one_block_pass_selects_from_the_product_as_the_widened_block_would(exclude_self):
+    # With one block of runs the candidate pass selects from the bfloat16 product and
+    # scales only what it keeps: the same values, bit for bit, as widening the block to
+    # float32 and scaling it whole (the plain twin here), self excluded or not.
+    ens = make_ensemble(seed=6, n_models=7, n_train=90, n_test=90, n_classes=3)
+    queries = ens.train if exclude_self else ens.test
+    engine = engine_module._prepare_engine(
+        queries, ens.train, 5, log_softmax=True, classes=None, exclude_self=exclude_self,
+        precision="fast", memory_budget=64 * MiB, device="cpu", chunk_models=None,
+        tile_size=None, progress=None, k_keep=12)
+    assert engine.plan.chunk_models == 7 and engine.plan.n_tiles == 1
+    got = engine.search(12, dtype=torch.bfloat16)
+    fa = _features(engine, engine.queries, engine.stats_q).bfloat16()
+    fb = _features(engine, engine.references, engine.stats_r).bfloat16()
+    plain = (fa @ fb.T).float()
+    plain *= 1.0 / (7 * 3)
+    if exclude_self:
+        plain.fill_diagonal_(float("-inf"))
+    top = plain.topk(12, dim=1).values
+    assert torch.equal(got.values, top)
+    assert torch.equal(plain.gather(1, got.indices), got.values)  # each value its pair's

@@ -224,11 +224,13 @@ class _Engine:
 
     def _features(self, source: LogitSource, stats: ClassStats, models: slice,
                   examples: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
-                  rounding: torch.Tensor | None = None) -> torch.Tensor:
+                  rounding: torch.Tensor | None = None,
+                  kept: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised features of a block, built piece by piece of rows into one buffer
         (`out`, a view of that shape and dtype, when given). With `rounding` (float64, one
         per row), each row's squared distance from its float32 features (`_Rounding`) is
-        added to it.
+        added to it; with `kept` (a float32 view of the same shape), the float32 features
+        are written there too, from the same piece (fast mode's kept features).
 
         Returns
         -------
@@ -246,6 +248,8 @@ class _Engine:
             x = prepare(raw[:, r0:r1], log_softmax=self.log_softmax, classes=self.classes,
                         device=self.device, precise=part.precise)
             features = normalized_features(x, part)
+            if kept is not None:
+                kept[r0:r1] = features
             out[r0:r1] = features  # cast to `dtype` here
             if rounding is not None:
                 self._measure_rounding(out[r0:r1], features, rounding[r0:r1])
@@ -273,7 +277,11 @@ class _Engine:
 
         Returns
         -------
-        Tensor of shape (n_rows, tile width), float32, scaled by 1 / (n_models * n_used).
+        Tensor of shape (n_rows, tile width), float32, scaled by 1 / (n_models * n_used);
+        or, for a low-precision pass with one block of runs, that block's product as it
+        came (`dtype`, not scaled: `search` scales the values it selects, in float32 as
+        here, which gives the same values; widening the whole block to float32 first
+        would cost a pass over it).
         """
         acc = None
         measured = None  # the rounding of a low-precision pass (`_Rounding`)
@@ -283,16 +291,10 @@ class _Engine:
         shape = (self.queries.n_examples if rows is None else len(rows), width)
         for models in self._model_blocks():
             fa = self._query_features(models, rows, dtype)
-            if self._kept is not None:  # float32 into the kept features, then rounded
-                kept = self._kept[1][tile, self._columns(models)]
-                fb = self._features(self.references, self.stats_r, models, tile,
-                                    torch.float32, out=kept).to(dtype)
-                if measured is not None:
-                    self._measure_rounding(fb, kept, measured)
-            else:
-                fb = self._features(self.references, self.stats_r, models, tile, dtype,
-                                    rounding=measured,
-                                    out=self._buffer("references", (width, fa.shape[1]), dtype))
+            kept = None if self._kept is None else self._kept[1][tile, self._columns(models)]
+            fb = self._features(self.references, self.stats_r, models, tile, dtype,
+                                rounding=measured, kept=kept,
+                                out=self._buffer("references", (width, fa.shape[1]), dtype))
             if dtype == torch.float32:
                 # (n_rows, tile) += (n_rows, d) @ (d, tile); the first block writes it.
                 if acc is None:
@@ -303,6 +305,10 @@ class _Engine:
                 # a contiguous (d, tile) operand is faster
                 fb_t = self._buffer("transposed", fb.T.shape, dtype).copy_(fb.T)
                 product = torch.mm(fa, fb_t, out=self._buffer("product", shape, dtype))
+                if models.stop - models.start == self.n_models:  # one block: as it came
+                    if self.exclude_self:
+                        self._mask_self(product, tile, rows)
+                    return product
                 if acc is None:
                     acc = self._buffer("acc", shape, torch.float32).copy_(product)
                 else:
@@ -341,15 +347,11 @@ class _Engine:
         if self._rounding is not None and not self._rounding.queries_done \
                 and dtype != torch.float32:
             measured = self._rounding.queries
-        if self._kept is not None and rows is None:  # float32 into the kept features
+        kept = None  # float32 into the kept features too
+        if self._kept is not None and rows is None:
             kept = self._kept[0][:, self._columns(models)]
-            fa = self._features(self.queries, self.stats_q, models, everything, torch.float32,
-                                out=kept).to(dtype)
-            if measured is not None:
-                self._measure_rounding(fa, kept, measured)
-        else:
-            fa = self._features(self.queries, self.stats_q, models, everything, dtype,
-                                rounding=measured)
+        fa = self._features(self.queries, self.stats_q, models, everything, dtype,
+                            rounding=measured, kept=kept)
         if rows is not None:
             fa = fa[rows]
         if self.plan.cache_queries and self.plan.n_tiles > 1:
@@ -406,6 +408,10 @@ class _Engine:
                                              done_before=i * self.n_models)
                 found = topk_block(block, k_keep, offset=tile.start,
                                    exact_ties=dtype == torch.float32)
+                if block.dtype != torch.float32:  # a product not yet scaled
+                    values = found.values.float()
+                    values *= 1.0 / (self.n_models * self.n_used)
+                    found = Neighbors(found.indices, values)
                 del block
                 if self._rounding is not None:
                     self._rounding.queries_done = True
