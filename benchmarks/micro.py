@@ -13,6 +13,7 @@
     python benchmarks/micro.py stages --store benchmarks/_data/bench20k-r500-tr50000-te10000-c10-s0/store \
         --n-test 1000 --k 20 --memory-budget 4GiB   # the 20,000-run store of bench_20k.py --keep
     python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
+    python benchmarks/micro.py layout   # fast mode's tile product: strided transpose vs a copy
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -297,6 +298,27 @@ def pairs(n_queries: int = 1000, n_candidates: int = 131, width: int = 1360,
           f"sampled_addmm {best(sampled):.2f} CPU s (largest difference {diff:.1e})")
 
 
+def layout(repeats: int = 5) -> None:
+    """fast mode's product for one CIFAR-shaped tile (10,000 queries x 25,000 references,
+    5,000 features, bfloat16): with the references' transpose as a strided view, against
+    copying it contiguous first (what the engine did before), alternated."""
+    g = torch.Generator().manual_seed(0)
+    fa = torch.randn(10_000, 5_000, generator=g).bfloat16()
+    fb = torch.randn(25_000, 5_000, generator=g).bfloat16()
+    out = torch.empty(10_000, 25_000, dtype=torch.bfloat16)
+    copy = torch.empty(5_000, 25_000, dtype=torch.bfloat16)
+    times: dict[str, list[float]] = {"strided view": [], "contiguous copy, then product": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(fa, fb.T, out=out)
+        times["strided view"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.mm(fa, copy.copy_(fb.T), out=out)
+        times["contiguous copy, then product"].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        print(f"{name}: " + ", ".join(f"{x:.2f}" for x in sorted(ts)) + " s")
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -353,7 +375,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates", "pairs", "pilot", "vmlrace", "compare"])
+                                    "candidates", "pairs", "pilot", "vmlrace", "compare", "layout"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -392,6 +414,8 @@ def main() -> None:
         candidates(args.k, args.store)
     elif args.what == "storeread":
         storeread(args.store)
+    elif args.what == "layout":
+        layout()
     elif args.what == "vmlrace":
         vmlrace(args.processes)
     elif args.what == "compare":

@@ -128,3 +128,19 @@ def test_the_budget_error_for_the_cifar_sizes():
                        r"queries and 10 classes; at least [0-9.]+ MiB is needed: raise "
                        r"--memory-budget"):
         plan_memory(10_000, 50_000, 500, 10, k_keep=20, budget=1 << 20)
+
+
+def test_fast_mode_takes_one_block_of_every_run_where_it_costs_few_tiles():
+    # One block bounds the bfloat16 rounding by the value (bounds.low_precision_error):
+    # at CIFAR shape with 500 runs and 1 GiB, one block of 500 runs in at most four times
+    # the tiles of the widest plan; with 20,000 runs one block cannot fit, nor without the
+    # query cache, and exact mode keeps its blocks.
+    fast = {**CIFAR, "n_models": 500, "precision": "fast", "k_keep": 148}
+    widest = plan(fast, 1 << 30, chunk_models=232)
+    chosen = plan(fast, 1 << 30)
+    assert chosen.chunk_models == 500 and chosen.cache_queries
+    assert widest.n_tiles < chosen.n_tiles <= 4 * widest.n_tiles
+    assert must_hold(fast, chosen) <= 1 << 30
+    assert plan({**fast, "n_models": 20_000}, 1 << 30).chunk_models < 20_000
+    assert plan({**fast, "precision": "exact", "k_keep": 20}, 1 << 30).chunk_models < 500
+    assert plan(fast, 1 << 30, chunk_models=100).chunk_models == 100  # as asked

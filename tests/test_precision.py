@@ -380,11 +380,12 @@ def separated_ensemble(n_models=40, seed=0):
     return train, test
 
 
-def _share(train, test, k):
-    """The pilot's share for test -> train (test None: leave-one-out within train)."""
+def _share(train, test, k, chunk_models=None):
+    """The pilot's share for test -> train (test None: leave-one-out within train), for
+    fast mode's plan (with blocks of `chunk_models` runs: the worst-case block rounding)."""
     queries = train if test is None else test
     plan = plan_memory(queries.shape[1], train.shape[1], train.shape[0], 5, k_keep=148,
-                       budget=64 << 20, precision="fast")
+                       budget=64 << 20, precision="fast", chunk_models=chunk_models)
     return engine_module._crowded_share(queries, None if test is None else train, k, plan,
                                         n_candidates=None, log_softmax=True, classes=None,
                                         memory_budget=64 << 20, device="cpu")
@@ -398,6 +399,7 @@ def test_the_pilot_tells_crowded_candidates_from_separated_ones(exact_rows):
     assert exact_rows.total() == test.shape[1]
     train, test = separated_ensemble()
     assert _share(train, test, 1) == 0.0
+    assert _share(train, test, 1, chunk_models=2) == 0.0  # several blocks of runs
     # every reference a candidate: nothing to crowd
     assert _share(train[:, :100], test, 1) == 0.0
 

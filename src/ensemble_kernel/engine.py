@@ -302,9 +302,9 @@ class _Engine:
                 else:
                     acc.addmm_(fa, fb.T)
             else:  # low-precision product, float32 accumulation
-                # a contiguous (d, tile) operand is faster
-                fb_t = self._buffer("transposed", fb.T.shape, dtype).copy_(fb.T)
-                product = torch.mm(fa, fb_t, out=self._buffer("product", shape, dtype))
+                # fb.T as a strided view: copying it contiguous first costs more than it
+                # saves (`python benchmarks/micro.py layout`)
+                product = torch.mm(fa, fb.T, out=self._buffer("product", shape, dtype))
                 if models.stop - models.start == self.n_models:  # one block: as it came
                     if self.exclude_self:
                         self._mask_self(product, tile, rows)
@@ -313,7 +313,7 @@ class _Engine:
                     acc = self._buffer("acc", shape, torch.float32).copy_(product)
                 else:
                     acc.add_(product)
-                del product, fb_t
+                del product
             del fa, fb
             self._report(stage, done_before + models.stop, total, tiles_done)
         acc *= 1.0 / (self.n_models * self.n_used)
@@ -916,8 +916,9 @@ def _crowded_share(queries, references, k: int, plan: Plan, *, n_candidates, log
         values = values[torch.linspace(0, len(values) - 1, PILOT_QUERIES).long()]
     # the values of fast mode's whole list lie about within the sample's first and last
     largest = torch.maximum(values[:, 0].abs(), values[:, rank_c - 1].abs())
-    guess = guessed_bound(plan, engine.n_models, engine.n_used,
-                          rounding=engine.rounding_ratio(), largest=largest)
+    guess = torch.as_tensor(  # per query (a float where the value term does not apply)
+        guessed_bound(plan, engine.n_models, engine.n_used, rounding=engine.rounding_ratio(),
+                      largest=largest), dtype=torch.float64).expand(len(values))
     gap = values[:, rank_k - 1] - values[:, rank_c - 1]
     share = float((gap <= INLINE_GAP * guess).double().mean())
     logger.info("pilot: %d test examples x %d references, ranks %d and %d: %.0f%% crowded "

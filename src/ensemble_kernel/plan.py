@@ -20,6 +20,9 @@ Precision = Literal["exact", "fast"]
 _MIN_CONTRACTION = {"exact": 512, "fast": 2048}
 # Contraction width above which a wider block buys nothing but memory.
 _MAX_CONTRACTION = {"exact": 4096, "fast": 16384}
+# Fast mode takes one block of every run where that costs at most this many times the
+# tiles of the widest plan (see `plan_memory`).
+_ONE_BLOCK_TILES = 4
 # Features per block of fast mode's float32 re-score: its rounding bound grows with the
 # block's width (gamma(16384) is about 1e-3, against bfloat16's 1.2%), so wider buys nothing.
 _RESCORE_WIDTH = 16384
@@ -197,6 +200,17 @@ def plan_memory(
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
+        if fast and models < n_models and forced_tile is None:
+            # One block of every run bounds its bfloat16 rounding by the value instead of
+            # by the norms (`bounds.low_precision_error`): far fewer queries to recompute.
+            # Worth up to `_ONE_BLOCK_TILES` times the tiles, where the queries' features
+            # are cached (else each tile would normalise them again).
+            spare = avail - n_queries * per_query * n_models
+            one = int(min(n_references, spare // (acc_per_column + per_reference * n_models)))
+            tiles = math.ceil(n_references / max(one, 1))
+            if one >= 1 and (cache_queries or tiles == 1) \
+                    and tiles <= _ONE_BLOCK_TILES * math.ceil(n_references / tile):
+                tile, models = math.ceil(n_references / tiles), n_models
     # Fast mode's re-score holds float32 features of every query and every reference
     # (half the room), and whole exact rows for the queries its window cannot settle (a fifth).
     rescore_room = int(0.5 * (budget - fixed)) // (
