@@ -237,9 +237,10 @@ def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor |
     down by it (and `runner_up`, if given, pushed up); every other value exact.
 
     The real bfloat16 pass runs first, so the engine measures its rounding as it always
-    does; the bound is then the one the engine will use (`_Engine.error_bound`, at the
-    smallest value term, which holds for every value). One tile only: the queries and
-    all references are measured once it has run.
+    does; the bound is then the one the engine will use (`_Engine.error_bound`), with its
+    value term at the pushed pairs' own values (the engine's is at the largest value of
+    each query's list, which holds them). One tile only: the queries and all references
+    are measured once it has run.
     """
     from ensemble_kernel import engine as engine_module
 
@@ -249,6 +250,7 @@ def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor |
         if dtype == torch.float32:
             return original(self, tile, rows=rows, dtype=dtype, **kw)
         assert (tile.start, tile.stop) == (0, self.references.n_examples), "one tile"
+        assert rows is None  # (a low-precision pass always takes every query)
         original(self, tile, rows=rows, dtype=dtype, **kw)  # measures the rounding
         block = original(self, tile, rows=rows, dtype=torch.float32, **kw)
         everything = slice(0, self.n_models)
@@ -256,12 +258,14 @@ def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor |
                             slice(0, self.queries.n_examples), torch.float32)
         fb = self._features(self.references, self.stats_r, everything, tile, torch.float32)
         queries = torch.linalg.vector_norm(fa, dim=1).double()
-        if rows is not None:
-            queries = queries[rows]
         reference = float(torch.linalg.vector_norm(fb, dim=1).max())
+        pushed = block.gather(1, best[:, None])[:, 0].abs()
+        if runner_up is not None:
+            pushed = torch.maximum(pushed, block.gather(1, runner_up[:, None])[:, 0].abs())
+        # (0.99: the value term at the computed value, which the push moves by < 1% here)
         self._rounding.complete = True  # every row measured: one tile
         try:
-            bound = self.error_bound(queries, reference, torch.zeros_like(queries))
+            bound = self.error_bound(queries, reference, 0.99 * pushed.double())
         finally:
             self._rounding.complete = False
         eps = (share * bound).float()

@@ -512,3 +512,20 @@ def test_one_block_pass_selects_from_the_product_as_the_widened_block_would(excl
     top = plain.topk(12, dim=1).values
     assert torch.equal(got.values, top)
     assert torch.equal(plain.gather(1, got.indices), got.values)  # each value its pair's
+
+
+def test_a_low_precision_tile_of_several_blocks_outside_a_search():
+    # accumulate_tile's bfloat16 path with several blocks of runs also works outside
+    # `search` (no reused buffers there): the float32 sum of the blocks' bfloat16 products.
+    ens = make_ensemble(seed=8, n_models=6, n_train=9, n_test=5, n_classes=3)
+    engine = engine_module._prepare_engine(
+        ens.test, ens.train, 1, log_softmax=True, classes=None, exclude_self=False,
+        precision="fast", memory_budget=64 * MiB, device="cpu", chunk_models=2,
+        tile_size=None, progress=None, k_keep=3)
+    block = engine.accumulate_tile(slice(0, 9), rows=None, dtype=torch.bfloat16,
+                                   stage="kernel", tiles_done=0, total=6, done_before=0)
+    fa = _features(engine, engine.queries, engine.stats_q).bfloat16()
+    fb = _features(engine, engine.references, engine.stats_r).bfloat16()
+    plain = sum((fa[:, c:c + 6] @ fb[:, c:c + 6].T).float() for c in (0, 6, 12))
+    plain *= 1.0 / 18
+    assert block.dtype == torch.float32 and torch.equal(block, plain)

@@ -144,3 +144,8 @@ def test_fast_mode_takes_one_block_of_every_run_where_it_costs_few_tiles():
     assert plan({**fast, "n_models": 20_000}, 1 << 30).chunk_models < 20_000
     assert plan({**fast, "precision": "exact", "k_keep": 20}, 1 << 30).chunk_models < 500
     assert plan(fast, 1 << 30, chunk_models=100).chunk_models == 100  # as asked
+    # wider than the widest block (runs x classes > 16,384): gamma(width) would outgrow the
+    # gain, and at 2**24 features no float32 bound remains
+    wide = {**fast, "n_queries": 10, "n_references": 100, "n_models": 2000,
+            "n_used_classes": 100}
+    assert plan(wide, 16 << 30).chunk_models == 16384 // 100

@@ -4,7 +4,8 @@ Fast mode finds candidates with bfloat16 products and re-scores them in float32.
 returns exact mode's neighbours only if no reference left out of the candidate list could
 belong to the top-k, and that needs a bound on |approximate - exact| that holds for every
 (query, reference) pair, including those never re-scored. This module derives it from
-the unit roundoff of each format; nothing here is measured on the data.
+the unit roundoff of each format, and (`low_precision_error`) from what the engine measures:
+the norms of the feature rows and the distance of each row from its bfloat16 rounding.
 
 Notation: `a`, `b` are one query's and one reference's float32 feature rows of length
 d = n_models * n_used_classes, cut into `n_blocks` blocks of at most `width` entries (one
@@ -26,6 +27,8 @@ an n-term float32 sum (Higham, *Accuracy and Stability of Numerical Algorithms*,
 Summing 1-4 gives a coefficient c with |approx - exact| <= c * sum_j |a_j b_j| <= c ||a|| ||b||
 (Cauchy-Schwarz), scaled as the kernel is. For bfloat16, c is about 3u = 1.2% of
 ||a|| ||b|| / (n_models n_classes), which is about 1.2% of the largest possible kernel value.
+That is the worst case; `low_precision_error` replaces step 1 by the measured rounding and,
+with one block, step 3 by the computed value, which is usually far less.
 The float32 re-score has the same form with u = 0 (no input or output rounding).
 
 The re-score recomputes the features, and a feature is computed in float32 or in float64

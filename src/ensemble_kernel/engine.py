@@ -321,10 +321,12 @@ class _Engine:
             self._mask_self(acc, tile, rows)
         return acc
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """A reused working block while `search` runs (`_Buffers`); None otherwise (the
-        caller allocates)."""
-        return None if self._buffers is None else self._buffers.get(name, shape, dtype)
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A working block (values undefined): reused while `search` runs (`_Buffers`),
+        a new one otherwise."""
+        if self._buffers is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self._buffers.get(name, shape, dtype)
 
     def _columns(self, models: slice) -> slice:
         """The feature columns of a block of runs."""
@@ -536,11 +538,14 @@ class _Engine:
                             reference_rounding=reference_rounding, largest=largest)
 
     def low_precision_bound(self, rescored: Rescored, largest=None) -> torch.Tensor:
-        """Per query, a bound on |bfloat16 kernel value - exact value| over every reference.
+        """Per query, a bound on |bfloat16 kernel value - exact value|: for every reference
+        without `largest`; with it, for the references whose |bfloat16 value| is at most
+        `largest` (the query's candidates). A reference whose value lies below them has an
+        exact value below the last candidate's value plus this bound (the bound grows with
+        the value; see `bounds.low_precision_error`), which is all `_fast_search` needs of it.
 
         `error_bound` at the norms' upper bounds from the re-score (raised by NORM_SLACK):
-        ||a|| and max_b ||b||. `largest`: per query, the largest |bfloat16 value| the bound
-        must hold at (see `bounds.low_precision_error`).
+        ||a|| and max_b ||b||.
 
         Returns
         -------

@@ -18,7 +18,8 @@ Precision = Literal["exact", "fast"]
 # Contraction width (runs x classes) of a block below which products lose efficiency; fast
 # mode wants wide blocks so that widening each bfloat16 product into float32 is amortised.
 _MIN_CONTRACTION = {"exact": 512, "fast": 2048}
-# Contraction width above which a wider block buys nothing but memory.
+# Contraction width above which a wider block buys nothing but memory (and a larger bound
+# on its float32 sum, gamma(width)).
 _MAX_CONTRACTION = {"exact": 4096, "fast": 16384}
 # Fast mode takes one block of every run where that costs at most this many times the
 # tiles of the widest plan (see `plan_memory`).
@@ -200,11 +201,13 @@ def plan_memory(
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
         models = int(max(1, min(room, cap, n_models)))
-        if fast and models < n_models and forced_tile is None:
+        if fast and models < n_models and forced_tile is None \
+                and n_models * n_used_classes <= _MAX_CONTRACTION[precision]:
             # One block of every run bounds its bfloat16 rounding by the value instead of
             # by the norms (`bounds.low_precision_error`): far fewer queries to recompute.
             # Worth up to `_ONE_BLOCK_TILES` times the tiles, where the queries' features
-            # are cached (else each tile would normalise them again).
+            # are cached (else each tile would normalise them again), and up to the widest
+            # block (wider, the float32 sum's own bound, gamma(width), outgrows the gain).
             spare = avail - n_queries * per_query * n_models
             one = int(min(n_references, spare // (acc_per_column + per_reference * n_models)))
             tiles = math.ceil(n_references / max(one, 1))
