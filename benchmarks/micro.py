@@ -14,6 +14,7 @@
         --n-test 1000 --k 20 --memory-budget 4GiB   # the 20,000-run store of bench_20k.py --keep
     python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
     python benchmarks/micro.py layout   # fast mode's tile product: strided transpose vs a copy
+    python benchmarks/micro.py squares  # the statistics' sum of squares over few and many runs
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -319,6 +320,27 @@ def layout(repeats: int = 5) -> None:
         print(f"{name}: " + ", ".join(f"{x:.2f}" for x in sorted(ts)) + " s")
 
 
+def squares(repeats: int = 20) -> None:
+    """The statistics pass's sum of squares over the runs of a block (the leading axis of
+    (runs, rows, classes)), as `vector_norm(dim=0)` squared and as a product summed, for
+    blocks of few and many runs (the sweep's small subsets have blocks of 1 to 16 runs)."""
+    g = torch.Generator().manual_seed(0)
+    for n_b, rows in ((1, 26_000), (2, 26_000), (4, 26_000), (16, 13_000), (128, 1_600),
+                      (500, 400)):
+        d = torch.randn(n_b, rows, 10, generator=g)
+        ways = {"vector_norm(dim=0) squared":
+                lambda: torch.linalg.vector_norm(d, dim=0).square_(),
+                "mul, sum(dim=0)": lambda: torch.mul(d, d).sum(dim=0)}
+        out = []
+        for name, f in ways.items():
+            f()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                f()
+            out.append(f"{name} {(time.perf_counter() - t) / repeats / d.numel() * 1e9:.2f}")
+        print(f"{n_b:4d} runs x {rows} rows x 10 classes, ns per value: " + ", ".join(out))
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -361,13 +383,17 @@ def candidates(k: int, store: str | None = None, n_test: int = 1000,
         approx = engine.search(longest, dtype=torch.bfloat16)
     with exact_float32_matmul("cpu"):
         scored = engine.rescore(approx.indices)
-    bound = engine.low_precision_bound(scored)
+    low = approx.values.double()
+
+    def bound(n: int) -> torch.Tensor:  # as fast mode's, for a list of n (its largest value)
+        return engine.low_precision_bound(scored, torch.maximum(low[:, 0].abs(),
+                                                                low[:, n - 1].abs()))
     top1 = scored.values.max(dim=1).values
-    print(f"{n_test} test examples, k = {k}: median bound {float(bound.median()):.4f}, "
-          f"median top-1 kernel value {float(top1.median()):.4f}")
+    print(f"{n_test} test examples, k = {k}: median bound {float(bound(k + 128).median()):.4f}"
+          f" (for k + 128 candidates), median top-1 kernel value {float(top1.median()):.4f}")
     for n in sorted({min(n, longest) for n in (k + 32, 64, 128, k + 128, 256, 512, longest)}):
         kth = scored.values[:, :n].topk(k, dim=1).values[:, -1].double()
-        settled = approx.values[:, n - 1].double() + bound < kth
+        settled = low[:, n - 1] + bound(n) < kth
         print(f"  {n:5d} candidates: {100 * float(settled.double().mean()):.1f}% settled")
 
 
@@ -375,7 +401,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
-                                    "candidates", "pairs", "pilot", "vmlrace", "compare", "layout"])
+                                    "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
+                                    "squares"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -416,6 +443,8 @@ def main() -> None:
         storeread(args.store)
     elif args.what == "layout":
         layout()
+    elif args.what == "squares":
+        squares()
     elif args.what == "vmlrace":
         vmlrace(args.processes)
     elif args.what == "compare":

@@ -11,8 +11,8 @@ Two passes over the logits:
 
 Fast mode does pass 2 with bfloat16 products to find `n_candidates` per query, then
 re-scores those candidates exactly in float32 and keeps the top-k. A query is final only
-when a rigorous bound on the bfloat16 error (`bounds.py`, from the unit roundoffs and
-the feature norms) proves that no reference outside its candidates can reach its exact
+when a rigorous bound on the bfloat16 error (`bounds.py`, from the unit roundoffs, the
+feature norms and the rounding the candidate pass measures) proves that no reference outside its candidates can reach its exact
 k-th value; any other query is recomputed in exact mode. So fast mode returns exact
 mode's neighbours, whatever the data.
 """
