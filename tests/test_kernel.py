@@ -131,3 +131,17 @@ def test_exact_mode_product_is_float32_accurate():
         torch.set_float32_matmul_precision(before)
     for got in (mm, addmm, bmm.squeeze(2).double()):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+def test_the_plain_twin_takes_outputs_an_ulp_apart():
+    # float64 outputs around 1 that differ by about an ulp: torch's batched std returned 0
+    # for some of them and the twin NaN. Now finite and standardised: each example's
+    # kernel value with itself is (runs - 1) / runs times its share of varying outputs.
+    # (The engine takes logits at float32 precision, where these are all 1: not compared.)
+    g = torch.Generator().manual_seed(3)
+    x = 1 + 1e-16 * torch.randn(3, 16, 5, generator=g, dtype=torch.float64)
+    varying = ~(x == x[:1]).all(0)
+    assert bool((x.std(0) == 0).logical_and(varying).any())  # the case
+    twin = dense_kernel(x, x, log_softmax=False)
+    assert bool(torch.isfinite(twin).all())
+    expected = (2 / 3) * varying.double().mean(dim=1)
+    assert torch.allclose(twin.diagonal(), expected, rtol=1e-9)

@@ -14,7 +14,8 @@ re-scores those candidates exactly in float32 and keeps the top-k. A query is fi
 when a rigorous bound on the bfloat16 error (`bounds.py`, from the unit roundoffs, the
 feature norms and the rounding the candidate pass measures) proves that no reference outside its candidates can reach its exact
 k-th value; any other query is recomputed in exact mode. So fast mode returns exact
-mode's neighbours, whatever the data.
+mode's neighbours, whatever the data (up to ties within float32 rounding: the re-score
+sums in other blocks than exact mode, so near-equal values may trade places).
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ class StatsAccumulator:
         centre = deviation.mean(dim=0)  # the block's mean, relative to its first run
         deviation.sub_(centre)  # deviations from the block mean: no cancellation below
         s1 = deviation.sum(dim=0)
-        # The squares' sum over runs (the leading axis): `vector_norm(dim=0)` is 20-90x
+        # The squares' sum over runs (the leading axis): `vector_norm(dim=0)` is 30-150x
         # slower per value for blocks of 2 to 16 runs (`python benchmarks/micro.py squares`)
         s2 = torch.mul(deviation, deviation).sum(dim=0)
         # NaN and Inf reach every sum they enter; squares that overflow give Inf.
@@ -351,9 +351,15 @@ def dense_kernel(
             x = y - others.sum(-1, keepdim=True).log1p()
         if classes is not None:
             x = x[..., list(classes)]
-        std = x.std(0, keepdim=True)
-        z = (x - x.mean(0, keepdim=True)) / std
-        constant = (x == x[:1]).all(0, keepdim=True)  # its float64 mean may be an ulp off
+        # Deviations from the first run first (exact for runs that agree to a few digits):
+        # torch's batched `std` can return 0 for outputs an ulp apart, and 0 std gave NaN.
+        shifted = x - x[:1]
+        centred = shifted - shifted.mean(0, keepdim=True)
+        std = (centred.square().sum(0, keepdim=True) / (x.shape[0] - 1)).sqrt()
+        z = centred / std
+        # constant (its float64 mean may be an ulp off), or a spread whose squares float64
+        # cannot hold (below ~1e-154): 0, as the engine does
+        constant = (x == x[:1]).all(0, keepdim=True) | (std == 0)
         return torch.where(constant, torch.zeros_like(z), z)
 
     za, zb = standardise(queries), standardise(references)
