@@ -111,12 +111,22 @@ def test_progress_reports_every_stage():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_agrees_with_cpu():
+    # exact and fast (one block of runs: the value bound; several: the worst case), and
+    # auto's pilot, on the GPU
+    from ensemble_kernel.engine import _crowded_share
+    from ensemble_kernel.plan import plan_memory
+
     ens = make_ensemble(n_models=8, n_train=500, n_test=100)
-    for precision in ("exact", "fast"):
+    for precision, chunk_models in (("exact", None), ("fast", None), ("fast", 3)):
         got = _top_k_neighbors(ens.test, ens.train, 5, device="cuda", precision=precision,
-                              tile_size=128)
+                              tile_size=128, chunk_models=chunk_models)
         assert_same_neighbors(got.indices.cpu(), got.values.cpu(),
                               dense_kernel(ens.test, ens.train), 5)
+    plan = plan_memory(100, 500, 8, ens.train.shape[2], k_keep=133, budget=64 * MiB,
+                       precision="fast")
+    share = _crowded_share(ens.test, ens.train, 5, plan, n_candidates=None, log_softmax=True,
+                           classes=None, memory_budget=64 * MiB, device="cuda")
+    assert 0.0 <= share <= 1.0
 
 
 def test_tiles_without_the_query_cache_agree():

@@ -924,7 +924,8 @@ def _crowded_share(queries, references, k: int, plan: Plan, *, n_candidates, log
     largest = torch.maximum(values[:, 0].abs(), values[:, rank_c - 1].abs())
     guess = torch.as_tensor(  # per query (a float where the value term does not apply)
         guessed_bound(plan, engine.n_models, engine.n_used, rounding=engine.rounding_ratio(),
-                      largest=largest), dtype=torch.float64).expand(len(values))
+                      largest=largest), dtype=torch.float64, device=values.device
+    ).expand(len(values))
     gap = values[:, rank_k - 1] - values[:, rank_c - 1]
     share = float((gap <= INLINE_GAP * guess).double().mean())
     logger.info("pilot: %d test examples x %d references, ranks %d and %d: %.0f%% crowded "
