@@ -228,3 +228,26 @@ def test_run_table_ratios_and_an_unfinished_case():
     unfinished = run.format_row(run.make_row("auto", results, flop), 4)
     assert "not finished in 900 s" in unfinished
     assert unfinished.count("|") == run.TABLE_HEAD.splitlines()[0].count("|")
+
+
+def test_run_reads_fast_modes_counts_from_its_log(caplog):
+    # run.py reports how many test examples fast mode computed whole and recomputed, from
+    # the engine's own log line (it once reported the pairs re-scored as recomputed).
+    import logging
+
+    import run
+    from ensemble_kernel.engine import _top_k_neighbors
+
+    counts = run.FastModeCounts()
+    log = logging.getLogger("ensemble_kernel.engine")
+    log.addHandler(counts)
+    try:
+        with caplog.at_level(logging.INFO, logger="ensemble_kernel.engine"):
+            g = torch.Generator().manual_seed(0)
+            train, test = torch.randn(5, 300, 3, generator=g), torch.randn(5, 20, 3, generator=g)
+            _top_k_neighbors(test, train, 2, precision="fast", memory_budget=64 << 20)
+    finally:
+        log.removeHandler(counts)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fast mode:"))
+    whole, again = counts.found[0]
+    assert f"{whole} queries computed whole" in line and f"{again} of 20 queries" in line
