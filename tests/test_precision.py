@@ -15,7 +15,8 @@ from ensemble_kernel.errors import InputError
 from ensemble_kernel import engine as engine_module
 from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.plan import plan_memory
-from ensemble_kernel.precision import Rates, choose_precision, machine_key, probe
+from ensemble_kernel.precision import (Rates, choose_precision, fast_plan, machine_key,
+                                      predict_times, probe)
 from ensemble_kernel.sources import as_source
 
 from conftest import assert_same_neighbors, make_ensemble, run_cli, save_pt
@@ -473,3 +474,19 @@ def test_auto_takes_exact_on_crowded_data_end_to_end(fake_probe, exact_rows):
     _top_k_neighbors(test, train, 1, precision="auto", memory_budget=64 << 20,
                      progress=lambda p: stages.append(p.stage))
     assert "rescore" in stages
+
+
+def test_the_prediction_takes_the_one_block_rate_where_the_plan_has_one_block():
+    # Fast mode's plan at CIFAR/500 with 1.5 GiB is one block of every run: its product is
+    # predicted at the one-block rate (nothing added into float32); with several blocks
+    # (20,000 runs) at the rate with the float32 sum; unmeasured (0), the latter stands in.
+    base = dict(float32=300e9, bfloat16=900e9, normalize=100e6, gather=6e9,
+                select_exact=900e6, select_fast=300e6, probe_s=2.0)
+    slow, quick = Rates(**base), Rates(**base, bfloat16_one_block=2700e9)
+    assert fast_plan(**CIFAR).chunk_models == 500
+    assert predict_times(quick, **CIFAR)[1] < predict_times(slow, **CIFAR)[1]
+    assert predict_times(quick, **CIFAR)[0] == predict_times(slow, **CIFAR)[0]
+    wide = {**CIFAR, "n_models": 20_000, "memory_budget": 4 << 30}
+    assert fast_plan(**wide).chunk_models < 20_000
+    assert predict_times(quick, **wide) == predict_times(slow, **wide)
+    assert Rates(**base).valid() and not Rates(**base, bfloat16_one_block=-1.0).valid()

@@ -3,13 +3,15 @@
 Fast mode pays only where low-precision products are much faster than float32 ones
 *and* that gain outweighs its extra work: a longer candidate list per tile, the exact
 re-score (one dot product per candidate, and every feature normalised again unless the
-plan keeps them) and the rows its proof computes whole. So the probe measures six rates
+plan keeps them) and the rows its proof computes whole. So the probe measures seven rates
 at the engine's shapes, on the chosen device, with the engine's own code and settings:
 
 - `float32`: a float32 product accumulated with `addmm` under `highest` precision
   (exact mode's kernel pass), FLOP/s;
 - `bfloat16`: a bfloat16 product added into a float32 accumulator (fast mode's
-  candidate pass), FLOP/s;
+  candidate pass with several blocks of runs), FLOP/s;
+- `bfloat16_one_block`: the bfloat16 product alone (fast mode's candidate pass where its
+  plan takes one block of every run: nothing is added into float32), FLOP/s;
 - `normalize`: log-softmax and standardisation of float16 logits into features
   (`kernel.prepare`, `kernel.normalized_features`), feature values per second;
 - `gather`: the re-score: one float32 dot product per (query, candidate) pair, read
@@ -60,7 +62,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
-PROBE_VERSION = 4  # bump when the probe or the model changes: old cache files are ignored
+PROBE_VERSION = 5  # bump when the probe or the model changes: old cache files are ignored
 PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
@@ -96,6 +98,9 @@ class Rates:
     select_fast : the same for fast mode's (a bfloat16 block widened to float32, then
         `topk` of k + 128 = 148 candidates).
     probe_s : seconds the probe took.
+    bfloat16_one_block : fast mode's product rate where its plan takes one block of every
+        run: the bfloat16 product alone, nothing added into float32 (0: not measured; the
+        `bfloat16` rate stands in).
     """
 
     float32: float
@@ -105,11 +110,14 @@ class Rates:
     select_exact: float
     select_fast: float
     probe_s: float
+    bfloat16_one_block: float = 0.0
 
     def valid(self) -> bool:
         return all(isinstance(v, float) and math.isfinite(v) and v > 0
                    for v in (self.float32, self.bfloat16, self.normalize, self.gather,
-                             self.select_exact, self.select_fast))
+                             self.select_exact, self.select_fast)) \
+            and isinstance(self.bfloat16_one_block, float) \
+            and math.isfinite(self.bfloat16_one_block) and self.bfloat16_one_block >= 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,7 @@ class PrecisionChoice:
                             "gather_mvalues_s": _round(r.gather / 1e6),
                             "select_exact_mpairs_s": _round(r.select_exact / 1e6),
                             "select_fast_mpairs_s": _round(r.select_fast / 1e6),
+                            "bfloat16_one_block_gflops": _round(r.bfloat16_one_block / 1e9),
                             "probe_s": _round(r.probe_s)}
         return out
 
@@ -172,7 +181,8 @@ class PrecisionChoice:
 
 
 def describe_rates(r: Rates) -> str:
-    return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s, "
+    return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s "
+            f"({r.bfloat16_one_block / 1e9:.3g} in one block), "
             f"normalise {r.normalize / 1e6:.3g} M values/s, re-score gather "
             f"{r.gather / 1e6:.3g} M values/s, selection {r.select_exact / 1e6:.3g} (exact) "
             f"and {r.select_fast / 1e6:.3g} (fast) M pairs/s")
@@ -319,7 +329,9 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     whole_rows = 2.0 * inline * n_references * d / rates.float32
     if whole > inline:
         whole_rows += kernel_pass("exact", rates.float32, whole - inline)
-    fast = (kernel_pass("fast", rates.bfloat16, n_queries) + pairs / rates.select_fast
+    one_block = plans["fast"].chunk_models >= n_models and rates.bfloat16_one_block > 0
+    fast_rate = rates.bfloat16_one_block if one_block else rates.bfloat16
+    fast = (kernel_pass("fast", fast_rate, n_queries) + pairs / rates.select_fast
             + rescore + whole_rows)
     return exact, fast
 
@@ -435,7 +447,7 @@ _CLASSES = 10
 
 
 def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SECONDS) -> Rates:
-    """Measure the six rates on `device` within about `seconds` (hard cap: each rate
+    """Measure the seven rates on `device` within about `seconds` (hard cap: each rate
     stops growing its shapes once the next size would not fit its share)."""
     device = torch.device(device)
     started = time.perf_counter()
@@ -453,24 +465,32 @@ def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SEC
                 def run():
                     acc.addmm_(a, b.T)
             else:
-                bt = b.T.contiguous()
-
                 def run():
-                    acc.add_(a @ bt)  # as the engine: a (d, tile) operand, float32 sum
+                    acc.add_(a @ b.T)  # as the engine: one block of several, float32 sum
             return run, 2.0 * rows * _TILE * _WIDTH
         return make
 
+    def one_block(rows):  # as the engine with one block: the bfloat16 product, kept as is
+        a = randn(rows, _WIDTH, dtype=torch.bfloat16)
+        b = randn(_TILE, _WIDTH, dtype=torch.bfloat16)
+        out = torch.empty(rows, _TILE, dtype=torch.bfloat16, device=device)
+
+        def run():
+            torch.mm(a, b.T, out=out)
+        return run, 2.0 * rows * _TILE * _WIDTH
+
     with exact_float32_matmul(device), bfloat16_matmul(device):
         # Interleaved, so that a burst of load on a shared machine slows both alike.
-        float32, bfloat16 = _rates([product(torch.float32), product(torch.bfloat16)], _ROWS,
-                                   2 * share, device)
+        float32, bfloat16, bfloat16_one_block = _rates(
+            [product(torch.float32), product(torch.bfloat16), one_block], _ROWS, 2 * share,
+            device)
         normalize, = _rates([_normalize_step(randn, device)], (256, 1024, 4096), share, device)
         gather, = _rates([_gather_step(randn, gen, device)], (1, 4, 16, 64, 128), share, device)
         select_exact, select_fast = _rates(
             [_select_step(randn, torch.float32, 21), _select_step(randn, torch.bfloat16, 148)],
             (16, 64, 256, 1024), share, device)
     return Rates(float32, bfloat16, normalize, gather, select_exact, select_fast,
-                 time.perf_counter() - started)
+                 time.perf_counter() - started, bfloat16_one_block)
 
 
 def _normalize_step(randn, device):
