@@ -259,18 +259,15 @@ class _Engine:
     def _measure_rounding(self, low: torch.Tensor, high: torch.Tensor,
                           into: torch.Tensor) -> None:
         """Add the squared norms of the rows of `low - high` to `into` (float64), measured
-        as `_Rounding` assumes: in pieces of rows that stay in cache.
+        as `_Rounding` assumes. The callers pass a cache-sized piece (`_features`) or a few
+        rows (`rounding_ratio`).
 
         low : the bfloat16 features; high : the same features before the cast (float32,
         or float64 for the rows `kernel.prepare` computes so). The difference is exact:
         a value and its rounding to bfloat16 lie within a factor 2 (Sterbenz).
         """
-        unit = norm_unit(self.plan.chunk_models * self.n_used)
-        step = max(1, _PIECE_CACHE_BYTES // (8 * max(1, low.shape[1])))
-        for r0 in range(0, low.shape[0], step):
-            piece = slice(r0, r0 + step)
-            difference = low[piece].to(high.dtype, copy=True).sub_(high[piece])
-            into[piece] += _block_norms(difference, unit)
+        difference = low.to(high.dtype, copy=True).sub_(high)
+        into += _block_norms(difference, norm_unit(self.plan.chunk_models * self.n_used))
 
     def accumulate_tile(self, tile: slice, *, rows: torch.Tensor | None, dtype: torch.dtype,
                         stage: str, tiles_done: int, total: int, done_before: int) -> torch.Tensor:

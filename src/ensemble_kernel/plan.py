@@ -177,6 +177,10 @@ def plan_memory(
     avail -= keep_bytes if keep else 0
     want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
 
+    def widest_tile(models: int) -> int:  # references per tile beside blocks of `models` runs
+        spare = avail - n_queries * per_query * models
+        return int(min(n_references, spare // (acc_per_column + per_reference * models)))
+
     def fits(t: int, models: int) -> bool:
         return t * acc_per_column + (n_queries * per_query + t * per_reference) * models <= avail
 
@@ -185,8 +189,7 @@ def plan_memory(
     else:
         while want_models > 1 and not fits(1, want_models):
             want_models //= 2
-        spare = avail - n_queries * per_query * want_models
-        tile = int(max(1, min(n_references, spare // (acc_per_column + per_reference * want_models))))
+        tile = max(1, widest_tile(want_models))
         tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
     if not fits(tile, 1):
         need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest))
@@ -208,8 +211,7 @@ def plan_memory(
             # Worth up to `_ONE_BLOCK_TILES` times the tiles, where the queries' features
             # are cached (else each tile would normalise them again), and up to the widest
             # block (wider, the float32 sum's own bound, gamma(width), outgrows the gain).
-            spare = avail - n_queries * per_query * n_models
-            one = int(min(n_references, spare // (acc_per_column + per_reference * n_models)))
+            one = widest_tile(n_models)
             tiles = math.ceil(n_references / max(one, 1))
             if one >= 1 and (cache_queries or tiles == 1) \
                     and tiles <= _ONE_BLOCK_TILES * math.ceil(n_references / tile):

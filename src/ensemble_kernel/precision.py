@@ -457,32 +457,30 @@ def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SEC
     def randn(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    def product(dtype):
+    def product(dtype, one_block=False):
+        """float32 `addmm`; bfloat16 added into a float32 sum (a block of several); or,
+        `one_block`, the bfloat16 product kept as it is (fast mode's single block)."""
         def make(rows):
             a, b = randn(rows, _WIDTH, dtype=dtype), randn(_TILE, _WIDTH, dtype=dtype)
-            acc = torch.zeros(rows, _TILE, device=device)
-            if dtype == torch.float32:
+            out = torch.empty(rows, _TILE, dtype=dtype, device=device) if one_block else \
+                torch.zeros(rows, _TILE, device=device)
+            if one_block:
                 def run():
-                    acc.addmm_(a, b.T)
+                    torch.mm(a, b.T, out=out)
+            elif dtype == torch.float32:
+                def run():
+                    out.addmm_(a, b.T)
             else:
                 def run():
-                    acc.add_(a @ b.T)  # as the engine: one block of several, float32 sum
+                    out.add_(a @ b.T)
             return run, 2.0 * rows * _TILE * _WIDTH
         return make
-
-    def one_block(rows):  # as the engine with one block: the bfloat16 product, kept as is
-        a = randn(rows, _WIDTH, dtype=torch.bfloat16)
-        b = randn(_TILE, _WIDTH, dtype=torch.bfloat16)
-        out = torch.empty(rows, _TILE, dtype=torch.bfloat16, device=device)
-
-        def run():
-            torch.mm(a, b.T, out=out)
-        return run, 2.0 * rows * _TILE * _WIDTH
 
     with exact_float32_matmul(device), bfloat16_matmul(device):
         # Interleaved, so that a burst of load on a shared machine slows both alike.
         float32, bfloat16, bfloat16_one_block = _rates(
-            [product(torch.float32), product(torch.bfloat16), one_block], _ROWS, 2 * share,
+            [product(torch.float32), product(torch.bfloat16),
+             product(torch.bfloat16, one_block=True)], _ROWS, 2 * share,
             device)
         normalize, = _rates([_normalize_step(randn, device)], (256, 1024, 4096), share, device)
         gather, = _rates([_gather_step(randn, gen, device)], (1, 4, 16, 64, 128), share, device)
