@@ -15,6 +15,8 @@
     python benchmarks/micro.py pairs --threads 1  # the re-score's products, gathered vs sampled
     python benchmarks/micro.py layout   # fast mode's tile product: strided transpose vs a copy
     python benchmarks/micro.py squares  # the statistics' sum of squares over few and many runs
+    python benchmarks/micro.py logsoftmax  # the log-softmax's one reduction (max) against two
+    python benchmarks/micro.py perclass  # the ablations' per-class product, by runs per block
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -341,6 +343,65 @@ def squares(repeats: int = 20) -> None:
         print(f"{n_b:4d} runs x {rows} rows x 10 classes, ns per value: " + ", ".join(out))
 
 
+def logsoftmax(repeats: int = 20) -> None:
+    """The engine's log-softmax (`kernel._log_softmax_`) against its former first step,
+    `amax` then `argmax` over the class axis (two reductions where `max` is one), on
+    blocks of the shapes the passes read: (runs, rows, classes) and (rows, runs, classes)."""
+    from ensemble_kernel.kernel import _log_softmax_
+
+    def former(x):
+        x -= x.amax(dim=-1, keepdim=True)
+        others = x.exp()
+        others.scatter_(-1, x.argmax(dim=-1, keepdim=True), 0.0)
+        mass = others.sum(dim=-1, keepdim=True)
+        x.sub_(mass.log1p())
+        return mass
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((23, 50_000, 10), (2_000, 23, 10), (1, 26_000, 10), (160_000, 10, 10)):
+        x0 = torch.randn(*shape, generator=g) * 5
+        times: dict[str, list[float]] = {"amax, argmax (former)": [], "max (now)": []}
+        for _ in range(repeats):
+            for name, f in (("amax, argmax (former)", former), ("max (now)", _log_softmax_)):
+                x = x0.clone()
+                t = time.perf_counter()
+                f(x)
+                times[name].append(time.perf_counter() - t)
+        same = torch.equal(former(x0.clone()), _log_softmax_(x0.clone()))
+        print(f"{str(shape):>18}: " + ", ".join(
+            f"{name} {np.median(ts) / x0.numel() * 1e9:.2f} ns/value" for name, ts in times.items())
+            + f" (median of {repeats}; same masses: {same})")
+
+
+def perclass(repeats: int = 3) -> None:
+    """The ablation pass's batched product, (10, 2,000, runs) @ (10, runs, tile) added into
+    its accumulator, by runs per block: with few runs it is bound by the accumulator's
+    memory traffic, not by arithmetic. Against one float32 product of the same FLOP."""
+    g = torch.Generator().manual_seed(0)
+    n_q, n_classes = 2_000, 10
+    for runs, tile in ((25, 12_500), (50, 12_500), (100, 6_250), (250, 5_000), (500, 5_000)):
+        a = torch.randn(n_classes, n_q, runs, generator=g)
+        b = torch.randn(n_classes, runs, tile, generator=g)
+        acc = torch.zeros(n_classes, n_q, tile)
+        acc.baddbmm_(a, b)
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            acc.baddbmm_(a, b)
+            rates.append(2 * a.numel() * tile / (time.perf_counter() - t) / 1e9)
+        print(f"{runs:4d} runs per block, tile {tile}: " + ", ".join(f"{r:.0f}" for r in rates)
+              + " GFLOP/s")
+    a = torch.randn(n_q, 5_000, generator=g)
+    b = torch.randn(5_000, 5_000, generator=g)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        rates.append(2 * a.numel() * 5_000 / (time.perf_counter() - t) / 1e9)
+    print("one float32 product (2,000 x 5,000) @ (5,000 x 5,000): "
+          + ", ".join(f"{r:.0f}" for r in rates) + " GFLOP/s")
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -402,7 +463,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
-                                    "squares"])
+                                    "squares", "logsoftmax", "perclass"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -445,6 +506,10 @@ def main() -> None:
         layout()
     elif args.what == "squares":
         squares()
+    elif args.what == "logsoftmax":
+        logsoftmax()
+    elif args.what == "perclass":
+        perclass()
     elif args.what == "vmlrace":
         vmlrace(args.processes)
     elif args.what == "compare":

@@ -145,3 +145,56 @@ def test_the_plain_twin_takes_outputs_an_ulp_apart():
     assert bool(torch.isfinite(twin).all())
     expected = (2 / 3) * varying.double().mean(dim=1)
     assert torch.allclose(twin.diagonal(), expected, rtol=1e-9)
+
+
+def _adversarial_logit_rows() -> torch.Tensor:
+    """Rows meant to break the log-softmax: tied maxima (two, all ten), confident rows (a
+    margin of 60 and of 90, where float32's 1 + s loses s), huge offsets, a maximum an ulp
+    above its neighbour, and random rows between them."""
+    g = torch.Generator().manual_seed(5)
+    rows = [[3.0, 3.0] + [1.0] * 8, [7.0] * 10, [0.0] * 9 + [90.0], [60.0] + [0.0] * 9,
+            [1e6 + 2, 1e6, 1e6 + 2] + [1e6 + 1] * 7, [-1e4] * 5 + [-1e4 + 3] * 5,
+            [1.0, math.nextafter(1.0, 2.0)] + [-5.0] * 8]
+    rows += (torch.randn(40, 10, generator=g) * torch.logspace(-3, 2, 40)[:, None]).tolist()
+    rows += torch.randint(-2, 3, (40, 10), generator=g).float().tolist()  # many ties
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_log_softmax_is_accurate_against_float64_with_ties_and_confident_rows():
+    from ensemble_kernel.kernel import _log_softmax_
+
+    x = _adversarial_logit_rows()
+    got = x.clone()
+    mass = _log_softmax_(got)
+    # float64 twin written independently: fsum of every class but one maximum, log1p.
+    for row, out, m in zip(x.double().tolist(), got.double(), mass.double()):
+        top = max(row)
+        rest = [math.exp(v - top) for v in row]
+        rest.remove(1.0)  # one maximum (exp(0) == 1 exactly) left out
+        s = math.fsum(rest)
+        want = torch.tensor([v - top - math.log1p(s) for v in row], dtype=torch.float64)
+        u = 2.0**-24
+        # x - max rounds once (u|y|), the mass's float32 sum and exp at most ~11u relative,
+        # log1p then contributes at most that times s / (1 + s), and the last subtraction u.
+        tol = (2 * u * (want.abs() + math.log1p(s)) + 12 * u * s / (1 + s)
+               + 1e-45)
+        assert ((out - want).abs() <= tol).all(), (row, out, want)
+        assert abs(float(m) - s) <= 12 * u * s + 1e-45
+
+
+def test_log_softmax_of_a_row_does_not_depend_on_its_block():
+    """Every row gets the same float32 bits however it is batched (the statistics pass and
+    the feature pass read an example in blocks of different shapes)."""
+    from ensemble_kernel.kernel import _log_softmax_
+
+    x = _adversarial_logit_rows()
+    whole = x.clone()
+    _log_softmax_(whole)
+    for rows in (slice(0, 1), slice(3, 9), slice(0, 47), slice(50, None)):
+        part = x[rows].clone()
+        _log_softmax_(part)
+        assert torch.equal(part, whole[rows])
+    # runs-first blocks, (runs, examples, classes), as the statistics pass holds them
+    stacked = x[:87].reshape(3, 29, 10).clone()
+    _log_softmax_(stacked)
+    assert torch.equal(stacked.reshape(-1, 10), whole[:stacked.numel() // 10])
