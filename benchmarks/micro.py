@@ -17,6 +17,8 @@
     python benchmarks/micro.py squares  # the statistics' sum of squares over few and many runs
     python benchmarks/micro.py logsoftmax  # the log-softmax's one reduction (max) against two
     python benchmarks/micro.py perclass  # the ablations' per-class product, by runs per block
+    python benchmarks/micro.py ablations --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
+        --memory-budget 2GiB   # the report's ablation pass, its blocks of runs now and before
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -402,6 +404,37 @@ def perclass(repeats: int = 3) -> None:
           + ", ".join(f"{r:.0f}" for r in rates) + " GFLOP/s")
 
 
+def ablations(store: str, n_test: int, budget: int, repeats: int = 2) -> None:
+    """The report's ablation pass (`ablations.ablation_neighbors`: ten per-class kernels
+    and the one without log-softmax, k = 3) on `n_test` test examples of a store, with
+    the plan's blocks of runs chosen for the per-class products (now) and by the
+    contraction width of all its features (former), alternated; same neighbours?"""
+    from ensemble_kernel import ablations as ab
+    from ensemble_kernel.plan import plan_memory
+
+    train, test = _store_logits(store, n_test)
+
+    def former_plan(*args, block_runs=None, **kwargs):
+        return plan_memory(*args, **kwargs)
+
+    print(f"{_machine()}\nablations on {store}: {test.n_examples} queries, "
+          f"{train.n_models} runs, budget {budget / 2**30:.2f} GiB")
+    found = {}
+    for r in range(repeats):
+        for name in ("former", "now"):
+            ab.plan_memory = former_plan if name == "former" else plan_memory
+            t = time.perf_counter()
+            try:
+                found[name] = ab.ablation_neighbors(test, train, 3, memory_budget=budget)
+            finally:
+                ab.plan_memory = plan_memory
+            print(f"  {name:>6}, repeat {r}: {time.perf_counter() - t:.1f} s", flush=True)
+    same = all(torch.equal(a.indices, b.indices) for a, b in
+               zip(found["former"].per_class + (found["former"].no_log_softmax,),
+                   found["now"].per_class + (found["now"].no_log_softmax,)))
+    print(f"  same neighbours in every kernel: {same}")
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -463,7 +496,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
-                                    "squares", "logsoftmax", "perclass"])
+                                    "squares", "logsoftmax", "perclass", "ablations"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -510,6 +543,12 @@ def main() -> None:
         logsoftmax()
     elif args.what == "perclass":
         perclass()
+    elif args.what == "ablations":
+        from ensemble_kernel.cli.common import parse_size
+
+        if not args.store:
+            p.error("ablations needs --store STORE (benchmarks/report_bench.py builds one)")
+        ablations(args.store, args.n_test or 2000, parse_size(args.memory_budget))
     elif args.what == "vmlrace":
         vmlrace(args.processes)
     elif args.what == "compare":

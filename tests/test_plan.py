@@ -149,3 +149,36 @@ def test_fast_mode_takes_one_block_of_every_run_where_it_costs_few_tiles():
     wide = {**fast, "n_queries": 10, "n_references": 100, "n_models": 2000,
             "n_used_classes": 100}
     assert plan(wide, 16 << 30).chunk_models == 16384 // 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems, budgets, st.integers(1, 600), st.integers(1, 1000))
+@example({**CIFAR, "n_models": 500, "n_used_classes": 40, "k_keep": 3}, 1 << 31, 256, 409)
+def test_blocks_of_runs_asked_for_fit_the_budget_and_are_even(p, budget, fewest, most):
+    """`block_runs` (the ablations' per-class products): the plan still fits, its blocks
+    are as wide as asked where that fits, never wider than `most`, and even."""
+    try:
+        chosen = plan(p, budget, block_runs=(fewest, most))
+    except BudgetError:
+        return
+    m = p["n_models"]
+    assert must_hold(p, chosen) <= budget
+    assert 1 <= chosen.chunk_models <= min(max(most, 1), m)
+    n_blocks = math.ceil(m / chosen.chunk_models)
+    assert chosen.chunk_models == math.ceil(m / n_blocks)  # no short last block
+    # where a tile of one reference beside `fewest` runs fits, the blocks are that wide
+    roomy = plan(p, budget, block_runs=(fewest, most), tile_size=1)
+    if roomy.chunk_models >= min(fewest, most, m):
+        assert chosen.chunk_models >= min(fewest, most, m) or \
+            chosen.chunk_models == math.ceil(m / math.ceil(m / min(fewest, most, m)))
+
+
+def test_the_ablations_plan_at_cifar_shape_takes_two_even_blocks_of_runs():
+    # 2,000 queries, 500 runs, 10 classes with their copies and the no-log-softmax ones
+    # (40 columns), 11 kernels side by side, 2 GiB: blocks of 250 runs, not 102 or fewer.
+    ablations = {**CIFAR, "n_queries": 2_000, "n_models": 500, "n_used_classes": 40,
+                 "k_keep": 3}
+    assert plan(ablations, 1 << 31, n_kernels=11).chunk_models <= 102
+    chosen = plan(ablations, 1 << 31, n_kernels=11, block_runs=(256, 409))
+    assert chosen.chunk_models == 250
+    assert must_hold(ablations, chosen) <= 1 << 31

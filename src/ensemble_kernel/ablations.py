@@ -37,10 +37,16 @@ from .engine import Progress, ProgressCallback, _Engine, _resources, _top_k_neig
 from .errors import BudgetError, InputError
 from .kernel import exact_float32_matmul
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import plan_memory
+from .plan import _MAX_CONTRACTION, plan_memory
 from .sources import as_source, check_pair
 
 __all__ = ["AblationNeighbors", "ablation_neighbors"]
+
+# Runs per block that the per-class products want: each contracts over the runs of its
+# class alone, and below about 250 runs adding it into the accumulators is bound by their
+# memory traffic (`python benchmarks/micro.py perclass`: 110-130 GFLOP/s at 25-50 runs,
+# 170 at 100, 290-320 at 250-500, where one float32 product runs at 320).
+_PER_CLASS_RUNS = 256
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_byt
             queries.n_examples, references.n_examples, queries.n_models,
             n_classes * (4 if with_raw else 2), k_keep=-(-k_total // n_kernels),
             budget=budget, precision="exact", chunk_models=chunk_models,
-            tile_size=tile_size, raw_bytes=raw_bytes, n_kernels=n_kernels)
+            tile_size=tile_size, raw_bytes=raw_bytes, n_kernels=n_kernels,
+            block_runs=(_PER_CLASS_RUNS, _MAX_CONTRACTION["exact"] // n_classes))
 
     try:
         plan = plan_for(False)

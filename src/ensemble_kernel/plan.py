@@ -128,6 +128,7 @@ def plan_memory(
     cache_queries: bool | None = None,
     n_kernels: int = 1,
     keep_features: bool | None = None,
+    block_runs: tuple[int, int] | None = None,
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
 
@@ -141,6 +142,11 @@ def plan_memory(
     `n_kernels` kernels accumulated side by side in each tile (the report's ablations,
     `ablations.py`) multiply the accumulator and the running top-k; their own feature
     copies are the caller's to count in `n_used_classes`.
+
+    `block_runs` = (fewest, most): runs per block that the caller's products want, the
+    fewest for their rate and the most for their rounding bound, where the contraction
+    width is not runs x `n_used_classes` (the ablations' per-class products contract over
+    the runs alone); default from `_MIN_CONTRACTION` and `_MAX_CONTRACTION`.
 
     Raises
     ------
@@ -175,7 +181,9 @@ def plan_memory(
     keep = (fast and keep_features is not False and keep_bytes <= 0.4 * (budget - fixed)
             and avail - keep_bytes >= smallest)
     avail -= keep_bytes if keep else 0
-    want_models = min(n_models, max(1, math.ceil(_MIN_CONTRACTION[precision] / n_used_classes)))
+    fewest, most = block_runs or (math.ceil(_MIN_CONTRACTION[precision] / n_used_classes),
+                                   _MAX_CONTRACTION[precision] // n_used_classes)
+    want_models = min(n_models, max(1, fewest))
 
     def widest_tile(models: int) -> int:  # references per tile beside blocks of `models` runs
         spare = avail - n_queries * per_query * models
@@ -202,10 +210,11 @@ def plan_memory(
         models = max(1, min(chunk_models, n_models))
     else:
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
-        cap = max(1, _MAX_CONTRACTION[precision] // n_used_classes)
+        cap = max(1, most)
         models = int(max(1, min(room, cap, n_models)))
-        if fast and models < n_models and forced_tile is None \
-                and n_models * n_used_classes <= _MAX_CONTRACTION[precision]:
+        if block_runs is not None:  # even blocks: no short last one at a poorer rate
+            models = math.ceil(n_models / math.ceil(n_models / models))
+        if fast and models < n_models and forced_tile is None and n_models <= most:
             # One block of every run bounds its bfloat16 rounding by the value instead of
             # by the norms (`bounds.low_precision_error`): far fewer queries to recompute.
             # Worth up to `_ONE_BLOCK_TILES` times the tiles, where the queries' features
