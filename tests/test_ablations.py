@@ -166,3 +166,66 @@ def test_a_bad_k_is_refused(bad):
         ablation_neighbors(test, train, bad)
     with pytest.raises(InputError, match=r"k_full must be between 1 and 90"):
         ablation_neighbors(test, train, 3, k_full=bad)
+
+
+def test_kept_train_statistics_are_taken_only_for_the_source_and_normalisation_kept():
+    """`KeptStatistics`: the first engine run over the kept source passes over its runs and
+    keeps what it found; a later run with the same normalisation takes that instead; the
+    queries, another source object with the same values, or another normalisation (no
+    log-softmax, one class) pass over their runs again."""
+    from ensemble_kernel import engine
+
+    ens, train, test = adversarial(seed=4)
+    train_src, test_src = ArraySource(train), ArraySource(test)
+    passes = []
+    real = engine._Engine._statistics
+
+    def counted(self, source, split):
+        passes.append((source, self.log_softmax, self.classes))
+        return real(self, source, split)
+
+    kept = engine.KeptStatistics(train_src)
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(RuntimeWarning):
+        mp.setattr(engine._Engine, "_statistics", counted)
+        first = top_k_neighbors(test_src, train_src, 5, kept=kept)
+        assert [p[0] for p in passes] == [test_src, train_src]
+        assert kept.nbytes == train.shape[1] * train.shape[2] * 28  # no precise rows here
+        passes.clear()
+        again = top_k_neighbors(test_src, train_src, 5, kept=kept)
+        assert [p[0] for p in passes] == [test_src]  # the train split's were kept
+        assert torch.equal(again.indices, first.indices)  # same plan, same statistics
+        assert torch.equal(again.values, first.values)
+        passes.clear()
+        top_k_neighbors(test_src, ArraySource(train.clone()), 5, kept=kept)
+        top_k_neighbors(test_src, train_src, 5, kept=kept, log_softmax=False)
+        top_k_neighbors(test_src, train_src, 5, kept=kept, classes=[2])
+        assert sum(p[0] is not test_src for p in passes) == 3
+        assert {(p[1], p[2]) for p in passes if p[0] is train_src} == {(False, None),
+                                                                         (True, (2,))}
+
+
+def test_the_sweep_with_kept_statistics_gives_the_same_ablations():
+    """The report's path: the test -> train pass keeps the train statistics and the sweep's
+    ablations take them; the ablations equal the one-at-a-time ones, computed afresh,
+    and the ablation pass passed over the train runs once (no log-softmax) not twice."""
+    from ensemble_kernel import engine
+
+    ens, train, test = adversarial(seed=3)
+    train_src, test_src = ArraySource(train), ArraySource(test)
+    kept = engine.KeptStatistics(train_src)
+    with pytest.warns(RuntimeWarning):
+        old = _old_path(test, train, ens.labels_train, ens.labels_test, train.shape[2])
+        found = top_k_neighbors(test_src, train_src, 20, kept=kept)
+        passes = []
+        real = engine._Engine._statistics
+
+        def counted(self, source, split):
+            passes.append((source, self.log_softmax))
+            return real(self, source, split)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(engine._Engine, "_statistics", counted)
+            result = sweep(train_src, test_src, ens.labels_train, ens.labels_test,
+                           runs=[2, 7], neighbors=found, kept=kept)
+    assert result.ablations == old
+    assert (train_src, True) not in passes and (train_src, False) in passes

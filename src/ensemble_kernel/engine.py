@@ -101,6 +101,47 @@ ProgressCallback = Callable[[Progress], None]
 TileCallback = Callable[[int, Neighbors], None]
 
 
+class KeptStatistics:
+    """The statistics pass's result for some sources, kept for later engine runs.
+
+    The report's test -> train pass and its ablations' pass read the same train runs and
+    normalise them the same way (log-softmax, every class): the second takes the first's
+    statistics instead of passing over every run again. Only the sources named here are
+    kept, each under its normalisation (log-softmax or not, the classes) and device, and
+    only for that very source object. Whoever holds this counts `nbytes` in its memory
+    budget.
+
+    Statistics are per (example, class) over the runs, so another plan's blocks of runs
+    change them only within float32 rounding, which the engine's bounds allow for.
+    """
+
+    def __init__(self, *sources: LogitSource):
+        self._sources = sources
+        self._kept: dict[tuple, tuple[LogitSource, ClassStats]] = {}
+
+    def _key(self, source: LogitSource, log_softmax: bool, classes, device) -> tuple | None:
+        if not any(source is s for s in self._sources):
+            return None
+        return id(source), bool(log_softmax), classes, str(torch.device(device))
+
+    def get(self, source, log_softmax, classes, device) -> ClassStats | None:
+        key = self._key(source, log_softmax, classes, device)
+        found = self._kept.get(key) if key is not None else None
+        return found[1] if found is not None and found[0] is source else None
+
+    def put(self, source, log_softmax, classes, device, stats: ClassStats) -> None:
+        key = self._key(source, log_softmax, classes, device)
+        if key is not None:
+            self._kept[key] = (source, stats)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for _, stats in self._kept.values() for t in (
+            stats.mean, stats.scale, stats.precise, stats.mean32, stats.mean_low32,
+            stats.scale32) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class _Engine:
     """One computation: the sources, the options, the statistics and the plan."""
 
@@ -115,6 +156,7 @@ class _Engine:
         plan: Plan,
         exclude_self: bool,
         progress: ProgressCallback | None,
+        kept: KeptStatistics | None = None,
     ):
         self.queries, self.references = queries, references
         self.log_softmax, self.classes = log_softmax, classes
@@ -135,8 +177,22 @@ class _Engine:
         self._rounding: _Rounding | None = None
         # Working blocks reused from tile to tile while `search` runs (`_Buffers`).
         self._buffers: _Buffers | None = None
-        self.stats_q = self._statistics(queries, "query")
-        self.stats_r = self.stats_q if references is queries else self._statistics(references, "reference")
+        self.stats_q = self._kept_statistics(queries, "query", kept)
+        self.stats_r = self.stats_q if references is queries else \
+            self._kept_statistics(references, "reference", kept)
+
+    def _kept_statistics(self, source: LogitSource, split: str,
+                         kept: KeptStatistics | None) -> ClassStats:
+        """`kept`'s statistics of `source` if it has them, else the statistics pass's
+        (given to `kept` when it keeps that source)."""
+        if kept is None:
+            return self._statistics(source, split)
+        where = (source, self.log_softmax, self.classes, self.device)
+        stats = kept.get(*where)
+        if stats is None:
+            stats = self._statistics(source, split)
+            kept.put(*where, stats)
+        return stats
 
     def _report(self, stage: str, done: int, total: int, tiles_done: int = 0) -> None:
         if self.progress is not None:
@@ -698,7 +754,7 @@ def _resources(queries: LogitSource, references: LogitSource, memory_budget: int
 
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
-                    cache_queries=None):
+                    cache_queries=None, kept=None):
     if precision not in ("exact", "fast"):  # 'auto' is resolved before (`_resolve_auto`)
         raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
     queries = as_source(queries, "query logits")
@@ -720,7 +776,7 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                        cache_queries=cache_queries)
     logger.info("plan: %s", plan)
     return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
-                   plan=plan, exclude_self=exclude_self, progress=progress)
+                   plan=plan, exclude_self=exclude_self, progress=progress, kept=kept)
 
 
 def _top_k_neighbors(
@@ -743,6 +799,7 @@ def _top_k_neighbors(
     tiles: Collection[int] | None = None,
     combine: Callable[[Neighbors], Neighbors] | None = None,
     cache_queries: bool | None = None,
+    kept: KeptStatistics | None = None,
 ) -> Neighbors:
     """The top-k references of every query, with the engine's internal hooks.
 
@@ -777,6 +834,8 @@ def _top_k_neighbors(
         all-gather and merge across ranks) before fast mode's re-score.
     cache_queries : keep normalised query features between tiles; None: when they fit
         in 30% of the budget. False measures the engine as it runs when they do not.
+    kept : statistics kept between engine runs (`KeptStatistics`): taken from it, or
+        given to it, for the sources it keeps.
 
     Returns
     -------
@@ -795,7 +854,7 @@ def _top_k_neighbors(
                              exclude_self=exclude_self, precision=precision,
                              memory_budget=memory_budget, device=device,
                              chunk_models=chunk_models, tile_size=tile_size, progress=progress,
-                             k_keep=k_keep, cache_queries=cache_queries)
+                             k_keep=k_keep, cache_queries=cache_queries, kept=kept)
     resume = dict(finished=finished_tiles, on_tile=on_tile, only=tiles)
     combine = combine or (lambda found: found)
     if precision == "exact":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .ablations import ablation_neighbors
-from .engine import Progress, ProgressCallback, _top_k_neighbors
+from .engine import KeptStatistics, Progress, ProgressCallback, _top_k_neighbors
 from .errors import InputError
 from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
@@ -268,6 +268,7 @@ def sweep(
     device: str = "cpu",
     neighbors: Neighbors | None = None,
     progress: ProgressCallback | None = None,
+    kept: KeptStatistics | None = None,
 ) -> SweepResult:
     """Accuracy against the number of runs over disjoint subsets, plus ablations.
 
@@ -296,6 +297,9 @@ def sweep(
     progress : called with a `Progress` per stage: 'sweep' (runs' worth of kernel work
         done over the subsets, so the time left is that of the whole sweep), then
         'statistics' and 'ablations' of the ablations' pass.
+    kept : statistics of the train split over all runs kept from the pass that computed
+        `neighbors` (`engine.KeptStatistics`; the caller counts them in its budget):
+        the ablations' pass takes them instead of passing over every run again.
 
     Returns
     -------
@@ -334,7 +338,7 @@ def sweep(
                         weighted=weighted, max_subsets=max_subsets,
                         significance_k=significance_k, precision=precision,
                         memory_budget=memory_budget, device=device, neighbors=neighbors,
-                        sample=pick, progress=progress)
+                        sample=pick, progress=progress, kept=kept)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -355,7 +359,7 @@ def _held_bytes(n_test: int, n_classes: int, k: int) -> int:
 
 def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_subsets,
            significance_k, precision, memory_budget, device, neighbors, sample,
-           progress) -> SweepResult:
+           progress, kept=None) -> SweepResult:
     """The sweep; on the test examples `sample` (positions, or None: all), which are
     read once into memory (and counted in the budget) when given."""
     n_models, n_classes = train.n_models, train.n_classes
@@ -387,7 +391,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                 found = ablation_neighbors(
                     sub_test, sub_train, significance_k,
                     k_full=None if known is not None else k_max, memory_budget=left,
-                    device=device, progress=progress)
+                    device=device, progress=progress, kept=kept)
                 ablations = _ablation_accuracies(found, labels_train, labels_test,
                                                  significance_k)
                 known = known if known is not None else found.full

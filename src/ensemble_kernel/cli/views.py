@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..engine import _top_k_neighbors
+from ..engine import KeptStatistics, _top_k_neighbors
 from ..plan import budget_beside, default_memory_budget
 from ..errors import LABELS_HINT, InputError
 from ..formats import RunSet
@@ -97,7 +97,7 @@ def _note_no_inputs(renderer) -> None:
 def _views(src, labels, inputs, features, memory_budget, precision, device, quiet, k=20,
            kinds=("inputs", "features"), *, name: str, out: Path, needs_labels: bool = False,
            needs_features: bool = False, ranks: str | None = None, check=None,
-           verbose: bool = False, runset: RunSet | None = None):
+           verbose: bool = False, runset: RunSet | None = None, keep_train: bool = False):
     """Check every option, open SRC, compute test -> train neighbours once, gather what
     the views draw. Nothing is computed before the checks (labels, features, `out`).
 
@@ -106,9 +106,13 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     once, here, for the test -> train neighbours (`resolve_precision`); the report's sweep
     uses the same choice.
 
+    With `keep_train`, the train split's statistics are kept (`KeptStatistics`, taken
+    off the budget left) for a later pass over the same runs (the report's ablations).
+
     Returns
     -------
-    (runset, extras, renderer, neighbours, budget left, PrecisionChoice)
+    (runset, extras, renderer, neighbours, budget left, PrecisionChoice, KeptStatistics
+    or None)
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
@@ -138,10 +142,13 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     k = min(k, runset.train.n_examples)
     choice = resolve_precision(precision, runset, k, device=device, memory_budget=budget,
                                verbose=verbose)
+    kept = KeptStatistics(runset.train) if keep_train else None
     with _progress_bar(quiet) as report:
         found = _top_k_neighbors(runset.test, runset.train, k, precision=choice.precision,
-                                 memory_budget=budget, device=device, progress=report)
-    return runset, extras, renderer, found, budget - _nbytes(found), choice
+                                 memory_budget=budget, device=device, progress=report,
+                                 kept=kept)
+    left = budget - _nbytes(found) - (kept.nbytes if kept is not None else 0)
+    return runset, extras, renderer, found, left, choice, kept
 
 
 def _nbytes(obj) -> int:
@@ -164,12 +171,11 @@ def _write_view(name: str, src, labels, inputs, features, memory_budget, precisi
     from ..report.html import build_views, write_views
 
     kinds = (("inputs",) if draws else ()) + (("features",) if needs_features else ())
-    runset, extras, renderer, found, _, choice = _views(src, labels, inputs, features, memory_budget,
-                                                precision, device, quiet, k=k, kinds=kinds,
-                                                name=name, out=out, needs_labels=needs_labels,
-                                                needs_features=needs_features,
-                                                ranks=options.pop("ranks_spec", None),
-                                                check=check, verbose=verbose, runset=runset)
+    runset, extras, renderer, found, _, choice, _ = _views(
+        src, labels, inputs, features, memory_budget, precision, device, quiet, k=k,
+        kinds=kinds, name=name, out=out, needs_labels=needs_labels,
+        needs_features=needs_features, ranks=options.pop("ranks_spec", None), check=check,
+        verbose=verbose, runset=runset)
     options = {"ranks": slice(0, 1), "top_failures": 0, **options}
     if callable(options["ranks"]):  # parsed once the number of test examples is known
         options["ranks"] = options["ranks"](runset.test.n_examples)
@@ -358,10 +364,10 @@ def report_cmd(
             raise InputError(f"--out must name an .html file, got {out}")
         subsets = sweep_subsets(max_subsets, full_sweep)
         test_examples = sweep_examples(examples)
-        runset, extras, renderer, found, left, choice = _views(
+        runset, extras, renderer, found, left, choice, kept = _views(
             src, labels, inputs, features, memory_budget, precision, device, quiet,
             name="report", out=out, needs_labels=True, ranks=ranks, verbose=verbose,
-            check=lambda r: check_sweep_size("report", r.train.n_examples))
+            check=lambda r: check_sweep_size("report", r.train.n_examples), keep_train=True)
         with _progress_bar(quiet) as report:
             build_report(runset.train, runset.test, runset.labels_train, runset.labels_test,
                          found=found, out=out, source=str(src[0]), renderer=renderer,
@@ -370,7 +376,7 @@ def report_cmd(
                          features_test=extras["features_test"],
                          ranks=_ranks(ranks, runset.test.n_examples), precision=choice.precision,
                          memory_budget=left, device=device, max_subsets=subsets,
-                         test_examples=test_examples, progress=report)
+                         test_examples=test_examples, progress=report, kept=kept)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
     _note_no_inputs(renderer)

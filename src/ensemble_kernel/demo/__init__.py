@@ -21,7 +21,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..errors import InputError
-from ..engine import _top_k_neighbors
+from ..engine import KeptStatistics, _top_k_neighbors
 from ..evaluation import Evaluation, evaluate
 from ..store import RunStore
 from ..sweeps import DEFAULT_MAX_SUBSETS, SweepResult, sweep
@@ -120,14 +120,15 @@ def run_demo(options: DemoOptions,
     labels_train, labels_test = store.labels("train"), store.labels("test")
     kernel_progress = None if progress is None else (
         lambda p: progress(p.stage, p.done, p.total))
-    found = _top_k_neighbors(test, train, 20, progress=kernel_progress)
+    kept = KeptStatistics(train)  # the train statistics, again for the sweep's ablations
+    found = _top_k_neighbors(test, train, 20, progress=kernel_progress, kept=kept)
     evaluation = evaluate(train, test, labels_train, labels_test, k=3, weighted_k=20, power=4,
                           neighbors=found)
     timings["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     result = sweep(train, test, labels_train, labels_test, neighbors=found,
-                   max_subsets=options.max_subsets, progress=kernel_progress)
+                   max_subsets=options.max_subsets, progress=kernel_progress, kept=kept)
     timings["sweep_s"] = time.perf_counter() - t0
 
     from ..report.files import sweep_json, write_sweep  # matplotlib only when writing
