@@ -191,7 +191,11 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert seen["device"] == "cpu"
     found = 50 * 20 * (8 + 4)  # the neighbours (int64, float32) the report holds
-    assert seen["memory_budget"] == 48 * MiB - found
+    # and the train statistics kept for the ablations: float64 mean and scale, a float32
+    # mean pair and scale, per (train example, class)
+    kept = 100 * ens.train.shape[2] * 28
+    assert seen["kept"].nbytes == kept
+    assert seen["memory_budget"] == 48 * MiB - found - kept
     assert np.isfinite(seen["memory_budget"])
     assert seen["max_subsets"] == 3  # the default cap
     for options, cap in ((["--max-subsets", "2"], 2), (["--full-sweep"], None)):
