@@ -51,3 +51,45 @@ def test_neighbors_stays_within_its_memory_budget(tmp_path, precision):
     used = peak - base
     assert used <= budget + ALLOWANCE, (
         f"peak RSS grew by {used / 2**20:.0f} MiB under a budget of {budget / 2**20:.0f} MiB")
+
+
+_MALLOC_PROBE = r"""
+import resource, sys
+import psutil, torch
+from ensemble_kernel.cli.malloc import return_large_blocks
+torch.set_num_threads(1)
+if sys.argv[1] == "set":
+    assert return_large_blocks()
+elif sys.argv[1] == "mmap-only":  # the setting before the trim threshold: 128 KiB
+    assert return_large_blocks(trim=128 << 10)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def piece():  # a block below the mmap threshold, as log-softmax's pieces of rows
+    x = torch.empty(2 << 20, dtype=torch.uint8); x.fill_(1); del x
+piece()
+before = faults()
+for _ in range(40):
+    piece()
+small = faults() - before
+rss = psutil.Process().memory_info().rss
+big = torch.ones(256 << 20, dtype=torch.uint8)  # a block above it: its own mapping
+del big
+print(small, psutil.Process().memory_info().rss - rss)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_programs_allocator_reuses_small_blocks_and_returns_large_ones():
+    """`cli.malloc`: freed pieces of a few MiB stay in the process for the next one (not
+    ~512 page faults each, as with glibc's 128 KiB trim threshold), and a freed block of
+    256 MiB goes back to the system."""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    faults, kept = run("set")
+    assert faults < 40 * 512 // 10  # the 40 pieces reused one block
+    assert kept < 64 << 20  # the 256 MiB block went back
+    faults_before, _ = run("mmap-only")  # the probe can tell: every piece faulted in again
+    assert faults_before >= 40 * 256
