@@ -373,3 +373,48 @@ def _saved(tmp_path, n_models=4):
     ens = make_ensemble(n_models=n_models, n_train=60, n_test=20)
     return (str(save_pt(tmp_path / "runs.pt", ens.train, ens.test)),
             str(save_labels(tmp_path / "labels.npz", ens)))
+
+
+@pytest.mark.parametrize("b, c", [(0, 1), (7, 0), (3, 3), (4, 5), (1, 6), (10, 30),
+                                  (500, 440), (3000, 2900), (1, 1023), (2000, 2000),
+                                  (9000, 11000), (10001, 10000), (12000, 9000)])
+def test_mcnemar_equals_scipys_binomtest_on_both_sides_of_the_integer_sum(b, c):
+    """Up to 20,000 discordant pairs the p-value is an integer sum; beyond, binomtest's."""
+    from scipy.stats import binomtest
+
+    assert mcnemar_exact(b, c) == pytest.approx(binomtest(b, b + c, 0.5).pvalue,
+                                                rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_bootstraps_counting_shortcut_agrees_with_resampling_examples(seed):
+    """0/1 correctness: a resample's mean from multinomial counts (the shortcut) against
+    resampling the examples themselves (the torch twin above), and other differences
+    (halves, here) through scipy's resampling against the same twin; lopsided data (8
+    disagreements in 2,000, one way) where a wrong share or a swapped sign would show."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2000
+    a = torch.rand(n, generator=g) < 0.97
+    b = a.clone()
+    b[:8] = ~b[:8]
+    for x, y in ((a, b), (a.double() / 2, b.double())):
+        low, high = bootstrap_difference(x, y, seed=seed)
+        twin_low, twin_high = _bootstrap_twin(x, y, seed=seed)
+        s = float((x.double() - y.double()).std()) / math.sqrt(n)
+        assert abs(low - twin_low) < 0.5 * s and abs(high - twin_high) < 0.5 * s
+        assert high - low > 2 * s  # about 4 standard errors wide
+
+
+def test_the_sweeps_statistics_do_not_import_scipy_stats():
+    """The report's significance (McNemar, bootstrap) on 0/1 correctness needs no scipy.stats
+    (its import alone took 1.2 s of the report)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom ensemble_kernel.sweeps import mcnemar_exact, "
+            "bootstrap_difference\nmcnemar_exact(30, 12)\n"
+            "a = torch.rand(500) < 0.9\nbootstrap_difference(a, torch.rand(500) < 0.8)\n"
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
