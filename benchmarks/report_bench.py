@@ -3,12 +3,18 @@
     python benchmarks/report_bench.py                      # CIFAR shape, 500 runs
     python benchmarks/report_bench.py --runs 100 --repeats 2
     python benchmarks/report_bench.py --report-args="--full-sweep"
+    git worktree add /tmp/before <commit>   # then, alternated in one run:
+    python benchmarks/report_bench.py --repeats 2 --compare-src /tmp/before/src
 
 Each command runs as `python -m ensemble_kernel ... -q` in a fresh process on the same
 store (float16, ingested once from generated, class-structured logits under
 benchmarks/_data/, which git ignores), with the same --memory-budget. Prints the CPU (model,
 ISA flags), torch's thread count, the wall time and peak RSS of every run, and the ratio
-report / evaluate (the target of issue 9, item 7: at most 3). Nothing here is asserted.
+report / evaluate (the target of issue 9, item 7: at most 3). With --compare-src, every
+command also runs with that source tree first on PYTHONPATH (another commit's `src/`),
+alternated with this one, so that the two are compared on the same machine in the same
+minutes (this machine's timings drift by 15% or more between runs). Nothing here is
+asserted.
 """
 
 from __future__ import annotations
@@ -90,12 +96,18 @@ def build_store(args) -> Path:
     return store
 
 
-def timed(args_list: list[str], scratch: Path) -> dict:
-    """Wall time and peak RSS of `python -m ensemble_kernel ARGS -q` in a fresh process."""
+def timed(args_list: list[str], scratch: Path, src: Path | None = None) -> dict:
+    """Wall time and peak RSS of `python -m ensemble_kernel ARGS -q` in a fresh process
+    (importing the package from `src` when given)."""
     hwm = scratch / "vmhwm.txt"
+    env = None
+    if src is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(src)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _LAUNCH, str(hwm), *args_list, "-q"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args_list)} failed:\n{done.stderr[-3000:]}")
@@ -115,7 +127,12 @@ def main() -> None:
                    "--full-sweep")
     p.add_argument("--data-dir", type=Path, default=HERE / "_data")
     p.add_argument("--json-out", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--compare-src", type=Path, help="also time every command with this "
+                   "source tree (another commit's src/) first on PYTHONPATH, alternated")
     args = p.parse_args()
+    if args.compare_src is not None and not (args.compare_src / "ensemble_kernel").is_dir():
+        p.error(f"--compare-src {args.compare_src}: no ensemble_kernel package there (give "
+                "the src/ folder of a checkout, e.g. from git worktree add)")
 
     machine = cpu_description()
     print(json.dumps(machine), flush=True)
@@ -123,29 +140,40 @@ def main() -> None:
     store = build_store(args)
     print(f"store {store} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     budget = ["--memory-budget", args.memory_budget]
-    results = {"evaluate": [], "report": []}
+    trees = {"this": None} if args.compare_src is None else {
+        "compared": args.compare_src.resolve(), "this": None}
+    results = {tree: {"evaluate": [], "report": []} for tree in trees}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         for r in range(args.repeats):
-            for case in ("evaluate", "report"):
-                cmd = (["evaluate", str(store), *budget] if case == "evaluate" else
-                       ["report", str(store), "--out", str(scratch / f"r{r}.html"), *budget,
-                        *args.report_args.split()])
-                got = timed(cmd, scratch)
-                results[case].append(got)
-                print(f"{case:<8} repeat {r}: {got['wall_s']:8.1f} s  peak "
-                      f"{got['peak_rss_mib']} MiB", flush=True)
-    walls = {c: [x["wall_s"] for x in v] for c, v in results.items()}
-    ratios = [rep / ev for ev, rep in zip(walls["evaluate"], walls["report"])]
+            for tree, src in trees.items():
+                for case in ("evaluate", "report"):
+                    cmd = (["evaluate", str(store), *budget] if case == "evaluate" else
+                           ["report", str(store), "--out", str(scratch / f"r{r}.html"),
+                            *budget, *args.report_args.split()])
+                    got = timed(cmd, scratch, src)
+                    results[tree][case].append(got)
+                    label = case if len(trees) == 1 else f"{tree} {case}"
+                    print(f"{label:<17} repeat {r}: {got['wall_s']:8.1f} s  peak "
+                          f"{got['peak_rss_mib']} MiB", flush=True)
     summary = {
         "shape": {"runs": args.runs, "n_train": args.n_train, "n_test": args.n_test,
                   "n_classes": args.n_classes}, "memory_budget": args.memory_budget,
-        "report_args": args.report_args, "machine": machine, "results": results,
-        "median_wall_s": {c: statistics.median(v) for c, v in walls.items()},
-        "ratio_report_over_evaluate": [round(x, 2) for x in ratios]}
-    print(f"report / evaluate: {', '.join(f'{x:.2f}' for x in ratios)} "
-          f"(median walls: evaluate {summary['median_wall_s']['evaluate']:.1f} s, report "
-          f"{summary['median_wall_s']['report']:.1f} s; target <= 3)")
+        "report_args": args.report_args, "machine": machine}
+    for tree in trees:
+        walls = {c: [x["wall_s"] for x in v] for c, v in results[tree].items()}
+        ratios = [rep / ev for ev, rep in zip(walls["evaluate"], walls["report"])]
+        figures = {"results": results[tree],
+                   "median_wall_s": {c: statistics.median(v) for c, v in walls.items()},
+                   "ratio_report_over_evaluate": [round(x, 2) for x in ratios]}
+        if tree == "this":
+            summary.update(figures)
+        else:
+            summary["compared"] = {"src": str(trees[tree]), **figures}
+        print(f"{'' if len(trees) == 1 else tree + ': '}report / evaluate: "
+              f"{', '.join(f'{x:.2f}' for x in ratios)} (median walls: evaluate "
+              f"{figures['median_wall_s']['evaluate']:.1f} s, report "
+              f"{figures['median_wall_s']['report']:.1f} s; target <= 3)")
     if args.json_out:
         args.json_out.write_text(json.dumps(summary, indent=2))
 
