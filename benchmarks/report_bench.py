@@ -12,9 +12,9 @@ benchmarks/_data/, which git ignores), with the same --memory-budget. Prints the
 ISA flags), torch's thread count, the wall time and peak RSS of every run, and the ratio
 report / evaluate (the target of issue 9, item 7: at most 3). With --compare-src, every
 command also runs with that source tree first on PYTHONPATH (another commit's `src/`),
-alternated with this one, so that the two are compared on the same machine in the same
-minutes (this machine's timings drift by 15% or more between runs). Nothing here is
-asserted.
+alternated with this checkout's `src/` (each first in turn), so that the two are compared
+on the same machine in the same minutes (this machine's timings drift by 15% or more
+between runs). Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -140,13 +140,15 @@ def main() -> None:
     store = build_store(args)
     print(f"store {store} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     budget = ["--memory-budget", args.memory_budget]
-    trees = {"this": None} if args.compare_src is None else {
-        "compared": args.compare_src.resolve(), "this": None}
+    this = HERE.parent / "src"  # this checkout, whatever ensemble_kernel is installed
+    trees = {"this": this} if args.compare_src is None else {
+        "compared": args.compare_src.resolve(), "this": this}
     results = {tree: {"evaluate": [], "report": []} for tree in trees}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         for r in range(args.repeats):
-            for tree, src in trees.items():
+            order = list(trees.items())
+            for tree, src in (order if r % 2 == 0 else order[::-1]):  # each first in turn
                 for case in ("evaluate", "report"):
                     cmd = (["evaluate", str(store), *budget] if case == "evaluate" else
                            ["report", str(store), "--out", str(scratch / f"r{r}.html"),

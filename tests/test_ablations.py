@@ -229,3 +229,41 @@ def test_the_sweep_with_kept_statistics_gives_the_same_ablations():
                            runs=[2, 7], neighbors=found, kept=kept)
     assert result.ablations == old
     assert (train_src, True) not in passes and (train_src, False) in passes
+
+
+def test_the_sweep_gives_the_kept_statistics_bytes_back_to_every_kernel(monkeypatch):
+    """The caller takes the kept statistics off the sweep's budget; the ablations' pass
+    (whose plan counts its statistics) and then every subset's kernel (once the sweep has
+    dropped them) get exactly the budget they get without kept statistics."""
+    from ensemble_kernel import engine, sweeps
+
+    ens, train, test = adversarial(seed=5)
+    train_src, test_src = ArraySource(train), ArraySource(test)
+    budget = 64 << 20
+    seen = []
+    real_top_k, real_ablations = sweeps._top_k_neighbors, sweeps.ablation_neighbors
+
+    def top_k(*args, **kwargs):
+        seen.append(("kernel", kwargs["memory_budget"]))
+        return real_top_k(*args, **kwargs)
+
+    def ablations(*args, **kwargs):
+        seen.append(("ablations", kwargs["memory_budget"]))
+        return real_ablations(*args, **kwargs)
+
+    monkeypatch.setattr(sweeps, "_top_k_neighbors", top_k)
+    monkeypatch.setattr(sweeps, "ablation_neighbors", ablations)
+    with pytest.warns(RuntimeWarning):
+        kept = engine.KeptStatistics(train_src)
+        found = top_k_neighbors(test_src, train_src, 20, kept=kept)
+        held = kept.nbytes
+        assert held > 0
+        with_kept = sweep(train_src, test_src, ens.labels_train, ens.labels_test,
+                          runs=[2, 4, 7], neighbors=found, kept=kept,
+                          memory_budget=budget - held)
+        budgets_with_kept, seen[:] = list(seen), []
+        without = sweep(train_src, test_src, ens.labels_train, ens.labels_test,
+                        runs=[2, 4, 7], neighbors=found, memory_budget=budget)
+    assert kept.nbytes == 0  # dropped after the ablations' pass
+    assert budgets_with_kept == seen and seen[0][0] == "ablations" and len(seen) > 2
+    assert with_kept.ablations == without.ablations

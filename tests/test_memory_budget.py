@@ -178,8 +178,10 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     real = build.sweep
 
     def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+        seen.update(kwargs, kept_bytes=kwargs["kept"].nbytes)
+        result = real(*args, **kwargs)
+        seen["kept_after"] = kwargs["kept"].nbytes  # the sweep dropped them
+        return result
 
     monkeypatch.setattr(build, "sweep", spy)
     ens = make_ensemble(n_models=4, n_train=100, n_test=50)
@@ -194,7 +196,7 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     # and the train statistics kept for the ablations: float64 mean and scale, a float32
     # mean pair and scale, per (train example, class)
     kept = 100 * ens.train.shape[2] * 28
-    assert seen["kept"].nbytes == kept
+    assert seen["kept_bytes"] == kept and seen["kept_after"] == 0
     assert seen["memory_budget"] == 48 * MiB - found - kept
     assert np.isfinite(seen["memory_budget"])
     assert seen["max_subsets"] == 3  # the default cap

@@ -182,3 +182,12 @@ def test_the_ablations_plan_at_cifar_shape_takes_two_even_blocks_of_runs():
     chosen = plan(ablations, 1 << 31, n_kernels=11, block_runs=(256, 409))
     assert chosen.chunk_models == 250
     assert must_hold(ablations, chosen) <= 1 << 31
+
+
+def test_blocks_asked_wider_than_allowed_size_the_tiles_for_the_blocks_taken():
+    # 100 classes: the ablations ask for 256 runs per block but allow 4096 // 100 = 40;
+    # the tiles are those of 40-run blocks, not narrower ones sized for 256 runs.
+    c100 = {**CIFAR, "n_queries": 1000, "n_models": 200, "n_used_classes": 400, "k_keep": 3}
+    asked = plan(c100, 4 << 30, n_kernels=101, block_runs=(256, 40))
+    assert asked == plan(c100, 4 << 30, n_kernels=101, block_runs=(40, 40))
+    assert asked.chunk_models == 40

@@ -386,6 +386,18 @@ def test_mcnemar_equals_scipys_binomtest_on_both_sides_of_the_integer_sum(b, c):
                                                 rel=1e-9, abs=1e-300)
 
 
+@pytest.mark.parametrize("b, c", [(32, 1101), (20, 1162), (0, 1074), (0, 1075), (3, 1500)])
+def test_mcnemar_is_exact_where_binomtest_underflows(b, c):
+    """Tails where binomtest's float sums give 0 (2.3e-279 at (32, 1101), subnormals at
+    (20, 1162) and (0, 1074)): the integer sum gives the exact fraction correctly
+    rounded, 0 only where that rounds to 0 ((0, 1075), (3, 1500))."""
+    from fractions import Fraction
+
+    n = b + c
+    exact = 2 * Fraction(sum(math.comb(n, i) for i in range(min(b, c) + 1)), 2 ** n)
+    assert mcnemar_exact(b, c) == float(min(exact, Fraction(1)))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_bootstraps_counting_shortcut_agrees_with_resampling_examples(seed):
     """0/1 correctness: a resample's mean from multinomial counts (the shortcut) against

@@ -134,6 +134,10 @@ class KeptStatistics:
         if key is not None:
             self._kept[key] = (source, stats)
 
+    def clear(self) -> None:
+        """Drop every statistic kept (their memory goes when no engine holds them)."""
+        self._kept.clear()
+
     @property
     def nbytes(self) -> int:
         tensors = [t for _, stats in self._kept.values() for t in (

@@ -146,7 +146,8 @@ def plan_memory(
     `block_runs` = (fewest, most): runs per block that the caller's products want, the
     fewest for their rate and the most for their rounding bound, where the contraction
     width is not runs x `n_used_classes` (the ablations' per-class products contract over
-    the runs alone); default from `_MIN_CONTRACTION` and `_MAX_CONTRACTION`.
+    the runs alone), in blocks as even as one stride allows; default from
+    `_MIN_CONTRACTION` and `_MAX_CONTRACTION`.
 
     Raises
     ------
@@ -183,7 +184,7 @@ def plan_memory(
     avail -= keep_bytes if keep else 0
     fewest, most = block_runs or (math.ceil(_MIN_CONTRACTION[precision] / n_used_classes),
                                    _MAX_CONTRACTION[precision] // n_used_classes)
-    want_models = min(n_models, max(1, fewest))
+    want_models = min(n_models, max(1, min(fewest, most)))
 
     def widest_tile(models: int) -> int:  # references per tile beside blocks of `models` runs
         spare = avail - n_queries * per_query * models
@@ -212,7 +213,8 @@ def plan_memory(
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, most)
         models = int(max(1, min(room, cap, n_models)))
-        if block_runs is not None:  # even blocks: no short last one at a poorer rate
+        if block_runs is not None:  # blocks as even as one stride allows: the last one
+            # at most (blocks - 1) runs short, not a remainder at a poorer rate
             models = math.ceil(n_models / math.ceil(n_models / models))
         if fast and models < n_models and forced_tile is None and n_models <= most:
             # One block of every run bounds its bfloat16 rounding by the value instead of

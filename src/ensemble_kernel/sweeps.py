@@ -177,12 +177,14 @@ def mcnemar_exact(b: int, c: int) -> float:
     Returns
     -------
     float
-        `scipy.stats.binomtest(b, b + c, 0.5).pvalue`; 1.0 when b + c = 0 (no discordant
-        pair, no evidence either way; binomtest refuses n = 0). Up to
-        `_EXACT_MCNEMAR_PAIRS` discordant pairs it is computed here, exactly: at 1/2 the
-        outcomes no likelier than b are the two tails beyond min(b, c), so p =
-        min(1, 2 sum_{i <= min(b, c)} C(n, i) / 2**n), summed in integers and divided once
-        (correctly rounded). Importing scipy.stats alone took 1.2 s of the report.
+        The two-sided binomial p-value, as `scipy.stats.binomtest(b, b + c, 0.5).pvalue`;
+        1.0 when b + c = 0 (no discordant pair, no evidence either way; binomtest refuses
+        n = 0). Up to `_EXACT_MCNEMAR_PAIRS` discordant pairs it is computed here,
+        exactly: at 1/2 the outcomes no likelier than b are the two tails beyond min(b,
+        c), so p = min(1, 2 sum_{i <= min(b, c)} C(n, i) / 2**n), summed in integers and
+        divided once (correctly rounded, down to float64's subnormals, where binomtest's
+        float sums give 0). Beyond, binomtest's. Importing scipy.stats alone took 1.2 s
+        of the report.
     """
     b, c = int(b), int(c)
     if b < 0 or c < 0:
@@ -326,8 +328,10 @@ def sweep(
         done over the subsets, so the time left is that of the whole sweep), then
         'statistics' and 'ablations' of the ablations' pass.
     kept : statistics of the train split over all runs kept from the pass that computed
-        `neighbors` (`engine.KeptStatistics`; the caller counts them in its budget):
-        the ablations' pass takes them instead of passing over every run again.
+        `neighbors` (`engine.KeptStatistics`): the ablations' pass, which comes first,
+        takes them instead of passing over every run again; then the sweep empties
+        `kept`. Where `memory_budget` is given, the caller took `kept.nbytes` off it, and
+        the sweep gives them back to its kernels as it drops them.
 
     Returns
     -------
@@ -404,26 +408,37 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                          else "the sweep's neighbours, predictions and test sample")
     if sample is not None:  # read once, its transient read within a quarter of the rest
         test = read_sample(test, sample, left // 4)
-    common = dict(precision=precision, memory_budget=left, device=device)
     plan = [(n, disjoint_subsets(n_models, n, max_subsets)) for n in runs]
+    # The caller took the kept statistics off `memory_budget`: they are given back to the
+    # ablations' pass, whose plan counts its statistics (these among them), and to every
+    # kernel after it, once they are dropped.
+    given_back = kept.nbytes if kept is not None and memory_budget is not None else 0
+    last, last_parts = plan[-1]
+    largest_known, ablations = None, {}
+    if last >= 2:  # the ablations in one pass, first, beside the first largest subset's
+        part = last_parts[0]  # full kernel if not known
+        known = neighbors if (part.start, part.stop) == (0, n_models) else None
+        found = ablation_neighbors(
+            select_runs(test, part), select_runs(train, part), significance_k,
+            k_full=None if known is not None else k_max, memory_budget=left + given_back,
+            device=device, progress=progress, kept=kept)
+        ablations = _ablation_accuracies(found, labels_train, labels_test, significance_k)
+        largest_known = known if known is not None else found.full
+        del found
+    if kept is not None:
+        kept.clear()
+        left += given_back
+    common = dict(precision=precision, memory_budget=left, device=device)
     clock = _SweepClock(progress, plan)
     rows: list[SweepRow] = []
-    largest, ablations = None, {}
+    largest = None
     for n, parts in plan:
         values: dict[str, list[float]] = {}
         for part in parts:
             sub_train, sub_test = select_runs(train, part), select_runs(test, part)
             known = neighbors if (part.start, part.stop) == (0, n_models) else None
-            if n == runs[-1] and largest is None and n >= 2:
-                # The ablations in one pass, beside this subset's full kernel if not known.
-                found = ablation_neighbors(
-                    sub_test, sub_train, significance_k,
-                    k_full=None if known is not None else k_max, memory_budget=left,
-                    device=device, progress=progress, kept=kept)
-                ablations = _ablation_accuracies(found, labels_train, labels_test,
-                                                 significance_k)
-                known = known if known is not None else found.full
-                del found
+            if n == last and part is last_parts[0] and largest_known is not None:
+                known = largest_known
             metrics, found, ensemble = _subset_metrics(
                 sub_train, sub_test, labels_train, labels_test, ks, weighted, common,
                 known=known, progress=clock.engine(n))
