@@ -324,9 +324,9 @@ def sweep(
     neighbors : test -> train neighbours over all runs, of every test example, if already
         computed (k >= 20): reused for the subset of all runs instead of computing that
         kernel again (the caller holds them, and counts them in its own budget).
-    progress : called with a `Progress` per stage: 'sweep' (runs' worth of kernel work
-        done over the subsets, so the time left is that of the whole sweep), then
-        'statistics' and 'ablations' of the ablations' pass.
+    progress : called with a `Progress` per stage: 'statistics' and 'ablations' of the
+        ablations' pass (first), then 'sweep' (runs' worth of kernel work done over the
+        subsets, so the time left is that of the rest of the sweep).
     kept : statistics of the train split over all runs kept from the pass that computed
         `neighbors` (`engine.KeptStatistics`): the ablations' pass, which comes first,
         takes them instead of passing over every run again; then the sweep empties
