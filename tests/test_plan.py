@@ -179,7 +179,9 @@ def test_the_ablations_plan_at_cifar_shape_takes_two_even_blocks_of_runs():
     ablations = {**CIFAR, "n_queries": 2_000, "n_models": 500, "n_used_classes": 40,
                  "k_keep": 3}
     assert plan(ablations, 1 << 31, n_kernels=11).chunk_models <= 102
-    chosen = plan(ablations, 1 << 31, n_kernels=11, block_runs=(256, 409))
+    from ensemble_kernel.ablations import _PER_CLASS_RUNS
+
+    chosen = plan(ablations, 1 << 31, n_kernels=11, block_runs=(_PER_CLASS_RUNS, 409))
     assert chosen.chunk_models == 250
     assert must_hold(ablations, chosen) <= 1 << 31
 

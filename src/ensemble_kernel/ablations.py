@@ -38,16 +38,18 @@ from .engine import (KeptStatistics, Progress, ProgressCallback, _Engine, _resou
 from .errors import BudgetError, InputError
 from .kernel import exact_float32_matmul
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import _MAX_CONTRACTION, plan_memory
+from .plan import _MAX_CONTRACTION, _MIN_CONTRACTION, plan_memory
 from .sources import as_source, check_pair
 
 __all__ = ["AblationNeighbors", "ablation_neighbors"]
 
 # Runs per block that the per-class products want: each contracts over the runs of its
-# class alone, and below about 250 runs adding it into the accumulators is bound by their
-# memory traffic (`python benchmarks/micro.py perclass`: 110-130 GFLOP/s at 25-50 runs,
-# 170 at 100, 290-320 at 250-500, where one float32 product runs at 320).
-_PER_CLASS_RUNS = 256
+# class alone, so it wants as many runs as any exact product wants contraction width
+# (`plan._MIN_CONTRACTION`), not that width over the classes; with fewer, adding each
+# product into the accumulators is bound by their memory traffic (`python
+# benchmarks/micro.py perclass`, on the development VM: 113-128 GFLOP/s at 25-50 runs,
+# 170 at 100, 287-317 at 250-500, where one float32 product ran at 317-331).
+_PER_CLASS_RUNS = _MIN_CONTRACTION["exact"]
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,8 @@ def plan_memory(
     fewest, most = block_runs or (math.ceil(_MIN_CONTRACTION[precision] / n_used_classes),
                                    _MAX_CONTRACTION[precision] // n_used_classes)
     want_models = min(n_models, max(1, min(fewest, most)))
+    if block_runs is not None:  # the even block it will take (below), not a wider one
+        want_models = math.ceil(n_models / math.ceil(n_models / want_models))
 
     def widest_tile(models: int) -> int:  # references per tile beside blocks of `models` runs
         spare = avail - n_queries * per_query * models
