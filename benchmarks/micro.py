@@ -19,6 +19,9 @@
     python benchmarks/micro.py perclass  # the ablations' per-class product, by runs per block
     python benchmarks/micro.py ablations --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 2GiB   # the report's ablation pass, its blocks of runs now and before
+    python benchmarks/micro.py faults --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
+        --memory-budget 2GiB   # page faults of evaluate with glibc's trim threshold now and before
+    python benchmarks/micro.py scipyimport   # what importing scipy.stats costs a report
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -435,6 +438,66 @@ def ablations(store: str, n_test: int, budget: int, repeats: int = 2) -> None:
     print(f"  same neighbours in every kernel: {same}")
 
 
+_FAULTS_CHILD = r"""
+import atexit, functools, resource, sys, time
+trim = int(sys.argv.pop(1))
+import ensemble_kernel.cli as cli
+cli.return_large_blocks = functools.partial(cli.return_large_blocks, trim=trim)
+start = time.perf_counter()
+def report():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"FAULTS {r.ru_minflt} {r.ru_stime:.2f} {r.ru_utime:.2f} "
+          f"{time.perf_counter() - start:.2f} {r.ru_maxrss}", file=sys.stderr)
+atexit.register(report)
+sys.argv[0] = "ensemble-kernel"
+cli.main()
+"""
+
+
+def faults(store: str, budget: str, repeats: int = 2) -> None:
+    """Page faults, system and user time, wall and peak RSS of `evaluate STORE` with the
+    program's glibc trim threshold (`cli/malloc.py`, 64 MiB) and with the 128 KiB it was
+    frozen at before (the mmap threshold set alone), alternated in fresh processes."""
+    import subprocess
+
+    from ensemble_kernel.cli.malloc import TRIM_THRESHOLD
+
+    print(f"{_machine()}\nevaluate {store} --memory-budget {budget}")
+    for r in range(repeats):
+        for name, trim in (("trim 128 KiB (before)", 128 << 10),
+                           (f"trim {TRIM_THRESHOLD >> 20} MiB (now)", TRIM_THRESHOLD)):
+            done = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, str(trim), "evaluate",
+                                   store, "--memory-budget", budget, "-q"],
+                                  capture_output=True, text=True, check=True)
+            line = [x for x in done.stderr.splitlines() if x.startswith("FAULTS ")][-1]
+            minflt, stime, utime, wall, maxrss = line.split()[1:]
+            print(f"  {name:>22}, repeat {r}: {int(minflt):,} page faults, system "
+                  f"{stime} s, user {utime} s, wall {wall} s, peak RSS "
+                  f"{int(maxrss) / 1024:.0f} MiB", flush=True)
+
+
+def scipyimport(repeats: int = 3) -> None:
+    """Seconds to import scipy.stats in a fresh process (the report's significance
+    needed it before; `sweeps.py` computes McNemar and the bootstrap without it now),
+    and the time of both on 2,000 examples once imported."""
+    import subprocess
+
+    code = ("import time; t = time.perf_counter(); import scipy.stats; "
+            "print(time.perf_counter() - t)")
+    runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout) for _ in range(repeats)]
+    print(f"{_machine()}\nimport scipy.stats in a fresh process: "
+          + ", ".join(f"{x:.2f}" for x in runs) + " s")
+    from ensemble_kernel.sweeps import bootstrap_difference, mcnemar_exact
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2000, generator=g) < 0.95, torch.rand(2000, generator=g) < 0.93
+    t = time.perf_counter()
+    mcnemar_exact(int((a & ~b).sum()), int((~a & b).sum()))
+    bootstrap_difference(a, b)
+    print(f"McNemar and the bootstrap on 2,000 examples: {time.perf_counter() - t:.3f} s")
+
+
 def _machine() -> str:
     """CPU model, the ISA flags that matter here, and torch's threads."""
     model, flags = "unknown CPU", set()
@@ -496,7 +559,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
-                                    "squares", "logsoftmax", "perclass", "ablations"])
+                                    "squares", "logsoftmax", "perclass", "ablations", "faults",
+                                    "scipyimport"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -549,6 +613,12 @@ def main() -> None:
         if not args.store:
             p.error("ablations needs --store STORE (benchmarks/report_bench.py builds one)")
         ablations(args.store, args.n_test or 2000, parse_size(args.memory_budget))
+    elif args.what == "faults":
+        if not args.store:
+            p.error("faults needs --store STORE (benchmarks/report_bench.py builds one)")
+        faults(args.store, args.memory_budget)
+    elif args.what == "scipyimport":
+        scipyimport()
     elif args.what == "vmlrace":
         vmlrace(args.processes)
     elif args.what == "compare":

@@ -183,8 +183,8 @@ def mcnemar_exact(b: int, c: int) -> float:
         exactly: at 1/2 the outcomes no likelier than b are the two tails beyond min(b,
         c), so p = min(1, 2 sum_{i <= min(b, c)} C(n, i) / 2**n), summed in integers and
         divided once (correctly rounded, down to float64's subnormals, where binomtest's
-        float sums give 0). Beyond, binomtest's. Importing scipy.stats alone took 1.2 s
-        of the report.
+        float sums give 0). Beyond, binomtest's. Importing scipy.stats alone takes 0.6 s
+        (`python benchmarks/micro.py scipyimport`), which the report no longer pays.
     """
     b, c = int(b), int(c)
     if b < 0 or c < 0:
@@ -218,7 +218,7 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
     difference is -1, 0 or +1 (whether each method was right), a resample's mean depends
     only on how many +1 and -1 it drew, and n draws with replacement draw those counts
     from Multinomial(n, their shares): the counts are drawn directly, the same bootstrap
-    distribution without scipy (whose import took 1.2 s of the report). Other
+    distribution without scipy (whose import takes 0.6 s). Other
     differences go through `scipy.stats.bootstrap`, in batches whose temporaries
     (indices and gathered differences, 16 bytes per example per resample) stay within
     `max_bytes`.

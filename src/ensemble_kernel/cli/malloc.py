@@ -11,7 +11,7 @@ mapping, returned when freed, so the peak follows the plan.
 Fixing the threshold also stops glibc from raising its "trim threshold" with it, which
 stays at 128 KiB: each freed block at the top of the heap (the pieces of rows that
 log-softmax and the sums work on, 1-2 MiB each) was handed back to the system and the
-next piece faulted its pages in again, about a million page faults per `evaluate` at
+next piece faulted its pages in again, about half a million page faults per `evaluate` at
 CIFAR shape. The trim threshold is set to 64 MiB: at most that much freed heap stays in
 the process, for the next piece to reuse.
 
