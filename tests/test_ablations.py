@@ -187,18 +187,18 @@ def test_kept_train_statistics_are_taken_only_for_the_source_and_normalisation_k
     kept = engine.KeptStatistics(train_src)
     with pytest.MonkeyPatch.context() as mp, pytest.warns(RuntimeWarning):
         mp.setattr(engine._Engine, "_statistics", counted)
-        first = top_k_neighbors(test_src, train_src, 5, kept=kept)
+        first = top_k_neighbors(test_src, train_src, 5, kept_statistics=kept)
         assert [p[0] for p in passes] == [test_src, train_src]
         assert kept.nbytes == train.shape[1] * train.shape[2] * 28  # no precise rows here
         passes.clear()
-        again = top_k_neighbors(test_src, train_src, 5, kept=kept)
+        again = top_k_neighbors(test_src, train_src, 5, kept_statistics=kept)
         assert [p[0] for p in passes] == [test_src]  # the train split's were kept
         assert torch.equal(again.indices, first.indices)  # same plan, same statistics
         assert torch.equal(again.values, first.values)
         passes.clear()
-        top_k_neighbors(test_src, ArraySource(train.clone()), 5, kept=kept)
-        top_k_neighbors(test_src, train_src, 5, kept=kept, log_softmax=False)
-        top_k_neighbors(test_src, train_src, 5, kept=kept, classes=[2])
+        top_k_neighbors(test_src, ArraySource(train.clone()), 5, kept_statistics=kept)
+        top_k_neighbors(test_src, train_src, 5, kept_statistics=kept, log_softmax=False)
+        top_k_neighbors(test_src, train_src, 5, kept_statistics=kept, classes=[2])
         assert sum(p[0] is not test_src for p in passes) == 3
         assert {(p[1], p[2]) for p in passes if p[0] is train_src} == {(False, None),
                                                                          (True, (2,))}
@@ -215,7 +215,7 @@ def test_the_sweep_with_kept_statistics_gives_the_same_ablations():
     kept = engine.KeptStatistics(train_src)
     with pytest.warns(RuntimeWarning):
         old = _old_path(test, train, ens.labels_train, ens.labels_test, train.shape[2])
-        found = top_k_neighbors(test_src, train_src, 20, kept=kept)
+        found = top_k_neighbors(test_src, train_src, 20, kept_statistics=kept)
         passes = []
         real = engine._Engine._statistics
 
@@ -226,7 +226,7 @@ def test_the_sweep_with_kept_statistics_gives_the_same_ablations():
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(engine._Engine, "_statistics", counted)
             result = sweep(train_src, test_src, ens.labels_train, ens.labels_test,
-                           runs=[2, 7], neighbors=found, kept=kept)
+                           runs=[2, 7], neighbors=found, kept_statistics=kept)
     assert result.ablations == old
     assert (train_src, True) not in passes and (train_src, False) in passes
 
@@ -255,11 +255,11 @@ def test_the_sweep_gives_the_kept_statistics_bytes_back_to_every_kernel(monkeypa
     monkeypatch.setattr(sweeps, "ablation_neighbors", ablations)
     with pytest.warns(RuntimeWarning):
         kept = engine.KeptStatistics(train_src)
-        found = top_k_neighbors(test_src, train_src, 20, kept=kept)
+        found = top_k_neighbors(test_src, train_src, 20, kept_statistics=kept)
         held = kept.nbytes
         assert held > 0
         with_kept = sweep(train_src, test_src, ens.labels_train, ens.labels_test,
-                          runs=[2, 4, 7], neighbors=found, kept=kept,
+                          runs=[2, 4, 7], neighbors=found, kept_statistics=kept,
                           memory_budget=budget - held)
         budgets_with_kept, seen[:] = list(seen), []
         without = sweep(train_src, test_src, ens.labels_train, ens.labels_test,

@@ -178,9 +178,9 @@ def test_report_passes_the_budget_and_device_to_the_sweep(tmp_path, monkeypatch)
     real = build.sweep
 
     def spy(*args, **kwargs):
-        seen.update(kwargs, kept_bytes=kwargs["kept"].nbytes)
+        seen.update(kwargs, kept_bytes=kwargs["kept_statistics"].nbytes)
         result = real(*args, **kwargs)
-        seen["kept_after"] = kwargs["kept"].nbytes  # the sweep dropped them
+        seen["kept_after"] = kwargs["kept_statistics"].nbytes  # the sweep dropped them
         return result
 
     monkeypatch.setattr(build, "sweep", spy)

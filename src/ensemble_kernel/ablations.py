@@ -88,7 +88,7 @@ def ablation_neighbors(
     chunk_models: int | None = None,
     tile_size: int | None = None,
     progress: ProgressCallback | None = None,
-    kept: KeptStatistics | None = None,
+    kept_statistics: KeptStatistics | None = None,
 ) -> AblationNeighbors:
     """Top-k neighbours of every per-class kernel (and optionally the full kernel and the
     kernel without log-softmax) in one exact streamed pass.
@@ -107,7 +107,7 @@ def ablation_neighbors(
     device : 'cpu' or 'cuda'.
     chunk_models, tile_size : override the plan (tests and benchmarks).
     progress : called with a `Progress` (stages 'statistics' and 'ablations').
-    kept : statistics kept from an earlier engine run (`engine.KeptStatistics`), taken
+    kept_statistics : statistics kept from an earlier engine run (`engine.KeptStatistics`), taken
         for the log-softmax kernels where it has those of these sources.
 
     Returns
@@ -138,7 +138,8 @@ def ablation_neighbors(
                                    chunk_models=chunk_models, tile_size=tile_size))
     plan, fused = choice
     common = dict(classes=None, device=device, plan=plan, exclude_self=False, progress=staged)
-    main = _Engine(queries, references, log_softmax=True, kept=kept, **common)
+    main = _Engine(queries, references, log_softmax=True, kept_statistics=kept_statistics,
+                   **common)
     raw = _Engine(queries, references, log_softmax=False, **common) if fused else None
     with exact_float32_matmul(device):
         per_class, full, alone = _search(main, raw, k, k_full)

@@ -12,10 +12,11 @@ Two passes over the logits:
 Fast mode does pass 2 with bfloat16 products to find `n_candidates` per query, then
 re-scores those candidates exactly in float32 and keeps the top-k. A query is final only
 when a rigorous bound on the bfloat16 error (`bounds.py`, from the unit roundoffs, the
-feature norms and the rounding the candidate pass measures) proves that no reference outside its candidates can reach its exact
-k-th value; any other query is recomputed in exact mode. So fast mode returns exact
-mode's neighbours, whatever the data (up to ties within float32 rounding: the re-score
-sums in other blocks than exact mode, so near-equal values may trade places).
+feature norms and the rounding the candidate pass measures) proves that no reference
+outside its candidates can reach its exact k-th value; any other query is recomputed in
+exact mode. So fast mode returns exact mode's neighbours, whatever the data (up to ties
+within float32 rounding: the re-score sums in other blocks than exact mode, so
+near-equal values may trade places).
 """
 
 from __future__ import annotations
@@ -116,23 +117,22 @@ class KeptStatistics:
     """
 
     def __init__(self, *sources: LogitSource):
-        self._sources = sources
-        self._kept: dict[tuple, tuple[LogitSource, ClassStats]] = {}
+        self._sources = sources  # held, so no other object can take one's place
+        self._kept: dict[tuple, ClassStats] = {}
 
     def _key(self, source: LogitSource, log_softmax: bool, classes, device) -> tuple | None:
-        if not any(source is s for s in self._sources):
-            return None
-        return id(source), bool(log_softmax), classes, str(torch.device(device))
+        at = next((i for i, s in enumerate(self._sources) if s is source), None)
+        return None if at is None else (at, bool(log_softmax), classes,
+                                        str(torch.device(device)))
 
     def get(self, source, log_softmax, classes, device) -> ClassStats | None:
         key = self._key(source, log_softmax, classes, device)
-        found = self._kept.get(key) if key is not None else None
-        return found[1] if found is not None and found[0] is source else None
+        return None if key is None else self._kept.get(key)
 
     def put(self, source, log_softmax, classes, device, stats: ClassStats) -> None:
         key = self._key(source, log_softmax, classes, device)
         if key is not None:
-            self._kept[key] = (source, stats)
+            self._kept[key] = stats
 
     def clear(self) -> None:
         """Drop every statistic kept (their memory goes when no engine holds them)."""
@@ -140,10 +140,7 @@ class KeptStatistics:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for _, stats in self._kept.values() for t in (
-            stats.mean, stats.scale, stats.precise, stats.mean32, stats.mean_low32,
-            stats.scale32) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(stats.nbytes for stats in self._kept.values())
 
 
 class _Engine:
@@ -160,7 +157,7 @@ class _Engine:
         plan: Plan,
         exclude_self: bool,
         progress: ProgressCallback | None,
-        kept: KeptStatistics | None = None,
+        kept_statistics: KeptStatistics | None = None,
     ):
         self.queries, self.references = queries, references
         self.log_softmax, self.classes = log_softmax, classes
@@ -181,9 +178,9 @@ class _Engine:
         self._rounding: _Rounding | None = None
         # Working blocks reused from tile to tile while `search` runs (`_Buffers`).
         self._buffers: _Buffers | None = None
-        self.stats_q = self._kept_statistics(queries, "query", kept)
+        self.stats_q = self._kept_statistics(queries, "query", kept_statistics)
         self.stats_r = self.stats_q if references is queries else \
-            self._kept_statistics(references, "reference", kept)
+            self._kept_statistics(references, "reference", kept_statistics)
 
     def _kept_statistics(self, source: LogitSource, split: str,
                          kept: KeptStatistics | None) -> ClassStats:
@@ -683,8 +680,8 @@ def _error_bound(plan: Plan, n_models: int, n_used: int, **norms):
     """`bounds.low_precision_error` with the blocks of `plan` (candidate pass and re-score)."""
     step = plan.rescore_chunk_models
     return low_precision_error(
-        **norms, width=plan.chunk_models * n_used, n_blocks=math.ceil(n_models / plan.chunk_models),
-        n_terms=n_models * n_used, rescore_width=step * n_used,
+        **norms, width=plan.chunk_models * n_used,
+        n_blocks=math.ceil(n_models / plan.chunk_models), n_terms=n_models * n_used, rescore_width=step * n_used,
         rescore_blocks=math.ceil(n_models / step))
 
 
@@ -758,7 +755,7 @@ def _resources(queries: LogitSource, references: LogitSource, memory_budget: int
 
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
-                    cache_queries=None, kept=None):
+                    cache_queries=None, kept_statistics=None):
     if precision not in ("exact", "fast"):  # 'auto' is resolved before (`_resolve_auto`)
         raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
     queries = as_source(queries, "query logits")
@@ -780,7 +777,8 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
                        cache_queries=cache_queries)
     logger.info("plan: %s", plan)
     return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
-                   plan=plan, exclude_self=exclude_self, progress=progress, kept=kept)
+                   plan=plan, exclude_self=exclude_self, progress=progress,
+                   kept_statistics=kept_statistics)
 
 
 def _top_k_neighbors(
@@ -803,7 +801,7 @@ def _top_k_neighbors(
     tiles: Collection[int] | None = None,
     combine: Callable[[Neighbors], Neighbors] | None = None,
     cache_queries: bool | None = None,
-    kept: KeptStatistics | None = None,
+    kept_statistics: KeptStatistics | None = None,
 ) -> Neighbors:
     """The top-k references of every query, with the engine's internal hooks.
 
@@ -838,7 +836,7 @@ def _top_k_neighbors(
         all-gather and merge across ranks) before fast mode's re-score.
     cache_queries : keep normalised query features between tiles; None: when they fit
         in 30% of the budget. False measures the engine as it runs when they do not.
-    kept : statistics kept between engine runs (`KeptStatistics`): taken from it, or
+    kept_statistics : statistics kept between engine runs (`KeptStatistics`): taken from it, or
         given to it, for the sources it keeps.
 
     Returns
@@ -858,7 +856,8 @@ def _top_k_neighbors(
                              exclude_self=exclude_self, precision=precision,
                              memory_budget=memory_budget, device=device,
                              chunk_models=chunk_models, tile_size=tile_size, progress=progress,
-                             k_keep=k_keep, cache_queries=cache_queries, kept=kept)
+                             k_keep=k_keep, cache_queries=cache_queries,
+                             kept_statistics=kept_statistics)
     resume = dict(finished=finished_tiles, on_tile=on_tile, only=tiles)
     combine = combine or (lambda found: found)
     if precision == "exact":

@@ -298,7 +298,7 @@ def sweep(
     device: str = "cpu",
     neighbors: Neighbors | None = None,
     progress: ProgressCallback | None = None,
-    kept: KeptStatistics | None = None,
+    kept_statistics: KeptStatistics | None = None,
 ) -> SweepResult:
     """Accuracy against the number of runs over disjoint subsets, plus ablations.
 
@@ -327,11 +327,11 @@ def sweep(
     progress : called with a `Progress` per stage: 'statistics' and 'ablations' of the
         ablations' pass (first), then 'sweep' (runs' worth of kernel work done over the
         subsets, so the time left is that of the rest of the sweep).
-    kept : statistics of the train split over all runs kept from the pass that computed
-        `neighbors` (`engine.KeptStatistics`): the ablations' pass, which comes first,
-        takes them instead of passing over every run again; then the sweep empties
-        `kept`. Where `memory_budget` is given, the caller took `kept.nbytes` off it, and
-        the sweep gives them back to its kernels as it drops them.
+    kept_statistics : statistics of the train split over all runs, kept from the pass
+        that computed `neighbors` (`engine.KeptStatistics`): the ablations' pass, which
+        comes first, takes them instead of passing over every run again; then the sweep
+        empties them. Where `memory_budget` is given, the caller took their `nbytes` off
+        it, and the sweep gives them back to its kernels as it drops them.
 
     Returns
     -------
@@ -370,7 +370,8 @@ def sweep(
                         weighted=weighted, max_subsets=max_subsets,
                         significance_k=significance_k, precision=precision,
                         memory_budget=memory_budget, device=device, neighbors=neighbors,
-                        sample=pick, progress=progress, kept=kept)
+                        sample=pick, progress=progress,
+                        kept=kept_statistics)
     constant = [w for w in caught if "identical in every run" in str(w.message)]
     for w in caught:
         if w not in constant:
@@ -421,7 +422,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         found = ablation_neighbors(
             select_runs(test, part), select_runs(train, part), significance_k,
             k_full=None if known is not None else k_max, memory_budget=left + given_back,
-            device=device, progress=progress, kept=kept)
+            device=device, progress=progress, kept_statistics=kept)
         ablations = _ablation_accuracies(found, labels_train, labels_test, significance_k)
         largest_known = known if known is not None else found.full
         del found

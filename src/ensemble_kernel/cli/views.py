@@ -146,7 +146,7 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     with _progress_bar(quiet) as report:
         found = _top_k_neighbors(runset.test, runset.train, k, precision=choice.precision,
                                  memory_budget=budget, device=device, progress=report,
-                                 kept=kept)
+                                 kept_statistics=kept)
     left = budget - _nbytes(found) - (kept.nbytes if kept is not None else 0)
     return runset, extras, renderer, found, left, choice, kept
 
@@ -376,7 +376,7 @@ def report_cmd(
                          features_test=extras["features_test"],
                          ranks=_ranks(ranks, runset.test.n_examples), precision=choice.precision,
                          memory_budget=left, device=device, max_subsets=subsets,
-                         test_examples=test_examples, progress=report, kept=kept)
+                         test_examples=test_examples, progress=report, kept_statistics=kept)
     if not quiet:
         err.print(f"wrote {out} and {out.with_name(out.stem + '_files')}/")
     _note_no_inputs(renderer)

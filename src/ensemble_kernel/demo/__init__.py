@@ -121,14 +121,14 @@ def run_demo(options: DemoOptions,
     kernel_progress = None if progress is None else (
         lambda p: progress(p.stage, p.done, p.total))
     kept = KeptStatistics(train)  # the train statistics, again for the sweep's ablations
-    found = _top_k_neighbors(test, train, 20, progress=kernel_progress, kept=kept)
+    found = _top_k_neighbors(test, train, 20, progress=kernel_progress, kept_statistics=kept)
     evaluation = evaluate(train, test, labels_train, labels_test, k=3, weighted_k=20, power=4,
                           neighbors=found)
     timings["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     result = sweep(train, test, labels_train, labels_test, neighbors=found,
-                   max_subsets=options.max_subsets, progress=kernel_progress, kept=kept)
+                   max_subsets=options.max_subsets, progress=kernel_progress, kept_statistics=kept)
     timings["sweep_s"] = time.perf_counter() - t0
 
     from ..report.files import sweep_json, write_sweep  # matplotlib only when writing

@@ -29,7 +29,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                  device: str = "cpu", max_subsets: int | None = DEFAULT_MAX_SUBSETS,
                  test_examples: int | None = DEFAULT_TEST_EXAMPLES,
                  progress: ProgressCallback | None = None,
-                 kept: KeptStatistics | None = None) -> list[Path]:
+                 kept_statistics: KeptStatistics | None = None) -> list[Path]:
     """Write the self-contained HTML report `out` and its PNG/CSV files; return the paths.
 
     `found` are the test -> train neighbours (k >= 20 for the weighted vote and the
@@ -38,7 +38,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
     caller's to take off) and on `device`. `max_subsets` caps the sweep's disjoint
     subsets per run count (None: all of them), `test_examples` the test examples it and
     its ablations use (None: all; see `sweeps.sweep`); `progress` receives the sweep's
-    stages; `kept` are the train statistics of the pass that found `found`, if kept
+    stages; `kept_statistics` are the train statistics of the pass that found `found`, if kept
     (`engine.KeptStatistics`, counted in the caller's budget), for the ablations.
     """
     e = evaluation or evaluate(train, test, labels_train, labels_test, neighbors=found,
@@ -47,7 +47,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
                                    memory_budget=memory_budget, device=device,
                                    neighbors=found, max_subsets=max_subsets,
                                    test_examples=test_examples, progress=progress,
-                                   kept=kept)
+                                   kept_statistics=kept_statistics)
     views = build_views(found, labels_train=labels_train, labels_test=labels_test,
                         renderer=renderer, class_names=class_names, ranks=ranks,
                         features_train=features_train, features_test=features_test,
