@@ -6,6 +6,8 @@
   published layout, ingest, neighbours equal to the library's, results with every stage
   measured); resuming skips the whole files; the disk-space refusal (with a faked free
   space) and typos in options are one line, exit 2, and write nothing.
+- `benchmarks/report_bench.py`: both trees of --compare-src timed, each first in turn,
+  figures in --json-out; a --compare-src without the package is refused before any work.
 """
 
 from __future__ import annotations
@@ -251,3 +253,39 @@ def test_run_reads_fast_modes_counts_from_its_log(caplog):
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fast mode:"))
     whole, again = counts.found[0]
     assert f"{whole} queries computed whole" in line and f"{again} of 20 queries" in line
+
+
+# ---- report_bench.py -------------------------------------------------------------------
+
+def _report_bench(tmp_path, *options):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(BENCH / "report_bench.py"), "--runs", "4",
+                           "--n-train", "200", "--n-test", "40", "--n-classes", "4",
+                           "--memory-budget", "64MiB", "--data-dir", str(tmp_path / "data"),
+                           *options], capture_output=True, text=True)
+
+
+def test_report_bench_refuses_a_compare_src_without_the_package_before_any_work(tmp_path):
+    done = _report_bench(tmp_path, "--compare-src", str(tmp_path))
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "--compare-src" in error[0] and "src/" in error[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_report_bench_times_both_trees_alternated_at_tiny_scale(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = tmp_path / "figures.json"
+    done = _report_bench(tmp_path, "--repeats", "2", "--compare-src", str(src),
+                         "--json-out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.split(" repeat")[0].strip() for line in done.stdout.splitlines()
+             if " repeat " in line]
+    # each tree first in turn: compared, this, then this, compared
+    assert lines == ["compared evaluate", "compared report", "this evaluate", "this report",
+                     "this evaluate", "this report", "compared evaluate", "compared report"]
+    figures = json.loads(out.read_text())
+    assert len(figures["ratio_report_over_evaluate"]) == 2
+    assert figures["compared"]["src"] == str(src)
+    assert len(figures["compared"]["ratio_report_over_evaluate"]) == 2
