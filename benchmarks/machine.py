@@ -59,7 +59,21 @@ def describe() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "env": {name: os.environ[name] for name in ISA_ENV if name in os.environ},
         "python": platform.python_version(),
+        "gpu": _gpu(),
     }
+
+
+def _gpu() -> dict | None:
+    """The first CUDA device torch sees (name, compute capability, memory), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count()}
 
 
 def header(desc: dict) -> str:
@@ -69,6 +83,10 @@ def header(desc: dict) -> str:
     lines = [f"CPU: {desc['cpu']}, {desc['cpus']} CPUs; torch {desc['torch']}, "
              f"{desc['threads']} threads, dispatch {desc['torch_cpu_capability']}",
              f"ISA flags: {' '.join(have) or '(none)'}; lacks: {' '.join(lacks) or '(none)'}"]
+    if desc.get("gpu"):
+        g = desc["gpu"]
+        lines.append(f"GPU: {g['name']} (compute {g['capability']}, {g['memory_gib']} GiB, "
+                     f"{g['multiprocessors']} SMs), CUDA {g['cuda']}, {g['count']} device(s)")
     if desc["env"]:
         lines.append("environment: " + " ".join(f"{k}={v}" for k, v in desc["env"].items()))
     return "\n".join(lines)
@@ -141,27 +159,34 @@ def capped_float32_rate(n_queries: int, n_references: int, width: int, *,
 
 
 def probe_products(n_queries: int = 10_000, n_references: int = 10_000, width: int = 770,
-                   *, seconds: float = 3.0,
+                   *, seconds: float = 3.0, device: str = "cpu",
                    report: Callable[[Rate], object] = lambda rate: None) -> list[Rate]:
     """Rates of the engine's products, (n_queries x width) @ (width x n_references).
 
     float32 `addmm` under 'highest' and 'medium' (on AMX CPUs 'medium' may compute in
     bfloat16), bfloat16 alone and with its add into a float32 accumulator, and int8
     `torch._int_mm`. Each is capped at `seconds` (see `capped_rate`); `report` is called
-    with each row as soon as it is measured.
+    with each row as soon as it is measured. On a CUDA `device` every block is synchronised
+    before its clock is read.
     """
     import torch
 
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n_queries, width, generator=g)
-    b = torch.randn(n_references, width, generator=g)
-    acc = torch.zeros(n_queries, n_references)
+    a = torch.randn(n_queries, width, generator=g).to(device)
+    b = torch.randn(n_references, width, generator=g).to(device)
+    acc = torch.zeros(n_queries, n_references, device=device)
     flop = 2.0 * n_references * width  # per row of the product
     out = []
 
     def measure(name, run):
-        try:
-            rate = capped_rate(name, run, n_queries, flop, seconds=seconds)
+        if device.type == "cuda":
+            def run(r0, r1, inner=run):
+                inner(r0, r1)
+                torch.cuda.synchronize(device)
+        try:  # (a GPU does one product in milliseconds: more of them, for a steady median)
+            rate = capped_rate(name, run, n_queries, flop, seconds=seconds,
+                               max_products=2 if device.type == "cpu" else 50)
         except RuntimeError as e:  # e.g. _int_mm unsupported at this shape or build
             rate = Rate(f"{name} (unavailable: {str(e).splitlines()[0][:60]})",
                         float("nan"), float("nan"), float("nan"), 0.0, 0.0)
@@ -181,8 +206,8 @@ def probe_products(n_queries: int = 10_000, n_references: int = 10_000, width: i
     measure("bfloat16 product + add into float32",
             lambda r0, r1: acc[r0:r1].add_(ab[r0:r1] @ bbt))
     del ab, bbt
-    ai = torch.randint(-127, 128, (n_queries, width), dtype=torch.int8, generator=g)
-    bi = torch.randint(-127, 128, (width, n_references), dtype=torch.int8, generator=g)
+    ai = torch.randint(-127, 128, (n_queries, width), dtype=torch.int8, generator=g).to(device)
+    bi = torch.randint(-127, 128, (width, n_references), dtype=torch.int8, generator=g).to(device)
     measure("int8 torch._int_mm (int32 out)", lambda r0, r1: torch._int_mm(ai[r0:r1], bi))
     return out
 

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # CIFAR shape: 10,000 x 50,000, 10 classes, 500 runs
     python benchmarks/run.py --runs 100 --n-train 5000 --n-test 1000   # smaller
+    python benchmarks/run.py --device cuda --cases reference,exact,fast,auto --budget 16GiB
 
 Cases (each a fresh `python` process, so peak RSS is its own):
   reference  the card's code moved to the CPU: normalise everything in float32, one
@@ -11,6 +12,11 @@ Cases (each a fresh `python` process, so peak RSS is its own):
   peak       the machine's product rate per precision at the engine's shapes, each row
              capped at --probe-seconds (the denominators of the rate ratios).
 Any other precision the engine accepts may be named in --cases (e.g. auto where it exists).
+
+With --device cuda the reference is the card's code as the card runs it, on the GPU (its
+inputs moved there before the clock starts), the engine's products run there under a
+--budget of GPU memory, and the probe times the products there; each case also reports
+its peak GPU memory (torch.cuda.max_memory_allocated).
 
 Every case runs under --case-timeout: one that does not finish (fast mode where bfloat16
 is emulated, on an AVX2-only CPU) is stopped and reported as such, and the others go on.
@@ -77,13 +83,27 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def case_reference(data: dict, k: int) -> dict:
-    """The model card's computation, on the CPU, as it is written there."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_gpu_bytes(device: str) -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+
+
+def case_reference(data: dict, k: int, device: str = "cpu") -> dict:
+    """The model card's computation as it is written there, on `device`."""
     import torch
 
     t0 = time.perf_counter()
-    logits_train = torch.from_numpy(np.load(data["train"]))  # the card loads everything
-    logits_test = torch.from_numpy(np.load(data["test"]))
+    logits_train = torch.from_numpy(np.load(data["train"])).to(device)  # the card loads everything
+    logits_test = torch.from_numpy(np.load(data["test"])).to(device)
+    _sync(device)
     t_load = time.perf_counter() - t0
 
     def normalize(logits):
@@ -94,14 +114,15 @@ def case_reference(data: dict, k: int) -> dict:
     t0 = time.perf_counter()
     a, b = normalize(logits_test), normalize(logits_train)
     n_classes = a.shape[2]
-    kernel = torch.zeros(a.shape[1], b.shape[1])
+    kernel = torch.zeros(a.shape[1], b.shape[1], device=device)
     for c in range(n_classes):
         kernel += (a[..., c].T @ b[..., c]) / len(a) / n_classes
     labels_train = torch.from_numpy(np.load(data["labels"])["labels_train"])
-    indices = kernel.topk(k, dim=1).indices
+    indices = kernel.topk(k, dim=1).indices.cpu()
     prediction = labels_train[indices].mode(1).values
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "load_s": t_load, "peak_rss": _peak_rss_bytes(),
+            "peak_gpu": _peak_gpu_bytes(device),
             "prediction": prediction.tolist(), "indices_head": indices[:200].tolist()}
 
 
@@ -114,12 +135,16 @@ class FastModeCounts(logging.Handler):
         super().__init__()
         self.found: list[tuple[int, int]] = []
 
+        self.choice: str | None = None  # auto's choice, as the precision module logs it
+
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("fast mode:"):
             self.found.append((int(record.args[1]), int(record.args[2])))
+        elif record.getMessage().startswith("precision "):
+            self.choice = record.getMessage()
 
 
-def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
+def case_engine(data: dict, k: int, precision: str, budget: int, device: str = "cpu") -> dict:
     import torch
 
     from ensemble_kernel.engine import _top_k_neighbors
@@ -130,13 +155,27 @@ def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
     test = torch.from_numpy(np.load(data["test"], mmap_mode="r"))
     labels_train = torch.from_numpy(np.load(data["labels"])["labels_train"])
 
+    if device != "cpu":  # the CUDA context is made before the clock starts, as for the card
+        torch.zeros(1, device=device)
+        _sync(device)
     counts = FastModeCounts()
     engine_log = logging.getLogger("ensemble_kernel.engine")
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(counts)
+    choice_log = logging.getLogger("ensemble_kernel.precision")
+    choice_log.setLevel(logging.INFO)
+    choice_log.addHandler(counts)
+    stages: dict[str, list[float]] = {}  # stage -> [first report, last report], seconds
+
+    def progress(p):
+        now = time.perf_counter() - t0
+        stages.setdefault(p.stage, [now, now])[1] = now
+
     t0 = time.perf_counter()
-    found = _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget)
-    prediction = labels_train[found.indices].mode(1).values
+    found = _top_k_neighbors(test, train, k, precision=precision, memory_budget=budget,
+                             device=device, progress=progress)
+    indices = found.indices.cpu()
+    prediction = labels_train[indices].mode(1).values
     wall = time.perf_counter() - t0
     try:
         plan = plan_memory(test.shape[1], train.shape[1], train.shape[0], train.shape[2],
@@ -145,16 +184,20 @@ def case_engine(data: dict, k: int, precision: str, budget: int) -> dict:
                 "chunk_models": plan.chunk_models}
     except (TypeError, ValueError, KeyError):  # a precision the planner does not take (auto)
         plan = None
-    return {"wall_s": wall, "peak_rss": _peak_rss_bytes(), "prediction": prediction.tolist(),
+    return {"wall_s": wall, "peak_rss": _peak_rss_bytes(), "peak_gpu": _peak_gpu_bytes(device),
+            "prediction": prediction.tolist(),
             "recomputed": counts.found[0] if counts.found else None,
-            "indices_head": found.indices[:200].tolist(),
+            "indices_head": indices[:200].tolist(),
+            "choice": counts.choice,
+            "stages": {name: [round(a, 3), round(b, 3)] for name, (a, b) in stages.items()},
             "plan": plan}
 
 
-def case_peak(n_queries: int, n_references: int, seconds: float) -> dict:
+def case_peak(n_queries: int, n_references: int, seconds: float, device: str = "cpu") -> dict:
     """Product rates per precision at the engine's shapes, each row printed as measured."""
     rates = probe_products(min(n_queries, 10_000), min(n_references, 10_000), 770,
-                           seconds=seconds, report=lambda r: print(r.line(), flush=True))
+                           seconds=seconds, device=device,
+                           report=lambda r: print(r.line(), flush=True))
     return {"float32": rates[0].gflops, "float32_medium": rates[1].gflops,
             "bfloat16_alone": rates[2].gflops, "bfloat16": rates[3].gflops,
             "int8": rates[4].gflops, "rows": rates_json(rates)}
@@ -163,11 +206,11 @@ def case_peak(n_queries: int, n_references: int, seconds: float) -> dict:
 def child_main(args) -> None:
     data = json.loads(args.child_data)
     if args.child == "reference":
-        result = case_reference(data, args.k)
+        result = case_reference(data, args.k, args.device)
     elif args.child == "peak":
-        result = case_peak(data["n_test"], data["n_train"], args.probe_seconds)
+        result = case_peak(data["n_test"], data["n_train"], args.probe_seconds, args.device)
     else:
-        result = case_engine(data, args.k, args.child, args.budget)
+        result = case_engine(data, args.k, args.child, args.budget, args.device)
     print("RESULT " + json.dumps(result))
 
 
@@ -175,7 +218,7 @@ def run_child(case: str, data: dict, args) -> dict:
     """Run one case in a fresh process, echoing its output live; stop it at --case-timeout."""
     cmd = [sys.executable, __file__, "--child", case, "--child-data", json.dumps(data),
            "--k", str(args.k), "--budget", str(args.budget),
-           "--probe-seconds", str(args.probe_seconds)]
+           "--probe-seconds", str(args.probe_seconds), "--device", args.device]
     print(f"running {case} (at most {args.case_timeout:g} s) ...", flush=True)
     result = []
     with tempfile.TemporaryFile("w+") as err:
@@ -208,6 +251,17 @@ def run_child(case: str, data: dict, args) -> dict:
 
 # ---- driver ---------------------------------------------------------------------------
 
+def _bytes(text: str) -> int:
+    """--budget: bytes, or a size with a unit as --memory-budget takes it (2GB, 512MiB)."""
+    from ensemble_kernel.cli.common import parse_size
+    from ensemble_kernel.errors import InputError
+
+    try:
+        return parse_size(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--memory-budget", "--budget")) from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=500)
@@ -215,7 +269,10 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=10_000)
     p.add_argument("--n-classes", type=int, default=10)
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--budget", type=int, default=1 << 30, help="engine memory budget, bytes")
+    p.add_argument("--budget", type=_bytes, default=1 << 30,
+                   help="engine memory budget (host memory, or GPU memory with --device "
+                        "cuda): bytes, or with a unit (1.5GiB, 16GB)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--cases", default="reference,exact,fast",
                    help="reference and engine precisions, comma-separated")
     p.add_argument("--case-timeout", type=float, default=900,
@@ -234,6 +291,17 @@ def main() -> None:
         p.error("--runs and --n-classes must be at least 2; --n-train, --n-test, --k, "
                 "--case-timeout and --probe-seconds positive")
     cases = args.cases.split(",")
+    if args.device != "cpu":
+        import torch
+
+        try:
+            ok = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+        except RuntimeError:
+            ok = False
+        if not ok:
+            p.error(f"--device {args.device}: takes cpu or cuda[:N], and cuda needs a CUDA "
+                    f"device (this torch {torch.__version__} sees "
+                    f"{torch.cuda.device_count()})")
 
     machine = describe()
     print(header(machine), flush=True)
@@ -252,6 +320,12 @@ def main() -> None:
             print(f"  fast mode: of {args.n_test} test examples, its error bound left {whole} "
                   f"to compute whole in the re-score and {again} to recompute exactly",
                   flush=True)
+        if results[case].get("choice"):
+            print(f"  {results[case]['choice']}", flush=True)
+        if results[case].get("stages"):
+            print("  progress reports (first, last; s): " + ", ".join(
+                f"{name} {a:.2f}-{b:.2f}" for name, (a, b) in results[case]["stages"].items()),
+                flush=True)
         rows.append(make_row(case, results, flop))
         print(format_row(rows[-1], args.n_test), flush=True)
     report = render(args, machine, results, rows)
@@ -314,7 +388,8 @@ def render(args, machine: dict, results: dict, rows: list[dict]) -> str:
         "# Benchmark results",
         "",
         f"Command: `python benchmarks/run.py --runs {args.runs} --n-train {args.n_train} "
-        f"--n-test {args.n_test} --k {args.k} --budget {args.budget} --cases {args.cases}`",
+        f"--n-test {args.n_test} --k {args.k} --budget {args.budget} --cases {args.cases}"
+        + (f" --device {args.device}`" if args.device != "cpu" else "`"),
         "",
         "```", header(machine), "```",
         "",
@@ -326,7 +401,8 @@ def render(args, machine: dict, results: dict, rows: list[dict]) -> str:
               f"{r['gflops'] / f32:.2f}x" for r in peak["rows"]]
     lines += [
         "",
-        f"Engine memory budget: {args.budget / 2**30:.2f} GiB; logits memory-mapped from .npy. "
+        f"Engine memory budget: {args.budget / 2**30:.2f} GiB"
+        f"{' of GPU memory' if args.device != 'cpu' else ''}; logits memory-mapped from .npy. "
         f"The job is {2.0 * args.n_test * args.n_train * args.runs * args.n_classes:.2e} FLOP; "
         "a case's rate is that over its wall time.",
         "",
@@ -334,6 +410,8 @@ def render(args, machine: dict, results: dict, rows: list[dict]) -> str:
     ]
     lines += [format_row(r, args.n_test) for r in rows]
     for case, r in results.items():
+        if isinstance(r, dict) and r.get("peak_gpu") is not None:
+            lines.append(f"\n{case}: peak GPU memory {r['peak_gpu'] / 2**30:.2f} GiB")
         if isinstance(r, dict) and r.get("plan"):
             lines.append(f"\n{case} plan: {r['plan']}")
     return "\n".join(lines) + "\n"

@@ -255,6 +255,38 @@ def test_run_reads_fast_modes_counts_from_its_log(caplog):
     assert f"{whole} queries computed whole" in line and f"{again} of 20 queries" in line
 
 
+def _run_py(tmp_path, *options):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(BENCH / "run.py"), "--runs", "4", "--n-train",
+                           "300", "--n-test", "40", "--probe-seconds", "0.05",
+                           "--data-dir", str(tmp_path / "data"), "--out-dir",
+                           str(tmp_path / "out"), *options], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--budget", "12XB"], "--budget takes a size such as 2GB"),
+    (["--device", "gpu"], "--device gpu: takes cpu or cuda[:N]"),
+    (["--device", "cuda:7"] if torch.cuda.device_count() < 8 else ["--device", "tpu"],
+     "takes cpu or cuda[:N], and cuda needs a CUDA device"),
+])
+def test_run_refuses_a_bad_device_or_budget_before_any_work(tmp_path, options, says):
+    done = _run_py(tmp_path, *options)
+    assert done.returncode == 2 and says in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+def test_run_end_to_end_at_tiny_scale_reports_stages_and_a_budget_with_a_unit(tmp_path):
+    done = _run_py(tmp_path, "--cases", "reference,exact,fast", "--budget", "64MiB")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "progress reports (first, last; s): statistics" in done.stdout
+    raw = json.loads((tmp_path / "out" / "results.json").read_text())["raw"]
+    assert set(raw["exact"]["stages"]) >= {"statistics", "kernel"}
+    assert "rescore" in raw["fast"]["stages"] and raw["exact"]["peak_gpu"] is None
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "--budget 67108864" in table and "40/40" in table
+
+
 # ---- report_bench.py -------------------------------------------------------------------
 
 def _report_bench(tmp_path, *options):
