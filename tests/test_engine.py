@@ -129,6 +129,35 @@ def test_cuda_agrees_with_cpu():
     assert 0.0 <= share <= 1.0
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_gpu_sized_pieces_give_the_same_bits(monkeypatch, precision):
+    # On a GPU the statistics and features are computed in pieces of the plan's whole
+    # scratch rather than of a core's cache: the same values per row, so the same bits.
+    # Here, on the CPU, a tiny cache makes the cache rule cut every block into many pieces.
+    ens = make_ensemble(n_models=7, n_train=300, n_test=50)
+    ens.train[:, 7] = ens.train[:, 70]  # a tie, broken by index whatever the pieces
+    monkeypatch.setattr(engine_module, "_PIECE_CACHE_BYTES", 4096)
+    common = dict(precision=precision, tile_size=128, chunk_models=3, memory_budget=64 * MiB)
+    cached = _top_k_neighbors(ens.test, ens.train, 6, **common)
+    real_init = engine_module._Engine.__init__
+
+    def gpu_rule(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        assert self.cache_pieces
+        self.cache_pieces = False
+
+    monkeypatch.setattr(engine_module._Engine, "__init__", gpu_rule)
+    pieces = []
+    real_rows = engine_module._scratch_rows
+    monkeypatch.setattr(engine_module, "_scratch_rows",
+                        lambda *a: pieces.append(real_rows(*a)) or pieces[-1])
+    whole = _top_k_neighbors(ens.test, ens.train, 6, **common)
+    assert pieces and min(pieces) >= 300  # one piece per block of the GPU's rule here
+    assert torch.equal(whole.indices, cached.indices)
+    assert torch.equal(whole.values, cached.values)
+    assert_same_neighbors(whole.indices, whole.values, dense_kernel(ens.test, ens.train), 6)
+
+
 def test_tiles_without_the_query_cache_agree():
     import dataclasses
 

@@ -78,6 +78,12 @@ def _cache_rows(n_block_models: int, n_classes: int) -> int:
     return max(1, (_PIECE_CACHE_BYTES // 2) // (4 * n_block_models * n_classes))
 
 
+def _scratch_rows(piece_bytes: int, n_block_models: int, n_classes: int) -> int:
+    """Rows of a block of runs normalised together within `piece_bytes` of scratch (16
+    bytes a value: the float32 value and its temporaries)."""
+    return max(1, piece_bytes // (16 * n_block_models * n_classes))
+
+
 @dataclass(frozen=True)
 class Progress:
     """One progress report from the engine.
@@ -162,6 +168,9 @@ class _Engine:
         self.queries, self.references = queries, references
         self.log_softmax, self.classes = log_softmax, classes
         self.device, self.plan = device, plan
+        # Pieces of rows sized for a core's cache (CPU) or for the plan's whole scratch (a
+        # GPU, which pays per launch; see `_block_statistics`).
+        self.cache_pieces = device.type == "cpu"
         self.exclude_self = exclude_self
         self.progress = progress
         self.n_models = queries.n_models
@@ -242,11 +251,15 @@ class _Engine:
         Each block of runs is read whole (stores read best in large blocks), then prepared
         and summed in pieces of rows small enough to stay in a core's cache: the dozen
         passes of log-softmax and sums over a piece then run at cache speed rather than
-        memory speed, which is what limits them on most CPUs.
+        memory speed, which is what limits them on most CPUs. A GPU has no such cache to
+        fit and pays for every launch and every copy from the host, so there a piece takes
+        the plan's whole scratch (`plan.piece_bytes`); `_features` does the same.
         """
         n_rows = rows.stop - rows.start if only is None else len(only)
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
-        step = _cache_rows(min(self.plan.chunk_models, self.n_models), self.n_used)
+        n_block = min(self.plan.chunk_models, self.n_models)
+        step = _cache_rows(n_block, self.n_used) if self.cache_pieces else \
+            _scratch_rows(self.plan.piece_bytes, n_block, self.n_used)
         pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
         accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
@@ -298,8 +311,9 @@ class _Engine:
         n_block, n_rows = raw.shape[0], raw.shape[1]
         if out is None:
             out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
-        piece = max(1, min(self.plan.piece_bytes, _PIECE_CACHE_BYTES)
-                    // (16 * n_block * raw.shape[2]))
+        scratch = min(self.plan.piece_bytes, _PIECE_CACHE_BYTES) if self.cache_pieces else \
+            self.plan.piece_bytes
+        piece = _scratch_rows(scratch, n_block, raw.shape[2])
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
