@@ -78,10 +78,15 @@ def _cache_rows(n_block_models: int, n_classes: int) -> int:
     return max(1, (_PIECE_CACHE_BYTES // 2) // (4 * n_block_models * n_classes))
 
 
-def _scratch_rows(piece_bytes: int, n_block_models: int, n_classes: int) -> int:
-    """Rows of a block of runs normalised together within `piece_bytes` of scratch (16
-    bytes a value: the float32 value and its temporaries)."""
-    return max(1, piece_bytes // (16 * n_block_models * n_classes))
+def _scratch_rows(piece_bytes: int, n_block_models: int, n_classes: int,
+                  per_value: int = 16) -> int:
+    """Rows of a block of runs normalised together within `piece_bytes` of scratch
+    (`per_value` bytes a value: the float32 value and its temporaries, 16; on a GPU also
+    the value as read, copied there first (`kernel.prepare`), at most 8 more)."""
+    return max(1, piece_bytes // (per_value * n_block_models * n_classes))
+
+
+_GPU_BYTES_PER_VALUE = 16 + 8
 
 
 @dataclass(frozen=True)
@@ -259,7 +264,7 @@ class _Engine:
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
         n_block = min(self.plan.chunk_models, self.n_models)
         step = _cache_rows(n_block, self.n_used) if self.cache_pieces else \
-            _scratch_rows(self.plan.piece_bytes, n_block, self.n_used)
+            _scratch_rows(self.plan.piece_bytes, n_block, self.n_used, _GPU_BYTES_PER_VALUE)
         pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
         accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
@@ -311,9 +316,9 @@ class _Engine:
         n_block, n_rows = raw.shape[0], raw.shape[1]
         if out is None:
             out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
-        scratch = min(self.plan.piece_bytes, _PIECE_CACHE_BYTES) if self.cache_pieces else \
-            self.plan.piece_bytes
-        piece = _scratch_rows(scratch, n_block, raw.shape[2])
+        piece = _scratch_rows(min(self.plan.piece_bytes, _PIECE_CACHE_BYTES), n_block,
+                              raw.shape[2]) if self.cache_pieces else \
+            _scratch_rows(self.plan.piece_bytes, n_block, raw.shape[2], _GPU_BYTES_PER_VALUE)
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
