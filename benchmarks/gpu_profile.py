@@ -80,10 +80,12 @@ def main() -> None:
         by_cpu = table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         (args.out_dir / f"profile-{precision}.txt").write_text(
             f"by GPU time\n{by_gpu}\n\nby CPU time\n{by_cpu}\n")
-        gpu_total = sum(e.self_device_time_total for e in table) / 1e6
-        cpu_total = sum(e.self_cpu_time_total for e in table) / 1e6
-        print(f"  profiled: GPU busy {gpu_total:.3f} s, CPU in operators {cpu_total:.3f} s; "
-              "top by GPU time:", flush=True)
+        # The device's own events (kernels, copies) alone: an operator's self device time
+        # repeats that of the kernels it launched.
+        on_gpu = [e for e in table if e.device_type != torch.autograd.DeviceType.CPU]
+        gpu_total = sum(e.self_device_time_total for e in on_gpu) / 1e6
+        print(f"  profiled: GPU busy {gpu_total:.3f} s (kernels and copies); top by GPU time "
+              "(operators and their kernels both listed):", flush=True)
         for e in sorted(table, key=lambda e: -e.self_device_time_total)[:6]:
             print(f"    {e.key[:50]:<50} GPU {e.self_device_time_total / 1e3:8.1f} ms  "
                   f"CPU {e.self_cpu_time_total / 1e3:8.1f} ms  x{e.count}", flush=True)
