@@ -22,6 +22,8 @@
     python benchmarks/micro.py faults --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 2GiB   # page faults of evaluate with glibc's trim threshold now and before
     python benchmarks/micro.py scipyimport   # what importing scipy.stats costs a report
+    python benchmarks/micro.py sweepkernels --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
+        --memory-budget 1.5GiB   # the sweep's subset kernels, exact against fast, and as predicted
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -438,6 +440,39 @@ def ablations(store: str, n_test: int, budget: int, repeats: int = 2) -> None:
     print(f"  same neighbours in every kernel: {same}")
 
 
+def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> None:
+    """The sweep's subset kernels (`sweeps.sweep` at its defaults: 2,000 test examples
+    spread evenly, k = 20, the first subset of each run count), each timed in exact and
+    in fast mode, alternated, beside the times the probe's cached rates predict for its
+    shape (`precision.predict_times`, with the assumed crowded share); same neighbours?"""
+    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.precision import FALLBACK_SHARE, predict_times, probe
+    from ensemble_kernel.sources import read_sample, sample_positions, select_runs
+    from ensemble_kernel.sweeps import default_run_counts
+
+    train, test = _store_logits(store)
+    test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
+    rates, _ = probe(torch.device("cpu"))
+    print(f"{_machine()}\nsweep kernels on {store}: {n_test} test examples, k = {k}, budget "
+          f"{budget / 2**30:.2f} GiB")
+    print("| runs | exact (s) | fast (s) | predicted exact / fast (s) | same neighbours |\n"
+          "| ---: | ---: | ---: | ---: | --- |")
+    for n in default_run_counts(train.n_models)[1:]:
+        sub_train, sub_test = select_runs(train, slice(0, n)), select_runs(test, slice(0, n))
+        walls, found = {}, {}
+        for precision in ("exact", "fast"):
+            t = time.perf_counter()
+            found[precision] = _top_k_neighbors(sub_test, sub_train, k, precision=precision,
+                                                memory_budget=budget)
+            walls[precision] = time.perf_counter() - t
+        exact_s, fast_s = predict_times(rates, n_queries=n_test, n_references=train.n_examples,
+                                        n_models=n, n_classes=train.n_classes, k=k,
+                                        memory_budget=budget, whole_share=FALLBACK_SHARE)
+        same = bool((found["exact"].indices == found["fast"].indices).all())
+        print(f"| {n} | {walls['exact']:.2f} | {walls['fast']:.2f} | {exact_s:.2f} / "
+              f"{fast_s:.2f} | {same} |", flush=True)
+
+
 _FAULTS_CHILD = r"""
 import atexit, functools, resource, sys, time
 trim = int(sys.argv.pop(1))
@@ -560,7 +595,7 @@ def main() -> None:
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
                                     "squares", "logsoftmax", "perclass", "ablations", "faults",
-                                    "scipyimport"])
+                                    "scipyimport", "sweepkernels"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -617,6 +652,12 @@ def main() -> None:
         if not args.store:
             p.error("faults needs --store STORE (benchmarks/report_bench.py builds one)")
         faults(args.store, args.memory_budget)
+    elif args.what == "sweepkernels":
+        from ensemble_kernel.cli.common import parse_size
+
+        if not args.store:
+            p.error("sweepkernels needs --store STORE (benchmarks/report_bench.py builds one)")
+        sweepkernels(args.store, parse_size(args.memory_budget))
     elif args.what == "scipyimport":
         scipyimport()
     elif args.what == "vmlrace":
