@@ -9,6 +9,7 @@
 #
 #     bash benchmarks/gpu.sh                # everything
 #     GPU_BENCH_RUNS=100 bash benchmarks/gpu.sh   # a smaller benchmark
+#     GPU_TESTS_ONLY=1 bash benchmarks/gpu.sh     # the tests alone
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -30,6 +31,7 @@ echo "== pytest -m gpu"
 timeout "${GPU_TEST_TIMEOUT:-240}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider \
     tests/test_cuda.py tests/test_engine.py 2>&1 | tee "$OUT/pytest-gpu.log"
 tests=$?
+if [ -n "${GPU_TESTS_ONLY:-}" ]; then exit $tests; fi
 
 echo "== benchmarks/run.py --device cuda"
 timeout "${GPU_BENCH_TIMEOUT:-300}" $PY benchmarks/run.py --device cuda \

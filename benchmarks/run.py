@@ -87,13 +87,13 @@ def _sync(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _peak_gpu_bytes(device: str) -> int | None:
     import torch
 
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
 
 
 def case_reference(data: dict, k: int, device: str = "cpu") -> dict:
@@ -295,13 +295,24 @@ def main() -> None:
         import torch
 
         try:
-            ok = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+            device = torch.device(args.device)
+            ok = device.type == "cuda" and torch.cuda.is_available() \
+                and (device.index or 0) < torch.cuda.device_count()
         except RuntimeError:
             ok = False
         if not ok:
             p.error(f"--device {args.device}: takes cpu or cuda[:N], and cuda needs a CUDA "
                     f"device (this torch {torch.__version__} sees "
                     f"{torch.cuda.device_count()})")
+    from ensemble_kernel.errors import BudgetError
+    from ensemble_kernel.plan import plan_memory
+
+    try:  # a budget the engine would refuse, refused before any data is written
+        for precision in {"exact", "fast"} & set(cases):
+            plan_memory(args.n_test, args.n_train, args.runs, args.n_classes, k_keep=args.k,
+                        budget=args.budget, precision=precision)
+    except BudgetError as e:
+        p.error(str(e).replace("--memory-budget", "--budget"))
 
     machine = describe()
     print(header(machine), flush=True)

@@ -267,8 +267,9 @@ def _run_py(tmp_path, *options):
 @pytest.mark.parametrize("options, says", [
     (["--budget", "12XB"], "--budget takes a size such as 2GB"),
     (["--device", "gpu"], "--device gpu: takes cpu or cuda[:N]"),
-    (["--device", "cuda:7"] if torch.cuda.device_count() < 8 else ["--device", "tpu"],
+    (["--device", f"cuda:{torch.cuda.device_count()}"],  # one past the last GPU, or none
      "takes cpu or cuda[:N], and cuda needs a CUDA device"),
+    (["--budget", "1KiB"], "--budget"),  # the engine's plan refuses it: so does run.py, first
 ])
 def test_run_refuses_a_bad_device_or_budget_before_any_work(tmp_path, options, says):
     done = _run_py(tmp_path, *options)

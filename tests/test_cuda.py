@@ -29,15 +29,25 @@ def hard_ensemble(seed: int = 3):
     float16-representable logits beside values one float32 ulp away from them."""
     ens = make_ensemble(seed=seed, n_models=9, n_train=700, n_test=120)
     train, test = ens.train.clone(), ens.test.clone()
+    train[4] *= 40  # one run far larger than the others (one model's logits, both splits)
+    test[4] *= 40
+    train[:, :, 0] = 1.5  # a class column with no spread across examples of one run
+    test[:, :, 0] = 1.5
     train[:, 10] = train[:, 40]  # an exact tie between references 10 and 40
     train[:, 11] = train[:, 41] * (1 + 1e-6)  # nearly equal to 41
     train[:, 12] = train[:, 42].half().float()
     train[:, 13] = torch.nextafter(train[:, 12], torch.full_like(train[:, 12], 1e9))
     test[:, 5] = train[:, 40]  # a query equal to both tied references
-    train[4] *= 40  # one run far larger than the others
-    train[:, :, 0] = 1.5  # a class column with no spread across examples of one run
-    test[:, :, 0] = 1.5
     return ens, test, train
+
+
+def test_the_hard_ensemble_is_what_it_says():
+    _, test, train = hard_ensemble()
+    assert torch.equal(test[:, 5], train[:, 40]) and torch.equal(train[:, 10], train[:, 40])
+    assert bool((torch.nextafter(train[:, 12], torch.full_like(train[:, 12], 1e9))
+                 == train[:, 13]).all())
+    top = dense_kernel(test, train)[5].topk(2).indices
+    assert set(top.tolist()) == {10, 40}  # the query's two nearest are the tied pair
 
 
 @pytest.mark.parametrize("prec", ["exact", "fast", "auto"])
@@ -112,14 +122,51 @@ def test_evaluate_and_sweep_on_cuda_give_the_cpus_figures(tmp_path):
     assert len([r for r in cpu["rows"] if r["n_models"] >= 4]) >= 8
 
 
-def test_report_on_cuda(tmp_path):
+def test_report_on_cuda_gives_the_cpus_tables(tmp_path):
     ens = make_ensemble(seed=2, n_models=6, n_train=300, n_test=60)
     src = save_pt(tmp_path / "runs.pt", ens.train, ens.test)
     labels = save_labels(tmp_path / "labels.npz", ens)
-    code, _, err = run_cli("report", src, "--labels", labels, "--device", "cuda",
-                           "--out", tmp_path / "r.html", "-q")
-    assert code == 0, err
-    assert (tmp_path / "r.html").stat().st_size > 10_000
+    tables = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device / "r.html"
+        code, _, err = run_cli("report", src, "--labels", labels, "--device", device,
+                               "--out", out, "-q")
+        assert code == 0, err
+        assert out.stat().st_size > 10_000
+        tables[device] = json.loads((out.parent / "r_files" / "sweep.json").read_text())
+    gpu, cpu = tables["cuda"], tables["cpu"]
+    assert gpu["ablations"] == cpu["ablations"] and gpu["significance"] == cpu["significance"]
+    assert [r for r in gpu["rows"] if r["n_models"] >= 4] == \
+        [r for r in cpu["rows"] if r["n_models"] >= 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("prec", ["exact", "fast"])
+def test_many_small_pieces_and_stored_dtypes_on_cuda(monkeypatch, dtype, prec):
+    # Pieces of a few rows (tail pieces, non-contiguous slices copied through pinned
+    # memory), from float16 logits as stores keep them and from float64 ones.
+    from ensemble_kernel import engine
+
+    plain = make_ensemble(seed=4, n_models=9, n_train=700, n_test=120)
+    _, test, train = hard_ensemble()
+    common = dict(device="cuda", precision=prec, tile_size=96, chunk_models=4,
+                  memory_budget=64 * MiB)
+    for queries, references in ((test, train), (plain.test, plain.train)):
+        queries, references = queries.to(dtype), references.to(dtype)
+        sizes = []
+        real_rows = engine._scratch_rows
+        with monkeypatch.context() as m:
+            m.setattr(engine, "_GPU_BYTES_PER_VALUE", 1 << 17)  # a few rows a piece
+            m.setattr(engine, "_scratch_rows",
+                      lambda *a: sizes.append(real_rows(*a)) or sizes[-1])
+            got = _top_k_neighbors(queries, references, 7, **common)
+        assert sizes and max(sizes) < 96  # every block was cut into several pieces
+        assert_same_neighbors(got.indices.cpu(), got.values.cpu(),
+                              dense_kernel(queries, references), 7)
+    # Where no row needs float64 (which widens its whole piece, and so its standardisation),
+    # a row's values do not depend on its piece: the same bits in one piece per block.
+    whole = _top_k_neighbors(queries, references, 7, **common)
+    assert torch.equal(got.indices, whole.indices) and torch.equal(got.values, whole.values)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two nccl processes need two GPUs")

@@ -132,30 +132,40 @@ def test_cuda_agrees_with_cpu():
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_gpu_sized_pieces_give_the_same_bits(monkeypatch, precision):
     # On a GPU the statistics and features are computed in pieces of the plan's whole
-    # scratch rather than of a core's cache: the same values per row, so the same bits.
+    # scratch rather than of a core's cache: the same values per row, so the same bits
+    # (where no row needs float64, which widens its whole piece; not here).
     # Here, on the CPU, a tiny cache makes the cache rule cut every block into many pieces.
     ens = make_ensemble(n_models=7, n_train=300, n_test=50)
     ens.train[:, 7] = ens.train[:, 70]  # a tie, broken by index whatever the pieces
     monkeypatch.setattr(engine_module, "_PIECE_CACHE_BYTES", 4096)
     common = dict(precision=precision, tile_size=128, chunk_models=3, memory_budget=64 * MiB)
     cached = _top_k_neighbors(ens.test, ens.train, 6, **common)
-    real_init = engine_module._Engine.__init__
-
-    def gpu_rule(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        assert self.cache_pieces
-        self.cache_pieces = False
-
-    monkeypatch.setattr(engine_module._Engine, "__init__", gpu_rule)
-    pieces = []
+    monkeypatch.setattr(engine_module, "_cache_sized_pieces", lambda device: False)
+    pieces = []  # (the rows of each GPU-rule piece, the class count it was sized for)
     real_rows = engine_module._scratch_rows
     monkeypatch.setattr(engine_module, "_scratch_rows",
-                        lambda *a: pieces.append(real_rows(*a)) or pieces[-1])
+                        lambda *a: pieces.append((real_rows(*a), a[2])) or pieces[-1][0])
     whole = _top_k_neighbors(ens.test, ens.train, 6, **common)
-    assert pieces and min(pieces) >= 300  # one piece per block of the GPU's rule here
+    # Both passes (statistics, then features) took the GPU's rule: one piece per block here.
+    assert len(pieces) >= 2 and min(rows for rows, _ in pieces) >= 300
     assert torch.equal(whole.indices, cached.indices)
     assert torch.equal(whole.values, cached.values)
     assert_same_neighbors(whole.indices, whole.values, dense_kernel(ens.test, ens.train), 6)
+
+
+def test_gpu_pieces_are_sized_for_every_class_read(monkeypatch):
+    # The statistics read every class of a block, also when the kernel uses a few: the
+    # GPU's pieces are sized for all of them, so that they stay within the plan's scratch.
+    ens = make_ensemble(n_models=4, n_train=200, n_test=30, n_classes=5)
+    monkeypatch.setattr(engine_module, "_cache_sized_pieces", lambda device: False)
+    sized_for = []
+    real_rows = engine_module._scratch_rows
+    monkeypatch.setattr(engine_module, "_scratch_rows",
+                        lambda *a: sized_for.append(a[2]) or real_rows(*a))
+    got = _top_k_neighbors(ens.test, ens.train, 3, classes=(1,), memory_budget=16 * MiB)
+    assert sized_for and set(sized_for) == {5}
+    assert_same_neighbors(got.indices, got.values,
+                          dense_kernel(ens.test, ens.train, classes=(1,)), 3)
 
 
 def test_tiles_without_the_query_cache_agree():

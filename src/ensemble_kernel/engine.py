@@ -81,12 +81,21 @@ def _cache_rows(n_block_models: int, n_classes: int) -> int:
 def _scratch_rows(piece_bytes: int, n_block_models: int, n_classes: int,
                   per_value: int = 16) -> int:
     """Rows of a block of runs normalised together within `piece_bytes` of scratch
-    (`per_value` bytes a value: the float32 value and its temporaries, 16; on a GPU also
-    the value as read, copied there first (`kernel.prepare`), at most 8 more)."""
+    (`per_value` bytes a value: the float32 value and its temporaries, 16; on a GPU
+    `_GPU_BYTES_PER_VALUE`, which also counts the value as read, copied there first
+    (`kernel.prepare`), and a piece computed in float64)."""
     return max(1, piece_bytes // (per_value * n_block_models * n_classes))
 
 
-_GPU_BYTES_PER_VALUE = 16 + 8
+# On a GPU: a value in float32 with its temporaries (16), as read (at most 8), and room for
+# a piece that turns float64 (a confident row or a precise example widens the whole piece;
+# about 30 bytes a value measured, 36 from float64 logits).
+_GPU_BYTES_PER_VALUE = 40
+
+
+def _cache_sized_pieces(device: torch.device) -> bool:
+    """Whether an engine on `device` normalises in pieces sized for a core's cache."""
+    return device.type == "cpu"
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ class _Engine:
         self.device, self.plan = device, plan
         # Pieces of rows sized for a core's cache (CPU) or for the plan's whole scratch (a
         # GPU, which pays per launch; see `_block_statistics`).
-        self.cache_pieces = device.type == "cpu"
+        self.cache_pieces = _cache_sized_pieces(device)
         self.exclude_self = exclude_self
         self.progress = progress
         self.n_models = queries.n_models
@@ -264,7 +273,7 @@ class _Engine:
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
         n_block = min(self.plan.chunk_models, self.n_models)
         step = _cache_rows(n_block, self.n_used) if self.cache_pieces else \
-            _scratch_rows(self.plan.piece_bytes, n_block, self.n_used, _GPU_BYTES_PER_VALUE)
+            _scratch_rows(self.plan.piece_bytes, n_block, source.n_classes, _GPU_BYTES_PER_VALUE)
         pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
         accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
