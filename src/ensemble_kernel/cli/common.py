@@ -209,10 +209,13 @@ VerboseOpt = typer.Option(False, "--verbose", "-v",
                           help="Say which precision runs and why (the probe's rates and the "
                                "predicted time of each path), on stderr.")
 BudgetOpt = typer.Option(None, "--memory-budget", callback=_budget_value,
-                         show_default="a quarter of the available memory",
-                         help="Working memory for the engine, e.g. 2GB or 512MiB.")
+                         show_default="a quarter of the available memory; with --device "
+                                      "cuda, half of the GPU's free memory",
+                         help="Working memory for the engine, e.g. 2GB or 512MiB (GPU memory "
+                              "with --device cuda).")
 DeviceOpt = typer.Option("cpu", "--device", callback=_device_value,
-                         help="cpu, cuda or cuda:N.")
+                         help="cpu, cuda or cuda:N: where the kernel is computed (the logits "
+                              "are read on the host and copied there piece by piece).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 MaxSubsetsOpt = typer.Option(
     None, "--max-subsets", min=1, show_default="3",
