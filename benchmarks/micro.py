@@ -22,6 +22,7 @@
     python benchmarks/micro.py faults --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 2GiB   # page faults of evaluate with glibc's trim threshold now and before
     python benchmarks/micro.py scipyimport   # what importing scipy.stats costs a report
+    python benchmarks/micro.py classmajor   # the ablations' per-class product: its copy of the features
     python benchmarks/micro.py sweepkernels --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 1.5GiB   # the sweep's subset kernels, exact against fast, and as predicted
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
@@ -440,6 +441,31 @@ def ablations(store: str, n_test: int, budget: int, repeats: int = 2) -> None:
     print(f"  same neighbours in every kernel: {same}")
 
 
+def classmajor(repeats: int = 6) -> None:
+    """The ablations' batched per-class product for one block of runs at CIFAR shape (2,000
+    queries, a tile of 12,500 references, 250 runs, 10 classes), with the references'
+    features made class-major by a 3-D transposing copy (before) or as a strided view of
+    one 2-D transpose (now), alternated; the same values?"""
+    g = torch.Generator().manual_seed(0)
+    n_t, n_r, n_c, n_q = 12_500, 250, 10, 2000
+    fb, fa = torch.randn(n_t, n_r * n_c, generator=g), torch.randn(n_q, n_r * n_c, generator=g)
+    a = fa.view(n_q, n_r, n_c).permute(2, 0, 1).contiguous()
+    ways = {"before": lambda: torch.bmm(a, fb.view(n_t, n_r, n_c).permute(2, 1, 0).contiguous()),
+            "now": lambda: torch.bmm(a, fb.T.contiguous().view(n_r, n_c, n_t).permute(1, 0, 2))}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    out = {}
+    for _ in range(repeats):
+        for name, way in ways.items():
+            t = time.perf_counter()
+            out[name] = way()
+            times[name].append(time.perf_counter() - t)
+    print(f"{_machine()}\nper-class product, {n_q} x {n_t}, {n_r} runs x {n_c} classes, "
+          f"{repeats} repeats (s): " + "; ".join(
+              f"{name} median {np.median(v):.3f} ({min(v):.3f} to {max(v):.3f})"
+              for name, v in times.items())
+          + f"; same values: {torch.equal(out['before'], out['now'])}")
+
+
 def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> None:
     """The sweep's subset kernels (`sweeps.sweep` at its defaults: 2,000 test examples
     spread evenly, k = 20, the first subset of each run count), each timed in exact and
@@ -595,7 +621,7 @@ def main() -> None:
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
                                     "squares", "logsoftmax", "perclass", "ablations", "faults",
-                                    "scipyimport", "sweepkernels"])
+                                    "scipyimport", "sweepkernels", "classmajor"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -652,6 +678,8 @@ def main() -> None:
         if not args.store:
             p.error("faults needs --store STORE (benchmarks/report_bench.py builds one)")
         faults(args.store, args.memory_budget)
+    elif args.what == "classmajor":
+        classmajor()
     elif args.what == "sweepkernels":
         from ensemble_kernel.cli.common import parse_size
 
