@@ -23,6 +23,8 @@
         --memory-budget 2GiB   # page faults of evaluate with glibc's trim threshold now and before
     python benchmarks/micro.py scipyimport   # what importing scipy.stats costs a report
     python benchmarks/micro.py classmajor   # the ablations' per-class product: its copy of the features
+    python benchmarks/micro.py nologsoftmax --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
+        --memory-budget 1.7GiB   # the report's no-log-softmax kernel: auto, exact and fast
     python benchmarks/micro.py sweepkernels --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 1.5GiB   # the sweep's subset kernels, exact against fast, and as predicted
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
@@ -466,6 +468,27 @@ def classmajor(repeats: int = 6) -> None:
           + f"; same values: {torch.equal(out['before'], out['now'])}")
 
 
+def nologsoftmax(store: str, budget: int, n_test: int = 2000, repeats: int = 2) -> None:
+    """The report's kernel without log-softmax (its ablation when the pass cannot hold it:
+    2,000 test examples spread evenly, k = 3) in auto, exact and fast mode, alternated;
+    auto's choice as it logs it (the first auto also pays the probe, if not cached)."""
+    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.sources import read_sample, sample_positions
+
+    train, test = _store_logits(store)
+    test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("ensemble_kernel.precision").setLevel(logging.INFO)
+    print(f"{_machine()}\nno-log-softmax kernel on {store}: {n_test} test examples, k = 3, "
+          f"budget {budget / 2**30:.2f} GiB")
+    for r in range(repeats):
+        for precision in ("auto", "exact", "fast"):
+            t = time.perf_counter()
+            _top_k_neighbors(test, train, 3, log_softmax=False, precision=precision,
+                             memory_budget=budget)
+            print(f"  {precision:>5}, repeat {r}: {time.perf_counter() - t:.2f} s", flush=True)
+
+
 def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> None:
     """The sweep's subset kernels (`sweeps.sweep` at its defaults: 2,000 test examples
     spread evenly, k = 20, the first subset of each run count), each timed in exact and
@@ -621,7 +644,8 @@ def main() -> None:
     p.add_argument("what", choices=["stats", "reduce", "storeread", "recipe", "stages",
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
                                     "squares", "logsoftmax", "perclass", "ablations", "faults",
-                                    "scipyimport", "sweepkernels", "classmajor"])
+                                    "scipyimport", "sweepkernels", "classmajor",
+                                    "nologsoftmax"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -678,6 +702,12 @@ def main() -> None:
         if not args.store:
             p.error("faults needs --store STORE (benchmarks/report_bench.py builds one)")
         faults(args.store, args.memory_budget)
+    elif args.what == "nologsoftmax":
+        from ensemble_kernel.cli.common import parse_size
+
+        if not args.store:
+            p.error("nologsoftmax needs --store STORE (benchmarks/report_bench.py builds one)")
+        nologsoftmax(args.store, parse_size(args.memory_budget))
     elif args.what == "classmajor":
         classmajor()
     elif args.what == "sweepkernels":

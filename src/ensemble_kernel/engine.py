@@ -920,7 +920,7 @@ def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates
         n_models=queries.n_models, n_classes=n_classes, k=int(k), n_candidates=n_candidates,
         memory_budget=memory_budget, device=device,
         raw_bytes=item_size(queries),
-        crowding=crowding).precision
+        crowding=crowding, log_softmax=log_softmax).precision
 
 
 class _Spans:

@@ -3,7 +3,7 @@
 Fast mode pays only where low-precision products are much faster than float32 ones
 *and* that gain outweighs its extra work: a longer candidate list per tile, the exact
 re-score (one dot product per candidate, and every feature normalised again unless the
-plan keeps them) and the rows its proof computes whole. So the probe measures seven rates
+plan keeps them) and the rows its proof computes whole. So the probe measures eight rates
 at the engine's shapes, on the chosen device, with the engine's own code and settings:
 
 - `float32`: a float32 product accumulated with `addmm` under `highest` precision
@@ -14,6 +14,8 @@ at the engine's shapes, on the chosen device, with the engine's own code and set
   plan takes one block of every run: nothing is added into float32), FLOP/s;
 - `normalize`: log-softmax and standardisation of float16 logits into features
   (`kernel.prepare`, `kernel.normalized_features`), feature values per second;
+- `normalize_raw`: the same without log-softmax (`--no-log-softmax`, the report's
+  ablation), several times faster;
 - `gather`: the re-score: one float32 dot product per (query, candidate) pair, read
   from the feature rows by `torch.sparse.sampled_addmm`, feature values per second;
 - `select_exact`, `select_fast`: each mode's per-tile top-k selection (21 of a float32
@@ -62,7 +64,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
-PROBE_VERSION = 5  # bump when the probe or the model changes: old cache files are ignored
+PROBE_VERSION = 6  # bump when the probe or the model changes: old cache files are ignored
 PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
@@ -92,6 +94,8 @@ class Rates:
     bfloat16 : fast mode's candidate-pass product rate (with its float32 accumulation),
         FLOP per second.
     normalize : feature values produced per second from float16 logits.
+    normalize_raw : the same for kernels without log-softmax (0: not measured; `normalize`
+        stands in).
     gather : re-score rate, candidate feature values gathered and multiplied per second.
     select_exact : (query, reference) pairs per second through exact mode's per-tile
         selection (`topk` of k + 1 = 21 of a float32 block).
@@ -111,13 +115,18 @@ class Rates:
     select_fast: float
     probe_s: float
     bfloat16_one_block: float = 0.0
+    normalize_raw: float = 0.0
 
     def valid(self) -> bool:
         return all(isinstance(v, float) and math.isfinite(v) and v > 0
                    for v in (self.float32, self.bfloat16, self.normalize, self.gather,
                              self.select_exact, self.select_fast)) \
-            and isinstance(self.bfloat16_one_block, float) \
-            and math.isfinite(self.bfloat16_one_block) and self.bfloat16_one_block >= 0
+            and all(isinstance(v, float) and math.isfinite(v) and v >= 0
+                    for v in (self.bfloat16_one_block, self.normalize_raw))
+
+    def normalize_rate(self, log_softmax: bool) -> float:
+        """Feature values per second for a kernel with or without log-softmax."""
+        return self.normalize if log_softmax or self.normalize_raw <= 0 else self.normalize_raw
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class PrecisionChoice:
             out["rates"] = {"float32_gflops": _round(r.float32 / 1e9),
                             "bfloat16_gflops": _round(r.bfloat16 / 1e9),
                             "normalize_mvalues_s": _round(r.normalize / 1e6),
+                            "normalize_raw_mvalues_s": _round(r.normalize_raw / 1e6),
                             "gather_mvalues_s": _round(r.gather / 1e6),
                             "select_exact_mpairs_s": _round(r.select_exact / 1e6),
                             "select_fast_mpairs_s": _round(r.select_fast / 1e6),
@@ -183,7 +193,8 @@ class PrecisionChoice:
 def describe_rates(r: Rates) -> str:
     return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s "
             f"({r.bfloat16_one_block / 1e9:.3g} in one block), "
-            f"normalise {r.normalize / 1e6:.3g} M values/s, re-score gather "
+            f"normalise {r.normalize / 1e6:.3g} M values/s ({r.normalize_raw / 1e6:.3g} "
+            "without log-softmax), re-score gather "
             f"{r.gather / 1e6:.3g} M values/s, selection {r.select_exact / 1e6:.3g} (exact) "
             f"and {r.select_fast / 1e6:.3g} (fast) M pairs/s")
 
@@ -207,6 +218,7 @@ def choose_precision(
     device: torch.device | str = "cpu",
     raw_bytes: int = 2,
     crowding: Callable[[Plan], float] | None = None,
+    log_softmax: bool = True,
 ) -> PrecisionChoice:
     """Resolve `precision` ('auto', 'exact' or 'fast') for one job.
 
@@ -223,6 +235,8 @@ def choose_precision(
     k : neighbours per query; n_candidates : fast mode's list (default as the engine's).
     memory_budget : bytes, as the engine gets it (the plan decides tiles and caching).
     raw_bytes : item size of the logits read (2 for float16 stores).
+    log_softmax : whether the kernel normalises log-softmax outputs (else raw logits,
+        normalised several times faster: the probe's `normalize_raw`).
     crowding : for 'auto', a pilot on the data (`engine._crowded_share`): called with
         fast mode's plan for this job, it returns the share of queries whose
         candidates lie so close together that fast mode would compute their whole rows in
@@ -249,12 +263,13 @@ def choose_precision(
     shape = dict(n_queries=n_queries, n_references=n_references, n_models=n_models,
                  n_classes=n_classes, k=k, n_candidates=n_candidates, memory_budget=budget,
                  raw_bytes=raw_bytes)
-    exact_s, fast_s = predict_times(rates, **shape)
+    exact_s, fast_s = predict_times(rates, **shape, log_softmax=log_softmax)
     pays = fast_s * SAFETY < exact_s
     share = None
     if precision == "auto" and pays and crowding is not None:
         share = float(crowding(fast_plan(**shape)))
-        exact_s, fast_s = predict_times(rates, **shape, whole_share=max(share, FALLBACK_SHARE))
+        exact_s, fast_s = predict_times(rates, **shape, whole_share=max(share, FALLBACK_SHARE),
+                                        log_softmax=log_softmax)
         pays = fast_s * SAFETY < exact_s
     if precision == "fast":
         choice = PrecisionChoice("fast", "fast", "asked for", rates, from_cache, exact_s, fast_s,
@@ -283,7 +298,8 @@ def choose_precision(
 def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: int,
                   n_classes: int, k: int, n_candidates: int | None = None,
                   memory_budget: int, raw_bytes: int = 2,
-                  whole_share: float = FALLBACK_SHARE) -> tuple[float, float]:
+                  whole_share: float = FALLBACK_SHARE,
+                  log_softmax: bool = True) -> tuple[float, float]:
     """Predicted seconds of exact and fast mode for a job (the statistics pass, which both
     share, left out).
 
@@ -298,9 +314,11 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     n_candidates feature rows gathered and multiplied),
     with `whole_share` of the queries' whole rows in float32: in the same pass (their
     products only) as far as the plan's room for them goes, the rest in a second exact
-    pass (their products, and every reference normalised again).
+    pass (their products, and every reference normalised again). Features are made at the
+    probe's `normalize` rate, or `normalize_raw` for a kernel without log-softmax.
     """
     d = n_models * n_classes  # feature length
+    normalize = rates.normalize_rate(log_softmax)
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
     plans = {}
     for p in ("exact", "fast"):
@@ -318,12 +336,12 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
         plan = plans[p]
         query_passes = 1 if (plan.cache_queries or plan.n_tiles == 1) else plan.n_tiles
         values = (n_references + queries * query_passes) * d
-        return 2.0 * queries * n_references * d / rate + values / rates.normalize
+        return 2.0 * queries * n_references * d / rate + values / normalize
 
     pairs = float(n_queries) * n_references
     exact = kernel_pass("exact", rates.float32, n_queries) + pairs / rates.select_exact
     normalised_again = 0 if plans["fast"].keep_features else (n_queries + n_references) * d
-    rescore = normalised_again / rates.normalize + float(n_queries) * n_c * d / rates.gather
+    rescore = normalised_again / normalize + float(n_queries) * n_c * d / rates.gather
     whole = whole_share * n_queries
     inline = min(whole, plans["fast"].rescore_rows_bytes // (8 * n_references))
     whole_rows = 2.0 * inline * n_references * d / rates.float32
@@ -447,7 +465,7 @@ _CLASSES = 10
 
 
 def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SECONDS) -> Rates:
-    """Measure the seven rates on `device` within about `seconds` (hard cap: each rate
+    """Measure the eight rates on `device` within about `seconds` (hard cap: each rate
     stops growing its shapes once the next size would not fit its share)."""
     device = torch.device(device)
     started = time.perf_counter()
@@ -482,16 +500,18 @@ def measure_rates(device: torch.device | str = "cpu", seconds: float = PROBE_SEC
             [product(torch.float32), product(torch.bfloat16),
              product(torch.bfloat16, one_block=True)], _ROWS, 2 * share,
             device)
-        normalize, = _rates([_normalize_step(randn, device)], (256, 1024, 4096), share, device)
+        normalize, normalize_raw = _rates(
+            [_normalize_step(randn, device, True), _normalize_step(randn, device, False)],
+            (256, 1024, 4096), share, device)
         gather, = _rates([_gather_step(randn, gen, device)], (1, 4, 16, 64, 128), share, device)
         select_exact, select_fast = _rates(
             [_select_step(randn, torch.float32, 21), _select_step(randn, torch.bfloat16, 148)],
             (16, 64, 256, 1024), share, device)
     return Rates(float32, bfloat16, normalize, gather, select_exact, select_fast,
-                 time.perf_counter() - started, bfloat16_one_block)
+                 time.perf_counter() - started, bfloat16_one_block, normalize_raw)
 
 
-def _normalize_step(randn, device):
+def _normalize_step(randn, device, log_softmax: bool):
     runs = _WIDTH // _CLASSES
 
     def make(rows):
@@ -501,7 +521,7 @@ def _normalize_step(randn, device):
             torch.ones(rows, _CLASSES, dtype=torch.float64, device=device), None)
 
         def run():
-            x = prepare(raw, log_softmax=True, classes=None, device=device)
+            x = prepare(raw, log_softmax=log_softmax, classes=None, device=device)
             normalized_features(x, stats)
         return run, float(runs * rows * _CLASSES)
     return make

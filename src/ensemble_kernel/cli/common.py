@@ -414,7 +414,8 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
                               n_references=n_references, n_models=runset.n_models,
                               n_classes=runset.n_classes, k=k,
                               memory_budget=memory_budget, device=device,
-                              raw_bytes=item_size(runset.test), crowding=crowding)
+                              raw_bytes=item_size(runset.test), crowding=crowding,
+                              log_softmax=log_softmax)
     if verbose:
         say(choice.describe())
     return choice
