@@ -665,7 +665,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(describe()), flush=True)
-    if args.what == "recipe":
+
+    def budget() -> int:
+        from ensemble_kernel.cli.common import parse_size
+
+        return parse_size(args.memory_budget)
+
+    on_a_store = {  # report_bench.py's store (or any): these take --store
+        "ablations": lambda: ablations(args.store, args.n_test or 2000, budget()),
+        "faults": lambda: faults(args.store, args.memory_budget),
+        "nologsoftmax": lambda: nologsoftmax(args.store, budget()),
+        "sweepkernels": lambda: sweepkernels(args.store, budget()),
+    }
+    if args.what in on_a_store:
+        if not args.store:
+            p.error(f"{args.what} needs --store STORE (benchmarks/report_bench.py builds one)")
+        on_a_store[args.what]()
+    elif args.what == "recipe":
         recipe(args.epochs, args.seed, args.models)
     elif args.what == "stages":
         from ensemble_kernel.cli.common import parse_size
@@ -692,30 +708,8 @@ def main() -> None:
         logsoftmax()
     elif args.what == "perclass":
         perclass()
-    elif args.what == "ablations":
-        from ensemble_kernel.cli.common import parse_size
-
-        if not args.store:
-            p.error("ablations needs --store STORE (benchmarks/report_bench.py builds one)")
-        ablations(args.store, args.n_test or 2000, parse_size(args.memory_budget))
-    elif args.what == "faults":
-        if not args.store:
-            p.error("faults needs --store STORE (benchmarks/report_bench.py builds one)")
-        faults(args.store, args.memory_budget)
-    elif args.what == "nologsoftmax":
-        from ensemble_kernel.cli.common import parse_size
-
-        if not args.store:
-            p.error("nologsoftmax needs --store STORE (benchmarks/report_bench.py builds one)")
-        nologsoftmax(args.store, parse_size(args.memory_budget))
     elif args.what == "classmajor":
         classmajor()
-    elif args.what == "sweepkernels":
-        from ensemble_kernel.cli.common import parse_size
-
-        if not args.store:
-            p.error("sweepkernels needs --store STORE (benchmarks/report_bench.py builds one)")
-        sweepkernels(args.store, parse_size(args.memory_budget))
     elif args.what == "scipyimport":
         scipyimport()
     elif args.what == "vmlrace":
