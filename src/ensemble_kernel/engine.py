@@ -73,24 +73,17 @@ logger = logging.getLogger(__name__)
 _PIECE_CACHE_BYTES = 4 << 20
 
 
-def _cache_rows(n_block_models: int, n_classes: int) -> int:
-    """Rows of a block of runs whose float32 values fill about half a piece."""
-    return max(1, (_PIECE_CACHE_BYTES // 2) // (4 * n_block_models * n_classes))
-
-
 def _scratch_rows(piece_bytes: int, n_block_models: int, n_classes: int,
                   per_value: int = 16) -> int:
-    """Rows of a block of runs normalised together within `piece_bytes` of scratch
-    (`per_value` bytes a value: the float32 value and its temporaries, 16; on a GPU
-    `_GPU_BYTES_PER_VALUE`, which also counts the value as read, copied there first
-    (`kernel.prepare`), and a piece computed in float64)."""
+    """Rows of a block of runs normalised together within `piece_bytes` of scratch,
+    `per_value` bytes a value (`_Engine._piece_rows`)."""
     return max(1, piece_bytes // (per_value * n_block_models * n_classes))
 
 
-# On a GPU: a value in float32 with its temporaries (16), as read (at most 8), and room for
-# a piece that turns float64 (a confident row or a precise example widens the whole piece;
-# about 30 bytes a value measured, 36 from float64 logits).
-_GPU_BYTES_PER_VALUE = 40
+# On a GPU, bytes a value of a piece: its value and temporaries (16 in float32) computed in
+# float64, which a confident row or a precise example makes of the whole piece (twice
+# that), and the value as read, copied there first (`kernel.prepare`, at most 8).
+_GPU_BYTES_PER_VALUE = 2 * 16 + 8
 
 
 def _cache_sized_pieces(device: torch.device) -> bool:
@@ -182,9 +175,6 @@ class _Engine:
         self.queries, self.references = queries, references
         self.log_softmax, self.classes = log_softmax, classes
         self.device, self.plan = device, plan
-        # Pieces of rows sized for a core's cache (CPU) or for the plan's whole scratch (a
-        # GPU, which pays per launch; see `_block_statistics`).
-        self.cache_pieces = _cache_sized_pieces(device)
         self.exclude_self = exclude_self
         self.progress = progress
         self.n_models = queries.n_models
@@ -265,15 +255,13 @@ class _Engine:
         Each block of runs is read whole (stores read best in large blocks), then prepared
         and summed in pieces of rows small enough to stay in a core's cache: the dozen
         passes of log-softmax and sums over a piece then run at cache speed rather than
-        memory speed, which is what limits them on most CPUs. A GPU has no such cache to
-        fit and pays for every launch and every copy from the host, so there a piece takes
-        the plan's whole scratch (`plan.piece_bytes`); `_features` does the same.
+        memory speed, which is what limits them on most CPUs; on a GPU, in pieces of the
+        plan's scratch (`_piece_rows`, as `_features`).
         """
         n_rows = rows.stop - rows.start if only is None else len(only)
         precise = None if only is None else torch.ones(n_rows, dtype=torch.bool)
-        n_block = min(self.plan.chunk_models, self.n_models)
-        step = _cache_rows(n_block, self.n_used) if self.cache_pieces else \
-            _scratch_rows(self.plan.piece_bytes, n_block, source.n_classes, _GPU_BYTES_PER_VALUE)
+        step = self._piece_rows(min(self.plan.chunk_models, self.n_models), source.n_classes,
+                                _PIECE_CACHE_BYTES, per_value=8)  # float32 values: half
         pieces = [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
         accs = [StatsAccumulator(p.stop - p.start, self.n_used, self.device) for p in pieces]
         for m0 in range(0, self.n_models, self.plan.chunk_models):
@@ -295,6 +283,19 @@ class _Engine:
                              n_blocks * self.n_models)
         mean, scale = zip(*(acc.finalize() for acc in accs))
         return torch.cat(mean), torch.cat(scale)
+
+    def _piece_rows(self, n_block: int, n_classes: int, cache_bytes: int,
+                    per_value: int) -> int:
+        """Rows of a block of `n_block` runs x `n_classes` (as read) normalised together.
+
+        On the CPU, within `cache_bytes` at `per_value` bytes a value: a piece that stays in
+        a core's cache. On a GPU, which has no such cache to fit and pays for every launch
+        and every copy from the host, within the plan's whole scratch (`plan.piece_bytes`)
+        at `_GPU_BYTES_PER_VALUE`.
+        """
+        if _cache_sized_pieces(self.device):
+            return _scratch_rows(cache_bytes, n_block, n_classes, per_value)
+        return _scratch_rows(self.plan.piece_bytes, n_block, n_classes, _GPU_BYTES_PER_VALUE)
 
     def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
                           source: LogitSource, precise: torch.Tensor | None) -> None:
@@ -325,9 +326,8 @@ class _Engine:
         n_block, n_rows = raw.shape[0], raw.shape[1]
         if out is None:
             out = torch.empty(n_rows, n_block * self.n_used, dtype=dtype, device=self.device)
-        piece = _scratch_rows(min(self.plan.piece_bytes, _PIECE_CACHE_BYTES), n_block,
-                              raw.shape[2]) if self.cache_pieces else \
-            _scratch_rows(self.plan.piece_bytes, n_block, raw.shape[2], _GPU_BYTES_PER_VALUE)
+        piece = self._piece_rows(n_block, raw.shape[2],
+                                 min(self.plan.piece_bytes, _PIECE_CACHE_BYTES), per_value=16)
         for r0 in range(0, n_rows, piece):
             r1 = min(r0 + piece, n_rows)
             part = stats.rows(slice(examples.start + r0, examples.start + r1))
@@ -709,8 +709,8 @@ def _error_bound(plan: Plan, n_models: int, n_used: int, **norms):
     step = plan.rescore_chunk_models
     return low_precision_error(
         **norms, width=plan.chunk_models * n_used,
-        n_blocks=math.ceil(n_models / plan.chunk_models), n_terms=n_models * n_used, rescore_width=step * n_used,
-        rescore_blocks=math.ceil(n_models / step))
+        n_blocks=math.ceil(n_models / plan.chunk_models), n_terms=n_models * n_used,
+        rescore_width=step * n_used, rescore_blocks=math.ceil(n_models / step))
 
 
 def _expected_norm(n_models: int, n_used: int) -> float:
