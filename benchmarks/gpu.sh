@@ -10,6 +10,7 @@
 #     bash benchmarks/gpu.sh                # everything
 #     GPU_BENCH_RUNS=100 bash benchmarks/gpu.sh   # a smaller benchmark
 #     GPU_TESTS_ONLY=1 bash benchmarks/gpu.sh     # the tests alone
+#     GPU_BENCH_BUDGET=16GiB bash benchmarks/gpu.sh   # as for the README's H100 figures
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -27,6 +28,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
     || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
+# The engine's budget on this GPU: GPU_BENCH_BUDGET, else the engine's own default (half of
+# the GPU's free memory). The README's H100 figures used GPU_BENCH_BUDGET=16GiB.
+BUDGET=${GPU_BENCH_BUDGET:-$($PY -c "from ensemble_kernel.plan import default_memory_budget
+print(default_memory_budget('cuda'))" 2>/dev/null || echo 1GiB)}
+
 echo "== pytest -m gpu"
 timeout "${GPU_TEST_TIMEOUT:-240}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider \
     tests/test_cuda.py tests/test_engine.py 2>&1 | tee "$OUT/pytest-gpu.log"
@@ -36,13 +42,14 @@ if [ -n "${GPU_TESTS_ONLY:-}" ]; then exit $tests; fi
 echo "== benchmarks/run.py --device cuda"
 timeout "${GPU_BENCH_TIMEOUT:-300}" $PY benchmarks/run.py --device cuda \
     --runs "${GPU_BENCH_RUNS:-500}" --cases reference,exact,fast,auto \
-    --budget "${GPU_BENCH_BUDGET:-16GiB}" --probe-seconds 1 --case-timeout 120 \
+    --budget "$BUDGET" --probe-seconds 1 --case-timeout 120 \
     --data-dir /tmp/ek-data --out-dir "$OUT" 2>&1 | tee "$OUT/bench-gpu.log"
 bench=$?
 
 echo "== benchmarks/gpu_profile.py"
 timeout "${GPU_PROFILE_TIMEOUT:-200}" $PY benchmarks/gpu_profile.py \
-    --runs "${GPU_BENCH_RUNS:-500}" --data-dir /tmp/ek-data --out-dir "$OUT" 2>&1 \
+    --runs "${GPU_BENCH_RUNS:-500}" --budget "$BUDGET" --data-dir /tmp/ek-data \
+    --out-dir "$OUT" 2>&1 \
     | tee "$OUT/profile.log"
 profile=$?
 echo "pytest exit $tests, benchmark exit $bench, profile exit $profile"

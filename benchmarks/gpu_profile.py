@@ -25,31 +25,39 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from machine import describe, header  # noqa: E402
-from run import generate  # noqa: E402
+from run import _bytes, add_shape_options, generate  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=500)
-    p.add_argument("--n-train", type=int, default=50_000)
-    p.add_argument("--n-test", type=int, default=10_000)
+    add_shape_options(p, n_classes=False)
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--budget", type=float, default=16, help="GiB of GPU memory")
+    p.add_argument("--budget", type=_bytes, help="GPU memory for the engine, e.g. 16GiB "
+                   "(default: the engine's, half the GPU's free memory)")
     p.add_argument("--precisions", default="exact,fast,auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-dir", type=Path, default=HERE / "_data")
     p.add_argument("--out-dir", type=Path, default=Path("gpu-out"))
     args = p.parse_args()
+    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.plan import default_memory_budget
+    from ensemble_kernel.precision import PRECISIONS
+
+    unknown = [x for x in args.precisions.split(",") if x not in PRECISIONS]
+    if unknown:
+        p.error(f"--precisions {args.precisions}: {', '.join(map(repr, unknown))} is not a "
+                f"precision; name {', '.join(PRECISIONS)}, comma-separated")
+    if min(args.runs - 1, args.n_train, args.n_test, args.k, args.repeats) < 1:
+        p.error("--runs must be at least 2; --n-train, --n-test, --k and --repeats positive")
     if not torch.cuda.is_available():
         p.error(f"needs a CUDA device (this torch {torch.__version__} sees none)")
-    from ensemble_kernel.engine import _top_k_neighbors
 
     print(header(describe()), flush=True)
     data = generate(args.data_dir, args.runs, args.n_train, args.n_test, 10)
     train = torch.from_numpy(np.load(data["train"], mmap_mode="r"))
     test = torch.from_numpy(np.load(data["test"], mmap_mode="r"))
-    budget = int(args.budget * 2**30)
+    budget = args.budget or default_memory_budget("cuda")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("  log: %(message)s"))
     for name in ("ensemble_kernel.precision", "ensemble_kernel.engine"):

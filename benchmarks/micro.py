@@ -476,6 +476,7 @@ def nologsoftmax(store: str, budget: int, n_test: int = 2000, repeats: int = 2) 
     from ensemble_kernel.sources import read_sample, sample_positions
 
     train, test = _store_logits(store)
+    n_test = min(n_test, test.n_examples)
     test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
     logging.basicConfig(format="  %(message)s")
     logging.getLogger("ensemble_kernel.precision").setLevel(logging.INFO)
@@ -500,6 +501,7 @@ def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> No
     from ensemble_kernel.sweeps import default_run_counts
 
     train, test = _store_logits(store)
+    n_test = min(n_test, test.n_examples)
     test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
     rates, _ = probe(torch.device("cpu"))
     print(f"{_machine()}\nsweep kernels on {store}: {n_test} test examples, k = {k}, budget "
@@ -674,8 +676,8 @@ def main() -> None:
     on_a_store = {  # report_bench.py's store (or any): these take --store
         "ablations": lambda: ablations(args.store, args.n_test or 2000, budget()),
         "faults": lambda: faults(args.store, args.memory_budget),
-        "nologsoftmax": lambda: nologsoftmax(args.store, budget()),
-        "sweepkernels": lambda: sweepkernels(args.store, budget()),
+        "nologsoftmax": lambda: nologsoftmax(args.store, budget(), args.n_test or 2000),
+        "sweepkernels": lambda: sweepkernels(args.store, budget(), n_test=args.n_test or 2000),
     }
     if args.what in on_a_store:
         if not args.store:

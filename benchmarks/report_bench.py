@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import generate  # noqa: E402  (the same generated logits as run.py)
+from run import add_shape_options, generate  # noqa: E402  (run.py's generated logits)
 
 sys.path.insert(0, str(HERE.parent / "tests"))
 # The program run so that it writes its own peak RSS (VmHWM) to a file as it exits.
@@ -117,10 +117,7 @@ def timed(args_list: list[str], scratch: Path, src: Path | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=500)
-    p.add_argument("--n-train", type=int, default=50_000)
-    p.add_argument("--n-test", type=int, default=10_000)
-    p.add_argument("--n-classes", type=int, default=10)
+    add_shape_options(p)
     p.add_argument("--memory-budget", default="2GiB")
     p.add_argument("--repeats", type=int, default=1, help="runs of each command (alternating)")
     p.add_argument("--report-args", default="", help="extra options for report, e.g. "

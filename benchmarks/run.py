@@ -134,7 +134,6 @@ class FastModeCounts(logging.Handler):
     def __init__(self):
         super().__init__()
         self.found: list[tuple[int, int]] = []
-
         self.choice: str | None = None  # auto's choice, as the precision module logs it
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -262,12 +261,19 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).replace("--memory-budget", "--budget")) from None
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_options(p: argparse.ArgumentParser, n_classes: bool = True) -> None:
+    """--runs, --n-train, --n-test (and --n-classes) of the generated logits: CIFAR's shape
+    with 500 runs by default (shared by the benchmarks that call `generate`)."""
     p.add_argument("--runs", type=int, default=500)
     p.add_argument("--n-train", type=int, default=50_000)
     p.add_argument("--n-test", type=int, default=10_000)
-    p.add_argument("--n-classes", type=int, default=10)
+    if n_classes:
+        p.add_argument("--n-classes", type=int, default=10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_options(p)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--budget", type=_bytes, default=1 << 30,
                    help="engine memory budget (host memory, or GPU memory with --device "
@@ -291,6 +297,12 @@ def main() -> None:
         p.error("--runs and --n-classes must be at least 2; --n-train, --n-test, --k, "
                 "--case-timeout and --probe-seconds positive")
     cases = args.cases.split(",")
+    from ensemble_kernel.precision import PRECISIONS
+
+    unknown = [c for c in cases if c not in ("reference", *PRECISIONS)]
+    if unknown:
+        p.error(f"--cases {args.cases}: {', '.join(map(repr, unknown))} is not a case; "
+                f"name reference or a precision ({', '.join(PRECISIONS)}), comma-separated")
     if args.device != "cpu":
         import torch
 

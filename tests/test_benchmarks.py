@@ -270,10 +270,29 @@ def _run_py(tmp_path, *options):
     (["--device", f"cuda:{torch.cuda.device_count()}"],  # one past the last GPU, or none
      "takes cpu or cuda[:N], and cuda needs a CUDA device"),
     (["--budget", "1KiB"], "--budget"),  # the engine's plan refuses it: so does run.py, first
+    (["--cases", "reference,exact,fats"], "--cases reference,exact,fats: 'fats' is not a case"),
 ])
 def test_run_refuses_a_bad_device_or_budget_before_any_work(tmp_path, options, says):
     done = _run_py(tmp_path, *options)
     assert done.returncode == 2 and says in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--precisions", "exact,fats"], "--precisions exact,fats: 'fats' is not a precision"),
+    (["--repeats", "0"], "--repeats positive"),
+    (["--budget", "lots"], "--budget takes a size such as 2GB"),
+    ([], "needs a CUDA device") if not torch.cuda.is_available() else (["--k", "0"], "--k"),
+])
+def test_gpu_profile_refuses_bad_options_in_one_line_before_any_work(tmp_path, options, says):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_profile.py"), "--data-dir",
+                           str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                           *options], capture_output=True, text=True)
+    assert done.returncode == 2 and says in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("gpu_profile.py: error:")
+    assert "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
