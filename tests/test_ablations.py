@@ -267,3 +267,50 @@ def test_the_sweep_gives_the_kept_statistics_bytes_back_to_every_kernel(monkeypa
     assert kept.nbytes == 0  # dropped after the ablations' pass
     assert budgets_with_kept == seen and seen[0][0] == "ablations" and len(seen) > 2
     assert with_kept.ablations == without.ablations
+
+
+@pytest.mark.parametrize("precision, runs", [("exact", "exact"), ("fast", "auto"),
+                                             ("auto", "auto")])
+def test_the_kernels_outside_the_pass_run_exact_where_exact_was_asked(monkeypatch, precision,
+                                                                      runs):
+    # The kernel without log-softmax, where the pass cannot hold it, and each kernel of the
+    # one-at-a-time path once resolved 'auto' of their own even where exact was asked for.
+    # Now exact is exact; a choice of fast, made for another kernel, leaves them 'auto'
+    # (fast mode where it fits their budget and pays for their shape).
+    import ensemble_kernel.ablations as ab
+    from ensemble_kernel import engine
+
+    if precision == "exact":
+        def no_auto(*args, **kwargs):
+            raise AssertionError("a kernel resolved 'auto' of its own")
+
+        monkeypatch.setattr(engine, "_resolve_auto", no_auto)
+    asked = []
+    real = ab._top_k_neighbors
+    monkeypatch.setattr(ab, "_top_k_neighbors",
+                        lambda *a, **kw: asked.append(kw["precision"]) or real(*a, **kw))
+    ens = make_ensemble(n_models=6, n_train=3000, n_test=400, n_classes=4)
+    budget = _budget_where_no_log_softmax_needs_more_tiles(400, 3000, 6, 4, 3)
+    separate = ablation_neighbors(ens.test, ens.train, 3, memory_budget=budget,
+                                  precision=precision)
+    assert not separate.fused_no_log_softmax and asked == [runs]
+    assert_same_neighbors(separate.no_log_softmax.indices, separate.no_log_softmax.values,
+                          dense_kernel(ens.test, ens.train, log_softmax=False), 3)
+    asked.clear()
+    small = make_ensemble(n_models=6, n_train=3000, n_test=2000, n_classes=6)
+    kw = dict(k_keep=3, raw_bytes=4)
+    tight = next(b for b in range(4 << 20, 256 << 20, 1 << 18)
+                 if _fits(2000, 3000, 6, 6, b, **kw) and not _fits(2000, 3000, 6, 12, b,
+                                                                    n_kernels=6, **kw))
+    assert not ablation_neighbors(small.test, small.train, 3, memory_budget=tight,
+                                  precision=precision).one_pass
+    assert asked and set(asked) == {runs}
+    if precision == "exact":  # and through the sweep, which passes its precision on
+        sweep(ens.train, ens.test, ens.labels_train, ens.labels_test, precision="exact",
+              memory_budget=budget * 4, runs=[2, 6])
+
+
+def test_ablations_refuse_a_precision_typo():
+    ens = make_ensemble(n_models=3, n_train=40, n_test=10)
+    with pytest.raises(InputError, match="precision must be 'auto', 'exact' or 'fast'"):
+        ablation_neighbors(ens.test, ens.train, 3, precision="bf16")

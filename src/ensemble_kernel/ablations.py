@@ -89,6 +89,7 @@ def ablation_neighbors(
     tile_size: int | None = None,
     progress: ProgressCallback | None = None,
     kept_statistics: KeptStatistics | None = None,
+    precision: str = "auto",
 ) -> AblationNeighbors:
     """Top-k neighbours of every per-class kernel (and optionally the full kernel and the
     kernel without log-softmax) in one exact streamed pass.
@@ -109,6 +110,11 @@ def ablation_neighbors(
     progress : called with a `Progress` (stages 'statistics' and 'ablations').
     kept_statistics : statistics kept from an earlier engine run (`engine.KeptStatistics`), taken
         for the log-softmax kernels where it has those of these sources.
+    precision : the command's ('auto', 'exact' or 'fast'), for the kernels computed on
+        their own, outside the pass (the one without log-softmax where the pass cannot hold
+        it; every kernel under a budget too small for the pass): 'exact' runs them exact;
+        otherwise each resolves 'auto' for its own shape and budget, which may not hold
+        fast mode (the choice was made for another kernel). The pass itself is exact.
 
     Returns
     -------
@@ -130,12 +136,16 @@ def ablation_neighbors(
             progress(Progress("ablations" if p.stage == "kernel" else p.stage, p.done,
                               p.total, p.tiles_done, p.n_tiles, p.elapsed_s))
 
+    if precision not in ("auto", "exact", "fast"):
+        raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
+    own = "exact" if precision == "exact" else "auto"  # (see `precision` above)
     choice = _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_bytes,
                           chunk_models, tile_size)
     if choice is None:  # too small a budget for the kernels side by side: one at a time
         return _one_at_a_time(queries, references, k, k_full, no_log_softmax,
                               dict(memory_budget=budget, device=device, progress=staged,
-                                   chunk_models=chunk_models, tile_size=tile_size))
+                                   chunk_models=chunk_models, tile_size=tile_size,
+                                   precision=own))
     plan, fused = choice
     common = dict(classes=None, device=device, plan=plan, exclude_self=False, progress=staged)
     main = _Engine(queries, references, log_softmax=True, kept_statistics=kept_statistics,
@@ -146,7 +156,8 @@ def ablation_neighbors(
     if no_log_softmax and not fused:
         alone = _top_k_neighbors(queries, references, k, log_softmax=False,
                                 memory_budget=budget, device=device, progress=staged,
-                                chunk_models=chunk_models, tile_size=tile_size)
+                                chunk_models=chunk_models, tile_size=tile_size,
+                                precision=own)
     return AblationNeighbors(per_class, full, alone, fused)
 
 

@@ -422,7 +422,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         found = ablation_neighbors(
             select_runs(test, part), select_runs(train, part), significance_k,
             k_full=None if known is not None else k_max, memory_budget=left + given_back,
-            device=device, progress=progress, kept_statistics=kept)
+            device=device, progress=progress, kept_statistics=kept, precision=precision)
         ablations = _ablation_accuracies(found, labels_train, labels_test, significance_k)
         largest_known = known if known is not None else found.full
         del found
