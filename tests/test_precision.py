@@ -254,9 +254,11 @@ def test_key_names_machine_torch_threads_and_device():
 
 
 def _entry(**rates):
+    """A cache file for this machine, every rate valid but those given."""
     return json.dumps({"key": machine_key("cpu"), "rates": {
         "float32": 1.0, "bfloat16": 1.0, "normalize": 1.0, "gather": 1.0, "select_exact": 1.0,
-        "select_fast": 1.0, "probe_s": 1.0, **rates}})
+        "select_fast": 1.0, "probe_s": 1.0, "bfloat16_one_block": 0.0, "normalize_raw": 2.0,
+        **rates}})
 
 
 def _huge_rate() -> bytes:
@@ -271,6 +273,16 @@ def _old_entry() -> bytes:
     return json.dumps(entry).encode()
 
 
+def test_a_valid_cache_file_is_read_as_it_is(fake_probe):
+    """The twin of the corrupt files below: `_entry()` itself is taken, without a probe."""
+    probe(torch.device("cpu"))
+    (path,) = precision.cache_dir().glob("probe-*.json")
+    path.write_text(_entry(float32=3.0, normalize_raw=0))
+    rates, from_cache = probe(torch.device("cpu"))
+    assert from_cache and fake_probe.calls == 1
+    assert rates.float32 == 3.0 and rates.normalize_rate(False) == rates.normalize == 1.0
+
+
 @pytest.mark.parametrize("content", [
     b"", b"{not json", b"[]", b"\x00\xff\xfe garbage", b'{"key": 1}', b'{"rates": {}}',
     _entry(float32=-5.0).encode(), _entry(gather=0.0).encode(),
@@ -278,6 +290,9 @@ def _old_entry() -> bytes:
     _entry(float32=float("nan")).encode(), _entry(gather=float("inf")).encode(),
     json.dumps({"key": machine_key("cpu"), "rates": [1, 2]}).encode(),
     _huge_rate(), b"[" * 200_000, _old_entry(),
+    _entry(float32="5e8").encode(), _entry(gather=True).encode(), _entry(normalize=1e-300).encode(),
+    _entry(normalize_raw="abc").encode(), _entry(normalize_raw=-1.0).encode(),
+    _entry(normalize_raw=0.5).encode(), _entry(bfloat16_one_block=float("nan")).encode(),
 ])
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(fake_probe, content):
     probe(torch.device("cpu"))
@@ -510,3 +525,24 @@ def test_the_prediction_takes_the_one_block_rate_where_the_plan_has_one_block():
     assert fast_plan(**wide).chunk_models < 20_000
     assert predict_times(quick, **wide) == predict_times(slow, **wide)
     assert Rates(**base).valid() and not Rates(**base, bfloat16_one_block=-1.0).valid()
+
+
+@pytest.mark.parametrize("via", ["library", "evaluate", "neighbors", "predict"])
+def test_no_log_softmax_reaches_the_prediction(fake_probe, monkeypatch, tmp_path, via):
+    """Every path that resolves auto for a kernel without log-softmax predicts it so."""
+    seen = []
+    real = precision.predict_times
+    monkeypatch.setattr(precision, "predict_times",
+                        lambda *a, **kw: seen.append(kw.get("log_softmax", True)) or real(*a, **kw))
+    ens = make_ensemble()
+    if via == "library":
+        top_k_neighbors(ens.train, ens.test, 3, log_softmax=False, precision="auto")
+        top_k_neighbors(ens.train, ens.test, 3, precision="auto")
+        assert seen and seen[0] is False and seen[-1] is True
+        return
+    src = _src(tmp_path)
+    out = {"evaluate": [], "neighbors": ["--out", tmp_path / "n.npz"],
+           "predict": ["--out", tmp_path / "p.csv"]}[via]
+    code, _, err = run_cli(via, src, "--no-log-softmax", "--precision", "auto", *out, "-q")
+    assert code == 0, err
+    assert seen and not any(seen)

@@ -65,7 +65,8 @@ Precision = Literal["auto", "exact", "fast"]
 PRECISIONS = ("auto", "exact", "fast")
 
 PROBE_VERSION = 6  # bump when the probe or the model changes: old cache files are ignored
-PROBE_SECONDS = 3.0  # hard cap on the whole probe (each of its four rates gets a quarter)
+PROBE_SECONDS = 3.0  # hard cap on the whole probe (a fifth of it to each group of rates,
+# two fifths to the products)
 # Below this many FLOP in the kernel product the job takes about a second at float32 rates
 # on a laptop: fast mode cannot gain more than the probe costs, so auto takes exact unprobed.
 SMALL_JOB_FLOP = 1e11
@@ -118,11 +119,14 @@ class Rates:
     normalize_raw: float = 0.0
 
     def valid(self) -> bool:
-        return all(isinstance(v, float) and math.isfinite(v) and v > 0
-                   for v in (self.float32, self.bfloat16, self.normalize, self.gather,
-                             self.select_exact, self.select_fast)) \
-            and all(isinstance(v, float) and math.isfinite(v) and v >= 0
-                    for v in (self.bfloat16_one_block, self.normalize_raw))
+        """Every rate a finite float of at least 1 per second (the probe's smallest call
+        does thousands of values: below that, no measurement, and predicted times would
+        overflow); the optional ones may be 0, not measured."""
+        def rate(v, optional=False):
+            return isinstance(v, float) and math.isfinite(v) and (v >= 1 or optional and v == 0)
+        return all(rate(v) for v in (self.float32, self.bfloat16, self.normalize, self.gather,
+                                     self.select_exact, self.select_fast)) \
+            and all(rate(v, optional=True) for v in (self.bfloat16_one_block, self.normalize_raw))
 
     def normalize_rate(self, log_softmax: bool) -> float:
         """Feature values per second for a kernel with or without log-softmax."""
@@ -169,11 +173,12 @@ class PrecisionChoice:
             out["rates"] = {"float32_gflops": _round(r.float32 / 1e9),
                             "bfloat16_gflops": _round(r.bfloat16 / 1e9),
                             "normalize_mvalues_s": _round(r.normalize / 1e6),
-                            "normalize_raw_mvalues_s": _round(r.normalize_raw / 1e6),
+                            "normalize_raw_mvalues_s": _round(r.normalize_raw / 1e6 or None),
                             "gather_mvalues_s": _round(r.gather / 1e6),
                             "select_exact_mpairs_s": _round(r.select_exact / 1e6),
                             "select_fast_mpairs_s": _round(r.select_fast / 1e6),
-                            "bfloat16_one_block_gflops": _round(r.bfloat16_one_block / 1e9),
+                            "bfloat16_one_block_gflops": _round(r.bfloat16_one_block / 1e9
+                                                                or None),
                             "probe_s": _round(r.probe_s)}
         return out
 
@@ -192,11 +197,15 @@ class PrecisionChoice:
 
 def describe_rates(r: Rates) -> str:
     return (f"float32 {r.float32 / 1e9:.3g} GFLOP/s, bfloat16 {r.bfloat16 / 1e9:.3g} GFLOP/s "
-            f"({r.bfloat16_one_block / 1e9:.3g} in one block), "
-            f"normalise {r.normalize / 1e6:.3g} M values/s ({r.normalize_raw / 1e6:.3g} "
+            f"({_measured(r.bfloat16_one_block / 1e9)} in one block), "
+            f"normalise {r.normalize / 1e6:.3g} M values/s ({_measured(r.normalize_raw / 1e6)} "
             "without log-softmax), re-score gather "
             f"{r.gather / 1e6:.3g} M values/s, selection {r.select_exact / 1e6:.3g} (exact) "
             f"and {r.select_fast / 1e6:.3g} (fast) M pairs/s")
+
+
+def _measured(x: float) -> str:
+    return f"{x:.3g}" if x > 0 else "not measured"
 
 
 def _round(x: float | None) -> float | None:
@@ -433,6 +442,13 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _number(value) -> float:
+    """A rate as the cache holds it: a JSON number (not a string, a boolean or null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a rate must be a number, got {value!r}")
+    return float(value)
+
+
 def _read_cache(path: Path, key: dict) -> Rates | None:
     """The cached rates for `key`, or None when the file is missing, unreadable, corrupt,
     or for another key (it is then measured again and rewritten)."""
@@ -440,7 +456,7 @@ def _read_cache(path: Path, key: dict) -> Rates | None:
         entry = json.loads(path.read_text(encoding="utf-8"))
         if entry["key"] != key:
             return None
-        rates = Rates(**{f.name: float(entry["rates"][f.name])
+        rates = Rates(**{f.name: _number(entry["rates"][f.name])
                          for f in dataclasses.fields(Rates)})
     except FileNotFoundError:
         return None
