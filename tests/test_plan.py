@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from ensemble_kernel.errors import BudgetError
-from ensemble_kernel.plan import plan_memory
+from ensemble_kernel.plan import _GPU_PIECE_BYTES, _PIECE_BYTES, _smallest_budget, plan_memory
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
@@ -104,10 +104,12 @@ def test_one_tile_when_everything_fits_at_once(p, n_queries):
 
 
 @settings(max_examples=400, deadline=None)
-@given(problems, st.integers(1 << 10, 1 << 28), st.one_of(st.none(), st.integers(1, 5000)))
-def test_a_budget_too_small_says_how_much_is_enough(p, budget, tile_size):
+@given(problems, st.integers(1 << 10, 1 << 28), st.one_of(st.none(), st.integers(1, 5000)),
+       st.sampled_from(["cpu", "cuda"]))
+def test_a_budget_too_small_says_how_much_is_enough(p, budget, tile_size, device):
+    tile_size = dict(tile_size=tile_size, device=device)  # (the GPU's larger piece cap)
     try:
-        plan(p, budget, tile_size=tile_size)
+        plan(p, budget, **tile_size)
     except BudgetError as e:
         message = str(e)
     else:
@@ -118,9 +120,29 @@ def test_a_budget_too_small_says_how_much_is_enough(p, budget, tile_size):
     assert shown, message
     enough = int(float(shown.group(1)) * UNITS[shown.group(2)])  # as --memory-budget reads it
     assert enough > budget
-    plan(p, enough, tile_size=tile_size)  # the number suggested is enough ...
+    plan(p, enough, **tile_size)  # the number suggested is enough ...
     with pytest.raises(BudgetError):  # ... and not far above what is needed
-        plan(p, int(0.9 * enough), tile_size=tile_size)
+        plan(p, int(0.9 * enough), **tile_size)
+
+
+@given(st.integers(0, 1 << 36), st.sampled_from([_PIECE_BYTES, _GPU_PIECE_BYTES]))
+@example(7 * _PIECE_BYTES, _PIECE_BYTES)  # the budget at which the cap starts to bind
+@example(7 * _GPU_PIECE_BYTES - 1, _GPU_PIECE_BYTES)
+def test_the_smallest_budget_is_the_least_that_leaves_the_rest(rest, cap):
+    """What the error suggests: the least budget B with B - min(cap, B // 8) >= rest, for
+    both caps (budgets near 8 x the GPU's cap are beyond the property test above)."""
+    b = _smallest_budget(rest, cap)
+    assert b - min(cap, b // 8) >= rest
+    assert b == 0 or (b - 1) - min(cap, (b - 1) // 8) < rest
+
+
+@pytest.mark.parametrize("device, cap", [("cpu", _PIECE_BYTES), ("cuda", _GPU_PIECE_BYTES)])
+@pytest.mark.parametrize("budget", [1 << 26, 1 << 30, 1 << 32, 1 << 34])
+def test_the_piece_scratch_is_an_eighth_of_the_budget_up_to_the_devices_cap(device, cap,
+                                                                           budget):
+    # (a GPU's larger pieces: far fewer launches and copies; no GPU is needed to plan one)
+    chosen = plan(CIFAR, budget, device=device)
+    assert chosen.piece_bytes == min(cap, budget // 8)
 
 
 def test_the_budget_error_for_the_cifar_sizes():

@@ -140,7 +140,7 @@ def ablation_neighbors(
         raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
     own = "exact" if precision == "exact" else "auto"  # (see `precision` above)
     choice = _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_bytes,
-                          chunk_models, tile_size)
+                          chunk_models, tile_size, device)
     if choice is None:  # too small a budget for the kernels side by side: one at a time
         return _one_at_a_time(queries, references, k, k_full, no_log_softmax,
                               dict(memory_budget=budget, device=device, progress=staged,
@@ -162,7 +162,7 @@ def ablation_neighbors(
 
 
 def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_bytes,
-                 chunk_models, tile_size):
+                 chunk_models, tile_size, device):
     """The pass's plan, and whether the no-log-softmax kernel joins it (when that takes no
     more tiles); None when the kernels side by side do not fit the budget at all."""
     n_classes = queries.n_classes
@@ -178,7 +178,8 @@ def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_byt
             n_classes * (4 if with_raw else 2), k_keep=-(-k_total // n_kernels),
             budget=budget, precision="exact", chunk_models=chunk_models,
             tile_size=tile_size, raw_bytes=raw_bytes, n_kernels=n_kernels,
-            block_runs=(_PER_CLASS_RUNS, _MAX_CONTRACTION["exact"] // n_classes))
+            block_runs=(_PER_CLASS_RUNS, _MAX_CONTRACTION["exact"] // n_classes),
+            device=device)
 
     try:
         plan = plan_for(False)

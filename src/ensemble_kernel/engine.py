@@ -806,7 +806,7 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
     plan = plan_memory(queries.n_examples, references.n_examples, queries.n_models, n_used,
                        k_keep=k_keep, budget=budget, precision=precision,
                        chunk_models=chunk_models, tile_size=tile_size, raw_bytes=raw_bytes,
-                       cache_queries=cache_queries)
+                       cache_queries=cache_queries, device=device)
     logger.info("plan: %s", plan)
     return _Engine(queries, references, log_softmax=log_softmax, classes=used, device=device,
                    plan=plan, exclude_self=exclude_self, progress=progress,

@@ -27,8 +27,16 @@ _ONE_BLOCK_TILES = 4
 # Features per block of fast mode's float32 re-score: its rounding bound grows with the
 # block's width (gamma(16384) is about 1e-3, against bfloat16's 1.2%), so wider buys nothing.
 _RESCORE_WIDTH = 16384
-# Temporaries of normalising one piece of rows (float32 copy, log-softmax scratch).
+# Temporaries of normalising one piece of rows (float32 copy, log-softmax scratch), at most
+# (and at most an eighth of the budget). A CPU normalises in pieces sized for its cache
+# within this; a GPU in pieces of the whole scratch, and pays for each piece's launches and
+# copies (on an H100, 64 MiB pieces cost exact mode 16,000 launches and a quarter of its time).
 _PIECE_BYTES = 64 << 20
+_GPU_PIECE_BYTES = 512 << 20
+
+
+def _piece_cap(device: torch.device | str) -> int:
+    return _GPU_PIECE_BYTES if torch.device(device).type == "cuda" else _PIECE_BYTES
 # The statistics pass per (example, run, class): raw read, float32, float64 copy, deviations.
 _STATS_BYTES = 40
 
@@ -129,6 +137,7 @@ def plan_memory(
     n_kernels: int = 1,
     keep_features: bool | None = None,
     block_runs: tuple[int, int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Plan:
     """Choose tile and block sizes so that the engine's working memory fits `budget`.
 
@@ -149,6 +158,9 @@ def plan_memory(
     the runs alone), in blocks as even as one stride allows; default from
     `_MIN_CONTRACTION` and `_MAX_CONTRACTION`.
 
+    `device`: the piece scratch is at most an eighth of the budget, and at most 64 MiB on
+    the CPU or 512 MiB on a GPU (`_piece_cap`).
+
     Raises
     ------
     BudgetError
@@ -156,7 +168,8 @@ def plan_memory(
     """
     fast = precision == "fast"
     feature = 2 if fast else 4
-    piece_bytes = min(_PIECE_BYTES, budget // 8)
+    cap = _piece_cap(device)
+    piece_bytes = min(cap, budget // 8)
     per_query = (raw_bytes + feature) * n_used_classes  # per (query, run) in a block
     per_reference = (raw_bytes + feature * (2 if fast else 1)) * n_used_classes
     acc_per_column = (n_queries * (6 if fast else 4) + 4096) * n_kernels
@@ -203,7 +216,7 @@ def plan_memory(
         tile = max(1, widest_tile(want_models))
         tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
     if not fits(tile, 1):
-        need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest))
+        need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest, cap))
         raise BudgetError(
             f"a memory budget of {format_bytes(budget)} is too small for {n_queries} queries "
             f"and {n_classes_text(n_used_classes)}; at least {format_bytes(need)} is needed: "
@@ -251,15 +264,20 @@ def plan_memory(
     )
 
 
-def _smallest_budget(rest: int) -> int:
+def _smallest_budget(rest: int, cap: int = _PIECE_BYTES) -> int:
     """The smallest budget B that leaves `rest` bytes beside the scratch piece of B
-    (`piece_bytes = min(_PIECE_BYTES, B // 8)`), i.e. B - min(_PIECE_BYTES, B // 8) >= rest."""
-    if rest + _PIECE_BYTES >= 8 * _PIECE_BYTES:
-        return rest + _PIECE_BYTES
-    b = rest + rest // 7
-    while b - min(_PIECE_BYTES, b // 8) < rest:
-        b += 1
-    return b
+    (`piece_bytes = min(cap, B // 8)`), i.e. B - min(cap, B // 8) >= rest.
+
+    B - min(cap, B // 8) never falls as B grows, and is at least `rest` at B = rest + cap:
+    the least such B, by bisection between `rest` and `rest + cap`."""
+    lo, hi = rest, rest + cap
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid - min(cap, mid // 8) >= rest:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _round_up_for_display(n: int) -> int:

@@ -271,7 +271,7 @@ def choose_precision(
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     shape = dict(n_queries=n_queries, n_references=n_references, n_models=n_models,
                  n_classes=n_classes, k=k, n_candidates=n_candidates, memory_budget=budget,
-                 raw_bytes=raw_bytes)
+                 raw_bytes=raw_bytes, device=device)
     exact_s, fast_s = predict_times(rates, **shape, log_softmax=log_softmax)
     pays = fast_s * SAFETY < exact_s
     share = None
@@ -308,7 +308,8 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
                   n_classes: int, k: int, n_candidates: int | None = None,
                   memory_budget: int, raw_bytes: int = 2,
                   whole_share: float = FALLBACK_SHARE,
-                  log_softmax: bool = True) -> tuple[float, float]:
+                  log_softmax: bool = True,
+                  device: torch.device | str = "cpu") -> tuple[float, float]:
     """Predicted seconds of exact and fast mode for a job (the statistics pass, which both
     share, left out).
 
@@ -334,7 +335,7 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
         try:
             plans[p] = plan_memory(n_queries, n_references, n_models, n_classes,
                                    k_keep=k if p == "exact" else n_c, budget=memory_budget,
-                                   precision=p, raw_bytes=raw_bytes)
+                                   precision=p, raw_bytes=raw_bytes, device=device)
         except BudgetError:  # this path cannot run in the budget (the engine says so)
             plans[p] = None
     if plans["exact"] is None or plans["fast"] is None:
@@ -365,12 +366,13 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
 
 def fast_plan(*, n_queries: int, n_references: int, n_models: int, n_classes: int, k: int,
               n_candidates: int | None = None, memory_budget: int, raw_bytes: int = 2,
-              **_) -> Plan:
+              device: torch.device | str = "cpu", **_) -> Plan:
     """Fast mode's plan for this job (its blocks decide the error bound it will use,
     `engine.guessed_bound`)."""
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
     return plan_memory(n_queries, n_references, n_models, n_classes, k_keep=n_c,
-                       budget=memory_budget, precision="fast", raw_bytes=raw_bytes)
+                       budget=memory_budget, precision="fast", raw_bytes=raw_bytes,
+                       device=device)
 
 
 # ---- the probe and its cache ----------------------------------------------------------

@@ -345,7 +345,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             plan = plan_memory(runset.test.n_examples, n_refs, runset.n_models,
                                runset.n_classes, k_keep=k_keep,
                                budget=budget or default_memory_budget(device),
-                               precision=precision)
+                               precision=precision, device=device)
             tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
             if resume:
                 checkpoint.start(tiles)
