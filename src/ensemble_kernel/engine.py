@@ -156,6 +156,89 @@ class KeptStatistics:
         return sum(stats.nbytes for stats in self._kept.values())
 
 
+def warn_constant(n_constant: int, split: str, stacklevel: int = 2) -> None:
+    """The statistics pass's warning: outputs no run changes contribute 0."""
+    warnings.warn(
+        f"{n_constant} (example, class) outputs of the {split} split are identical in "
+        "every run (std 0, or a spread below 1e-154, beyond float64's squares); they "
+        "contribute 0 to the kernel",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: torch.device,
+                      budget: int, progress: ProgressCallback | None = None,
+                      ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """The statistics pass of several subsets of runs of `source` at once (log-softmax,
+    every class): each run is read and prepared once, however many subsets hold it.
+
+    For each of `parts` (contiguous runs, at least 2), the mean and 1 / std per (example,
+    class), float64, as `_Engine._statistics` computes them for `select_runs(source,
+    part)` with a block of all its runs: the same float32 values (log-softmax is per run
+    and example), summed over the same runs by the same `StatsAccumulator` (so the same
+    bits wherever that engine's plan takes the subset's runs in one block; in several
+    blocks, the same within float32 rounding, as any two plans).
+
+    None for a part that this pass leaves to the engine: where a float32 sum cannot be
+    trusted (a bad value, which the engine names; squares that underflow), where a row
+    needs float64 (a piece that `prepare` returns in float64, or an example that
+    `needs_float64`: the engine passes those again in float64). So every part this pass
+    returns is one the engine would have computed in float32 alone.
+
+    `budget` bounds the pass's transient memory: the runs read for a block of examples
+    and one piece of them prepared. The results (16 bytes a (part, example, class)) are
+    the caller's to count. `progress` hears of each block of examples done, as stage
+    'statistics' in runs' worth of examples (as an engine's statistics pass).
+    """
+    lo, hi = min(p.start for p in parts), max(p.stop for p in parts)
+    n_runs, n, n_classes = hi - lo, source.n_examples, source.n_classes
+
+    def piece_rows(n_block: int) -> int:  # as `_Engine._piece_rows` for a block of runs
+        if _cache_sized_pieces(device):
+            return _scratch_rows(_PIECE_CACHE_BYTES, n_block, n_classes, 8)
+        return _scratch_rows(max(1, budget // 4), n_block, n_classes, _GPU_BYTES_PER_VALUE)
+
+    # A block of examples: every run's raw values and their float32 outputs, prepared in
+    # pieces sized for the whole block of runs; then each part's runs summed in pieces
+    # sized for its own (a few calls for a part of 2 runs, not one per piece of 400).
+    # (Half the budget: the rest for a piece's temporaries and a part's copy of it.)
+    rows = max(piece_rows(n_runs), budget // 2 // (n_runs * n_classes * (item_size(source) + 4)))
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [
+        (torch.empty(n, n_classes, dtype=torch.float64, device=device),
+         torch.empty(n, n_classes, dtype=torch.float64, device=device)) for _ in parts]
+    start, n_blocks = time.perf_counter(), math.ceil(n / rows)
+    for b, e0 in enumerate(range(0, n, rows)):
+        raw = source.read(slice(lo, hi), slice(e0, min(e0 + rows, n)))
+        x = torch.empty(raw.shape, dtype=torch.float32, device=device)
+        step = piece_rows(n_runs)
+        for r0 in range(0, raw.shape[1], step):
+            piece = prepare(raw[:, r0:r0 + step], log_softmax=True, classes=None,
+                            device=device, runs_first=True)
+            if piece.dtype != torch.float32:  # a row needs float64: the engines' work
+                return [None] * len(parts)
+            x[:, r0:r0 + step] = piece
+        del raw
+        for i, part in enumerate(parts):
+            runs, step = x[part.start - lo:part.stop - lo], piece_rows(part.stop - part.start)
+            for r0 in range(0, x.shape[1], step):
+                if out[i] is None:
+                    break
+                acc = StatsAccumulator(runs[:, r0:r0 + step].shape[1], n_classes, device)
+                if not acc.update(runs[:, r0:r0 + step].clone()):
+                    out[i] = None  # the engine's own pass handles it
+                    break
+                at = slice(e0 + r0, e0 + r0 + acc.mean.shape[0])
+                out[i][0][at], out[i][1][at] = acc.finalize()
+        if progress is not None:
+            progress(Progress("statistics", (b + 1) * n_runs, n_blocks * n_runs, 0, 0,
+                              time.perf_counter() - start))
+    for i, part in enumerate(parts):
+        if out[i] is not None and bool(needs_float64(*out[i], part.stop - part.start).any()):
+            out[i] = None
+    return out
+
+
 class _Engine:
     """One computation: the sources, the options, the statistics and the plan."""
 
@@ -237,13 +320,7 @@ class _Engine:
                 precise[rows] = shaky
             n_constant += int((scale[rows] == 0).sum())  # scale is 0 exactly where constant
         if n_constant:
-            warnings.warn(
-                f"{n_constant} (example, class) outputs of the {split} split are identical in "
-                "every run (std 0, or a spread below 1e-154, beyond float64's squares); they "
-                "contribute 0 to the kernel",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warn_constant(n_constant, split, stacklevel=5)
         # None: no example needs float64, and the hot path need not look.
         return ClassStats.from_float64(mean, scale, precise if bool(precise.any()) else None)
 

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from .ablations import ablation_neighbors
-from .engine import KeptStatistics, Progress, ProgressCallback, _top_k_neighbors
+from .engine import (KeptStatistics, Progress, ProgressCallback, _top_k_neighbors,
+                     shared_statistics, warn_constant)
+from .kernel import ClassStats
 from .errors import InputError
 from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
 from .results import Shown
-from .plan import budget_beside, default_memory_budget
+from .plan import budget_beside, default_memory_budget, resolve_device
 from .formats import check_labels
 from .sources import (LogitSource, as_source, read_sample, sample_bytes, sample_positions,
                       select_runs)
@@ -259,10 +261,11 @@ def bootstrap_difference(correct_a: torch.Tensor, correct_b: torch.Tensor, *,
 
 
 def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common, known=None,
-                    progress=None):
+                    progress=None, kept=None):
     """Metrics of one subset; also its neighbours and ensemble predictions (for the tests).
 
     `known`: neighbours of this very subset computed before (k >= what is needed), reused.
+    `kept`: its statistics, from the sweep's shared pass (`KeptStatistics`).
     """
     n_classes = train.n_classes
     singles, mean_logits = singles_and_ensemble(test, labels_test,
@@ -273,7 +276,8 @@ def _subset_metrics(train, test, labels_train, labels_test, ks, weighted, common
         return out, None, ensemble
     k_max = max(list(ks) + [weighted[0]])
     found = (known.first(k_max) if known is not None and known.k >= k_max
-             else _top_k_neighbors(test, train, k_max, progress=progress, **common))
+             else _top_k_neighbors(test, train, k_max, progress=progress,
+                                   kept_statistics=kept, **common))
     for k in ks:
         out[f"knn_k{k}"] = accuracy(knn_predict(found, labels_train, n_classes, k), labels_test)
     out["weighted"] = accuracy(weighted_predict(found, labels_train, n_classes, *weighted),
@@ -429,7 +433,17 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
     if kept is not None:
         kept.clear()
         left += given_back
-    common = dict(precision=precision, memory_budget=left, device=device)
+
+    def known_for(n: int, part: slice) -> Neighbors | None:
+        if n == last and part is last_parts[0] and largest_known is not None:
+            return largest_known
+        return neighbors if (part.start, part.stop) == (0, n_models) else None
+
+    device = resolve_device(device)
+    computed = [part for n, parts in plan if n >= 2 for part in parts
+                if (found := known_for(n, part)) is None or found.k < k_max]
+    shared, held = _shared_statistics(train, test, computed, device, left, progress)
+    common = dict(precision=precision, memory_budget=left - held, device=device)
     clock = _SweepClock(progress, plan)
     rows: list[SweepRow] = []
     largest = None
@@ -437,12 +451,11 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         values: dict[str, list[float]] = {}
         for part in parts:
             sub_train, sub_test = select_runs(train, part), select_runs(test, part)
-            known = neighbors if (part.start, part.stop) == (0, n_models) else None
-            if n == last and part is last_parts[0] and largest_known is not None:
-                known = largest_known
             metrics, found, ensemble = _subset_metrics(
                 sub_train, sub_test, labels_train, labels_test, ks, weighted, common,
-                known=known, progress=clock.engine(n))
+                known=known_for(n, part), progress=clock.engine(n),
+                kept=_kept_for(shared.pop((part.start, part.stop), None), sub_test, sub_train,
+                               device))
             clock.subset_done(n)
             for name, v in metrics.items():
                 values.setdefault(name, []).append(v)
@@ -459,6 +472,47 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                                      significance_k, left)
     return SweepResult(tuple(rows), ablations, significance, n_test=n_test,
                        n_test_all=n_test_all)
+
+
+def _shared_statistics(train, test, parts: list[slice], device: torch.device, left: int,
+                       progress: ProgressCallback | None) -> tuple[dict, int]:
+    """The statistics of the subsets `parts` (those whose kernels the sweep computes), in
+    one pass over their runs per split (`engine.shared_statistics`) rather than one per
+    subset: the subsets of different run counts overlap (runs 0..n-1 are in the first
+    subset of every count), so each run is read and prepared once instead of up to
+    log2(n_models) times.
+
+    Returns {(start, stop): ((mean, scale) of the test split, of the train split)} for
+    the subsets the pass could do (the others' engines do their own), and the bytes held:
+    16 a (subset, example, class), done only where that is at most a quarter of `left`
+    and where the subsets overlap at all.
+    """
+    if not parts or sum(p.stop - p.start for p in parts) <= \
+            max(p.stop for p in parts) - min(p.start for p in parts):
+        return {}, 0
+    held = 16 * (train.n_examples + test.n_examples) * train.n_classes * len(parts)
+    if held > left // 4:
+        return {}, 0
+    budget = (left - held) // 4  # the pass's reads and pieces
+    of_train = shared_statistics(train, parts, device=device, budget=budget, progress=progress)
+    of_test = shared_statistics(test, parts, device=device, budget=budget)
+    return {(p.start, p.stop): (q, r) for p, q, r in zip(parts, of_test, of_train)
+            if q is not None and r is not None}, held
+
+
+def _kept_for(stats, sub_test, sub_train, device) -> KeptStatistics | None:
+    """The shared pass's statistics of one subset, as its engine takes them (warning, as
+    its own pass would, of outputs no run of the subset changes)."""
+    if stats is None:
+        return None
+    kept = KeptStatistics(sub_test, sub_train)
+    for source, split, (mean, scale) in zip((sub_test, sub_train), ("query", "reference"),
+                                            stats):
+        n_constant = int((scale == 0).sum())
+        if n_constant:
+            warn_constant(n_constant, split)
+        kept.put(source, True, None, device, ClassStats.from_float64(mean, scale, None))
+    return kept
 
 
 def _ablation_accuracies(found, labels_train, labels_test, k: int) -> dict[str, float]:
