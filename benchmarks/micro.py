@@ -27,6 +27,8 @@
         --memory-budget 1.7GiB   # the report's no-log-softmax kernel: auto, exact and fast
     python benchmarks/micro.py sweepkernels --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
         --memory-budget 1.5GiB   # the sweep's subset kernels, exact against fast, and as predicted
+    python benchmarks/micro.py sweepstats --store benchmarks/_data/m500_tr50000_te10000_c10_s0_store \
+        --memory-budget 2GiB   # the sweep's subsets' statistics: one shared pass against one each
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
@@ -524,6 +526,67 @@ def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> No
               f"{fast_s:.2f} | {same} |", flush=True)
 
 
+def sweepstats(store: str, budget: int, n_test: int = 2000, repeats: int = 3) -> None:
+    """The statistics of the subsets the sweep computes (its defaults: 3 subsets a run
+    count, 2,000 test examples), both splits: one shared pass (`engine.shared_statistics`,
+    as the sweep runs it now) against each subset's own engine pass (as before, exact
+    mode's plan for k = 20), alternated. How far apart are the train statistics? (The
+    same float32 values, summed by the same accumulator; the last bits of a sum differ
+    where the two cut the rows into pieces differently, as two plans of the engine do.)"""
+    from ensemble_kernel.engine import _prepare_engine, shared_statistics
+    from ensemble_kernel.sources import read_sample, sample_positions, select_runs
+    from ensemble_kernel.sweeps import DEFAULT_MAX_SUBSETS, default_run_counts, disjoint_subsets
+
+    train, test = _store_logits(store)
+    n_test = min(n_test, test.n_examples)
+    test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
+    parts = [p for n in default_run_counts(train.n_models) if 2 <= n < train.n_models
+             for p in disjoint_subsets(train.n_models, n, DEFAULT_MAX_SUBSETS)]
+    print(f"{_machine()}\nsweep statistics on {store}: {len(parts)} subsets, "
+          f"{sum(p.stop - p.start for p in parts)} runs in all, "
+          f"{max(p.stop for p in parts)} in their union; {n_test} test examples")
+    device = torch.device("cpu")
+
+    def shared():
+        return [shared_statistics(source, parts, device=device, budget=budget // 4)
+                for source in (train, test)]
+
+    def alone():
+        out = []
+        for part in parts:
+            sub_train, sub_test = select_runs(train, part), select_runs(test, part)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                eng = _prepare_engine(sub_test, sub_train, 20, log_softmax=True,
+                                      classes=None, exclude_self=False, precision="exact",
+                                      memory_budget=budget, device=device, chunk_models=None,
+                                      tile_size=None, progress=None, k_keep=20)
+            out.append((eng.stats_r, eng.stats_q))
+        return out
+
+    walls = {"shared": [], "alone": []}
+    for _ in range(repeats):
+        for name, f in (("shared", shared), ("alone", alone)):
+            t = time.perf_counter()
+            found = f()
+            walls[name].append(time.perf_counter() - t)
+            if name == "shared":
+                of_train = found[0]
+            else:
+                pairs = [(got, want[0]) for got, want in zip(of_train, found) if got is not None]
+                same = sum(torch.equal(g[0], w.mean) and torch.equal(g[1], w.scale)
+                           for g, w in pairs)
+                apart = max((float(((g[i] - v).abs() / v.abs().clamp(min=1e-300)).max())
+                             for g, w in pairs for i, v in ((0, w.mean), (1, w.scale))),
+                            default=0.0)
+                left = len(parts) - len(pairs)
+    for name, w in walls.items():
+        print(f"{name}: {', '.join(f'{x:.2f}' for x in w)} s")
+    print(f"train statistics: {same} of {len(pairs)} shared subsets the same bits, the "
+          f"largest relative difference {apart:.2g}; {left} of {len(parts)} subsets left to "
+          "their engines (float64)")
+
+
 _FAULTS_CHILD = r"""
 import atexit, functools, resource, sys, time
 trim = int(sys.argv.pop(1))
@@ -647,7 +710,7 @@ def main() -> None:
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
                                     "squares", "logsoftmax", "perclass", "ablations", "faults",
                                     "scipyimport", "sweepkernels", "classmajor",
-                                    "nologsoftmax"])
+                                    "nologsoftmax", "sweepstats"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -678,6 +741,7 @@ def main() -> None:
         "faults": lambda: faults(args.store, args.memory_budget),
         "nologsoftmax": lambda: nologsoftmax(args.store, budget(), args.n_test or 2000),
         "sweepkernels": lambda: sweepkernels(args.store, budget(), n_test=args.n_test or 2000),
+        "sweepstats": lambda: sweepstats(args.store, budget(), n_test=args.n_test or 2000),
     }
     if args.what in on_a_store:
         if not args.store:

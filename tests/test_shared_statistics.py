@@ -1,6 +1,8 @@
 """The sweep's shared statistics pass (`engine.shared_statistics`): each subset's
-statistics are its own engine's, bit for bit, and whatever that pass cannot do in float32
-alone is left to the engine, which names a bad value or redoes an example in float64.
+statistics are its own engine's (bit for bit where both cut the rows into the same pieces,
+as here; within float32 rounding elsewhere, as two plans of the engine), and whatever that
+pass cannot do in float32 alone is left to the engine, which names a bad value or redoes
+an example in float64.
 
 The inputs are built to break it: subsets of every run count overlapping as the sweep's
 do, float16 logits with ties and outputs no run of a subset changes, an outlier run,

@@ -176,9 +176,12 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: to
     For each of `parts` (contiguous runs, at least 2), the mean and 1 / std per (example,
     class), float64, as `_Engine._statistics` computes them for `select_runs(source,
     part)` with a block of all its runs: the same float32 values (log-softmax is per run
-    and example), summed over the same runs by the same `StatsAccumulator` (so the same
-    bits wherever that engine's plan takes the subset's runs in one block; in several
-    blocks, the same within float32 rounding, as any two plans).
+    and example), summed over the same runs by the same `StatsAccumulator`, in pieces of
+    rows sized by the same rule. The same bits where the pieces fall alike; elsewhere, and
+    where that engine's plan takes the runs in several blocks, within float32 rounding
+    of the sums (torch sums a piece's last values in another order), as between any two
+    of the engine's plans (`KeptStatistics`). `python benchmarks/micro.py sweepstats`
+    prints how far apart they are.
 
     None for a part that this pass leaves to the engine: where a float32 sum cannot be
     trusted (a bad value, which the engine names; squares that underflow), where a row
