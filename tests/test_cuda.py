@@ -169,6 +169,29 @@ def test_many_small_pieces_and_stored_dtypes_on_cuda(monkeypatch, dtype, prec):
     assert torch.equal(got.indices, whole.indices) and torch.equal(got.values, whole.values)
 
 
+@pytest.mark.parametrize("budget", [1 << 30, 200_000])
+def test_the_sweeps_shared_statistics_on_cuda_are_the_cpus(budget):
+    # One pass for every subset, on the GPU (pieces of the scratch, tiny blocks of rows at
+    # the small budget): each subset's statistics as the CPU's pass gives them, and left
+    # to the engine for the same subsets.
+    from ensemble_kernel.engine import shared_statistics
+    from ensemble_kernel.sources import ArraySource
+
+    plain = make_ensemble(seed=5, n_models=16, n_train=300, n_test=10, noise=2.0)
+    source = ArraySource(plain.train.half())  # as a store keeps them
+    parts = [slice(0, 2), slice(2, 4), slice(0, 4), slice(4, 8), slice(0, 8), slice(8, 16),
+             slice(0, 16)]
+    on_gpu = shared_statistics(source, parts, device=torch.device("cuda"), budget=budget)
+    on_cpu = shared_statistics(source, parts, device=torch.device("cpu"), budget=1 << 30)
+    assert [g is None for g in on_gpu] == [c is None for c in on_cpu]
+    assert sum(g is not None for g in on_gpu) >= 4
+    for g, c in zip(on_gpu, on_cpu):
+        if g is not None:
+            assert g[0].device.type == "cuda"
+            for got, want in zip(g, c):
+                torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two nccl processes need two GPUs")
 def test_two_nccl_processes_match_one(tmp_path):
     ens = make_ensemble(n_models=6, n_train=1500, n_test=120)

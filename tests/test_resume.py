@@ -225,3 +225,22 @@ def test_another_test_key_restarts(tmp_path, monkeypatch, two, first, then):
     assert _same(_result(out), _result(fresh))
     meta = json.loads(str(np.load(out)["meta"]))
     assert meta["options"].get("test_key") == (then[1] if then else None)
+
+
+@pytest.mark.parametrize("dtype, item", [(np.float64, 8), (np.float16, 2)])
+def test_the_checkpoints_tiles_are_planned_for_the_logits_as_stored(tmp_path, monkeypatch,
+                                                                     dtype, item):
+    # The tiles the checkpoint fixes are then forced on the engine: planned for 4 bytes a
+    # logit, float64 logits took up to 1.6 x the budget (a reviewer's finding).
+    from ensemble_kernel.cli import compute
+
+    ens = make_ensemble(seed=1, n_models=6, n_train=2000, n_test=200)
+    src = tmp_path / "runs.npz"
+    np.savez(src, logits_train=ens.train.numpy().astype(dtype),
+             logits_test=ens.test.numpy().astype(dtype))
+    seen, real = [], compute.plan_memory
+    monkeypatch.setattr(compute, "plan_memory",
+                        lambda *a, **k: seen.append(k["raw_bytes"]) or real(*a, **k))
+    result = _run("neighbors", src, "--out", tmp_path / "n.npz", *ARGS)
+    assert result.exit_code == 0, result.output
+    assert seen == [item]

@@ -19,7 +19,7 @@ import torch
 
 from ensemble_kernel import engine, sweeps
 from ensemble_kernel.engine import _prepare_engine, shared_statistics
-from ensemble_kernel.errors import NonFiniteError
+from ensemble_kernel.errors import BudgetError, NonFiniteError
 from ensemble_kernel.sources import ArraySource, select_runs
 from ensemble_kernel.sweeps import default_run_counts, disjoint_subsets, sweep
 
@@ -170,13 +170,68 @@ def test_the_sweep_is_the_same_with_and_without_the_shared_pass(monkeypatch, pre
 
 
 def test_the_shared_pass_is_skipped_where_its_results_would_crowd_the_budget():
-    ens = make_ensemble(n_models=8, n_train=100, n_test=20)
-    parts = [p for p in _parts(8) if p.stop - p.start >= 4]  # (2 runs may need float64)
+    ens = make_ensemble(n_models=16, n_train=20_000, n_test=20)  # (results of some MiB)
+    parts = [p for p in _parts(16) if p.stop - p.start >= 8]  # (few runs may need float64)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
-    held = 16 * 120 * 5 * len(parts)
-    found, bytes_held = sweeps._shared_statistics(train, test, parts, CPU, 4 * held, None)
+    held = 16 * 20_020 * 5 * len(parts)
+    found, bytes_held = sweeps._shared_statistics(train, test, parts, CPU, 4 * held, 20,
+                                                  "exact", None)
     assert bytes_held == held and set(found) == {(p.start, p.stop) for p in parts}
-    assert sweeps._shared_statistics(train, test, parts, CPU, 4 * held - 4, None) == ({}, 0)
+    assert sweeps._shared_statistics(train, test, parts, CPU, 4 * held - 4, 20, "exact",
+                                     None) == ({}, 0)
     # Subsets of one run count do not overlap: nothing to share.
-    assert sweeps._shared_statistics(train, test, disjoint_subsets(8, 2, None), CPU,
-                                     1 << 30, None) == ({}, 0)
+    assert sweeps._shared_statistics(train, test, disjoint_subsets(16, 2, None), CPU,
+                                     1 << 30, 20, "exact", None) == ({}, 0)
+    # Only what is kept is held: with 2-run subsets that need float64, less.
+    found, bytes_held = sweeps._shared_statistics(train, test, _parts(16), CPU, 1 << 30, 20,
+                                                  "exact", None)
+    assert bytes_held == 16 * 20_020 * 5 * len(found) and len(found) < len(_parts(16))
+
+
+@pytest.mark.parametrize("precision, budgets", [("exact", (5.6, 5.8, 6.2, 6.6, 7.0)),
+                                                 ("fast", (8.0, 8.4, 8.8, 9.6))])
+def test_a_budget_the_sweep_takes_without_the_shared_pass_it_takes_with_it(monkeypatch,
+                                                                            precision, budgets):
+    # A reviewer's case: the results held beside the kernels (under a quarter of the
+    # budget) left them too little, and the sweep refused a budget it took before.
+    ens = make_ensemble(n_models=16, n_train=2400, n_test=200, noise=3.0)
+    kept, real = [], sweeps._shared_statistics
+
+    def spy(*a):
+        found, held = real(*a)
+        kept.append(len(found))
+        return found, held
+    monkeypatch.setattr(sweeps, "_shared_statistics", spy)
+    outcomes = {}
+    for share in (True, False):
+        if not share:
+            _without_sharing(monkeypatch)
+        for mib in budgets:
+            try:
+                _run(ens.train, ens.test, ens, runs=[4, 8, 16], max_subsets=None,
+                     precision=precision, memory_budget=int(mib * 2**20))
+                outcomes[share, mib] = "ok"
+            except BudgetError as e:
+                outcomes[share, mib] = str(e)
+    assert {m: o for (s, m), o in outcomes.items() if s} == \
+        {m: o for (s, m), o in outcomes.items() if not s}
+    assert len(set(outcomes.values())) > 1  # the budgets span the edge ...
+    assert 0 in kept and max(kept) == 5  # ... and the pass shares above it, not below
+
+
+def test_the_kernels_get_the_budget_less_the_shared_results(monkeypatch):
+    ens = make_ensemble(n_models=16, n_train=300, n_test=40, noise=3.0)
+    shared, seen = [], []
+    real, real_top = sweeps._shared_statistics, sweeps._top_k_neighbors
+    def spy(*a):
+        found, held = real(*a)
+        shared.append((len(found), held))  # (the sweep empties the dict as it goes)
+        return found, held
+    monkeypatch.setattr(sweeps, "_shared_statistics", spy)
+    monkeypatch.setattr(sweeps, "_top_k_neighbors",
+                        lambda *a, **k: seen.append(k["memory_budget"]) or real_top(*a, **k))
+    budget = 64 << 20
+    _run(ens.train, ens.test, ens, runs=[4, 8, 16], max_subsets=None, memory_budget=budget)
+    (n_found, held), = shared
+    assert n_found == 6 and held == 16 * 340 * 5 * 6  # (4 and 8 runs; 16 is the ablations')
+    assert seen and set(seen) == {budget - sweeps._held_bytes(40, 5, 20) - held}

@@ -97,7 +97,8 @@ class Progress:
 
     Attributes
     ----------
-    stage : 'statistics', 'kernel', 'rescore' (fast mode) or 'fallback' (fast mode).
+    stage : 'statistics', 'kernel', 'rescore' (fast mode) or 'fallback' (fast mode); the
+        sweep adds 'sweep statistics' (`shared_statistics`), 'ablations' and 'sweep'.
     done, total : runs processed so far in this stage, out of `total` (summed over tiles).
     tiles_done, n_tiles : finished tiles of the reference axis.
     elapsed_s : seconds since the engine started.
@@ -167,8 +168,9 @@ def warn_constant(n_constant: int, split: str, stacklevel: int = 2) -> None:
     )
 
 
-def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: torch.device,
-                      budget: int, progress: ProgressCallback | None = None,
+def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
+                      device: torch.device | str, budget: int,
+                      progress: ProgressCallback | None = None,
                       ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """The statistics pass of several subsets of runs of `source` at once (log-softmax,
     every class): each run is read and prepared once, however many subsets hold it.
@@ -178,22 +180,26 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: to
     part)` with a block of all its runs: the same float32 values (log-softmax is per run
     and example), summed over the same runs by the same `StatsAccumulator`, in pieces of
     rows sized by the same rule. The same bits where the pieces fall alike; elsewhere, and
-    where that engine's plan takes the runs in several blocks, within float32 rounding
-    of the sums (torch sums a piece's last values in another order), as between any two
-    of the engine's plans (`KeptStatistics`). `python benchmarks/micro.py sweepstats`
-    prints how far apart they are.
+    where that engine's plan takes the runs in several blocks (over 4096 / n_classes runs
+    in exact mode), within float32 rounding of the sums (torch sums a piece's last values
+    in another order), as between any two of the engine's plans (`KeptStatistics`): kernel
+    values that tie within that rounding may then break the other way. `python
+    benchmarks/micro.py sweepstats` prints how far apart they are.
 
     None for a part that this pass leaves to the engine: where a float32 sum cannot be
     trusted (a bad value, which the engine names; squares that underflow), where a row
     needs float64 (a piece that `prepare` returns in float64, or an example that
     `needs_float64`: the engine passes those again in float64). So every part this pass
-    returns is one the engine would have computed in float32 alone.
+    returns is one the engine would have computed in float32 alone. A part is dropped at
+    the first block of examples that shows it, and the pass stops when none is left.
 
-    `budget` bounds the pass's transient memory: the runs read for a block of examples
-    and one piece of them prepared. The results (16 bytes a (part, example, class)) are
-    the caller's to count. `progress` hears of each block of examples done, as stage
-    'statistics' in runs' worth of examples (as an engine's statistics pass).
+    `budget` bounds the pass's transient memory (the runs read for a block of examples,
+    their float32 outputs, a piece's temporaries), down to a block of one example. The
+    results, 16 bytes a (part, example, class), are the caller's to count. `progress`
+    hears of each block of examples done, as stage 'sweep statistics', in runs' worth of
+    examples.
     """
+    device = torch.device(device)
     lo, hi = min(p.start for p in parts), max(p.stop for p in parts)
     n_runs, n, n_classes = hi - lo, source.n_examples, source.n_classes
 
@@ -202,11 +208,11 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: to
             return _scratch_rows(_PIECE_CACHE_BYTES, n_block, n_classes, 8)
         return _scratch_rows(max(1, budget // 4), n_block, n_classes, _GPU_BYTES_PER_VALUE)
 
-    # A block of examples: every run's raw values and their float32 outputs, prepared in
-    # pieces sized for the whole block of runs; then each part's runs summed in pieces
-    # sized for its own (a few calls for a part of 2 runs, not one per piece of 400).
-    # (Half the budget: the rest for a piece's temporaries and a part's copy of it.)
-    rows = max(piece_rows(n_runs), budget // 2 // (n_runs * n_classes * (item_size(source) + 4)))
+    # A block of examples: every run's raw values and their float32 outputs (a quarter of
+    # the budget), prepared in pieces sized for the whole block of runs; then each part's
+    # runs summed in pieces sized for its own (a few calls for a part of 2 runs, not one
+    # per piece of 400 rows).
+    rows = max(1, budget // 4 // (n_runs * n_classes * (item_size(source) + 4)))
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [
         (torch.empty(n, n_classes, dtype=torch.float64, device=device),
          torch.empty(n, n_classes, dtype=torch.float64, device=device)) for _ in parts]
@@ -214,31 +220,36 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *, device: to
     for b, e0 in enumerate(range(0, n, rows)):
         raw = source.read(slice(lo, hi), slice(e0, min(e0 + rows, n)))
         x = torch.empty(raw.shape, dtype=torch.float32, device=device)
-        step = piece_rows(n_runs)
+        step = min(piece_rows(n_runs), rows)
         for r0 in range(0, raw.shape[1], step):
             piece = prepare(raw[:, r0:r0 + step], log_softmax=True, classes=None,
                             device=device, runs_first=True)
             if piece.dtype != torch.float32:  # a row needs float64: the engines' work
                 return [None] * len(parts)
             x[:, r0:r0 + step] = piece
-        del raw
+        del raw, piece
+        block = slice(e0, e0 + x.shape[1])
         for i, part in enumerate(parts):
-            runs, step = x[part.start - lo:part.stop - lo], piece_rows(part.stop - part.start)
+            if out[i] is None:
+                continue
+            runs = x[part.start - lo:part.stop - lo]
+            step = min(piece_rows(part.stop - part.start), rows)
             for r0 in range(0, x.shape[1], step):
-                if out[i] is None:
-                    break
                 acc = StatsAccumulator(runs[:, r0:r0 + step].shape[1], n_classes, device)
                 if not acc.update(runs[:, r0:r0 + step].clone()):
-                    out[i] = None  # the engine's own pass handles it
-                    break
+                    break  # the engine's own pass handles it
                 at = slice(e0 + r0, e0 + r0 + acc.mean.shape[0])
                 out[i][0][at], out[i][1][at] = acc.finalize()
+            else:
+                if not bool(needs_float64(out[i][0][block], out[i][1][block],
+                                          part.stop - part.start).any()):
+                    continue
+            out[i] = None  # (its memory goes now)
+        if all(o is None for o in out):
+            return out
         if progress is not None:
-            progress(Progress("statistics", (b + 1) * n_runs, n_blocks * n_runs, 0, 0,
+            progress(Progress("sweep statistics", (b + 1) * n_runs, n_blocks * n_runs, 0, 0,
                               time.perf_counter() - start))
-    for i, part in enumerate(parts):
-        if out[i] is not None and bool(needs_float64(*out[i], part.stop - part.start).any()):
-            out[i] = None
     return out
 
 

@@ -8,7 +8,9 @@ kernel k-NN for several k, and the weighted vote. The sweep reports the mean and
 largest n it adds the ablations (no log-softmax; each per-class kernel alone), computed in
 one streamed pass beside that subset's full kernel (`ablations.py`), and a paired
 comparison of kernel k-NN with the ensemble average on the same test examples: McNemar's
-exact test and a bootstrap confidence interval of the accuracy difference.
+exact test and a bootstrap confidence interval of the accuracy difference. The subsets'
+statistics come from one pass over their runs (`engine.shared_statistics`): the subsets
+of different run counts overlap, and each run is read and normalised once for them all.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ import torch
 
 from .ablations import ablation_neighbors
 from .engine import (KeptStatistics, Progress, ProgressCallback, _top_k_neighbors,
-                     shared_statistics, warn_constant)
+                     candidates_per_query, shared_statistics, warn_constant)
 from .kernel import ClassStats
-from .errors import InputError
+from .errors import BudgetError, InputError
 from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
 from .results import Shown
-from .plan import budget_beside, default_memory_budget, resolve_device
+from .plan import budget_beside, default_memory_budget, plan_memory, resolve_device
 from .formats import check_labels
-from .sources import (LogitSource, as_source, read_sample, sample_bytes, sample_positions,
-                      select_runs)
+from .sources import (LogitSource, as_source, item_size, read_sample, sample_bytes,
+                      sample_positions, select_runs)
 
 __all__ = ["SweepRow", "Significance", "SweepResult", "disjoint_subsets", "sweep",
            "mcnemar_exact", "bootstrap_difference", "default_run_counts", "DEFAULT_MAX_SUBSETS",
@@ -329,8 +331,9 @@ def sweep(
         computed (k >= 20): reused for the subset of all runs instead of computing that
         kernel again (the caller holds them, and counts them in its own budget).
     progress : called with a `Progress` per stage: 'statistics' and 'ablations' of the
-        ablations' pass (first), then 'sweep' (runs' worth of kernel work done over the
-        subsets, so the time left is that of the rest of the sweep).
+        ablations' pass (first), 'sweep statistics' for the subsets' shared pass, then
+        'sweep' (runs' worth of kernel work done over the subsets, so the time left is
+        that of the rest of the sweep).
     kept_statistics : statistics of the train split over all runs, kept from the pass
         that computed `neighbors` (`engine.KeptStatistics`): the ablations' pass, which
         comes first, takes them instead of passing over every run again; then the sweep
@@ -439,10 +442,10 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
             return largest_known
         return neighbors if (part.start, part.stop) == (0, n_models) else None
 
-    device = resolve_device(device)
     computed = [part for n, parts in plan if n >= 2 for part in parts
                 if (found := known_for(n, part)) is None or found.k < k_max]
-    shared, held = _shared_statistics(train, test, computed, device, left, progress)
+    shared, held = _shared_statistics(train, test, computed, resolve_device(device), left,
+                                      k_max, precision, progress)
     common = dict(precision=precision, memory_budget=left - held, device=device)
     clock = _SweepClock(progress, plan)
     rows: list[SweepRow] = []
@@ -455,7 +458,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                 sub_train, sub_test, labels_train, labels_test, ks, weighted, common,
                 known=known_for(n, part), progress=clock.engine(n),
                 kept=_kept_for(shared.pop((part.start, part.stop), None), sub_test, sub_train,
-                               device))
+                               resolve_device(device)))
             clock.subset_done(n)
             for name, v in metrics.items():
                 values.setdefault(name, []).append(v)
@@ -475,7 +478,8 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
 
 
 def _shared_statistics(train, test, parts: list[slice], device: torch.device, left: int,
-                       progress: ProgressCallback | None) -> tuple[dict, int]:
+                       k: int, precision: str, progress: ProgressCallback | None
+                       ) -> tuple[dict, int]:
     """The statistics of the subsets `parts` (those whose kernels the sweep computes), in
     one pass over their runs per split (`engine.shared_statistics`) rather than one per
     subset: the subsets of different run counts overlap (runs 0..n-1 are in the first
@@ -483,21 +487,35 @@ def _shared_statistics(train, test, parts: list[slice], device: torch.device, le
     log2(n_models) times.
 
     Returns {(start, stop): ((mean, scale) of the test split, of the train split)} for
-    the subsets the pass could do (the others' engines do their own), and the bytes held:
-    16 a (subset, example, class), done only where that is at most a quarter of `left`
-    and where the subsets overlap at all.
+    the subsets the pass could do (the others' engines do their own), and the bytes they
+    hold: 16 a (subset, example, class). Done only where the subsets overlap at all, where
+    that is at most a quarter of `left`, and where the kernels still fit beside it (else
+    the sweep would refuse a budget it takes without the pass).
     """
     if not parts or sum(p.stop - p.start for p in parts) <= \
             max(p.stop for p in parts) - min(p.start for p in parts):
         return {}, 0
-    held = 16 * (train.n_examples + test.n_examples) * train.n_classes * len(parts)
-    if held > left // 4:
+    per_part = 16 * (train.n_examples + test.n_examples) * train.n_classes
+    most = per_part * len(parts)
+    if most > left // 4:
         return {}, 0
-    budget = (left - held) // 4  # the pass's reads and pieces
+    # The kernels' smallest plan does not depend on their runs (one run a block, one
+    # reference a tile): one check, for exact mode's plan (auto falls back to it) or fast's.
+    mode = "fast" if precision == "fast" else "exact"
+    try:
+        plan_memory(test.n_examples, train.n_examples, max(p.stop - p.start for p in parts),
+                    train.n_classes, k_keep=candidates_per_query(k, mode), budget=left - most,
+                    precision=mode, raw_bytes=max(item_size(train), item_size(test)),
+                    device=device)
+    except BudgetError:
+        return {}, 0
+    budget = (left - most) // 4  # the pass's reads and pieces
     of_train = shared_statistics(train, parts, device=device, budget=budget, progress=progress)
-    of_test = shared_statistics(test, parts, device=device, budget=budget)
-    return {(p.start, p.stop): (q, r) for p, q, r in zip(parts, of_test, of_train)
-            if q is not None and r is not None}, held
+    kept = [(p, r) for p, r in zip(parts, of_train) if r is not None]
+    of_test = shared_statistics(test, [p for p, _ in kept], device=device,
+                                budget=budget) if kept else []
+    found = {(p.start, p.stop): (q, r) for (p, r), q in zip(kept, of_test) if q is not None}
+    return found, per_part * len(found)
 
 
 def _kept_for(stats, sub_test, sub_train, device) -> KeptStatistics | None:

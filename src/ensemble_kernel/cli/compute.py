@@ -21,6 +21,7 @@ from ..errors import LABELS_HINT, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
+from ..sources import item_size
 from ..within import evaluate_within
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt,
                      QuietOpt, RunsOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _meta,
@@ -345,7 +346,9 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             plan = plan_memory(runset.test.n_examples, n_refs, runset.n_models,
                                runset.n_classes, k_keep=k_keep,
                                budget=budget or default_memory_budget(device),
-                               precision=precision, device=device)
+                               precision=precision, device=device,
+                               raw_bytes=max(item_size(s) for s in (runset.test, references)
+                                             if s is not None))  # as the engine counts them
             tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
             if resume:
                 checkpoint.start(tiles)
