@@ -235,3 +235,35 @@ def test_the_kernels_get_the_budget_less_the_shared_results(monkeypatch):
     (n_found, held), = shared
     assert n_found == 6 and held == 16 * 340 * 5 * 6  # (4 and 8 runs; 16 is the ablations')
     assert seen and set(seen) == {budget - sweeps._held_bytes(40, 5, 20) - held}
+
+
+def test_the_pass_never_takes_fast_mode_from_auto():
+    """Under auto, where fast mode's plan fits the budget but not beside the results, the
+    pass is skipped (a reviewer saw every subset kernel fall back to exact mode); with
+    exact asked for, the same budget shares."""
+    from ensemble_kernel.engine import candidates_per_query
+    from ensemble_kernel.plan import plan_memory
+
+    ens = make_ensemble(n_models=16, n_train=3000, n_test=60, noise=3.0)
+    train, test = ArraySource(ens.train), ArraySource(ens.test)
+    parts = [p for p in _parts(16) if p.stop - p.start >= 8]
+    most = 16 * 3060 * 5 * len(parts)
+
+    def fits(mode, budget):
+        try:
+            plan_memory(60, 3000, 8, 5, k_keep=candidates_per_query(20, mode), budget=budget,
+                        precision=mode, raw_bytes=4)
+        except BudgetError:
+            return False
+        return True
+
+    lo, hi = 1, 1 << 30  # the least budget fast mode's plan fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits("fast", mid) else (mid + 1, hi)
+    left = hi + most // 2
+    assert fits("fast", left) and not fits("fast", left - most) and fits("exact", left - most)
+    assert most <= left // 4
+    assert sweeps._shared_statistics(train, test, parts, CPU, left, 20, "auto", None) == ({}, 0)
+    found, held = sweeps._shared_statistics(train, test, parts, CPU, left, 20, "exact", None)
+    assert len(found) == len(parts) and held == most

@@ -193,8 +193,10 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
     returns is one the engine would have computed in float32 alone. A part is dropped at
     the first block of examples that shows it, and the pass stops when none is left.
 
-    `budget` bounds the pass's transient memory (the runs read for a block of examples,
-    their float32 outputs, a piece's temporaries), down to a block of one example. The
+    `budget` bounds the runs read for a block of examples and their float32 outputs (a
+    quarter of it, down to a block of one example); a piece's temporaries come on top
+    (normalising it, and the accumulator's float64 sums, about 90 bytes a (row, class)),
+    in pieces of a core's cache on the CPU and of a quarter of `budget` on a GPU. The
     results, 16 bytes a (part, example, class), are the caller's to count. `progress`
     hears of each block of examples done, as stage 'sweep statistics', in runs' worth of
     examples.
@@ -245,11 +247,13 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
                                           part.stop - part.start).any()):
                     continue
             out[i] = None  # (its memory goes now)
-        if all(o is None for o in out):
-            return out
+        finished = all(o is None for o in out)  # (then nothing is left to do)
         if progress is not None:
-            progress(Progress("sweep statistics", (b + 1) * n_runs, n_blocks * n_runs, 0, 0,
+            done = n_blocks if finished else b + 1
+            progress(Progress("sweep statistics", done * n_runs, n_blocks * n_runs, 0, 0,
                               time.perf_counter() - start))
+        if finished:
+            break
     return out
 
 

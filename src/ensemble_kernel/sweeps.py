@@ -489,8 +489,12 @@ def _shared_statistics(train, test, parts: list[slice], device: torch.device, le
     Returns {(start, stop): ((mean, scale) of the test split, of the train split)} for
     the subsets the pass could do (the others' engines do their own), and the bytes they
     hold: 16 a (subset, example, class). Done only where the subsets overlap at all, where
-    that is at most a quarter of `left`, and where the kernels still fit beside it (else
-    the sweep would refuse a budget it takes without the pass).
+    that is at most a quarter of `left`, and where every mode the kernels could take
+    without it still fits beside it (else the sweep would refuse a budget it takes without
+    the pass, or auto lose fast mode). Smaller room can still cut the kernels' tiles
+    otherwise, so where their values tie within float32 rounding (a kernel of 2 runs is
+    nearly all ties) the neighbours, and the accuracies, may differ from those without
+    the pass, as between any two plans.
     """
     if not parts or sum(p.stop - p.start for p in parts) <= \
             max(p.stop for p in parts) - min(p.start for p in parts):
@@ -500,14 +504,25 @@ def _shared_statistics(train, test, parts: list[slice], device: torch.device, le
     if most > left // 4:
         return {}, 0
     # The kernels' smallest plan does not depend on their runs (one run a block, one
-    # reference a tile): one check, for exact mode's plan (auto falls back to it) or fast's.
-    mode = "fast" if precision == "fast" else "exact"
-    try:
-        plan_memory(test.n_examples, train.n_examples, max(p.stop - p.start for p in parts),
-                    train.n_classes, k_keep=candidates_per_query(k, mode), budget=left - most,
-                    precision=mode, raw_bytes=max(item_size(train), item_size(test)),
-                    device=device)
-    except BudgetError:
+    # reference a tile): one check of each mode the kernels may take. The mode asked for
+    # must fit beside the results; under auto, exact mode (its fallback), and fast mode
+    # wherever it fits without them, so that the pass never takes fast mode from auto.
+    def fits(mode: str, budget: int) -> bool:
+        try:
+            plan_memory(test.n_examples, train.n_examples, max(p.stop - p.start for p in parts),
+                        train.n_classes, k_keep=candidates_per_query(k, mode), budget=budget,
+                        precision=mode, raw_bytes=max(item_size(train), item_size(test)),
+                        device=device)
+        except BudgetError:
+            return False
+        return True
+
+    if precision in ("exact", "fast"):
+        room = fits(precision, left - most)
+    else:
+        room = fits("exact", left - most) and (fits("fast", left - most)
+                                               or not fits("fast", left))
+    if not room:
         return {}, 0
     budget = (left - most) // 4  # the pass's reads and pieces
     of_train = shared_statistics(train, parts, device=device, budget=budget, progress=progress)
