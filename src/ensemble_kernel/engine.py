@@ -91,6 +91,20 @@ def _cache_sized_pieces(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _piece_rows(device: torch.device, scratch_bytes: int, n_block: int, n_classes: int,
+                cache_bytes: int, per_value: int) -> int:
+    """Rows of a block of `n_block` runs x `n_classes` (as read) normalised together.
+
+    On the CPU, within `cache_bytes` at `per_value` bytes a value: a piece that stays in
+    a core's cache. On a GPU, which has no such cache to fit and pays for every launch
+    and every copy from the host, within the whole `scratch_bytes` at
+    `_GPU_BYTES_PER_VALUE`.
+    """
+    if _cache_sized_pieces(device):
+        return _scratch_rows(cache_bytes, n_block, n_classes, per_value)
+    return _scratch_rows(scratch_bytes, n_block, n_classes, _GPU_BYTES_PER_VALUE)
+
+
 @dataclass(frozen=True)
 class Progress:
     """One progress report from the engine.
@@ -205,10 +219,9 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
     lo, hi = min(p.start for p in parts), max(p.stop for p in parts)
     n_runs, n, n_classes = hi - lo, source.n_examples, source.n_classes
 
-    def piece_rows(n_block: int) -> int:  # as `_Engine._piece_rows` for a block of runs
-        if _cache_sized_pieces(device):
-            return _scratch_rows(_PIECE_CACHE_BYTES, n_block, n_classes, 8)
-        return _scratch_rows(max(1, budget // 4), n_block, n_classes, _GPU_BYTES_PER_VALUE)
+    def piece_rows(n_block: int) -> int:  # as the engine's statistics pass cuts them
+        return _piece_rows(device, max(1, budget // 4), n_block, n_classes,
+                           _PIECE_CACHE_BYTES, per_value=8)
 
     # A block of examples: every run's raw values and their float32 outputs (a quarter of
     # the budget), prepared in pieces sized for the whole block of runs; then each part's
@@ -237,8 +250,9 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
             runs = x[part.start - lo:part.stop - lo]
             step = min(piece_rows(part.stop - part.start), rows)
             for r0 in range(0, x.shape[1], step):
-                acc = StatsAccumulator(runs[:, r0:r0 + step].shape[1], n_classes, device)
-                if not acc.update(runs[:, r0:r0 + step].clone()):
+                chunk = runs[:, r0:r0 + step]
+                acc = StatsAccumulator(chunk.shape[1], n_classes, device)
+                if not acc.update(chunk.clone()):  # (update overwrites what it is given)
                     break  # the engine's own pass handles it
                 at = slice(e0 + r0, e0 + r0 + acc.mean.shape[0])
                 out[i][0][at], out[i][1][at] = acc.finalize()
@@ -381,16 +395,9 @@ class _Engine:
 
     def _piece_rows(self, n_block: int, n_classes: int, cache_bytes: int,
                     per_value: int) -> int:
-        """Rows of a block of `n_block` runs x `n_classes` (as read) normalised together.
-
-        On the CPU, within `cache_bytes` at `per_value` bytes a value: a piece that stays in
-        a core's cache. On a GPU, which has no such cache to fit and pays for every launch
-        and every copy from the host, within the plan's whole scratch (`plan.piece_bytes`)
-        at `_GPU_BYTES_PER_VALUE`.
-        """
-        if _cache_sized_pieces(self.device):
-            return _scratch_rows(cache_bytes, n_block, n_classes, per_value)
-        return _scratch_rows(self.plan.piece_bytes, n_block, n_classes, _GPU_BYTES_PER_VALUE)
+        """`_piece_rows` within the plan's scratch (`plan.piece_bytes`) on a GPU."""
+        return _piece_rows(self.device, self.plan.piece_bytes, n_block, n_classes,
+                           cache_bytes, per_value)
 
     def _update_precisely(self, acc: StatsAccumulator, raw: torch.Tensor, m0: int, e0: int,
                           source: LogitSource, precise: torch.Tensor | None) -> None:

@@ -438,14 +438,17 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
         left += given_back
 
     def known_for(n: int, part: slice) -> Neighbors | None:
+        """Neighbours of this subset computed before, with enough of them to reuse."""
+        known = neighbors if (part.start, part.stop) == (0, n_models) else None
         if n == last and part is last_parts[0] and largest_known is not None:
-            return largest_known
-        return neighbors if (part.start, part.stop) == (0, n_models) else None
+            known = largest_known
+        return known if known is not None and known.k >= k_max else None
 
+    on = resolve_device(device)
     computed = [part for n, parts in plan if n >= 2 for part in parts
-                if (found := known_for(n, part)) is None or found.k < k_max]
-    shared, held = _shared_statistics(train, test, computed, resolve_device(device), left,
-                                      k_max, precision, progress)
+                if known_for(n, part) is None]
+    shared, held = _shared_statistics(train, test, computed, on, left, k_max, precision,
+                                      progress)
     common = dict(precision=precision, memory_budget=left - held, device=device)
     clock = _SweepClock(progress, plan)
     rows: list[SweepRow] = []
@@ -458,7 +461,7 @@ def _sweep(train, test, labels_train, labels_test, *, runs, ks, weighted, max_su
                 sub_train, sub_test, labels_train, labels_test, ks, weighted, common,
                 known=known_for(n, part), progress=clock.engine(n),
                 kept=_kept_for(shared.pop((part.start, part.stop), None), sub_test, sub_train,
-                               resolve_device(device)))
+                               on))
             clock.subset_done(n)
             for name, v in metrics.items():
                 values.setdefault(name, []).append(v)
@@ -507,12 +510,13 @@ def _shared_statistics(train, test, parts: list[slice], device: torch.device, le
     # reference a tile): one check of each mode the kernels may take. The mode asked for
     # must fit beside the results; under auto, exact mode (its fallback), and fast mode
     # wherever it fits without them, so that the pass never takes fast mode from auto.
+    raw_bytes = max(item_size(train), item_size(test))  # (each reads a logit)
+
     def fits(mode: str, budget: int) -> bool:
         try:
             plan_memory(test.n_examples, train.n_examples, max(p.stop - p.start for p in parts),
                         train.n_classes, k_keep=candidates_per_query(k, mode), budget=budget,
-                        precision=mode, raw_bytes=max(item_size(train), item_size(test)),
-                        device=device)
+                        precision=mode, raw_bytes=raw_bytes, device=device)
         except BudgetError:
             return False
         return True
