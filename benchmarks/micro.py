@@ -32,6 +32,8 @@
     python benchmarks/micro.py pilot --store STORE --k 20 --memory-budget 4GiB  # auto's pilot
     python benchmarks/micro.py candidates  # how many queries fast mode's bound settles, by list length
     python benchmarks/micro.py candidates --store demo-output/store --k 20
+    python benchmarks/micro.py int8 --k 20   # why fast mode has no int8 candidate pass
+    python benchmarks/micro.py int8 --store demo-output/store --k 20
 
 `stats`, `stages` and `candidates` need the logits `benchmarks/run.py` generates; `storeread` the stores of
 `benchmarks/store_bench.py`.
@@ -703,6 +705,93 @@ def candidates(k: int, store: str | None = None, n_test: int = 1000,
         print(f"  {n:5d} candidates: {100 * float(settled.double().mean()):.1f}% settled")
 
 
+def int8_windows(train, test, k: int, n_candidates: int = 128,
+                 block: int = 5000) -> tuple[int, dict[str, dict]]:
+    """Would an int8 candidate pass pay? Its proof's bound against bfloat16's, on real features.
+
+    Any rigorous bound on |a_hat . b_hat - a . b| over pairs never computed is at least
+    the inputs' term of `bounds.low_precision_error`: (||a_hat - a|| ||b|| + ||a||
+    ||b_hat - b|| + ||a_hat - a|| ||b_hat - b||) / n_terms (Cauchy-Schwarz; the int32 sums
+    of an int8 product are exact, so int8 adds little else). The engine takes it at the
+    largest reference norm and rounding (one bound per query); one bound per pair is the
+    least it could be. The rounding is bfloat16's, and int8's with one scale per feature
+    row (its largest |value| / 127, the usual symmetric quantisation). Fast mode re-scores
+    the window of candidates within 2B of the k-th value (`engine._fast_search`), and a
+    query whose window passes its list of k + `n_candidates` is computed whole.
+
+    Returns
+    -------
+    (runs, figures): per format, the median rounding relative to ||a||, the largest actual
+    error, the pairs whose actual error passes their bound (0: the bound holds), and per
+    bound ('query', 'pair') its values and each query's window.
+    """
+    from ensemble_kernel.engine import _prepare_engine
+
+    engine = _prepare_engine(test, train, k, log_softmax=True, classes=None, exclude_self=False,
+                             precision="exact", memory_budget=4 << 30, device="cpu",
+                             chunk_models=None, tile_size=None, progress=None, k_keep=k)
+    runs, n_terms = slice(0, engine.n_models), engine.n_models * engine.n_used
+    test, train = engine.queries, engine.references
+
+    def int8_rows(x: torch.Tensor) -> torch.Tensor:  # what an int8 product would see
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
+        return (x / scale).round_().clamp_(-127, 127) * scale
+
+    def bound(a_round, a_norm, b_round, b_norm):
+        return (a_round * b_norm + a_norm * b_round + a_round * b_round) / n_terms
+
+    formats = {"bfloat16": lambda x: x.bfloat16().float(), "int8, a scale per row": int8_rows}
+    a = engine._features(test, engine.stats_q, runs, slice(0, test.n_examples), torch.float32)
+    a_norm = a.double().norm(dim=1)
+    a_hat = {name: cast(a) for name, cast in formats.items()}
+    a_round = {name: (a_hat[name] - a).double().norm(dim=1) for name in formats}
+    exact = torch.empty(a.shape[0], train.n_examples, dtype=torch.float64)
+    b_norm = torch.empty(train.n_examples, dtype=torch.float64)
+    b_round = {name: torch.empty_like(b_norm) for name in formats}  # ||b_hat - b|| per row
+    figures = {name: dict(error=0.0, violations=0) for name in formats}
+    for r0 in range(0, train.n_examples, block):
+        rows = slice(r0, min(r0 + block, train.n_examples))
+        b = engine._features(train, engine.stats_r, runs, rows, torch.float32)
+        exact[:, rows] = a.double() @ b.double().T / n_terms
+        b_norm[rows] = b.double().norm(dim=1)
+        for name, cast in formats.items():
+            b_hat = cast(b)
+            b_round[name][rows] = (b_hat - b).double().norm(dim=1)
+            error = (a_hat[name].double() @ b_hat.double().T / n_terms - exact[:, rows]).abs()
+            pair = bound(a_round[name][:, None], a_norm[:, None], b_round[name][rows][None],
+                         b_norm[rows][None])
+            figures[name]["error"] = max(figures[name]["error"], float(error.max()))
+            figures[name]["violations"] += int((error > pair).sum())
+    kth = exact.topk(k, dim=1).values[:, -1]
+    for name, f in figures.items():
+        f["rounding"] = float((a_round[name] / a_norm).median())
+        most = bound(a_round[name], a_norm, b_round[name].max(), b_norm.max())
+        f["query"] = (most, (exact >= (kth - 2 * most)[:, None]).sum(dim=1))
+        pair = bound(a_round[name][:, None], a_norm[:, None], b_round[name][None], b_norm[None])
+        f["pair"] = (pair, (exact >= kth[:, None] - 2 * pair).sum(dim=1))
+    return engine.n_models, figures
+
+
+def int8(k: int, store: str | None = None, n_test: int = 400, n_candidates: int = 128) -> None:
+    """`int8_windows` for `n_test` test examples against every training example."""
+    train, test = _cifar_logits(n_test) if store is None else _store_logits(store, n_test)
+    runs, figures = int8_windows(train, test, k, n_candidates)
+    n_test = len(figures["bfloat16"]["query"][1])
+    n_train = train.shape[1] if isinstance(train, torch.Tensor) else train.n_examples
+    print(f"{_machine()}\n{n_test} test examples x {n_train} training examples, {runs} runs, "
+          f"k = {k}; a list of k + {n_candidates} candidates")
+    for name, f in figures.items():
+        print(f"  {name}: rounding / norm {f['rounding']:.2e} (median), largest actual error "
+              f"{f['error']:.2e}, pairs past their bound {f['violations']}")
+        for kind in ("query", "pair"):
+            bound, window = f[kind][0], f[kind][1].double()
+            print(f"    one bound per {kind}: B {float(bound.median()):.2e} (median), window "
+                  f"median {float(window.median()):.0f}, 90th percentile "
+                  f"{float(window.quantile(0.9)):.0f}, largest {float(window.max()):.0f}; "
+                  f"{100 * float((window > k + n_candidates).double().mean()):.1f}% of the "
+                  f"queries past the list")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -710,7 +799,7 @@ def main() -> None:
                                     "candidates", "pairs", "pilot", "vmlrace", "compare", "layout",
                                     "squares", "logsoftmax", "perclass", "ablations", "faults",
                                     "scipyimport", "sweepkernels", "classmajor",
-                                    "nologsoftmax", "sweepstats"])
+                                    "nologsoftmax", "sweepstats", "int8"])
     p.add_argument("--precision", default="fast")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--store", help="candidates, stages, storeread: a store instead of the "
@@ -764,6 +853,8 @@ def main() -> None:
         pairs()
     elif args.what == "candidates":
         candidates(args.k, args.store)
+    elif args.what == "int8":
+        int8(args.k, args.store, args.n_test or 400)
     elif args.what == "storeread":
         storeread(args.store)
     elif args.what == "layout":

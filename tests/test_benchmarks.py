@@ -6,6 +6,8 @@
   published layout, ingest, neighbours equal to the library's, results with every stage
   measured); resuming skips the whole files; the disk-space refusal (with a faked free
   space) and typos in options are one line, exit 2, and write nothing.
+- `benchmarks/micro.py int8`: the bounds it compares hold for every pair, outlier runs
+  included, and int8's rounding is the larger.
 - `benchmarks/report_bench.py`: both trees of --compare-src timed, each first in turn,
   figures in --json-out; a --compare-src without the package is refused before any work.
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_20k  # noqa: E402
 import machine  # noqa: E402
+import micro  # noqa: E402
 
 TINY = ["--files", "2", "--runs-per-file", "3", "--n-train", "40", "--n-test", "10",
         "--n-classes", "4", "--k", "3", "--memory-budget", "64MiB", "--probe-seconds", "0.05"]
@@ -341,3 +344,29 @@ def test_report_bench_times_both_trees_alternated_at_tiny_scale(tmp_path):
     assert len(figures["ratio_report_over_evaluate"]) == 2
     assert figures["compared"]["src"] == str(src)
     assert len(figures["compared"]["ratio_report_over_evaluate"]) == 2
+
+
+# ---- micro.py int8 -------------------------------------------------------------------
+
+def test_int8_windows_bounds_hold_for_every_pair_with_outlier_runs():
+    """The README's case against an int8 pass rests on these bounds: each pair's actual
+    error within its bound, and int8 rounding further than bfloat16. An outlier run (one
+    run's logits 40x larger) widens int8's scale for the rows it touches."""
+    g = torch.Generator().manual_seed(3)
+    train = torch.randn(12, 300, 5, generator=g)
+    test = torch.randn(12, 30, 5, generator=g)
+    train[7, :50] *= 40  # outlier run on some training examples
+    test[2, :5] *= 40
+    test[:, 10] = train[:, 3]  # a test example equal to a training one: a value near 1
+    runs, figures = micro.int8_windows(train, test, k=4, n_candidates=8, block=64)
+    assert runs == 12 and set(figures) == {"bfloat16", "int8, a scale per row"}
+    bf, i8 = figures["bfloat16"], figures["int8, a scale per row"]
+    for f in (bf, i8):
+        assert f["violations"] == 0 and 0 < f["error"]
+        for kind in ("query", "pair"):
+            bound, window = f[kind]
+            assert bool((bound > 0).all()) and bool((window >= 4).all())
+            assert bool((window <= 300).all())
+        assert bool((f["pair"][0] <= f["query"][0][:, None] * (1 + 1e-12)).all())
+    assert i8["rounding"] > 3 * bf["rounding"]
+    assert bool((i8["query"][1] >= bf["query"][1]).all())
