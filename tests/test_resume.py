@@ -32,7 +32,7 @@ def _run(*args):
     return result
 
 
-def _partial_run(monkeypatch, src, out, tiles=1):
+def _partial_run(monkeypatch, src, out, tiles=1, args=ARGS):
     """Run `neighbors` until `tiles` tiles are saved, then stop it as a kill would."""
     original = checkpoint_module.TileCheckpoint.save
     saved = []
@@ -45,7 +45,7 @@ def _partial_run(monkeypatch, src, out, tiles=1):
 
     with monkeypatch.context() as m:
         m.setattr(checkpoint_module.TileCheckpoint, "save", save)
-        result = _run("neighbors", *src, "--out", out, *ARGS)
+        result = _run("neighbors", *src, "--out", out, *args)
     assert isinstance(result.exception, _Killed), result.output
     partial = out.with_name(out.name + ".partial")
     assert len(list(partial.glob("tile-*.npz"))) == tiles
@@ -244,3 +244,59 @@ def test_the_checkpoints_tiles_are_planned_for_the_logits_as_stored(tmp_path, mo
     result = _run("neighbors", src, "--out", tmp_path / "n.npz", *ARGS)
     assert result.exit_code == 0, result.output
     assert seen == [item]
+
+
+def test_a_resume_under_a_smaller_budget_starts_over_within_it(tmp_path, monkeypatch, two):
+    """A job killed for memory is rerun with less: the tiles kept were planned for the
+    larger budget, and resuming them would exceed the new one. The command says so,
+    starts over with a plan of its own, and gives the fresh run's neighbours."""
+    import ensemble_kernel.cli.compute as compute
+
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    large = ["--k", "5", "--memory-budget", "8MiB", "-q"]
+    partial = _partial_run(monkeypatch, [src], out, tiles=2, args=large)
+    kept = json.loads((partial / "manifest.json").read_text())["plan"]
+    plans = []
+    real = compute._top_k_neighbors
+    monkeypatch.setattr(compute, "_top_k_neighbors", lambda *a, **k: plans.append(
+        (k["tile_size"], k["chunk_models"], k["memory_budget"])) or real(*a, **k))
+    small = ARGS  # 6 MiB
+    result = _run("neighbors", src, "--out", out, *small)
+    assert result.exit_code == 0, result.output
+    assert "not resuming the 2 tiles" in result.stderr and "larger memory budget" in \
+        result.stderr and "resuming: 2" not in result.stderr
+    (tile, models, budget), = plans
+    assert (tile, models) != (kept["tile_size"], kept["chunk_models"])
+    assert budget == 6 << 20
+    assert _same(_result(out), _fresh(tmp_path, [src]))
+    # A larger budget still resumes the kept tiles (their plan fits it).
+    partial = _partial_run(monkeypatch, [src], out, tiles=1)
+    result = _run("neighbors", src, "--out", out, "--k", "5", "--memory-budget", "64MiB", "-q")
+    assert result.exit_code == 0 and "resuming: 1 tiles" in result.stderr
+    (indices, values), (fresh_indices, fresh_values) = _result(out), _fresh(tmp_path, [src])
+    assert np.array_equal(indices, fresh_indices)  # values: float32 rounding (other pieces)
+    np.testing.assert_allclose(values, fresh_values, rtol=1e-6, atol=1e-7)
+
+
+def test_a_plan_forced_beyond_the_budget_is_refused():
+    """`plan_memory` with a kept tile and block (a checkpoint's) checks they fit, as the
+    plan it chooses does; the same plan within a budget large enough is taken as given."""
+    from ensemble_kernel.errors import BudgetError
+    from ensemble_kernel.plan import plan_memory
+
+    shape = dict(n_queries=200, n_references=2000, n_models=6, n_used_classes=5, k_keep=5)
+    big = plan_memory(**shape, budget=8 << 20)
+    kept = dict(tile_size=big.tile_size, chunk_models=big.chunk_models)
+    assert (big.tile_size, big.chunk_models) == (500, 6)
+    assert plan_memory(**shape, budget=8 << 20, **kept).chunk_models == 6
+    with pytest.raises(BudgetError, match=r"7.8 MiB is too small for tiles of 500 references "
+                                          r"with blocks of 6 runs .*; at least 7.9 MiB is"):
+        plan_memory(**shape, budget=int(7.8 * 2**20), **kept)
+    plan_memory(**shape, budget=int(7.9 * 2**20), **kept)  # the least it names fits
+    with pytest.raises(BudgetError, match="6.0 MiB is too small for 200 queries"):
+        plan_memory(**shape, budget=6 << 20, **kept)  # not even one run beside those tiles
+    small = plan_memory(**shape, budget=6 << 20)
+    assert plan_memory(**shape, budget=6 << 20, tile_size=small.tile_size,
+                       chunk_models=small.chunk_models).tile_size == small.tile_size

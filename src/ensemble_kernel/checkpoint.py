@@ -11,7 +11,8 @@ the result depends on:
 - the runs used, the options that change the neighbours (k, precision, log-softmax,
   device), the library version;
 - the tile plan (tile size, runs per block), kept so that every restart and every rank
-  cuts the same tiles. The memory budget only matters through it.
+  cuts the same tiles. The memory budget only matters through it: `neighbors` starts over
+  when the kept plan does not fit this run's budget (`plan_memory` checks a kept plan).
 
 A restart with a matching manifest reuses every tile that reads back whole and of the
 right shape (a damaged one is computed again); with any other manifest it starts over.

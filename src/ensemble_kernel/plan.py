@@ -215,15 +215,25 @@ def plan_memory(
             want_models //= 2
         tile = max(1, widest_tile(want_models))
         tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
+    def least(models: int) -> str:  # the budget that fits tiles of t0 and blocks of `models`
+        rest = fixed - piece_bytes + t0 * acc_per_column \
+            + (n_queries * per_query + t0 * per_reference) * models
+        return format_bytes(_round_up_for_display(_smallest_budget(rest, cap)))
+
     if not fits(tile, 1):
-        need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest, cap))
         raise BudgetError(
             f"a memory budget of {format_bytes(budget)} is too small for {n_queries} queries "
-            f"and {n_classes_text(n_used_classes)}; at least {format_bytes(need)} is needed: "
+            f"and {n_classes_text(n_used_classes)}; at least {least(1)} is needed: "
             "raise --memory-budget"
         )
     if chunk_models is not None:
         models = max(1, min(chunk_models, n_models))
+        if not fits(tile, models):  # a plan kept from elsewhere (a checkpoint's), or a test's
+            raise BudgetError(
+                f"a memory budget of {format_bytes(budget)} is too small for tiles of {tile} "
+                f"references with blocks of {models} runs ({n_queries} queries, "
+                f"{n_classes_text(n_used_classes)}); at least {least(models)} is needed: "
+                "raise --memory-budget")
     else:
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, most)

@@ -17,7 +17,7 @@ from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
                       plan_memory)
-from ..errors import LABELS_HINT, InputError
+from ..errors import LABELS_HINT, BudgetError, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
@@ -325,6 +325,16 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     references = None if within else runset.train  # None: the test split, self left out
     n_refs = runset.test.n_examples if within else runset.train.n_examples  # (k checked)
     k_keep = candidates_per_query(k, precision)
+
+    def plan(kept: dict | None = None):  # the engine's plan (kept: its tiles and blocks)
+        return plan_memory(runset.test.n_examples, n_refs, runset.n_models, runset.n_classes,
+                           k_keep=k_keep, budget=budget or default_memory_budget(device),
+                           precision=precision, device=device,
+                           raw_bytes=max(item_size(s) for s in (runset.test, references)
+                                         if s is not None),  # as the engine counts them
+                           tile_size=kept and kept["tile_size"],
+                           chunk_models=kept and kept["chunk_models"])
+
     checkpoint = TileCheckpoint(out, {})
     tiles, previous = None, {}
     if main:  # the other ranks touch the checkpoint only once rank 0 has set it up
@@ -341,15 +351,19 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                 "version": __version__}
             tiles, previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)
         if tiles is not None:
+            try:  # the kept plan, within this run's budget (it may be smaller)
+                plan(tiles)
+            except BudgetError:
+                err.print(f"not resuming the {len(previous)} tiles done in "
+                          f"{checkpoint.folder}: they were planned for a larger memory budget; "
+                          "starting over")
+                tiles, previous = None, {}
+        if tiles is not None:
             err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
         else:
-            plan = plan_memory(runset.test.n_examples, n_refs, runset.n_models,
-                               runset.n_classes, k_keep=k_keep,
-                               budget=budget or default_memory_budget(device),
-                               precision=precision, device=device,
-                               raw_bytes=max(item_size(s) for s in (runset.test, references)
-                                             if s is not None))  # as the engine counts them
-            tiles = {"tile_size": plan.tile_size, "chunk_models": plan.chunk_models}
+            chosen_plan = plan()
+            tiles = {"tile_size": chosen_plan.tile_size,
+                     "chunk_models": chosen_plan.chunk_models}
             if resume:
                 checkpoint.start(tiles)
     if group is not None:
