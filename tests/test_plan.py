@@ -125,6 +125,41 @@ def test_a_budget_too_small_says_how_much_is_enough(p, budget, tile_size, device
         plan(p, int(0.9 * enough), **tile_size)
 
 
+@settings(max_examples=400, deadline=None)
+@given(problems, budgets, budgets, st.sampled_from(["both", "blocks"]),
+       st.sampled_from(["cpu", "cuda"]))
+def test_a_kept_plan_fits_any_budget_it_is_taken_under_and_a_larger_one_always(
+        p, first, then, kept, device):
+    """A plan kept from an earlier run (a checkpoint's tiles and blocks; or the blocks
+    alone) taken under another budget: at least as large, it is taken as it was (the
+    caches take only the room it leaves); smaller, it fits what the engine must hold, or
+    is refused with a number that is enough and not far above what is needed."""
+    try:
+        chosen = plan(p, first, device=device)
+    except BudgetError:
+        return
+    forced = dict(chunk_models=chosen.chunk_models, device=device)
+    if kept == "both":
+        forced["tile_size"] = chosen.tile_size
+    try:
+        again = plan(p, then, **forced)
+    except BudgetError as e:
+        assert then < first, "a larger budget refused the plan made under a smaller one"
+        message = str(e)
+        assert "raise --memory-budget" in message
+        shown = re.search(r"at least ([0-9.]+) (B|KiB|MiB|GiB|TiB) is needed", message)
+        enough = int(float(shown.group(1)) * UNITS[shown.group(2)])
+        assert enough > then
+        plan(p, enough, **forced)
+        with pytest.raises(BudgetError):
+            plan(p, int(0.9 * enough), **forced)
+        return
+    assert again.chunk_models == chosen.chunk_models
+    if kept == "both":
+        assert again.tile_size == chosen.tile_size
+    assert must_hold(p, again) <= then
+
+
 @given(st.integers(0, 1 << 36), st.sampled_from([_PIECE_BYTES, _GPU_PIECE_BYTES]))
 @example(7 * _PIECE_BYTES, _PIECE_BYTES)  # the budget at which the cap starts to bind
 @example(7 * _GPU_PIECE_BYTES - 1, _GPU_PIECE_BYTES)

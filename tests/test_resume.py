@@ -295,8 +295,50 @@ def test_a_plan_forced_beyond_the_budget_is_refused():
                                           r"with blocks of 6 runs .*; at least 7.9 MiB is"):
         plan_memory(**shape, budget=int(7.8 * 2**20), **kept)
     plan_memory(**shape, budget=int(7.9 * 2**20), **kept)  # the least it names fits
-    with pytest.raises(BudgetError, match="6.0 MiB is too small for 200 queries"):
+    with pytest.raises(BudgetError, match=r"6.0 MiB is too small for tiles of 500 .* at least "
+                                          r"7.9 MiB"):
         plan_memory(**shape, budget=6 << 20, **kept)  # not even one run beside those tiles
     small = plan_memory(**shape, budget=6 << 20)
     assert plan_memory(**shape, budget=6 << 20, tile_size=small.tile_size,
                        chunk_models=small.chunk_models).tile_size == small.tile_size
+
+
+@pytest.mark.parametrize("resume", [[], ["--no-resume"]])
+def test_the_default_budget_is_read_once_for_the_plan_and_the_engine(tmp_path, monkeypatch,
+                                                                      resume):
+    """Without --memory-budget the default follows free memory, which moves: the plan made
+    for one reading must not be checked by the engine against a smaller second one (the
+    plan is tight, so a fall of 256 KiB refused it)."""
+    import ensemble_kernel.cli.compute as compute
+    import ensemble_kernel.engine as engine
+
+    readings = []
+
+    def falling(device="cpu"):  # free memory falls a little between two readings
+        readings.append(1)
+        return 6427613 - 262144 * (len(readings) - 1)
+
+    monkeypatch.setattr(compute, "default_memory_budget", falling)
+    monkeypatch.setattr(engine, "default_memory_budget", falling)
+    rng = np.random.default_rng(0)
+    src = tmp_path / "runs.npz"
+    np.savez(src, logits_train=rng.normal(size=(8, 500, 5)).astype("float32"),
+             logits_test=rng.normal(size=(8, 50, 5)).astype("float32"))
+    result = _run("neighbors", src, "--out", tmp_path / "nn.npz", "--k", "5", "--precision",
+                  "exact", "-q", *resume)
+    assert result.exit_code == 0, result.output
+    assert len(readings) == 1
+
+
+def test_a_resume_under_a_budget_too_small_for_any_plan_is_refused_and_keeps_the_tiles(
+        tmp_path, monkeypatch, two):
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    partial = _partial_run(monkeypatch, [src], out, tiles=2,
+                           args=["--k", "5", "--memory-budget", "8MiB", "-q"])
+    before = {f.name: f.read_bytes() for f in partial.iterdir()}
+    result = _run("neighbors", src, "--out", out, "--k", "5", "--memory-budget", "4MiB", "-q")
+    assert result.exit_code == 2
+    assert "too small" in result.stderr and "not resuming" not in result.stderr
+    assert {f.name: f.read_bytes() for f in partial.iterdir()} == before

@@ -181,8 +181,11 @@ def plan_memory(
         + (4 << 20)  # allocator slack, small tensors
     )
     forced_tile = None if tile_size is None else max(1, min(tile_size, n_references))
-    t0 = forced_tile or 1
-    smallest = t0 * acc_per_column + n_queries * per_query + t0 * per_reference  # one run
+    forced_models = None if chunk_models is None else max(1, min(chunk_models, n_models))
+    t0, m0 = forced_tile or 1, forced_models or 1
+    # The smallest plan: one reference and one run per block, or the ones forced (a plan
+    # kept from elsewhere: the caches below take only the room it leaves).
+    smallest = t0 * acc_per_column + (n_queries * per_query + t0 * per_reference) * m0
     cache_bytes = n_queries * n_models * n_used_classes * feature
     # The cache is worth it only where it leaves room for the smallest plan.
     fits_cache = (cache_bytes <= 0.3 * (budget - fixed)
@@ -211,29 +214,22 @@ def plan_memory(
     if forced_tile is not None:
         tile = forced_tile
     else:
-        while want_models > 1 and not fits(1, want_models):
-            want_models //= 2
-        tile = max(1, widest_tile(want_models))
+        if forced_models is None:
+            while want_models > 1 and not fits(1, want_models):
+                want_models //= 2
+        tile = max(1, widest_tile(forced_models or want_models))
         tile = math.ceil(n_references / math.ceil(n_references / tile))  # even tiles
-    def least(models: int) -> str:  # the budget that fits tiles of t0 and blocks of `models`
-        rest = fixed - piece_bytes + t0 * acc_per_column \
-            + (n_queries * per_query + t0 * per_reference) * models
-        return format_bytes(_round_up_for_display(_smallest_budget(rest, cap)))
-
-    if not fits(tile, 1):
-        raise BudgetError(
-            f"a memory budget of {format_bytes(budget)} is too small for {n_queries} queries "
-            f"and {n_classes_text(n_used_classes)}; at least {least(1)} is needed: "
-            "raise --memory-budget"
-        )
-    if chunk_models is not None:
-        models = max(1, min(chunk_models, n_models))
-        if not fits(tile, models):  # a plan kept from elsewhere (a checkpoint's), or a test's
-            raise BudgetError(
-                f"a memory budget of {format_bytes(budget)} is too small for tiles of {tile} "
-                f"references with blocks of {models} runs ({n_queries} queries, "
-                f"{n_classes_text(n_used_classes)}); at least {least(models)} is needed: "
-                "raise --memory-budget")
+    if not fits(tile, m0):
+        need = _round_up_for_display(_smallest_budget(fixed - piece_bytes + smallest, cap))
+        what = (f"{n_queries} queries and {n_classes_text(n_used_classes)}"
+                if forced_models is None else
+                f"tiles of {tile} reference{'s' * (tile != 1)} with blocks of {m0} "
+                f"run{'s' * (m0 != 1)} ({n_queries} queries, "
+                f"{n_classes_text(n_used_classes)})")
+        raise BudgetError(f"a memory budget of {format_bytes(budget)} is too small for {what}; "
+                          f"at least {format_bytes(need)} is needed: raise --memory-budget")
+    if forced_models is not None:
+        models = forced_models
     else:
         room = (avail - tile * acc_per_column) // (n_queries * per_query + tile * per_reference)
         cap = max(1, most)

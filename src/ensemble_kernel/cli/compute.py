@@ -313,14 +313,17 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
 
     The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
-    the checkpoint's manifest, so every rank and every restart cuts the same tiles. The
-    manifest binds the tiles to the content of the logits (see `checkpoint`). Everything
-    is checked before the checkpoint is started afresh, so a refused command leaves an
-    earlier checkpoint as it was.
+    the checkpoint's manifest, so every rank and every restart cuts the same tiles; a
+    restart whose budget the kept plan does not fit starts over. The manifest binds the
+    tiles to the content of the logits (see `checkpoint`). Everything is checked before
+    the checkpoint is started afresh, so a refused command leaves an earlier checkpoint
+    as it was.
     """
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
-    budget = options["memory_budget"]
+    # The default budget is read once (free memory moves): the plan is made for it, and
+    # the engine, which checks the plan against its budget, gets the same number.
+    budget = options["memory_budget"] or default_memory_budget(device)
     within = bool(options.get("within_split"))
     references = None if within else runset.train  # None: the test split, self left out
     n_refs = runset.test.n_examples if within else runset.train.n_examples  # (k checked)
@@ -328,7 +331,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
 
     def plan(kept: dict | None = None):  # the engine's plan (kept: its tiles and blocks)
         return plan_memory(runset.test.n_examples, n_refs, runset.n_models, runset.n_classes,
-                           k_keep=k_keep, budget=budget or default_memory_budget(device),
+                           k_keep=k_keep, budget=budget,
                            precision=precision, device=device,
                            raw_bytes=max(item_size(s) for s in (runset.test, references)
                                          if s is not None),  # as the engine counts them
@@ -354,6 +357,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             try:  # the kept plan, within this run's budget (it may be smaller)
                 plan(tiles)
             except BudgetError:
+                plan()  # a budget too small for any plan is refused first, as it is
                 err.print(f"not resuming the {len(previous)} tiles done in "
                           f"{checkpoint.folder}: they were planned for a larger memory budget; "
                           "starting over")
@@ -366,8 +370,9 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                      "chunk_models": chosen_plan.chunk_models}
             if resume:
                 checkpoint.start(tiles)
-    if group is not None:
-        tiles, checkpoint.inputs = group.broadcast((tiles, checkpoint.inputs) if main else None)
+    if group is not None:  # every rank works to rank 0's plan and budget
+        tiles, checkpoint.inputs, budget = group.broadcast(
+            (tiles, checkpoint.inputs, budget) if main else None)
         if not main and resume:
             previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
     n_tiles = -(-n_refs // tiles["tile_size"])
