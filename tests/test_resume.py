@@ -146,7 +146,9 @@ def test_options_that_change_the_result_restart(tmp_path, monkeypatch, two):
     _partial_run(monkeypatch, [src], out)
     result = _run("neighbors", src, "--out", out, "--no-log-softmax", *ARGS)
     assert result.exit_code == 0
-    assert "resuming" not in result.stderr
+    assert "resuming:" not in result.stderr
+    assert "it differs in options.log_softmax; starting over" in \
+        " ".join(result.stderr.split())  # says why the tiles go
     fresh = tmp_path / "fresh.npz"
     assert _run("neighbors", src, "--out", fresh, "--no-log-softmax", "--no-resume",
                 *ARGS).exit_code == 0
@@ -219,7 +221,7 @@ def test_another_test_key_restarts(tmp_path, monkeypatch, two, first, then):
     _partial_run(monkeypatch, [src, *first], out)
     result = _run("neighbors", src, "--out", out, *then, *ARGS)
     assert result.exit_code == 0, result.output
-    assert "resuming" not in result.stderr
+    assert "resuming:" not in result.stderr
     fresh = tmp_path / "fresh.npz"
     assert _run("neighbors", src, "--out", fresh, "--no-resume", *then, *ARGS).exit_code == 0
     assert _same(_result(out), _result(fresh))
@@ -265,8 +267,10 @@ def test_a_resume_under_a_smaller_budget_starts_over_within_it(tmp_path, monkeyp
     small = ARGS  # 6 MiB
     result = _run("neighbors", src, "--out", out, *small)
     assert result.exit_code == 0, result.output
-    assert "not resuming the 2 tiles" in result.stderr and "larger memory budget" in \
-        result.stderr and "resuming: 2" not in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "not resuming from" in said and "(tiles of 500 references, blocks of 6 runs) does " \
+        "not fit a memory budget of 6.0 MiB; starting over" in said
+    assert "resuming: 2" not in said
     (tile, models, budget), = plans
     assert (tile, models) != (kept["tile_size"], kept["chunk_models"])
     assert budget == 6 << 20
@@ -318,16 +322,20 @@ def test_the_default_budget_is_read_once_for_the_plan_and_the_engine(tmp_path, m
         readings.append(1)
         return 6427613 - 262144 * (len(readings) - 1)
 
-    monkeypatch.setattr(compute, "default_memory_budget", falling)
-    monkeypatch.setattr(engine, "default_memory_budget", falling)
+    import ensemble_kernel.precision as precision
+
+    for module in (compute, engine, precision):
+        monkeypatch.setattr(module, "default_memory_budget", falling)
     rng = np.random.default_rng(0)
     src = tmp_path / "runs.npz"
     np.savez(src, logits_train=rng.normal(size=(8, 500, 5)).astype("float32"),
              logits_test=rng.normal(size=(8, 50, 5)).astype("float32"))
-    result = _run("neighbors", src, "--out", tmp_path / "nn.npz", "--k", "5", "--precision",
-                  "exact", "-q", *resume)
-    assert result.exit_code == 0, result.output
-    assert len(readings) == 1
+    for mode in ("exact", "auto"):  # auto chooses for the same reading
+        readings.clear()
+        result = _run("neighbors", src, "--out", tmp_path / f"{mode}.npz", "--k", "5",
+                      "--precision", mode, "-q", *resume)
+        assert result.exit_code == 0, result.output
+        assert len(readings) == 1
 
 
 def test_a_resume_under_a_budget_too_small_for_any_plan_is_refused_and_keeps_the_tiles(
@@ -342,3 +350,81 @@ def test_a_resume_under_a_budget_too_small_for_any_plan_is_refused_and_keeps_the
     assert result.exit_code == 2
     assert "too small" in result.stderr and "not resuming" not in result.stderr
     assert {f.name: f.read_bytes() for f in partial.iterdir()} == before
+
+
+def test_auto_resumes_tiles_computed_in_the_other_precision(tmp_path, monkeypatch, two):
+    """Auto's choice depends on the budget and the machine's probe, and may differ on the
+    rerun: the tiles kept are then resumed in the precision they were computed in (every
+    precision gives the same neighbours), not thrown away. A precision asked for by name
+    is what runs: it starts over."""
+    import dataclasses
+
+    import ensemble_kernel.cli.compute as compute
+
+    chosen = []
+    real = compute.resolve_precision
+
+    def choose(*a, **kw):
+        choice = real(*a, **kw)
+        return dataclasses.replace(choice, precision=chosen.pop(0)) if kw and \
+            a[0] == "auto" else choice
+
+    monkeypatch.setattr(compute, "resolve_precision", choose)
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    auto = ["--k", "5", "--memory-budget", "8MiB", "--precision", "auto", "-q"]
+    chosen.append("fast")
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=auto)
+    chosen.append("exact")  # this time auto would run exact mode
+    result = _run("neighbors", src, "--out", out, *auto)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "auto chose exact mode, but the tiles in" in said and "computed in fast mode: " \
+        "resuming them" in said and "resuming: 1 tiles" in said
+    with np.load(out) as f:
+        meta = json.loads(str(f["meta"]))
+    assert meta["precision"]["chosen"] == "fast" and "resumed" in meta["precision"]["reason"]
+    indices, values = _result(out)
+    fresh = tmp_path / "fresh.npz"
+    assert _run("neighbors", src, "--out", fresh, "--no-resume", "--k", "5", "--memory-budget",
+                "8MiB", "--precision", "exact", "-q").exit_code == 0
+    assert np.array_equal(indices, _result(fresh)[0])
+    np.testing.assert_allclose(values, _result(fresh)[1], rtol=1e-6, atol=1e-7)
+    # Asked for by name, exact mode does not take fast mode's tiles: it starts over.
+    chosen.append("fast")
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=auto)
+    result = _run("neighbors", src, "--out", out, "--k", "5", "--memory-budget", "8MiB",
+                  "--precision", "exact", "-q")
+    assert result.exit_code == 0 and "resuming:" not in result.stderr
+    assert "it differs in options.precision; starting over" in " ".join(result.stderr.split())
+    assert not partial.exists() and _same(_result(out), _result(fresh))
+
+
+def test_a_tile_cut_by_another_plan_is_computed_again(tmp_path, monkeypatch, two):
+    """Each tile file carries the plan it was cut by: a manifest whose plan was changed
+    (here by hand: tiles twice as wide) does not take tile 0 of 500 references for a tile
+    of 1,000. Tiles written without a plan (an earlier version) are computed again too."""
+    src = tmp_path / "runs.npz"
+    _save_npz(src, two[0])
+    out = tmp_path / "nn.npz"
+    args = ["--k", "5", "--memory-budget", "8MiB", "-q"]
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=args)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert manifest["plan"]["tile_size"] == 500
+    manifest["plan"]["tile_size"] = 1000
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    wide = ["--k", "5", "--memory-budget", "64MiB", "-q"]
+    result = _run("neighbors", src, "--out", out, *wide)
+    assert result.exit_code == 0, result.output
+    assert "resuming: 0 tiles" in " ".join(result.stderr.split())
+    fresh = _fresh(tmp_path, [src])
+    assert np.array_equal(_result(out)[0], fresh[0])
+    # A tile without the plan in it
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=args)
+    tile = next(partial.glob("tile-*.npz"))
+    with np.load(tile) as f:
+        np.savez(tile, indices=f["indices"], values=f["values"])
+    result = _run("neighbors", src, "--out", out, *args)
+    assert result.exit_code == 0 and "resuming: 0 tiles" in " ".join(result.stderr.split())
+    assert np.array_equal(_result(out)[0], fresh[0])

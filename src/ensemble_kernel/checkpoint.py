@@ -14,8 +14,9 @@ the result depends on:
   cuts the same tiles. The memory budget only matters through it: `neighbors` starts over
   when the kept plan does not fit this run's budget (`plan_memory` checks a kept plan).
 
-A restart with a matching manifest reuses every tile that reads back whole and of the
-right shape (a damaged one is computed again); with any other manifest it starts over.
+A restart with a matching manifest reuses every tile that reads back whole, of the right
+shape and cut by the manifest's plan (each tile carries it; a damaged one is computed
+again); with any other manifest it starts over (`differs` says what differed).
 Labels play no part in the neighbours and are not in the manifest.
 
 The folder is this command's own: its manifest says it was made by `neighbors`. A folder
@@ -83,6 +84,10 @@ class TileCheckpoint:
     def __init__(self, out: Path, inputs: dict):
         self.folder = out.with_name(out.name + ".partial")
         self.inputs = inputs
+        # After `load` found a checkpoint it cannot resume: what differs ('content',
+        # 'options.k', 'plan', ...); empty otherwise.
+        self.differs: list[str] = []
+        self.plan: dict | None = None  # the plan its tiles are cut by (`load`, `start`)
 
     def _manifest(self) -> dict | None:
         """The folder's manifest if this command made the folder; None if there is none."""
@@ -113,13 +118,19 @@ class TileCheckpoint:
         again).
         """
         manifest = self._manifest()
-        if manifest is None or manifest.get("inputs") != self.inputs:
+        self.differs = []
+        if manifest is None:
+            return None, {}
+        if manifest.get("inputs") != self.inputs:
+            self.differs = _differences(manifest.get("inputs"), self.inputs)
             return None, {}
         plan = manifest.get("plan")
-        if not isinstance(plan, dict) or not isinstance(plan.get("tile_size"), int) or \
-                not isinstance(plan.get("chunk_models"), int) or plan["tile_size"] < 1:
+        if not isinstance(plan, dict) or any(type(plan.get(key)) is not int or plan[key] < 1
+                                             for key in ("tile_size", "chunk_models")):
+            self.differs = ["plan"]
             return None, {}
         size = plan["tile_size"]
+        self.plan = plan
         tiles = {}
         for f in sorted(self.folder.glob("tile-*.npz")):
             named = _TILE.fullmatch(f.name)
@@ -128,7 +139,7 @@ class TileCheckpoint:
                 continue
             index = int(named.group(1))
             references = range(index * size, min((index + 1) * size, n_references))
-            found = _read_tile(f, n_rows, k_keep, references) if references else None
+            found = _read_tile(f, n_rows, k_keep, references, plan) if references else None
             if found is None:
                 logger.warning("ignoring %s: not a whole tile of this computation", f)
                 continue
@@ -142,6 +153,7 @@ class TileCheckpoint:
         # The manifest is replaced in place, never removed first: a kill at any point
         # leaves a folder this command still recognises as its own.
         self._clear(keep_folder=True)
+        self.plan = plan
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "manifest.json", json.dumps(
             {"made_by": MADE_BY, "inputs": self.inputs, "plan": plan}))
@@ -149,7 +161,8 @@ class TileCheckpoint:
     def save(self, index: int, found: Neighbors) -> None:
         """Write one finished tile (atomically)."""
         atomic_write(self.folder / f"tile-{index:05d}.npz", lambda f: np.savez(
-            f, indices=found.indices.cpu().numpy(), values=found.values.cpu().numpy()))
+            f, indices=found.indices.cpu().numpy(), values=found.values.cpu().numpy(),
+            plan=_plan_array(self.plan)))
         if _TEST_DELAY:
             import time
 
@@ -183,15 +196,39 @@ class TileCheckpoint:
             logger.warning("left %s: it holds files neighbors did not write", self.folder)
 
 
-def _read_tile(path: Path, n_rows: int, k_keep: int, references: range) -> Neighbors | None:
-    """Tile `path` if it reads back whole: top-k of every row among `references`."""
+def _differences(kept, inputs: dict) -> list[str]:
+    """The keys of `inputs` (and of its options) whose values `kept` does not share."""
+    if not isinstance(kept, dict):
+        return ["inputs"]
+    out = []
+    for key in sorted(set(kept) | set(inputs)):
+        a, b = kept.get(key), inputs.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"options.{o}" for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def _plan_array(plan: dict) -> np.ndarray:
+    """The plan a tile was cut by, written into the tile: a tile of another plan (a manifest
+    edited, or written over by hand) is not taken for one of this plan."""
+    return np.array([plan["tile_size"], plan["chunk_models"]], dtype=np.int64)
+
+
+def _read_tile(path: Path, n_rows: int, k_keep: int, references: range,
+               plan: dict) -> Neighbors | None:
+    """Tile `path` if it reads back whole: top-k of every row among `references`, cut by
+    `plan`."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            indices, values = data["indices"], data["values"]
+            indices, values, cut = data["indices"], data["values"], data["plan"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged
         logger.warning("%s: %s", path, e)
         return None
     shape = (n_rows, min(k_keep, len(references)))
+    if not np.array_equal(cut, _plan_array(plan)):
+        return None
     if indices.shape != shape or values.shape != shape or indices.dtype != np.int64 or \
             values.dtype != np.float32:
         return None

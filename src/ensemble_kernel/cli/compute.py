@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
                       plan_memory)
+from ..plan import format_bytes
 from ..errors import LABELS_HINT, BudgetError, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
@@ -173,6 +175,9 @@ def neighbors_cmd(
         check_output_file(out)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
+        # The default budget follows free memory: read once, for the choice, the plan and
+        # the engine alike.
+        resolved = budget or default_memory_budget(device)
         within = within_split_note(runset, "neighbors", "the neighbours are other test examples")
         n_refs = runset.test.n_examples - 1 if within else runset.train.n_examples
         check_k("--k", k, n_refs, default=20,
@@ -185,7 +190,7 @@ def neighbors_cmd(
         try:
             # Rank 0 chooses (and probes, once); every rank runs its choice.
             choice = (resolve_precision(precision, runset, k, device=device,
-                                        memory_budget=budget, verbose=verbose, within=within,
+                                        memory_budget=resolved, verbose=verbose, within=within,
                                         log_softmax=not no_log_softmax)
                       if group is None or group.is_main else None)
             if group is not None:
@@ -193,7 +198,12 @@ def neighbors_cmd(
             options = {"k": k, "log_softmax": not no_log_softmax,
                        "precision": choice.precision, "memory_budget": budget, "device": device,
                        **source_options}
-            result = _neighbors_job(runset, chosen, options, out, resume, quiet, group)
+            result, ran = _neighbors_job(runset, chosen, options, out, resume, quiet, group,
+                                         resolved, precision)
+            if ran != choice.precision:  # auto took an earlier run's tiles (same neighbours)
+                options["precision"] = ran
+                choice = dataclasses.replace(choice, precision=ran, reason=(
+                    f"{choice.reason}; resumed the tiles an earlier run computed in {ran} mode"))
             if group is None or group.is_main:
                 meta = json.dumps({**_meta({**options, "processes": group.world_size if group
                                             else 1}, runset, chosen, started),
@@ -309,41 +319,55 @@ def _distributed_group(device: str):
 
 
 def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resume: bool,
-                   quiet: bool, group):
+                   quiet: bool, group, budget: int, requested: str):
     """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
 
-    The tile plan is made once (by rank 0, from the first attempt's budget) and kept in
-    the checkpoint's manifest, so every rank and every restart cuts the same tiles; a
-    restart whose budget the kept plan does not fit starts over. The manifest binds the
-    tiles to the content of the logits (see `checkpoint`). Everything is checked before
-    the checkpoint is started afresh, so a refused command leaves an earlier checkpoint
-    as it was.
+    The tile plan is made once (by rank 0, for its `budget`: the --memory-budget, or the
+    default read once by the caller) and kept in the checkpoint's manifest, so every rank
+    and every restart cuts the same tiles. A restart under a budget the kept plan does not
+    fit starts over; under `requested` 'auto', it takes the kept tiles of the other
+    precision where auto chose differently this time (every precision gives the same
+    neighbours). The manifest binds the tiles to the content of the logits (see
+    `checkpoint`). Everything is checked before the checkpoint is started afresh, so a
+    refused command leaves an earlier checkpoint as it was.
+
+    Returns
+    -------
+    (Neighbors, the precision run).
     """
     main = group is None or group.is_main
     k, precision, device = options["k"], options["precision"], options["device"]
-    # The default budget is read once (free memory moves): the plan is made for it, and
-    # the engine, which checks the plan against its budget, gets the same number.
-    budget = options["memory_budget"] or default_memory_budget(device)
     within = bool(options.get("within_split"))
     references = None if within else runset.train  # None: the test split, self left out
     n_refs = runset.test.n_examples if within else runset.train.n_examples  # (k checked)
-    k_keep = candidates_per_query(k, precision)
 
-    def plan(kept: dict | None = None):  # the engine's plan (kept: its tiles and blocks)
+    def plan(precision: str, kept: dict | None = None):  # the engine's (kept: its tiles)
         return plan_memory(runset.test.n_examples, n_refs, runset.n_models, runset.n_classes,
-                           k_keep=k_keep, budget=budget,
+                           k_keep=candidates_per_query(k, precision), budget=budget,
                            precision=precision, device=device,
                            raw_bytes=max(item_size(s) for s in (runset.test, references)
                                          if s is not None),  # as the engine counts them
-                           tile_size=kept and kept["tile_size"],
-                           chunk_models=kept and kept["chunk_models"])
+                           tile_size=None if kept is None else kept["tile_size"],
+                           chunk_models=None if kept is None else kept["chunk_models"])
+
+    def kept_tiles(precision: str):  # the checkpoint's plan and tiles for `precision`
+        checkpoint.inputs = {**inputs, "options": {**inputs["options"], "precision": precision}}
+        return checkpoint.load(runset.test.n_examples, candidates_per_query(k, precision),
+                               n_refs)
+
+    def fits(precision: str, kept: dict) -> bool:  # the kept plan, within this run's budget
+        try:
+            plan(precision, kept)
+        except BudgetError:
+            return False
+        return True
 
     checkpoint = TileCheckpoint(out, {})
     tiles, previous = None, {}
     if main:  # the other ranks touch the checkpoint only once rank 0 has set it up
         if resume:
             checkpoint.check_owner()  # before hashing anything: a user's folder is refused
-            checkpoint.inputs = {
+            inputs = {
                 # --code on a store: its runs are not one range of the store's; every
                 # record is bound (a later append to the store starts the work afresh).
                 "content": content_fingerprint(runset.sources, slice(0, 2**62)
@@ -352,29 +376,41 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                 "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
                 "version": __version__}
-            tiles, previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)
-        if tiles is not None:
-            try:  # the kept plan, within this run's budget (it may be smaller)
-                plan(tiles)
-            except BudgetError:
-                plan()  # a budget too small for any plan is refused first, as it is
-                err.print(f"not resuming the {len(previous)} tiles done in "
-                          f"{checkpoint.folder}: they were planned for a larger memory budget; "
-                          "starting over")
-                tiles, previous = None, {}
+            tiles, previous = kept_tiles(precision)
+            if tiles is None and requested == "auto":
+                other = "fast" if precision == "exact" else "exact"
+                tiles, previous = kept_tiles(other)
+                if tiles is not None and fits(other, tiles):
+                    err.print(f"auto chose {precision} mode, but the tiles in "
+                              f"{checkpoint.folder} were computed in {other} mode: resuming "
+                              "them in that mode (the neighbours are the same)")
+                    precision = other
+                else:
+                    tiles, previous = kept_tiles(precision)  # this run's own inputs again
+            if tiles is None and checkpoint.differs:
+                err.print(f"not resuming from {checkpoint.folder}: it differs in "
+                          f"{', '.join(checkpoint.differs)}; starting over")
+        fresh = None
+        if tiles is not None and not fits(precision, tiles):
+            fresh = plan(precision)  # a budget too small for any plan is refused first
+            err.print(f"not resuming from {checkpoint.folder}: its plan (tiles of "
+                      f"{tiles['tile_size']} references, blocks of {tiles['chunk_models']} "
+                      f"runs) does not fit a memory budget of {format_bytes(budget)}; "
+                      "starting over")
+            tiles, previous = None, {}
         if tiles is not None:
             err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
         else:
-            chosen_plan = plan()
-            tiles = {"tile_size": chosen_plan.tile_size,
-                     "chunk_models": chosen_plan.chunk_models}
+            fresh = fresh or plan(precision)
+            tiles = {"tile_size": fresh.tile_size, "chunk_models": fresh.chunk_models}
             if resume:
                 checkpoint.start(tiles)
-    if group is not None:  # every rank works to rank 0's plan and budget
-        tiles, checkpoint.inputs, budget = group.broadcast(
-            (tiles, checkpoint.inputs, budget) if main else None)
+    if group is not None:  # every rank works to rank 0's plan, budget and precision
+        tiles, checkpoint.inputs, budget, precision = group.broadcast(
+            (tiles, checkpoint.inputs, budget, precision) if main else None)
         if not main and resume:
-            previous = checkpoint.load(runset.test.n_examples, k_keep, n_refs)[1]
+            previous = checkpoint.load(runset.test.n_examples, candidates_per_query(k, precision),
+                                       n_refs)[1]
     n_tiles = -(-n_refs // tiles["tile_size"])
     with _progress_bar(quiet or not main) as report:
         return _top_k_neighbors(
@@ -385,7 +421,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             finished_tiles=previous, on_tile=checkpoint.save if resume else None,
             tiles=group.my_tiles(n_tiles) if group is not None else None,
             combine=group.combine if group is not None else None,
-        )
+        ), precision
 
 
 def _write_predictions(f, suffix: str, prediction, scores, margin, meta: str) -> None:
