@@ -268,8 +268,8 @@ def test_a_resume_under_a_smaller_budget_starts_over_within_it(tmp_path, monkeyp
     result = _run("neighbors", src, "--out", out, *small)
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
-    assert "not resuming from" in said and "(tiles of 500 references, blocks of 6 runs) does " \
-        "not fit a memory budget of 6.0 MiB; starting over" in said
+    assert "not resuming from" in said and "(tiles of 500 references, blocks of 6 runs, exact " \
+        "mode) does not fit a memory budget of 6.0 MiB; starting over" in said
     assert "resuming: 2" not in said
     (tile, models, budget), = plans
     assert (tile, models) != (kept["tile_size"], kept["chunk_models"])
@@ -350,6 +350,10 @@ def test_a_resume_under_a_budget_too_small_for_any_plan_is_refused_and_keeps_the
     assert result.exit_code == 2
     assert "too small" in result.stderr and "not resuming" not in result.stderr
     assert {f.name: f.read_bytes() for f in partial.iterdir()} == before
+    # The same with another k: the refusal comes before any word on the checkpoint.
+    result = _run("neighbors", src, "--out", out, "--k", "4", "--memory-budget", "4MiB", "-q")
+    assert result.exit_code == 2 and "starting over" not in result.stderr
+    assert {f.name: f.read_bytes() for f in partial.iterdir()} == before
 
 
 def test_auto_resumes_tiles_computed_in_the_other_precision(tmp_path, monkeypatch, two):
@@ -391,6 +395,22 @@ def test_auto_resumes_tiles_computed_in_the_other_precision(tmp_path, monkeypatc
                 "8MiB", "--precision", "exact", "-q").exit_code == 0
     assert np.array_equal(indices, _result(fresh)[0])
     np.testing.assert_allclose(values, _result(fresh)[1], rtol=1e-6, atol=1e-7)
+    # Under auto, the precision is not what differs: the plan's budget or the inputs are.
+    chosen.append("fast")
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=auto)
+    chosen.append("exact")
+    small = ["--k", "5", "--memory-budget", "6MiB", "--precision", "auto", "-q"]
+    result = _run("neighbors", src, "--out", out, *small)
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "resuming:" not in said
+    assert "blocks of 6 runs, fast mode) does not fit a memory budget of 6.0 MiB; starting " \
+        "over" in said
+    chosen.append("fast")
+    partial = _partial_run(monkeypatch, [src], out, tiles=1, args=auto)
+    chosen.append("exact")
+    result = _run("neighbors", src, "--out", out, *auto[:1], "4", *auto[2:])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "it differs in options.k; starting over" in said
     # Asked for by name, exact mode does not take fast mode's tiles: it starts over.
     chosen.append("fast")
     partial = _partial_run(monkeypatch, [src], out, tiles=1, args=auto)
@@ -401,7 +421,7 @@ def test_auto_resumes_tiles_computed_in_the_other_precision(tmp_path, monkeypatc
     assert not partial.exists() and _same(_result(out), _result(fresh))
 
 
-def test_a_tile_cut_by_another_plan_is_computed_again(tmp_path, monkeypatch, two):
+def test_a_tile_cut_by_another_plan_is_computed_again(tmp_path, monkeypatch, two, caplog):
     """Each tile file carries the plan it was cut by: a manifest whose plan was changed
     (here by hand: tiles twice as wide) does not take tile 0 of 500 references for a tile
     of 1,000. Tiles written without a plan (an earlier version) are computed again too."""
@@ -425,6 +445,10 @@ def test_a_tile_cut_by_another_plan_is_computed_again(tmp_path, monkeypatch, two
     tile = next(partial.glob("tile-*.npz"))
     with np.load(tile) as f:
         np.savez(tile, indices=f["indices"], values=f["values"])
+    caplog.clear()
     result = _run("neighbors", src, "--out", out, *args)
-    assert result.exit_code == 0 and "resuming: 0 tiles" in " ".join(result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "resuming: 0 tiles" in said, said
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(logged) == 1 and logged[0].startswith("computing 1 tiles in")  # one line
     assert np.array_equal(_result(out)[0], fresh[0])

@@ -131,7 +131,7 @@ class TileCheckpoint:
             return None, {}
         size = plan["tile_size"]
         self.plan = plan
-        tiles = {}
+        tiles, other_plan = {}, 0
         for f in sorted(self.folder.glob("tile-*.npz")):
             named = _TILE.fullmatch(f.name)
             if named is None:  # not a name this command writes (a copy, a stray file)
@@ -140,10 +140,15 @@ class TileCheckpoint:
             index = int(named.group(1))
             references = range(index * size, min((index + 1) * size, n_references))
             found = _read_tile(f, n_rows, k_keep, references, plan) if references else None
-            if found is None:
+            if found is _OTHER_PLAN:
+                other_plan += 1
+            elif found is None:
                 logger.warning("ignoring %s: not a whole tile of this computation", f)
-                continue
-            tiles[index] = found
+            else:
+                tiles[index] = found
+        if other_plan:
+            logger.warning("computing %d tiles in %s again: cut by another plan, or written "
+                           "by an earlier version", other_plan, self.folder)
         logger.info("resuming: %d finished tiles in %s", len(tiles), self.folder)
         return plan, tiles
 
@@ -216,19 +221,21 @@ def _plan_array(plan: dict) -> np.ndarray:
     return np.array([plan["tile_size"], plan["chunk_models"]], dtype=np.int64)
 
 
-def _read_tile(path: Path, n_rows: int, k_keep: int, references: range,
-               plan: dict) -> Neighbors | None:
-    """Tile `path` if it reads back whole: top-k of every row among `references`, cut by
-    `plan`."""
+_OTHER_PLAN = object()  # `_read_tile`: a tile cut by another plan (or without its plan)
+
+
+def _read_tile(path: Path, n_rows: int, k_keep: int, references: range, plan: dict):
+    """Tile `path` (Neighbors) if it reads back whole: top-k of every row among
+    `references`, cut by `plan`; `_OTHER_PLAN` if cut by another; None if damaged."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            indices, values, cut = data["indices"], data["values"], data["plan"]
+            if "plan" not in data.files or not np.array_equal(data["plan"], _plan_array(plan)):
+                return _OTHER_PLAN
+            indices, values = data["indices"], data["values"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged
         logger.warning("%s: %s", path, e)
         return None
     shape = (n_rows, min(k_keep, len(references)))
-    if not np.array_equal(cut, _plan_array(plan)):
-        return None
     if indices.shape != shape or values.shape != shape or indices.dtype != np.int64 or \
             values.dtype != np.float32:
         return None

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -18,11 +18,11 @@ from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
                       plan_memory)
-from ..plan import format_bytes
 from ..errors import LABELS_HINT, BudgetError, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
+from ..plan import format_bytes
 from ..sources import item_size
 from ..within import evaluate_within
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt,
@@ -203,7 +203,8 @@ def neighbors_cmd(
             if ran != choice.precision:  # auto took an earlier run's tiles (same neighbours)
                 options["precision"] = ran
                 choice = dataclasses.replace(choice, precision=ran, reason=(
-                    f"{choice.reason}; resumed the tiles an earlier run computed in {ran} mode"))
+                    f"auto chose {choice.precision} ({choice.reason}); ran {ran}: resumed the "
+                    f"tiles an earlier run computed in {ran} mode"))
             if group is None or group.is_main:
                 meta = json.dumps({**_meta({**options, "processes": group.world_size if group
                                             else 1}, runset, chosen, started),
@@ -350,11 +351,6 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                            tile_size=None if kept is None else kept["tile_size"],
                            chunk_models=None if kept is None else kept["chunk_models"])
 
-    def kept_tiles(precision: str):  # the checkpoint's plan and tiles for `precision`
-        checkpoint.inputs = {**inputs, "options": {**inputs["options"], "precision": precision}}
-        return checkpoint.load(runset.test.n_examples, candidates_per_query(k, precision),
-                               n_refs)
-
     def fits(precision: str, kept: dict) -> bool:  # the kept plan, within this run's budget
         try:
             plan(precision, kept)
@@ -363,7 +359,7 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
         return True
 
     checkpoint = TileCheckpoint(out, {})
-    tiles, previous = None, {}
+    tiles, previous, fresh = None, {}, None
     if main:  # the other ranks touch the checkpoint only once rank 0 has set it up
         if resume:
             checkpoint.check_owner()  # before hashing anything: a user's folder is refused
@@ -376,28 +372,17 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                 "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
                 "version": __version__}
-            tiles, previous = kept_tiles(precision)
-            if tiles is None and requested == "auto":
-                other = "fast" if precision == "exact" else "exact"
-                tiles, previous = kept_tiles(other)
-                if tiles is not None and fits(other, tiles):
-                    err.print(f"auto chose {precision} mode, but the tiles in "
-                              f"{checkpoint.folder} were computed in {other} mode: resuming "
-                              "them in that mode (the neighbours are the same)")
-                    precision = other
-                else:
-                    tiles, previous = kept_tiles(precision)  # this run's own inputs again
-            if tiles is None and checkpoint.differs:
-                err.print(f"not resuming from {checkpoint.folder}: it differs in "
-                          f"{', '.join(checkpoint.differs)}; starting over")
-        fresh = None
-        if tiles is not None and not fits(precision, tiles):
-            fresh = plan(precision)  # a budget too small for any plan is refused first
-            err.print(f"not resuming from {checkpoint.folder}: its plan (tiles of "
-                      f"{tiles['tile_size']} references, blocks of {tiles['chunk_models']} "
-                      f"runs) does not fit a memory budget of {format_bytes(budget)}; "
-                      "starting over")
-            tiles, previous = None, {}
+            tiles, previous, precision, why_not = _resumable(
+                checkpoint, inputs, precision, requested, fits,
+                (runset.test.n_examples, n_refs, k), budget)
+            if why_not:
+                fresh = plan(precision)  # a budget too small for any plan is refused first
+                err.print(f"not resuming from {checkpoint.folder}: {why_not}; starting over")
+            elif tiles is not None and precision != options["precision"]:
+                err.print(f"auto chose {options['precision']} mode, but the tiles in "
+                          f"{checkpoint.folder} were computed in {precision} mode: resuming "
+                          "them in that mode (the same neighbours, up to ties within float32 "
+                          "rounding)")
         if tiles is not None:
             err.print(f"resuming: {len(previous)} tiles already done in {checkpoint.folder}")
         else:
@@ -422,6 +407,40 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
             tiles=group.my_tiles(n_tiles) if group is not None else None,
             combine=group.combine if group is not None else None,
         ), precision
+
+
+def _resumable(checkpoint: TileCheckpoint, inputs: dict, precision: str, requested: str,
+               fits: Callable[[str, dict], bool], shape: tuple[int, int, int],
+               budget: int) -> tuple[dict | None, dict, str, str | None]:
+    """The kept plan and tiles `checkpoint` holds for `inputs` run in `precision` (or, under
+    `requested` 'auto', in the other precision, which gives the same neighbours), if that
+    plan fits this run's budget (`fits`); `shape` is (queries, references, k).
+
+    Returns
+    -------
+    (plan or None, tiles, the precision to run, why the checkpoint is not resumed: None
+    where it is, or where there is none). `checkpoint.inputs` is left as the run's.
+    """
+    n_queries, n_refs, k = shape
+    precisions = [precision] + ([{"exact": "fast", "fast": "exact"}[precision]]
+                                if requested == "auto" else [])
+    why_not, differs = None, None
+    for p in precisions:
+        checkpoint.inputs = {**inputs, "options": {**inputs["options"], "precision": p}}
+        kept, tiles = checkpoint.load(n_queries, candidates_per_query(k, p), n_refs)
+        if kept is not None and fits(p, kept):
+            return kept, tiles, p, None
+        if kept is not None:
+            why_not = (f"its plan (tiles of {kept['tile_size']} references, blocks of "
+                       f"{kept['chunk_models']} runs, {p} mode) does not fit a memory budget "
+                       f"of {format_bytes(budget)}")
+        elif differs is None:  # against this run's own precision (auto: either serves)
+            differs = [d for d in checkpoint.differs
+                       if requested != "auto" or d != "options.precision"]
+    checkpoint.inputs = {**inputs, "options": {**inputs["options"], "precision": precision}}
+    if why_not is None and differs:
+        why_not = f"it differs in {', '.join(differs)}"
+    return None, {}, precision, why_not
 
 
 def _write_predictions(f, suffix: str, prediction, scores, margin, meta: str) -> None:
