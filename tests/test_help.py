@@ -49,3 +49,37 @@ def test_help_of_every_command_shows_every_option_and_its_help(name):
         # The whole help text shows (rich markup must not eat any of it, e.g. "[...]").
         assert param.help and any(_plain(param.help) in _plain(line) for line in lines), (
             param.help, lines)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_text_fills_an_80_column_terminal(name):
+    """typer keeps the docstring's line breaks after the first paragraph, and rich wrapped
+    each docstring line on its own: a short stub after every long line at 80 columns.
+    Reflowed, every line of a paragraph but its last is filled."""
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    text = result.output.split("╭")[0]  # the description, above the boxes
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+        short = [line for line in lines[:-1] if len(line) < 55 and not line.startswith("Usage")]
+        assert not short, (name, short)
+
+
+def test_reflow_joins_the_lines_of_a_paragraph_but_not_list_items_or_verbatim_blocks():
+    from ensemble_kernel.cli.common import _reflow
+
+    text = """First line.
+
+    A paragraph
+    on three
+    lines.
+
+    - an item
+      that goes on
+    - another
+
+    \b
+    kept
+    as is"""
+    assert _reflow(text) == ("First line.\n\nA paragraph on three lines.\n\n"
+                             "- an item that goes on\n- another\n\n\b\nkept\nas is")

@@ -8,6 +8,7 @@ escape codes (control characters in the text, e.g. from a file name, are escaped
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -83,12 +84,37 @@ def _usage_line(e, argv: List[str]) -> str:
     return f"error: {message.rstrip('.')}{where}"
 
 
+def _reflow(help_text: str) -> str:
+    """A command's help with the line breaks of its docstring taken out of each paragraph
+    (typer keeps them after the first paragraph, and rich then wraps each docstring line
+    on its own: ragged text in an 80-column terminal). Lines that start a list item ("- ")
+    keep their break; a paragraph starting with click's no-rewrap marker (a backspace,
+    written \\b in a docstring) is left as it is."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(help_text).split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            if lines and not line.lstrip().startswith("- "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.strip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
 class _OneLineErrors(TyperGroup):
     """The app's command group: a usage error (typo'd option, bad value, missing argument)
-    prints one line on stderr and exits with status 2, instead of a framed rich panel."""
+    prints one line on stderr and exits with status 2, instead of a framed rich panel.
+    Each command's help is reflowed to the terminal's width (`_reflow`)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
+        for command in self.commands.values():
+            if command.help:
+                command.help = _reflow(command.help)
         argv = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)

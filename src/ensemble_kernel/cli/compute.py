@@ -161,7 +161,9 @@ def neighbors_cmd(
     meta has "within_split": true).
 
     Finished tiles are saved in OUT.partial/ as they complete: after a kill, the same
-    command resumes where it stopped and writes the same result.
+    command resumes where it stopped and writes the same result. Rerun with a smaller
+    --memory-budget (after running out of memory), it starts over with tiles that fit;
+    with other inputs or options, it starts over and says what differs.
 
     The file holds `indices` (int64, n_test x k), `values` (float32 kernel values) and
     `meta` (a JSON string: options, runs, version, and the precision chosen with the
