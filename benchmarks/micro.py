@@ -846,6 +846,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(header(describe()), flush=True)
 
+    from ensemble_kernel.errors import EnsembleKernelError
+
+    try:
+        _dispatch(p, args)
+    except EnsembleKernelError as e:  # a bad store, k, budget: one line, as the CLI's
+        p.error(str(e))
+    except FileNotFoundError as e:
+        p.error(f"{e.filename}: not found (benchmarks/run.py writes the CIFAR-shaped logits "
+                "to benchmarks/_data/; or pass --store)")
+
+
+def _dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run the measurement `args.what` names."""
     def budget() -> int:
         from ensemble_kernel.cli.common import parse_size
 

@@ -373,3 +373,17 @@ def test_int8_windows_bounds_hold_for_every_pair_with_outlier_runs():
     # 12 runs: "50 runs" is one block, the row's own scale; 5 runs round no further
     assert figures["int8, a scale per row and 50 runs"]["rounding"] == i8["rounding"]
     assert figures["int8, a scale per row and 5 runs"]["rounding"] <= i8["rounding"]
+
+
+@pytest.mark.parametrize("options, says", [
+    (["int8", "--store", "/nonexistent/store"], "/nonexistent/store: no such store"),
+    (["pilot", "--store", "/nonexistent/store"], "/nonexistent/store: no such store"),
+    (["int8", "--k", "x"], "argument --k: invalid int value"),
+])
+def test_micro_refuses_bad_input_in_one_line(options, says):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "micro.py"), *options],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and says in done.stderr.strip().splitlines()[-1]

@@ -35,10 +35,10 @@ import torch
 
 from .engine import (KeptStatistics, Progress, ProgressCallback, _Engine, _resources,
                      _top_k_neighbors)
-from .errors import BudgetError, InputError
+from .errors import InputError
 from .kernel import exact_float32_matmul
 from .neighbors import Neighbors, empty_topk, merge_topk, topk_block
-from .plan import _MAX_CONTRACTION, _MIN_CONTRACTION, plan_memory
+from .plan import _MAX_CONTRACTION, _MIN_CONTRACTION, plan_if_fits
 from .sources import as_source, check_pair
 
 __all__ = ["AblationNeighbors", "ablation_neighbors"]
@@ -173,7 +173,7 @@ def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_byt
         # The running top-k lists: k per ablation kernel, k_full for the full one.
         n_kernels = n_classes + (k_full is not None) + with_raw
         k_total = k * (n_classes + with_raw) + (k_full or 0)
-        return plan_memory(
+        return plan_if_fits(
             queries.n_examples, references.n_examples, queries.n_models,
             n_classes * (4 if with_raw else 2), k_keep=-(-k_total // n_kernels),
             budget=budget, precision="exact", chunk_models=chunk_models,
@@ -181,17 +181,12 @@ def _choose_plan(queries, references, k, k_full, no_log_softmax, budget, raw_byt
             block_runs=(_PER_CLASS_RUNS, _MAX_CONTRACTION["exact"] // n_classes),
             device=device)
 
-    try:
-        plan = plan_for(False)
-    except BudgetError:
+    plan = plan_for(False)
+    if plan is None:
         return None
-    if no_log_softmax:
-        try:
-            both = plan_for(True)
-        except BudgetError:
-            return plan, False
-        if both.n_tiles <= plan.n_tiles:
-            return both, True
+    both = plan_for(True) if no_log_softmax else None
+    if both is not None and both.n_tiles <= plan.n_tiles:
+        return both, True
     return plan, False
 
 

@@ -11,7 +11,8 @@ import torch
 
 from .errors import BudgetError, InputError
 
-__all__ = ["Plan", "plan_memory", "default_memory_budget", "format_bytes", "budget_beside"]
+__all__ = ["Plan", "plan_memory", "plan_if_fits", "default_memory_budget", "format_bytes",
+           "budget_beside"]
 
 Precision = Literal["exact", "fast"]
 
@@ -33,12 +34,12 @@ _RESCORE_WIDTH = 16384
 # copies (on an H100, 64 MiB pieces cost exact mode 16,000 launches and a quarter of its time).
 _PIECE_BYTES = 64 << 20
 _GPU_PIECE_BYTES = 512 << 20
+# The statistics pass per (example, run, class): raw read, float32, float64 copy, deviations.
+_STATS_BYTES = 40
 
 
 def _piece_cap(device: torch.device | str) -> int:
     return _GPU_PIECE_BYTES if torch.device(device).type == "cuda" else _PIECE_BYTES
-# The statistics pass per (example, run, class): raw read, float32, float64 copy, deviations.
-_STATS_BYTES = 40
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,15 @@ def plan_memory(
         piece_bytes=piece_bytes,
         budget=budget,
     )
+
+
+def plan_if_fits(*args, **kwargs) -> Plan | None:
+    """`plan_memory`'s plan, or None where the budget is too small for it (where it raises
+    BudgetError): for callers that choose among plans rather than refuse."""
+    try:
+        return plan_memory(*args, **kwargs)
+    except BudgetError:
+        return None
 
 
 def _smallest_budget(rest: int, cap: int = _PIECE_BYTES) -> int:

@@ -52,9 +52,9 @@ from typing import Callable, Literal
 import torch
 
 from .atomic import atomic_write_text
-from .errors import BudgetError, InputError
+from .errors import InputError
 from .kernel import ClassStats, bfloat16_matmul, exact_float32_matmul, normalized_features, prepare
-from .plan import Plan, default_memory_budget, plan_memory, resolve_device
+from .plan import Plan, default_memory_budget, plan_if_fits, plan_memory, resolve_device
 
 __all__ = ["PRECISIONS", "Rates", "PrecisionChoice", "choose_precision", "measure_rates",
            "machine_key", "cache_dir", "predict_times"]
@@ -332,12 +332,10 @@ def predict_times(rates: Rates, *, n_queries: int, n_references: int, n_models: 
     n_c = min(n_references, n_candidates or max(2 * k, k + 128))
     plans = {}
     for p in ("exact", "fast"):
-        try:
-            plans[p] = plan_memory(n_queries, n_references, n_models, n_classes,
-                                   k_keep=k if p == "exact" else n_c, budget=memory_budget,
-                                   precision=p, raw_bytes=raw_bytes, device=device)
-        except BudgetError:  # this path cannot run in the budget (the engine says so)
-            plans[p] = None
+        # None: this path cannot run in the budget (the engine says so)
+        plans[p] = plan_if_fits(n_queries, n_references, n_models, n_classes,
+                                k_keep=k if p == "exact" else n_c, budget=memory_budget,
+                                precision=p, raw_bytes=raw_bytes, device=device)
     if plans["exact"] is None or plans["fast"] is None:
         return (math.inf if plans["exact"] is None else 0.0,
                 math.inf if plans["fast"] is None else 0.0)

@@ -29,11 +29,11 @@ from .ablations import ablation_neighbors
 from .engine import (KeptStatistics, Progress, ProgressCallback, _top_k_neighbors,
                      candidates_per_query, shared_statistics, warn_constant)
 from .kernel import ClassStats
-from .errors import BudgetError, InputError
+from .errors import InputError
 from .evaluation import accuracy, knn_predict, singles_and_ensemble, weighted_predict
 from .neighbors import Neighbors
 from .results import Shown
-from .plan import budget_beside, default_memory_budget, plan_memory, resolve_device
+from .plan import budget_beside, default_memory_budget, plan_if_fits, resolve_device
 from .formats import check_labels
 from .sources import (LogitSource, as_source, item_size, read_sample, sample_bytes,
                       sample_positions, select_runs)
@@ -513,13 +513,10 @@ def _shared_statistics(train, test, parts: list[slice], device: torch.device, le
     raw_bytes = max(item_size(train), item_size(test))  # (each reads a logit)
 
     def fits(mode: str, budget: int) -> bool:
-        try:
-            plan_memory(test.n_examples, train.n_examples, max(p.stop - p.start for p in parts),
-                        train.n_classes, k_keep=candidates_per_query(k, mode), budget=budget,
-                        precision=mode, raw_bytes=raw_bytes, device=device)
-        except BudgetError:
-            return False
-        return True
+        return plan_if_fits(test.n_examples, train.n_examples,
+                            max(p.stop - p.start for p in parts), train.n_classes,
+                            k_keep=candidates_per_query(k, mode), budget=budget,
+                            precision=mode, raw_bytes=raw_bytes, device=device) is not None
 
     if precision in ("exact", "fast"):
         room = fits(precision, left - most)

@@ -16,13 +16,12 @@ import typer
 from .. import __version__
 from ..atomic import atomic_write
 from ..checkpoint import TileCheckpoint, content_fingerprint
-from ..engine import (_top_k_neighbors, candidates_per_query, default_memory_budget,
-                      plan_memory)
-from ..errors import LABELS_HINT, BudgetError, InputError
+from ..engine import _top_k_neighbors, candidates_per_query, default_memory_budget
+from ..errors import LABELS_HINT, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
 from ..formats import RunSet, _as_labels, check_labels, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
-from ..plan import format_bytes
+from ..plan import format_bytes, plan_if_fits, plan_memory
 from ..sources import item_size
 from ..within import evaluate_within
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt,
@@ -344,21 +343,19 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     references = None if within else runset.train  # None: the test split, self left out
     n_refs = runset.test.n_examples if within else runset.train.n_examples  # (k checked)
 
-    def plan(precision: str, kept: dict | None = None):  # the engine's (kept: its tiles)
-        return plan_memory(runset.test.n_examples, n_refs, runset.n_models, runset.n_classes,
-                           k_keep=candidates_per_query(k, precision), budget=budget,
-                           precision=precision, device=device,
-                           raw_bytes=max(item_size(s) for s in (runset.test, references)
+    def plan(precision: str, kept: dict | None = None, refuse: bool = True):
+        """The engine's plan (kept: its tiles and blocks); with `refuse` False, None where
+        it does not fit the budget."""
+        return (plan_memory if refuse else plan_if_fits)(
+            runset.test.n_examples, n_refs, runset.n_models, runset.n_classes,
+            k_keep=candidates_per_query(k, precision), budget=budget, precision=precision,
+            device=device, raw_bytes=max(item_size(s) for s in (runset.test, references)
                                          if s is not None),  # as the engine counts them
-                           tile_size=None if kept is None else kept["tile_size"],
-                           chunk_models=None if kept is None else kept["chunk_models"])
+            tile_size=None if kept is None else kept["tile_size"],
+            chunk_models=None if kept is None else kept["chunk_models"])
 
     def fits(precision: str, kept: dict) -> bool:  # the kept plan, within this run's budget
-        try:
-            plan(precision, kept)
-        except BudgetError:
-            return False
-        return True
+        return plan(precision, kept, refuse=False) is not None
 
     checkpoint = TileCheckpoint(out, {})
     tiles, previous, fresh = None, {}, None
