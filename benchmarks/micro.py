@@ -199,7 +199,13 @@ def recipe(epochs: int, seed: int, models: int) -> None:
 
 
 def _cifar_logits(n_test: int | None = None):
+    from ensemble_kernel.errors import InputError
+
     tag = DATA / "m500_tr50000_te10000_c10_s0_"
+    for split in ("train", "test"):
+        if not Path(f"{tag}{split}.npy").is_file():
+            raise InputError(f"{tag}{split}.npy: not found; benchmarks/run.py writes the "
+                             "CIFAR-shaped logits there (or pass --store)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory map
         train = torch.from_numpy(np.load(f"{tag}train.npy", mmap_mode="r"))
@@ -611,8 +617,11 @@ def faults(store: str, budget: str, repeats: int = 2) -> None:
     frozen at before (the mmap threshold set alone), alternated in fresh processes."""
     import subprocess
 
+    from ensemble_kernel.cli.common import parse_size
     from ensemble_kernel.cli.malloc import TRIM_THRESHOLD
+    from ensemble_kernel.store import RunStore
 
+    parse_size(budget), RunStore(store)  # a bad budget or store: refused here, in one line
     print(f"{_machine()}\nevaluate {store} --memory-budget {budget}")
     for r in range(repeats):
         for name, trim in (("trim 128 KiB (before)", 128 << 10),
@@ -850,11 +859,8 @@ def main() -> None:
 
     try:
         _dispatch(p, args)
-    except EnsembleKernelError as e:  # a bad store, k, budget: one line, as the CLI's
+    except EnsembleKernelError as e:  # a bad store, k, budget, missing data: one line
         p.error(str(e))
-    except FileNotFoundError as e:
-        p.error(f"{e.filename}: not found (benchmarks/run.py writes the CIFAR-shaped logits "
-                "to benchmarks/_data/; or pass --store)")
 
 
 def _dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -880,6 +886,9 @@ def _dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     elif args.what == "stages":
         from ensemble_kernel.cli.common import parse_size
 
+        if args.runs is not None and (args.store or args.runs < 1):
+            p.error("--runs takes a positive count of the CIFAR-shaped logits' runs (not with "
+                    "--store)")
         stages(args.precision, args.k, args.n_test, parse_size(args.memory_budget), args.store,
                args.runs)
     elif args.what == "pilot":
@@ -887,6 +896,8 @@ def _dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
         if not args.store:
             p.error("pilot needs --store STORE (for example bench_20k.py's, kept with --keep)")
+        if args.k < 1:
+            p.error(f"--k must be at least 1, got {args.k}")
         pilot(args.store, args.k, parse_size(args.memory_budget))
     elif args.what == "pairs":
         pairs()
@@ -913,6 +924,9 @@ def _dispatch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     elif args.what == "compare":
         if len(args.files) != 2:
             p.error("compare takes two neighbors .npz files")
+        for f in args.files:
+            if not Path(f).is_file():
+                p.error(f"{f}: no such file (compare takes two neighbors .npz files)")
         compare(*args.files)
     else:
         {"stats": stats, "reduce": reduce}[args.what]()

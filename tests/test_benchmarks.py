@@ -379,10 +379,29 @@ def test_int8_windows_bounds_hold_for_every_pair_with_outlier_runs():
     (["int8", "--store", "/nonexistent/store"], "/nonexistent/store: no such store"),
     (["pilot", "--store", "/nonexistent/store"], "/nonexistent/store: no such store"),
     (["int8", "--k", "x"], "argument --k: invalid int value"),
+    (["compare", "/nope/a.npz", "/nope/b.npz"], "/nope/a.npz: no such file"),
+    (["faults", "--store", "/nonexistent/store", "--memory-budget", "junk"],
+     "--memory-budget takes a size"),
+    (["faults", "--store", "/nonexistent/store"], "/nonexistent/store: no such store"),
+    (["stages", "--runs", "0"], "--runs takes a positive count"),
+    (["pilot", "--store", "{store}", "--k", "0"], "--k must be at least 1"),
+    (["int8", "--store", "{store}", "--k", "0"], "k must be between 1 and 40"),
+    (["sweepstats", "--store", "{store}", "--memory-budget", "1KiB"], "too small"),
 ])
-def test_micro_refuses_bad_input_in_one_line(options, says):
+def test_micro_refuses_bad_input_in_one_line(options, says, tmp_path):
     import subprocess
 
+    if any("{store}" in o for o in options):  # a real store, 3 runs x 40 training examples
+        from conftest import make_ensemble
+        from ensemble_kernel.cli import app
+        from typer.testing import CliRunner
+
+        ens = make_ensemble(n_models=3, n_train=40, n_test=10)
+        np.savez(tmp_path / "runs.npz", logits_train=ens.train.numpy(),
+                 logits_test=ens.test.numpy())
+        assert CliRunner().invoke(app, ["ingest", str(tmp_path / "runs.npz"), "--store",
+                                        str(tmp_path / "store"), "-q"]).exit_code == 0
+        options = [o.replace("{store}", str(tmp_path / "store")) for o in options]
     done = subprocess.run([sys.executable, str(BENCH / "micro.py"), *options],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

@@ -59,6 +59,8 @@ def test_help_text_fills_an_80_column_terminal(name):
     result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     text = result.output.split("╭")[0]  # the description, above the boxes
+    # every word of the docstring is there, in order (the usage line comes first)
+    assert _plain(text).endswith(_plain(COMMANDS[name].help)), name
     for paragraph in re.split(r"\n\s*\n", text):
         lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
         short = [line for line in lines[:-1] if len(line) < 55 and not line.startswith("Usage")]
@@ -83,3 +85,18 @@ def test_reflow_joins_the_lines_of_a_paragraph_but_not_list_items_or_verbatim_bl
     as is"""
     assert _reflow(text) == ("First line.\n\nA paragraph on three lines.\n\n"
                              "- an item that goes on\n- another\n\n\b\nkept\nas is")
+
+
+@pytest.mark.parametrize("text, reflowed", [
+    ("First.\n\nPara one\ncontinues.\n  \nPara two.",  # a blank line with spaces in it
+     "First.\n\nPara one continues.\n\nPara two."),
+    ("First.\n\nSee:\n  ensemble-kernel a --x 1\n  ensemble-kernel b --y 2",  # commands
+     "First.\n\nSee:\n  ensemble-kernel a --x 1\n  ensemble-kernel b --y 2"),
+    ("First.\n\n* star\n  more\n* two\n1. one\n2. two",
+     "First.\n\n* star more\n* two\n1. one\n2. two"),
+])
+def test_reflow_keeps_paragraphs_commands_and_lists_apart(text, reflowed):
+    from ensemble_kernel.cli.common import _reflow
+
+    assert _reflow(text) == reflowed
+    assert _reflow(reflowed) == reflowed  # (the app reflows at every call)

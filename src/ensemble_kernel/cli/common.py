@@ -84,23 +84,31 @@ def _usage_line(e, argv: List[str]) -> str:
     return f"error: {message.rstrip('.')}{where}"
 
 
+_LIST_ITEM = re.compile(r"\s*([-*]|\d+\.)\s")
+
+
 def _reflow(help_text: str) -> str:
     """A command's help with the line breaks of its docstring taken out of each paragraph
     (typer keeps them after the first paragraph, and rich then wraps each docstring line
-    on its own: ragged text in an 80-column terminal). Lines that start a list item ("- ")
-    keep their break; a paragraph starting with click's no-rewrap marker (a backspace,
-    written \\b in a docstring) is left as it is."""
+    on its own: ragged text in an 80-column terminal). A line keeps its break where it
+    starts a list item ("- ", "* ", "1. ") or, outside a list, is indented further than
+    its paragraph's first line (a command shown on its own line); a paragraph starting with click's
+    no-rewrap marker (a backspace, written \\b in a docstring) is left as it is."""
     paragraphs = []
-    for paragraph in inspect.cleandoc(help_text).split("\n\n"):
+    for paragraph in re.split(r"\n[ \t]*\n", inspect.cleandoc(help_text)):
         if paragraph.startswith("\b"):
             paragraphs.append(paragraph)
             continue
         lines: list[str] = []
+        indent, in_list = len(paragraph) - len(paragraph.lstrip(" ")), False
         for line in paragraph.split("\n"):
-            if lines and not line.lstrip().startswith("- "):
+            item = _LIST_ITEM.match(line) is not None
+            in_list |= item  # (an item's further-indented lines go on with it)
+            starts = item or not in_list and len(line) - len(line.lstrip(" ")) > indent
+            if lines and not starts:
                 lines[-1] += " " + line.strip()
-            else:
-                lines.append(line.strip())
+            else:  # (a command keeps its indent: it shows so, and stays apart if reflowed)
+                lines.append(line[indent:].rstrip() if not item else line.strip())
         paragraphs.append("\n".join(lines))
     return "\n\n".join(paragraphs)
 
