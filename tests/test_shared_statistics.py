@@ -41,8 +41,9 @@ def _engine_statistics(source, part):
     real, real_prepare = engine._Engine._update_precisely, engine.prepare
 
     def prepare(*a, **k):  # a piece with a row float32 cannot hold comes back float64
-        x = real_prepare(*a, **k)
-        redone.extend([1] if x.dtype != torch.float32 else [])
+        x = real_prepare(*a, **k)  # (not the float64 check of a constant output, which
+        # keeps float32 statistics where float64 finds it constant too: `precise` says)
+        redone.extend([1] if x.dtype != torch.float32 and k.get("precise") is None else [])
         return x
     engine._Engine._update_precisely = lambda *a: redone.append(1) or real(*a)
     engine.prepare = prepare
@@ -267,3 +268,28 @@ def test_the_pass_never_takes_fast_mode_from_auto():
     assert sweeps._shared_statistics(train, test, parts, CPU, left, 20, "auto", None) == ({}, 0)
     found, held = sweeps._shared_statistics(train, test, parts, CPU, left, 20, "exact", None)
     assert len(found) == len(parts) and held == most
+
+
+def test_constant_outputs_are_checked_in_float64_as_the_engine_does():
+    """A constant float32 output may be runs whose log-softmax rounds to one float32 value
+    (the engine then takes the example in float64: the pass leaves the part to it), or
+    truly constant (both keep float32: the pass's statistics are the engine's)."""
+    x = make_ensemble(n_models=8, n_train=30).train.double()
+    parts = _parts(8)
+    before = _none(ArraySource(x), parts)
+    x[4:8, 3] = x[4, 3]  # runs 4-7 the same for example 3: truly constant in [4, 8)
+    assert _none(ArraySource(x), parts) == before and (4, 8) not in before
+    found = dict(zip([(p.start, p.stop) for p in parts],
+                     shared_statistics(ArraySource(x), parts, device=CPU, budget=1 << 30)))
+    want, in_float64 = _engine_statistics(ArraySource(x), slice(4, 8))
+    assert not in_float64 and bool((want.scale[3] == 0).all())
+    assert torch.equal(found[(4, 8)][0], want.mean) and torch.equal(found[(4, 8)][1], want.scale)
+    # Example 1: classes 1 and 2 swap between runs (their log-softmax varies widely), one
+    # logit of run 1 one ulp up: class 0's log-softmax moves by a fraction of a float32 ulp,
+    # one float32 value in every run, four in float64 (test_statistics has the kernel).
+    x = make_ensemble(n_models=4, n_train=30, n_classes=3).train
+    x[:, 1] = torch.tensor([[0.0, 0.5, -0.7], [0.0, -0.7, 0.5]]).repeat(2, 1)
+    x[1, 1, 1] = torch.nextafter(x[1, 1, 1], torch.tensor(9.0))
+    assert _none(ArraySource(x), [slice(0, 4)]) == {(0, 4)}
+    stats, in_float64 = _engine_statistics(ArraySource(x), slice(0, 4))
+    assert in_float64 and stats.precise.nonzero().flatten().tolist() == [1]

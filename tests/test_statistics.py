@@ -15,7 +15,7 @@ from ensemble_kernel import dense_kernel
 from ensemble_kernel.engine import _compute_kernel, _top_k_neighbors
 from ensemble_kernel.errors import InputError, NonFiniteError
 
-from conftest import make_ensemble
+from conftest import assert_same_neighbors, make_ensemble
 
 MiB = 1 << 20
 
@@ -156,3 +156,54 @@ def test_kernel_matches_the_twin_on_hard_inputs(case):
                              memory_budget=64 * MiB).double()
     twin = dense_kernel(test, train, log_softmax=log_softmax)
     assert float((got - twin).abs().max()) < 2e-5
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_an_output_whose_runs_round_to_one_float32_value_is_checked_in_float64(precision):
+    """Found by the option property test (test_fast_mode): two runs whose log-softmax
+    outputs differ by less than one float32 ulp (1.2e-7 at -1.097) round to one value, so
+    float32 saw a constant output and gave it 0, where the float64 twin standardises the
+    difference to a whole feature (kernel values 0.5 apart). The example is now passed
+    again in float64, as one float32 cannot standardise."""
+    from ensemble_kernel.kernel import prepare
+
+    ens = make_ensemble(seed=0, n_models=2, n_train=20, n_test=1, n_classes=3, noise=0.05)
+    x = -60.0 + 1e-3 * ens.train
+    one = prepare(x[:, 1:2], log_softmax=True, classes=(0,), runs_first=True)
+    assert one[0, 0, 0] == one[1, 0, 0]  # the collapse this test is about
+    assert torch.log_softmax(x[:, 1].double(), -1)[0, 0] != \
+        torch.log_softmax(x[:, 1].double(), -1)[1, 0]
+    kernel = dense_kernel(x, x, classes=[0])
+    kernel.fill_diagonal_(float("-inf"))
+    got = _top_k_neighbors(x, None, 1, exclude_self=True, classes=[0], precision=precision,
+                           memory_budget=64 * MiB)
+    assert_same_neighbors(got.indices, got.values, kernel, 1, atol=2e-5)
+
+
+def test_outputs_constant_in_float64_too_stay_float32_and_constant():
+    """The float64 check of a constant output costs nothing after: truly constant outputs
+    (every run the same logits) keep their float32 statistics, and no example is marked
+    for float64 features."""
+    from ensemble_kernel.engine import _prepare_engine
+
+    ens = make_ensemble(seed=5, n_models=9, n_train=40, n_test=10)
+    train = ens.train.clone()
+    train[:, 3, :] = torch.tensor([0.1, 1 / 3, 7.0, -2.2, 1e-3])  # every run the same
+    with pytest.warns(RuntimeWarning, match="5 .example, class. outputs of the reference"):
+        engine = _prepare_engine(ens.test, train, 3, log_softmax=True, classes=None,
+                                 exclude_self=False, precision="exact", memory_budget=64 * MiB,
+                                 device="cpu", chunk_models=None, tile_size=None,
+                                 progress=None, k_keep=3)
+    assert engine.stats_r.precise is None and bool((engine.stats_r.scale[3] == 0).all())
+
+
+def test_a_sub_ulp_spread_in_one_class_gives_the_twins_kernel():
+    """Classes 1 and 2 swap between runs; one logit of run 1 is one ulp up, so class 0's
+    log-softmax moves by a fraction of a float32 ulp: one float32 value in every run."""
+    ens = make_ensemble(seed=3, n_models=4, n_train=30, n_test=6, n_classes=3)
+    train = ens.train.clone()
+    train[:, 1] = torch.tensor([[0.0, 0.5, -0.7], [0.0, -0.7, 0.5]]).repeat(2, 1)
+    train[1, 1, 1] = torch.nextafter(train[1, 1, 1], torch.tensor(9.0))
+    test = ens.test.clone()
+    test[:, 0] = train[:, 1]  # a query that matches it
+    assert kernel_error(test, train) < 1e-5

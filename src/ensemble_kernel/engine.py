@@ -202,8 +202,9 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
 
     None for a part that this pass leaves to the engine: where a float32 sum cannot be
     trusted (a bad value, which the engine names; squares that underflow), where a row
-    needs float64 (a piece that `prepare` returns in float64, or an example that
-    `needs_float64`: the engine passes those again in float64). So every part this pass
+    needs float64 (a piece that `prepare` returns in float64, an example that
+    `needs_float64`, or one with an output constant in float32 that float64 finds varying:
+    the engine passes those again in float64). So every part this pass
     returns is one the engine would have computed in float32 alone. A part is dropped at
     the first block of examples that shows it, and the pass stops when none is left.
 
@@ -222,6 +223,18 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
     def piece_rows(n_block: int) -> int:  # as the engine's statistics pass cuts them
         return _piece_rows(device, max(1, budget // 4), n_block, n_classes,
                            _PIECE_CACHE_BYTES, per_value=8)
+
+    def varies_in_float64(raw: torch.Tensor, part: slice, constant: torch.Tensor) -> bool:
+        """Whether outputs of `part` constant in float32 (`constant`, per row and class of
+        the block `raw`) vary in float64: the engine takes those examples in float64
+        (`_Engine._statistics`); truly constant ones it keeps in float32."""
+        rows = constant.any(dim=1).nonzero().flatten()
+        if len(rows) == 0:
+            return False
+        y = prepare(raw[part.start - lo:part.stop - lo, rows.to(raw.device)], log_softmax=True,
+                    classes=None, device=device, runs_first=True,
+                    precise=torch.ones(len(rows), dtype=torch.bool))
+        return bool(((y != y[:1]).any(dim=0) & constant[rows]).any())
 
     # A block of examples: every run's raw values and their float32 outputs (a quarter of
     # the budget), prepared in pieces sized for the whole block of runs; then each part's
@@ -242,7 +255,7 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
             if piece.dtype != torch.float32:  # a row needs float64: the engines' work
                 return [None] * len(parts)
             x[:, r0:r0 + step] = piece
-        del raw, piece
+        del piece
         block = slice(e0, e0 + x.shape[1])
         for i, part in enumerate(parts):
             if out[i] is None:
@@ -257,10 +270,12 @@ def shared_statistics(source: LogitSource, parts: Sequence[slice], *,
                 at = slice(e0 + r0, e0 + r0 + acc.mean.shape[0])
                 out[i][0][at], out[i][1][at] = acc.finalize()
             else:
-                if not bool(needs_float64(out[i][0][block], out[i][1][block],
-                                          part.stop - part.start).any()):
+                mean, scale = out[i][0][block], out[i][1][block]
+                if not bool(needs_float64(mean, scale, part.stop - part.start).any()) \
+                        and not varies_in_float64(raw, part, scale == 0):
                     continue
             out[i] = None  # (its memory goes now)
+        del raw
         finished = all(o is None for o in out)  # (then nothing is left to do)
         if progress is not None:
             done = n_blocks if finished else b + 1
@@ -334,9 +349,15 @@ class _Engine:
         """Pass 1: mean and std per (example, class), checking every value is finite.
 
         Examples that float32 cannot standardise (`needs_float64`) are passed again in
-        float64, and marked so that their features are computed in float64 too.
+        float64, and marked so that their features are computed in float64 too. So is an
+        example with an output that float32 finds constant where it may not be
+        (log-softmax's float32 outputs of its runs rounded to one value, a spread below one
+        ulp that the float64 twin standardises to a whole feature; logits are taken at
+        float32 either way, `kernel.prepare`). It stays float32, and constant, if float64
+        finds it constant too.
         """
         n, block = source.n_examples, self.plan.example_block
+        collapses = self.log_softmax
         mean = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
         scale = torch.empty(n, self.n_used, dtype=torch.float64, device=self.device)
         precise = torch.zeros(n, dtype=torch.bool, device=self.device)
@@ -346,10 +367,16 @@ class _Engine:
             rows = slice(e0, min(e0 + block, n))
             mean[rows], scale[rows] = self._block_statistics(source, rows, None, b, n_blocks)
             shaky = needs_float64(mean[rows], scale[rows], self.n_models)
-            if bool(shaky.any()):  # those examples again, in float64
-                mean[rows][shaky], scale[rows][shaky] = self._block_statistics(
-                    source, rows, shaky.nonzero().flatten(), b, n_blocks)
-                precise[rows] = shaky
+            constant = (scale[rows] == 0) if collapses else None
+            redo = shaky | constant.any(dim=1) if collapses else shaky
+            if bool(redo.any()):  # those examples again, in float64
+                at = redo.nonzero().flatten()
+                mean64, scale64 = self._block_statistics(source, rows, at, b, n_blocks)
+                if collapses:  # a constant one only if float64 finds it varies
+                    keep = shaky[at] | ((scale64 > 0) & constant[at]).any(dim=1)
+                    at, mean64, scale64 = at[keep], mean64[keep], scale64[keep]
+                mean[rows][at], scale[rows][at] = mean64, scale64
+                precise[rows][at] = True
             n_constant += int((scale[rows] == 0).sum())  # scale is 0 exactly where constant
         if n_constant:
             warn_constant(n_constant, split, stacklevel=5)
