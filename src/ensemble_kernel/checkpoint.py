@@ -17,22 +17,30 @@ the result depends on:
 A restart with a matching manifest reuses every tile that reads back whole, of the right
 shape and cut by the manifest's plan (each tile carries it; a damaged one is computed
 again); with any other manifest it starts over (`differs` says what differed).
-Labels play no part in the neighbours and are not in the manifest.
+Labels play no part in the neighbours, but a --labels file is bound all the same (its
+SHA-256, in the manifest's inputs).
 
 The folder is this command's own: its manifest says it was made by `neighbors`. A folder
 at that path without such a manifest is the user's, and is never touched: the command
-refuses. Starting over and finishing remove only the checkpoint's own files.
+refuses. Starting over and finishing remove only the checkpoint's own files: its
+manifest, its lock and the tiles its manifest's plan cuts (a `tile-99999.npz` beyond
+them is someone else's, and stays).
+
+One job at a time: a job holds an exclusive lock (flock) on `OUT.partial/.lock` from
+before it reads the checkpoint until it has written OUT and removed the folder; a second
+job on the same OUT is refused while the first runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,8 +56,10 @@ logger = logging.getLogger(__name__)
 _TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_TILE_DELAY", "0"))  # crash tests
 MADE_BY = "ensemble-kernel neighbors"
 _TILE = re.compile(r"tile-(\d{5})\.npz")
-_OWN_FILE = re.compile(r"(manifest\.json|tile-\d{5}\.npz|\.(manifest\.json|tile-\d{5}\.npz)\..*"
-                       r"\.partial)")
+_TILE_TEMP = re.compile(r"\.tile-(\d{5})\.npz\..*\.partial")  # (`atomic_write`'s, killed)
+_MANIFEST = re.compile(r"manifest\.json|\.manifest\.json\..*\.partial")
+LOCK = ".lock"
+_HELD: dict[Path, int] = {}  # folder (resolved) -> the open .lock this process holds
 
 
 def content_fingerprint(sources: Sequence[str], runs: slice) -> list[dict]:
@@ -98,6 +108,8 @@ class TileCheckpoint:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             manifest = None
+        if manifest is None and self.folder.is_dir() and _only_setup_files(self.folder):
+            return None  # a job's lock, taken before its first manifest (or killed then)
         if not self.folder.is_dir() or not isinstance(manifest, dict) or \
                 manifest.get("made_by") != MADE_BY:
             raise InputError(
@@ -108,6 +120,23 @@ class TileCheckpoint:
     def check_owner(self) -> None:
         """Raise InputError if `OUT.partial` exists and is not this command's folder."""
         self._manifest()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the folder's lock for the block (making the folder if need be): a second
+        job on the same OUT is refused (InputError) while this one runs. A user's folder
+        is refused before anything is written in it. On leaving, the lock file goes (and
+        the folder with it, if that left it empty)."""
+        self._manifest()
+        fd = _take_lock(self.folder)
+        key = self.folder.resolve()
+        _HELD[key] = fd
+        try:
+            self._manifest()  # again, now that no other job can change it
+            yield
+        finally:
+            del _HELD[key]
+            _release_lock(self.folder, fd)
 
     def load(self, n_rows: int, k_keep: int, n_references: int) -> tuple[dict | None,
                                                                           dict[int, Neighbors]]:
@@ -181,16 +210,33 @@ class TileCheckpoint:
                 return
         except InputError:
             return
-        self._clear()
+        if self.folder.resolve() in _HELD:
+            self._clear()
+            return
+        try:  # (neighbors --no-resume: only if no job is using the folder)
+            with self.hold():
+                self._clear()
+        except InputError as e:
+            logger.warning("left %s: %s", self.folder, e)
 
     def _clear(self, keep_folder: bool = False) -> None:
         """Remove this command's files, the manifest last (so that a kill part-way leaves
-        a folder still marked as ours); then the folder, unless `keep_folder`."""
+        a folder still marked as ours); then, unless `keep_folder`, the lock and the
+        folder. Its files are the manifest and the tiles of the manifest's plan (indices
+        below its tile count): any other file, even one named like a tile, stays."""
         if not self.folder.is_dir():
             return
-        own = [f for f in self.folder.iterdir() if f.is_file() and _OWN_FILE.fullmatch(f.name)]
+        n_tiles = _tile_count(self._manifest())
+
+        def own(name: str) -> bool:
+            tile = _TILE.fullmatch(name) or _TILE_TEMP.fullmatch(name)
+            if tile is not None:
+                return n_tiles is not None and int(tile.group(1)) < n_tiles
+            return _MANIFEST.fullmatch(name) is not None or name == LOCK and not keep_folder
+
+        files = [f for f in self.folder.iterdir() if f.is_file() and own(f.name)]
         manifest = self.folder / "manifest.json"
-        for f in sorted(own, key=lambda f: f == manifest):
+        for f in sorted(files, key=lambda f: f == manifest):
             if not (keep_folder and f == manifest):
                 f.unlink(missing_ok=True)
         if keep_folder:
@@ -199,6 +245,81 @@ class TileCheckpoint:
             self.folder.rmdir()
         except OSError:  # something else is in it: not ours to delete
             logger.warning("left %s: it holds files neighbors did not write", self.folder)
+
+
+def _tile_count(manifest: dict | None) -> int | None:
+    """How many tiles the manifest's plan cuts; None if it does not say."""
+    try:
+        size, n_references = manifest["plan"]["tile_size"], manifest["inputs"]["n_examples"][1]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if type(size) is not int or type(n_references) is not int or size < 1:
+        return None
+    return -(-n_references // size)
+
+
+def _only_setup_files(folder: Path) -> bool:
+    """`folder` holds a lock and nothing else of note (a manifest's temporary file)."""
+    names = [p.name for p in folder.iterdir()]
+    return LOCK in names and all(n == LOCK or _MANIFEST.fullmatch(n) for n in names)
+
+
+def _take_lock(folder: Path) -> int:
+    """An open file holding an exclusive flock on `folder`/.lock, which names this process;
+    InputError if another job holds it. (Retried where the lock file went between opening
+    and locking it: its holder finished and removed it.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover  (no flock here: no lock)
+        return -1
+    path = folder / LOCK
+    for _ in range(100):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the folder went just now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise InputError(f"{folder} is in use by another neighbors job ({pid}); wait for "
+                             "it or choose another --out") from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino,
+                                                                       mine.st_dev):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # locked a file that is no longer there: again
+    raise InputError(f"{folder}: could not take its lock (it keeps changing); is another "
+                     "neighbors job starting on the same --out?")
+
+
+def _release_lock(folder: Path, fd: int) -> None:
+    """Remove the lock file if it is still the one `fd` holds, then let go of it; and the
+    folder, if nothing else is left in it."""
+    if fd < 0:
+        return
+    path = folder / LOCK
+    try:
+        current, mine = os.stat(path), os.fstat(fd)
+        if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (a checkpoint to resume, or the user's files), or gone
+        pass
 
 
 def _differences(kept, inputs: dict) -> list[str]:

@@ -147,6 +147,15 @@ class _OneLineErrors(TyperGroup):
             return code
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx):
+        """Run the command; Ctrl-C prints "interrupted" and exits with status 130 (typer
+        would turn it into a silent exit 130 before `main` could say so)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            say("interrupted")
+            raise typer.Exit(130) from None
+
 
 app = typer.Typer(
     cls=_OneLineErrors,
@@ -323,18 +332,31 @@ def _user_errors() -> Iterator[None]:
         warnings.showwarning = previous
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # (no such method; a closed stream)
+        return False
+
+
 @contextlib.contextmanager
 def _stage_bar(quiet: bool) -> Iterator:
     """`update(stage, done, total, info="")` driving one rich bar per stage on stderr.
 
     Yields None (no bar) when quiet or when stderr is not a terminal, unless
-    ENSEMBLE_KERNEL_PROGRESS=1.
+    ENSEMBLE_KERNEL_PROGRESS=1. A terminal is a real one: FORCE_COLOR (which rich takes
+    for one) draws no bar into a log. Where stderr is not a terminal, the bar is drawn
+    as plain text, once, when it ends (its last state, a line per stage): no cursor
+    codes, so that a line written after it (an error, say) is a clean line.
     """
-    if quiet or not err.is_terminal and os.environ.get("ENSEMBLE_KERNEL_PROGRESS") != "1":
+    tty = _isatty(sys.stderr)
+    if quiet or not tty and os.environ.get("ENSEMBLE_KERNEL_PROGRESS") != "1":
         yield None
         return
     bar = Bar(TextColumn("{task.description:<11}"), BarColumn(), TextColumn("{task.fields[info]}"),
-              TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+              TimeElapsedColumn(), TimeRemainingColumn(),
+              console=err if tty else Console(stderr=True, highlight=False, force_terminal=False),
+              transient=tty)
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: float, total: float, info: str = "") -> None:

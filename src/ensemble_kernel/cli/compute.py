@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ from ..checkpoint import TileCheckpoint, content_fingerprint
 from ..engine import _top_k_neighbors, candidates_per_query, default_memory_budget
 from ..errors import LABELS_HINT, InputError
 from ..evaluation import evaluate, select_by_leave_one_out
-from ..formats import RunSet, _as_labels, check_labels, load_npz
+from ..formats import RunSet, _as_labels, check_labels, file_hash, load_npz
 from ..neighbors import knn_scores, predict_from_scores, weighted_scores
 from ..plan import format_bytes, plan_if_fits, plan_memory
 from ..sources import item_size
@@ -28,7 +29,7 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, 
                      QuietOpt, RunsOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _meta,
                      _open, _progress_bar, _user_errors, app, check_k, err, format_card,
                      parse_size, require_train, resolve_precision, within_split_note)
-from .outputs import check_output_file
+from .outputs import check_output_file, check_outputs_apart, inputs_of
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -169,11 +170,13 @@ def neighbors_cmd(
     probe's figures).
     """
     started = time.perf_counter()
-    with _user_errors():
+    with _user_errors(), contextlib.ExitStack() as held:
         _check_precision(precision)
         if out.suffix.lower() != ".npz":
             raise InputError(f"--out must name an .npz file, got {out}")
         check_output_file(out)
+        check_outputs_apart([("--out", out)], inputs_of(src, labels=labels),
+                            checkpoint=TileCheckpoint(out, {}).folder)
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         # The default budget follows free memory: read once, for the choice, the plan and
@@ -189,6 +192,8 @@ def neighbors_cmd(
             source_options["test_key"] = test_key
         group = _distributed_group(device)
         try:
+            if resume and (group is None or group.is_main):  # one job per OUT.partial/
+                held.enter_context(TileCheckpoint(out, {}).hold())
             # Rank 0 chooses (and probes, once); every rank runs its choice.
             choice = (resolve_precision(precision, runset, k, device=device,
                                         memory_budget=resolved, verbose=verbose, within=within,
@@ -200,7 +205,7 @@ def neighbors_cmd(
                        "precision": choice.precision, "memory_budget": budget, "device": device,
                        **source_options}
             result, ran = _neighbors_job(runset, chosen, options, out, resume, quiet, group,
-                                         resolved, precision)
+                                         resolved, precision, labels=labels)
             if ran != choice.precision:  # auto took an earlier run's tiles (same neighbours)
                 options["precision"] = ran
                 choice = dataclasses.replace(choice, precision=ran, reason=(
@@ -261,6 +266,7 @@ def predict_cmd(
         if out.suffix.lower() not in (".csv", ".npz"):
             raise InputError(f"--out must end in .csv or .npz, got {out}")
         check_output_file(out)
+        check_outputs_apart([("--out", out)], inputs_of(src, labels=labels))
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, None, runs)
         require_train(runset, "predict")
@@ -321,7 +327,8 @@ def _distributed_group(device: str):
 
 
 def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resume: bool,
-                   quiet: bool, group, budget: int, requested: str):
+                   quiet: bool, group, budget: int, requested: str,
+                   labels: Optional[Path] = None):
     """Plan, resume from OUT.partial/, split tiles over ranks, compute: the neighbours.
 
     The tile plan is made once (by rank 0, for its `budget`: the --memory-budget, or the
@@ -330,8 +337,11 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
     fit starts over; under `requested` 'auto', it takes the kept tiles of the other
     precision where auto chose differently this time (every precision gives the same
     neighbours). The manifest binds the tiles to the content of the logits (see
-    `checkpoint`). Everything is checked before the checkpoint is started afresh, so a
-    refused command leaves an earlier checkpoint as it was.
+    `checkpoint`), to the runs chosen (--runs, --code, --test-key) and to the content of
+    the `labels` file, if one is given (labels do not change the neighbours today; a
+    checkpoint is not resumed under other labels all the same). Everything is checked
+    before the checkpoint is started afresh, so a refused command leaves an earlier
+    checkpoint as it was.
 
     Returns
     -------
@@ -371,6 +381,8 @@ def _neighbors_job(runset: RunSet, chosen: slice, options: dict, out: Path, resu
                 "n_examples": [runset.test.n_examples, n_refs], "n_classes": runset.n_classes,
                 "options": {k_: v for k_, v in options.items() if k_ != "memory_budget"},
                 "version": __version__}
+            if labels is not None:
+                inputs["labels"] = {"sha256": file_hash(labels)}
             tiles, previous, precision, why_not = _resumable(
                 checkpoint, inputs, precision, requested, fits,
                 (runset.test.n_examples, n_refs, k), budget)

@@ -16,7 +16,7 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, Max
                      _open, _progress_bar, _stage_bar, _user_errors, app, check_sweep_size,
                      choice, err, format_card, parse_run_counts, parse_size, require_train,
                      resolve_precision, sweep_examples, sweep_subsets, SweepExamplesOpt)
-from .outputs import check_output_folder
+from .outputs import check_output_folder, check_outputs_apart, inputs_of
 
 
 @app.command("sweep")
@@ -59,6 +59,7 @@ def sweep_cmd(
         test_examples = sweep_examples(examples)
         budget = parse_size(memory_budget) if memory_budget else None
         check_output_folder(out)
+        check_outputs_apart([], inputs_of(src, labels=labels), folders=[("--out", out)])
         runset, _ = _open(src, labels, None)
         require_train(runset, "sweep")
         if runset.labels_train is None or runset.labels_test is None:

@@ -19,7 +19,7 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, Qui
                      RunsOpt, SrcArg, TestKeyOpt, _check_precision, _meta, _open,
                      _progress_bar, _user_errors, app, choice, err, parse_size,
                      require_train)
-from .outputs import check_output_file
+from .outputs import check_output_file, check_outputs_apart, inputs_of
 
 SHOWN_NEIGHBORS = 5  # nearest neighbours written per row
 
@@ -77,6 +77,8 @@ def label_issues_cmd(
                 if path.suffix.lower() != suffix:
                     raise InputError(f"{option} must name a {suffix} file, got {path}")
                 check_output_file(path, option)
+        check_outputs_apart([("--out", out), ("--knn-graph", graph),
+                             ("--probabilities", probabilities)], inputs_of(src, labels=labels))
         budget = parse_size(memory_budget) if memory_budget else None
         runset, chosen = _open(src, labels, runs)
         require_train(runset, "label-issues")

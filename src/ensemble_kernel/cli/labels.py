@@ -14,7 +14,7 @@ from ..atomic import atomic_write
 from ..cifar import read_cifar10_labels
 from ..errors import InputError
 from .common import _user_errors, app, choice, err
-from .outputs import check_output_file
+from .outputs import check_output_file, check_outputs_apart
 
 DATASETS = ("cifar10",)
 
@@ -51,6 +51,7 @@ def labels_cmd(
         if out.suffix.lower() != ".npz":
             raise InputError(f"--out must name an .npz file, got {out}")
         check_output_file(out)
+        check_outputs_apart([("--out", out)], [("--root", root)])
         started = time.perf_counter()
         found = read_cifar10_labels(root, reader=reader)
         meta = json.dumps({"ensemble_kernel_version": __version__, "dataset": dataset,

@@ -20,7 +20,8 @@ from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, Max
                      _check_precision, _open, _progress_bar, _user_errors, app, check_k,
                      check_sweep_size, err, parse_size, require_train, resolve_precision, say,
                      sweep_examples, sweep_subsets, within_split_note, SweepExamplesOpt)
-from .outputs import check_output_file, check_output_folder
+from .outputs import (check_output_file, check_output_folder, check_outputs_apart,
+                      inputs_of)
 
 
 # ---- the views ------------------------------------------------------------------------
@@ -116,11 +117,15 @@ def _views(src, labels, inputs, features, memory_budget, precision, device, quie
     """
     _check_precision(precision)
     budget = parse_size(memory_budget) if memory_budget else None
+    inputs_given = inputs_of(src, labels=labels, inputs=inputs, features=features)
     if name == "report":
+        files = out.with_name(out.stem + "_files")
         check_output_file(out)
-        check_output_folder(out.with_name(out.stem + "_files"))
+        check_output_folder(files)
+        check_outputs_apart([("--out", out)], inputs_given, folders=[("--out", files)])
     else:
         check_output_folder(out)
+        check_outputs_apart([], inputs_given, folders=[("--out", out)])
     if runset is None:  # (duplicates opens SRC first, to see whether it has a train split)
         runset, _ = _open(src, labels, None)
     require_train(runset, name)
@@ -234,6 +239,7 @@ def duplicates_cmd(
     with _user_errors():
         _check_precision(precision)
         check_output_folder(out)
+        check_outputs_apart([], inputs_of(src, labels=labels), folders=[("--out", out)])
         runset, _ = _open(src, labels, None)
         within = within_split_note(runset, "duplicates", "the pairs are")
         choice = None  # within the split, the engine resolves 'auto' itself
