@@ -43,6 +43,8 @@ BASE = {
     "report": ["{src}", "--labels", "{labels}", "--out", "{out}/r.html"],
     "ingest": ["{src}", "--store", "{out}/store"],
     "info": ["{store}"],
+    "verify": ["{store}"],
+    "upgrade": ["{store}"],
     "demo": ["--out", "{out}/demo"],
     "labels": ["cifar10", "--root", "{cifar}", "--out", "{out}/labels.npz", "--reader", "pickle"],
     "label-issues": ["{src}", "--labels", "{labels}"],

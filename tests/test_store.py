@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import pytest
 import zarr
+from ensemble_kernel.store_meta import SEAL, check_seal
 from typer.testing import CliRunner
 
 from ensemble_kernel import dense_kernel
@@ -227,35 +228,44 @@ def test_neighbors_resumes_after_sigkill_and_writes_the_same_result(tmp_path):
 
 
 def test_golden_on_disk_metadata(tmp_path):
-    # Pins format version 2. If this changes, the format changed: bump FORMAT_VERSION.
+    # Pins format version 3. If this changes, the format changed: bump FORMAT_VERSION.
     store = RunStore.create(tmp_path / "st", n_train=5, n_test=3, n_classes=4,
                             class_names=["a", "b", "c", "d"])
     root = json.loads((tmp_path / "st" / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    assert check_seal(root) is None and SEAL in root["attributes"]
     assert root["attributes"]["ensemble_kernel"] == {
-        "format_version": 2, "n_classes": 4, "class_names": ["a", "b", "c", "d"],
+        "format_version": 3, "n_classes": 4, "class_names": ["a", "b", "c", "d"],
         "splits": {"train": [0, 5], "test": [5, 8]}, "logits_dtype": "float16"}
     logits = json.loads((tmp_path / "st" / "logits" / "zarr.json").read_text())
     assert {k: logits[k] for k in ("shape", "data_type", "dimension_names", "attributes",
                                    "fill_value")} == {
         "shape": [0, 8, 4], "data_type": "float16",
         "dimension_names": ["run", "example", "class"],
-        "attributes": {"splits": {"train": [0, 5], "test": [5, 8]}, "format_version": 2,
-                       "arrays": []},
+        "attributes": {"splits": {"train": [0, 5], "test": [5, 8]}, "format_version": 3,
+                       "arrays": [], SEAL: logits["attributes"][SEAL]},
         "fill_value": 0.0}
+    assert check_seal(logits) is None
     assert logits["chunk_grid"]["configuration"]["chunk_shape"] == [1, 8, 4]
-    assert [c["name"] for c in logits["codecs"]] == ["bytes"]  # uncompressed
+    assert [c["name"] for c in logits["codecs"]] == ["bytes", "crc32c"]  # uncompressed
     assert (tmp_path / "st" / "logits" / ".lock").is_file()
     store.append_arrays(torch.zeros(2, 5, 4), torch.zeros(2, 3, 4), source="golden",
                         seeds=[7, 8], arrays={"labels_test": np.array([0, 1, 3])})
     group = zarr.open_group(tmp_path / "st", mode="r")
     record = group["records/000000000"].attrs["record"]
     assert set(record) == {"source", "sha256", "runs", "stored_dtype", "source_dtype",
-                           "code_sha256", "seeds"}
+                           "code_sha256", "seeds", "test_key"}
     assert record["runs"] == [0, 2] and record["seeds"] == [7, 8]
-    assert dict(group[f"index/{record['sha256']}"].attrs) == {"runs": [0, 2]}
+    index = dict(group[f"index/{record['sha256']}"].attrs)
+    assert index == {"runs": [0, 2], SEAL: index[SEAL]}
     assert group["logits"].attrs["arrays"] == ["labels_test"] and group["logits"].shape[0] == 2
     assert tuple(group["labels_test"].metadata.dimension_names) == ("test_example",)
+    assert [c.to_dict()["name"] for c in group["labels_test"].metadata.codecs] == [
+        "bytes", "zstd", "crc32c"]
+    for meta in (tmp_path / "st").rglob("zarr.json"):  # every document is sealed
+        assert check_seal(json.loads(meta.read_text())) is None, meta
+    chunk = (tmp_path / "st" / "logits" / "c" / "1" / "0" / "0").read_bytes()
+    assert len(chunk) == 8 * 4 * 2 + 4  # raw float16 values, then their CRC-32C
 
 
 def test_a_truncated_chunk_is_an_error_naming_it(tmp_path):
@@ -267,7 +277,7 @@ def test_a_truncated_chunk_is_an_error_naming_it(tmp_path):
     code, _, err = run("evaluate", tmp_path / "st", "--labels",
                        save_labels(tmp_path / "l.npz", ens))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
-    assert "chunk logits/c/2/0/0 (run 2) could not be read" in err and "re-ingest" in err
+    assert "chunk logits/c/2/0/0 (run 2) could not be read" in err and "--repair" in err
     # The other runs are unaffected.
     assert RunStore(tmp_path / "st").read_logits(slice(0, 2), slice(0, 160)).shape == (2, 160, 5)
 

@@ -10,6 +10,7 @@ import torch
 import ensemble_kernel.store as store_module
 from ensemble_kernel.errors import StoreError
 from ensemble_kernel.store import RunStore
+from ensemble_kernel.store_meta import seal
 
 
 def _store(tmp_path, monkeypatch, dtype, chunk=7, n_models=5, n_train=23, n_test=12):
@@ -59,17 +60,17 @@ def test_one_chunk_per_run_is_read_plainly_too(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage, message", [
     ("delete", "chunk logits/c/3/2/0 \\(run 3\\) is missing; the store is damaged: "
-               "re-ingest that run's file"),
-    ("truncate", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(20 bytes, not 42\\); "
-                 "the store is damaged: re-ingest that run's file"),
-    ("extend", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(43 bytes, not 42\\)"),
-    ("empty", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(0 bytes, not 42\\)"),
+               "repair it with"),
+    ("truncate", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(20 bytes, not 46\\); "
+                 "the store is damaged: repair it with"),
+    ("extend", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(47 bytes, not 46\\)"),
+    ("empty", "chunk logits/c/3/2/0 \\(run 3\\) could not be read \\(0 bytes, not 46\\)"),
 ])
 def test_a_damaged_chunk_is_named_and_nothing_is_returned(tmp_path, monkeypatch, damage, message):
     store = _store(tmp_path, monkeypatch, "float16")
     chunk = tmp_path / "st" / "logits" / "c" / "3" / "2" / "0"
     data = chunk.read_bytes()
-    assert len(data) == 7 * 3 * 2
+    assert len(data) == 7 * 3 * 2 + 4  # and its CRC-32C
     if damage == "delete":
         chunk.unlink()
     else:
@@ -80,7 +81,7 @@ def test_a_damaged_chunk_is_named_and_nothing_is_returned(tmp_path, monkeypatch,
     with pytest.raises(StoreError, match=message):
         store.read_logits(slice(3, 4), slice(15, 16))  # one example of that chunk
     with pytest.raises(StoreError, match="chunk logits/c/3/2/0 \\(run 3\\) (is missing|could "
-                                          "not be read).*re-ingest that run's file"):
+                                          "not be read).*repair it with"):
         store._read_zarr(slice(0, 5), slice(0, 35))  # the twin refuses it too
     # Reads that do not touch it still work.
     assert store.read_logits(slice(0, 3), slice(0, 35)).shape == (3, 35, 3)
@@ -88,7 +89,7 @@ def test_a_damaged_chunk_is_named_and_nothing_is_returned(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("edit", [
-    {"codecs": [{"name": "bytes", "configuration": {"endian": "big"}}]},
+    {"codecs": [{"name": "bytes", "configuration": {"endian": "big"}}, {"name": "crc32c"}]},
     {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}}},
 ])
 def test_any_other_layout_is_read_by_zarr(tmp_path, monkeypatch, edit):
@@ -103,7 +104,7 @@ def test_any_other_layout_is_read_by_zarr(tmp_path, monkeypatch, edit):
                 shutil.copy(f, root / f"{m}.{c}.0")
         shutil.rmtree(root / "c")
     meta.update(edit)
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(seal(meta)))
     reopened = RunStore(tmp_path / "st")
     assert reopened._plain is None
     assert reopened.read_logits(slice(0, 5), slice(0, 35)).tobytes() == \
@@ -129,7 +130,7 @@ def test_a_chunk_that_is_not_a_file_is_named_not_waited_on(tmp_path, monkeypatch
     else:
         chunk.symlink_to(chunk)
     with pytest.raises(StoreError, match="chunk logits/c/1/0/0 \\(run 1\\) " + message +
-                       "; the store is damaged: re-ingest that run's file"):
+                       "; the store is damaged: repair it with"):
         store.read_logits(slice(0, 3), slice(0, 10))
 
 

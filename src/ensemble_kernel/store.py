@@ -1,6 +1,6 @@
 """The chunked on-disk store: create, append (crash-safe, one writer at a time), read (DESIGN §3).
 
-Layout (format version 2), a zarr v3 group:
+Layout (format version 3), a zarr v3 group:
 
     STORE/zarr.json            root group; attributes["ensemble_kernel"] marks a store
     STORE/logits/              (n_runs, n_train + n_test, n_classes), dims (run, example, class);
@@ -27,8 +27,16 @@ renamed into place), code, record and index entry. Readers ignore runs beyond th
 published count, records that start there, index entries that do not match a committed
 record, and optional arrays not listed. The next append overwrites such leftovers.
 
-Version 1 stores (no index, no "arrays" list: every optional array present counts) are
-read as they are; the first append upgrades them to version 2 in place.
+**Nothing silent (format 3).** Every chunk of every array ends with its CRC-32C (zarr
+v3's `crc32c` codec), checked whenever it is read; a missing chunk is an error, never fill
+values. Every zarr.json the store writes is sealed with a CRC-32C of its content
+(`store_meta`). Records tile the committed runs exactly. Any disagreement is a StoreError
+that names the file, and the runs or examples it holds.
+
+Versions 1 and 2 (no checksums) are read as they are, with a warning; `upgrade` rewrites
+one as format 3 (a whole copy, swapped in atomically). Version 1 stores (no index, no
+"arrays" list: every optional array present counts) are upgraded to version 2 in place by
+their first append.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import stat
 import tempfile
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,23 +61,32 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from .atomic import atomic_write_text
 from .errors import InputError, StoreError
 from .formats import check_extra, file_hash, read_run_file
 from .store_checks import StoreSpec, array_dims, check_array, check_runs
 from .store_io import chunks_exist, fsync_dir, fsync_files, fsync_tree, grown_writer, writer_lock
+from .store_meta import chunk_crc, damaged, read_doc, seal, seal_file
+from .store_precision import SAMPLE_RUNS, RoundingCheck, rounding_warning
 
 __all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "StoreSpec", "is_store", "IngestReport",
            "check_runs", "check_array", "sweep_stale_creations"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-_READS = (1, 2)  # format versions this code reads
+FORMAT_VERSION = 3
+_READS = (1, 2, 3)  # format versions this code reads
+_CHECKED = 3  # the first format whose chunks and metadata carry checksums
 _MARK = "ensemble_kernel"
+# Optional arrays (labels, inputs, features): compressed, then checksummed.
+_OPTIONAL_CODECS = (ZstdCodec(level=0), Crc32cCodec())
 _EXAMPLE_CHUNK = 16384  # examples per chunk: 16384 x 10 classes x 2 bytes = 320 KiB
 _WRITE_BLOCK = 32  # runs converted and written at a time
+# What zarr raises for a chunk it cannot decode: a checksum mismatch (ValueError), a
+# truncated zstd frame (RuntimeError), a chunk of the wrong size, a read error.
+_DECODE_ERRORS = (ValueError, RuntimeError, TypeError, OSError, EOFError)
 _TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_WRITE_DELAY", "0"))  # seconds
 
 # Fault injection (tests): called with a step's name after each write step of an append.
@@ -92,12 +110,13 @@ def is_store(path: str | Path) -> bool:
         except (FileNotFoundError, KeyError, ValueError, OSError):
             return False
     meta = Path(path) / "zarr.json"
+    damaged = (Path(path) / "logits" / "zarr.json").is_file()  # a store, if its root is gone
     if not meta.is_file():
-        return False
+        return damaged
     try:
         return _MARK in json.loads(meta.read_text()).get("attributes", {})
-    except (ValueError, OSError):
-        return False
+    except (ValueError, OSError, AttributeError, UnicodeDecodeError):
+        return damaged
 
 
 @dataclass(frozen=True)
@@ -155,25 +174,54 @@ class RunStore:
 
     def _open(self) -> None:
         writable = self._local and os.access(self.path, os.W_OK)
-        self._group = zarr.open_group(self.path if self._local else str(self.path),
-                                      mode="r+" if writable else "r")
-        attrs = dict(self._group.attrs)[_MARK]
-        version = attrs.get("format_version")
-        if version not in _READS:
-            raise StoreError(f"{self.path}: store format version {version}, but this "
-                             f"ensemble-kernel reads versions {', '.join(map(str, _READS))}; "
-                             "re-ingest the run files with this version, or upgrade "
-                             "ensemble-kernel")
-        self.attrs = attrs
-        self._logits = self._group["logits"]
+        if self._local:
+            root = self._read_meta("zarr.json")
+            version = (root["attributes"].get(_MARK) or {}).get("format_version")
+            if version in _READS and version >= _CHECKED:
+                self._read_meta("zarr.json", sealed=True)
+                self._read_meta("logits/zarr.json", sealed=True)
+        try:
+            self._group = zarr.open_group(self.path if self._local else str(self.path),
+                                          mode="r+" if writable else "r")
+            attrs = dict(self._group.attrs)[_MARK]
+            version = attrs.get("format_version")
+            if version not in _READS:
+                raise StoreError(f"{self.path}: store format version {version}, but this "
+                                 "ensemble-kernel reads versions "
+                                 f"{', '.join(map(str, _READS))}; re-ingest the run files "
+                                 "with this version, or upgrade ensemble-kernel")
+            self.attrs = attrs
+            self._logits = self._group["logits"]
+            listed = self._logits.attrs.get("arrays")
+            self._arrays = (set(listed) if listed is not None else
+                            {k for k in self._group.array_keys() if k != "logits"})
+            (a, b), (c, d) = attrs["splits"]["train"], attrs["splits"]["test"]
+            if not (0 == a <= b == c <= d == self._logits.shape[1]) \
+                    or len(self._logits.shape) != 3:
+                raise StoreError(f"{self.path}: the split ranges {attrs['splits']} do not "
+                                 f"match the logits' shape {list(self._logits.shape)}")
+            self.spec = StoreSpec(b - a, d - c, self._logits.shape[2], self.dtype,
+                                  tuple(attrs["class_names"]) if attrs.get("class_names")
+                                  else None)
+        except StoreError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, OSError) as e:
+            raise damaged(self.path, "its metadata", f"{type(e).__name__}: {e}") from e
+        self.checked = version >= _CHECKED  # chunks and metadata carry checksums
         self._plain = self._plain_layout() if self._local else None
+        self._verified: dict[tuple[int, int], tuple] = {}  # chunk -> file identity checked
         self._committed_meta = None  # logits/zarr.json as last read under the lock
-        listed = self._logits.attrs.get("arrays")
-        self._arrays = (set(listed) if listed is not None else
-                        {k for k in self._group.array_keys() if k != "logits"})
-        (a, b), (c, d) = attrs["splits"]["train"], attrs["splits"]["test"]
-        self.spec = StoreSpec(b - a, d - c, self._logits.shape[2], self.dtype,
-                              tuple(attrs["class_names"]) if attrs.get("class_names") else None)
+        if not self.checked and not getattr(self, "_warned_unchecked", False):
+            self._warned_unchecked = True
+            warnings.warn(f"{self.path} is a store of format {version}: its chunks carry no "
+                          "checksums, so damage to them can go unnoticed; `ensemble-kernel "
+                          f"upgrade {self.path}` rewrites it as format {FORMAT_VERSION}",
+                          stacklevel=3)
+
+    def _read_meta(self, key: str, *, sealed: bool = False, missing_ok: bool = False
+                   ) -> dict | None:
+        """A local store's zarr.json at `key`, checked (`store_meta.read_doc`)."""
+        return read_doc(self.path / key, self.path, sealed=sealed, missing_ok=missing_ok)
 
     # ---- creation ----------------------------------------------------------------------
 
@@ -272,6 +320,12 @@ class RunStore:
         return start, stop
 
     def source(self, split: str) -> StoreSource:
+        """One split as a LogitSource; the first call warns where the store's dtype has
+        rounded its first runs past their spread (`store_precision.rounding_warning`)."""
+        if not getattr(self, "_rounding_checked", False):
+            self._rounding_checked = True
+            if (text := rounding_warning(self)) is not None:
+                warnings.warn(text, stacklevel=2)
         return StoreSource(self, split)
 
     def _chunks_of(self, models: slice, examples: slice) -> list[tuple[int, int, int]]:
@@ -279,18 +333,18 @@ class RunStore:
         return [(m, c, 0) for m in range(models.start, models.stop)
                 for c in range(examples.start // chunk_e, (examples.stop - 1) // chunk_e + 1)]
 
-    def _plain_layout(self) -> tuple[np.dtype, int] | None:
-        """(dtype, examples per chunk) when every logits chunk is a plain file of raw
-        little-endian values, row-major (what `create` writes); None for any other layout,
-        which zarr reads."""
+    def _plain_layout(self) -> tuple[np.dtype, int, bool] | None:
+        """(dtype, examples per chunk, whether each ends with its CRC-32C) when every
+        logits chunk is a plain file of raw little-endian values, row-major, and perhaps
+        its checksum (what `create` writes); None for any other layout, which zarr reads."""
+        raw = [{"name": "bytes", "configuration": {"endian": "little"}}]
         try:
             meta = json.loads((self.path / "logits" / "zarr.json").read_text())
             grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
             plain = (meta["chunk_grid"]["name"] == "regular"
                      and meta["chunk_key_encoding"] == {"name": "default",
                                                         "configuration": {"separator": "/"}}
-                     and meta["codecs"] == [{"name": "bytes",
-                                             "configuration": {"endian": "little"}}]
+                     and meta["codecs"] in (raw, raw + [{"name": "crc32c"}])
                      and not meta.get("storage_transformers")
                      and meta["data_type"] in ("float16", "float32")
                      and len(grid) == 3 and grid[0] == 1 and grid[2] == meta["shape"][2])
@@ -298,7 +352,8 @@ class RunStore:
             return None
         if not plain or not hasattr(os, "preadv"):  # (no preadv on Windows: zarr reads)
             return None
-        return np.dtype(meta["data_type"]).newbyteorder("<"), int(grid[1])
+        return (np.dtype(meta["data_type"]).newbyteorder("<"), int(grid[1]),
+                len(meta["codecs"]) == 2)
 
     def read_logits(self, models: slice, examples: slice) -> np.ndarray:
         """Committed logits, checking that every chunk read is present and whole.
@@ -319,11 +374,15 @@ class RunStore:
         return self._read_zarr(models, examples)
 
     def _read_plain(self, models: slice, examples: slice, dtype: np.dtype,
-                    chunk_e: int) -> np.ndarray:
+                    chunk_e: int, crc: bool) -> np.ndarray:
         """`read_logits` by reading the bytes wanted from each chunk's file straight into
         the result: a store's usual layout, 7-14x faster than through zarr here (its twin,
         `_read_zarr`, reads the same values; tests/test_store_read.py). `models` and
-        `examples` are plain ranges within the array."""
+        `examples` are plain ranges within the array.
+
+        With `crc` (format 3), a chunk's checksum is checked the first time this store
+        object reads it, and again whenever its file changes (inode, size, mtime): that
+        read takes the whole chunk; later reads take only the bytes wanted."""
         n_c = self._logits.shape[2]
         out = np.empty((models.stop - models.start, max(examples.stop - examples.start, 0), n_c),
                        dtype)
@@ -339,71 +398,173 @@ class RunStore:
                 # Non-blocking: a FIFO put in a chunk's place is refused below, not waited on.
                 fd = os.open(self.path / "logits" / key, os.O_RDONLY | os.O_NONBLOCK)
             except FileNotFoundError:
-                raise StoreError(f"{self.path}: chunk logits/{key} (run {m}) is missing; the "
-                                 "store is damaged: re-ingest that run's file") from None
+                raise self._bad_chunk(key, m, "missing") from None
             except OSError as e:  # a directory, a symlink loop, no permission, ...
-                raise StoreError(f"{self.path}: chunk logits/{key} (run {m}) could not be read "
-                                 f"({e.strerror or e}); the store is damaged: re-ingest that "
-                                 "run's file") from e
+                raise self._bad_chunk(key, m, f"could not be read ({e.strerror or e})") from e
             try:
                 info = os.fstat(fd)
+                size = whole + 4 * crc
+                identity = (info.st_ino, info.st_size, info.st_mtime_ns)
                 problem = ("not a file" if not stat.S_ISREG(info.st_mode) else
-                           f"{info.st_size} bytes, not {whole}" if info.st_size != whole else None)
-                if problem is None:
+                           f"{info.st_size} bytes, not {size}" if info.st_size != size else None)
+                if problem is None and crc and self._verified.get((m, c)) != identity:
+                    problem = self._read_checked(fd, size, view, (lo - c * chunk_e) * row)
+                    if problem is None:
+                        self._verified[(m, c)] = identity
+                elif problem is None:
                     try:
                         if os.preadv(fd, [view], (lo - c * chunk_e) * row) != len(view):
                             problem = "shorter than its size"
                     except OSError as e:
                         problem = e.strerror or str(e)
                 if problem is not None:
-                    raise StoreError(f"{self.path}: chunk logits/{key} (run {m}) could not be "
-                                     f"read ({problem}); the store is damaged: re-ingest that "
-                                     "run's file")
+                    raise self._bad_chunk(key, m, f"could not be read ({problem})")
             finally:
                 os.close(fd)
         return out
+
+    @staticmethod
+    def _read_checked(fd: int, size: int, view: memoryview, offset: int) -> str | None:
+        """Read a whole chunk file of `size` bytes, check its CRC-32C and copy the bytes
+        at `offset` into `view`; what is wrong, or None."""
+        if offset == 0 and len(view) == size - 4:  # the whole chunk: read it in place
+            stored = bytearray(4)
+            try:
+                got = os.preadv(fd, [view, stored], 0)
+            except OSError as e:
+                return e.strerror or str(e)
+            data = np.frombuffer(view, np.uint8)
+        else:
+            buffer = bytearray(size)
+            try:
+                got = os.preadv(fd, [buffer], 0)
+            except OSError as e:
+                return e.strerror or str(e)
+            data, stored = np.frombuffer(buffer, np.uint8)[:-4], buffer[-4:]
+            view[:] = buffer[offset:offset + len(view)]
+        if got != size:
+            return "shorter than its size"
+        if chunk_crc(data) != bytes(stored):
+            return "its checksum does not match its content"
+        return None
+
+    def _bad_chunk(self, key: str, model: int, problem: str) -> StoreError:
+        """The error for a missing or damaged logits chunk: which, whose, and the fix."""
+        problem = problem if problem.startswith("could") else f"is {problem}"
+        return StoreError(f"{self.path}: chunk logits/{key} (run {model}) {problem}; the "
+                          f"store is damaged: {self._repair_hint(model)}")
+
+    def _repair_hint(self, model: int | None = None) -> str:
+        """How to mend damage to run `model` (or to anything): the command that does it."""
+        source = None
+        if model is not None:
+            try:
+                source = next((r["source"] for r in self.records()
+                               if r["runs"][0] <= model < r["runs"][1]), None)
+            except StoreError:
+                source = None
+        file = source if source and "://" not in source else "FILE"
+        return (f"repair it with `ensemble-kernel ingest {file} --store {self.path} --repair` "
+                "(the run file whose SHA-256 its record keeps); `ensemble-kernel verify "
+                f"{self.path}` checks the whole store")
 
     def _read_zarr(self, models: slice, examples: slice) -> np.ndarray:
         """`read_logits` through zarr: any layout, any filesystem."""
         coords = self._chunks_of(models, examples)
         for (m, c, z), present in zip(coords, chunks_exist(self._logits, coords)):
             if not present:
-                key = self._logits.metadata.encode_chunk_key((m, c, z))
-                raise StoreError(f"{self.path}: chunk logits/{key} (run {m}) is missing; the "
-                                 "store is damaged: re-ingest that run's file")
+                raise self._bad_chunk(self._logits.metadata.encode_chunk_key((m, c, z)), m,
+                                      "missing")
         try:
             return self._logits[models, examples]
-        except (ValueError, OSError) as e:
-            raise StoreError(f"{self.path}: {self._find_bad_chunk(models, examples)} could not "
-                             f"be read ({e}); the store is damaged: re-ingest that run's "
-                             "file") from e
-
-    def _find_bad_chunk(self, models: slice, examples: slice) -> str:
-        """Name the first chunk of a failed read that does not decode."""
-        chunk_e = self._logits.chunks[1]
-        for m, c, z in self._chunks_of(models, examples):
-            try:
-                self._logits[m, c * chunk_e:min((c + 1) * chunk_e, self._logits.shape[1])]
-            except (ValueError, OSError):
-                key = self._logits.metadata.encode_chunk_key((m, c, z))
-                return f"chunk logits/{key} (run {m})"
-        return f"a chunk of runs {models.start}..{models.stop - 1}"
+        except _DECODE_ERRORS as e:
+            chunk_e = self._logits.chunks[1]
+            for m, c, z in coords:  # name the first chunk that does not decode
+                try:
+                    self._logits[m, c * chunk_e:min((c + 1) * chunk_e, self._logits.shape[1])]
+                except _DECODE_ERRORS as bad:
+                    raise self._bad_chunk(self._logits.metadata.encode_chunk_key((m, c, z)),
+                                          m, f"could not be read ({bad})") from e
+            raise StoreError(f"{self.path}: runs {models.start}..{models.stop - 1} could not "
+                             f"be read ({e}); {self._repair_hint()}") from e
 
     def optional(self, name: str) -> np.ndarray | None:
-        """A committed optional array (labels_train, inputs_test, ...), or None."""
+        """A committed optional array (labels_train, inputs_test, ...), or None.
+
+        StoreError naming the array, the chunk and the examples it holds where a chunk is
+        missing or damaged, or (format 3) where its metadata's seal does not match."""
         if name not in self._arrays:
             return None
-        values = self._group[name][...]
+        values = self._read_optional(name)
         kind, _, split = name.rpartition("_")
         if kind in ("inputs", "features"):  # stores of version 1 were not checked
             check_extra(kind, values, self.spec.size(split), f"{self.path} '{name}'")
         return values
 
+    def _read_optional(self, name: str) -> np.ndarray:
+        """A committed optional array, every chunk checked present and whole."""
+        if self._local:
+            self._read_meta(f"{name}/zarr.json", sealed=self.checked)
+        try:
+            array = self._group[name]
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise damaged(self.path, f"array {name}", f"it cannot be opened: {e}") from e
+        if array.size == 0:
+            return array[...]
+        grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+        coords = [tuple(c) for c in np.ndindex(*[len(g) for g in grid])]
+
+        def where(coord: tuple[int, ...]) -> str:
+            key = array.metadata.encode_chunk_key(coord)
+            c0 = array.chunks[0]
+            first, last = coord[0] * c0, min((coord[0] + 1) * c0, array.shape[0]) - 1
+            return f"chunk {name}/{key} (examples {first}..{last})"
+
+        for coord, present in zip(coords, chunks_exist(array, coords)):
+            if not present:
+                raise damaged(self.path, where(coord), "the chunk is missing")
+        try:
+            return array[...]
+        except _DECODE_ERRORS as e:
+            for coord in coords:
+                box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coord, array.chunks))
+                try:
+                    array[box]
+                except _DECODE_ERRORS as bad:
+                    raise damaged(self.path, where(coord), str(bad)) from e
+            raise damaged(self.path, f"array {name}", str(e)) from e
+
+    def sample_runs(self, n: int) -> torch.Tensor | None:
+        """The first `n` committed runs (fewer if the store has fewer), both splits, as a
+        float32 Tensor of shape (n_runs, n_train + n_test, n_classes); None if it has none.
+        Kept for later calls (committed runs never change)."""
+        have = min(n, self.n_models)
+        if have == 0:
+            return None
+        kept = getattr(self, "_sample", None)
+        if kept is None or kept.shape[0] < have:
+            kept = self._sample = torch.from_numpy(
+                self.read_logits(slice(0, have), slice(0, None)).astype(np.float32))
+        return kept[:have]
+
+    def rounding_check(self) -> RoundingCheck:
+        """The check of appends against this store's spread (`store_precision`), kept."""
+        if getattr(self, "_rounding", None) is None:
+            self._rounding = RoundingCheck(self.dtype, self.path,
+                                           self.sample_runs(SAMPLE_RUNS))
+        return self._rounding
+
     def shapes(self) -> dict[str, list[int]]:
         """Shape of every array: logits (committed runs) and the committed optional ones."""
         out = {"logits": [self.n_models, *self._logits.shape[1:]]}
         for name in sorted(self._arrays):
-            out[name] = list(self._group[name].shape)
+            if self._local:  # checked, and no chunk read
+                shape = self._read_meta(f"{name}/zarr.json", sealed=self.checked).get("shape")
+                if not isinstance(shape, list):
+                    raise damaged(self.path, f"{name}/zarr.json", "no shape")
+                out[name] = shape
+            else:
+                out[name] = list(self._group[name].shape)
         return out
 
     def labels(self, split: str) -> torch.Tensor | None:
@@ -413,25 +574,42 @@ class RunStore:
     def _doc(self, key: str) -> dict | None:
         """The attributes of the group at `key`, or None (local: one file read)."""
         if self._local:
-            meta = self.path / key / "zarr.json"
-            try:
-                return json.loads(meta.read_text())["attributes"]
-            except (FileNotFoundError, NotADirectoryError):
-                return None
+            doc = self._read_meta(f"{key}/zarr.json", sealed=self.checked, missing_ok=True)
+            return None if doc is None else doc["attributes"]
         try:
             return dict(self._group[key].attrs)
         except KeyError:
             return None
 
     def records(self) -> list[dict]:
-        """Run records of committed source files, in run order."""
+        """Run records of committed source files, in run order.
+
+        In a store of format 3 they must cover the committed runs exactly, one after
+        another: a missing, damaged or contradicting record is a StoreError."""
         if self._local:
-            docs = (json.loads(m.read_text())["attributes"]
-                    for m in (self.path / "records").glob("*/zarr.json"))
+            if self.checked:
+                self._read_meta("records/zarr.json", sealed=True)  # the folder itself
+            docs = [(m.parent.name, self._read_meta(f"records/{m.parent.name}/zarr.json",
+                                                   sealed=self.checked)["attributes"])
+                    for m in (self.path / "records").glob("*/zarr.json")]
         else:
-            docs = (dict(g.attrs) for _, g in self._group["records"].groups())
-        out = [d["record"] for d in docs if d["record"]["runs"][1] <= self.n_models]
-        return sorted(out, key=lambda r: r["runs"][0])
+            docs = [(name, dict(g.attrs)) for name, g in self._group["records"].groups()]
+        out = []
+        for name, doc in docs:
+            record = doc.get("record")
+            if not _is_record(record) or f"{record['runs'][0]:09d}" != name:
+                raise damaged(self.path, f"records/{name}/zarr.json", "not a run record")
+            if record["runs"][1] <= self.n_models:
+                out.append(record)
+        out.sort(key=lambda r: r["runs"][0])
+        if self.checked:
+            ends = [0] + [r["runs"][1] for r in out]
+            if any(r["runs"][0] != end for r, end in zip(out, ends)) or ends[-1] != self.n_models:
+                covered = ", ".join(f"{a}..{b - 1}" for a, b in (r["runs"] for r in out))
+                raise damaged(self.path, "records/", f"the records cover runs "
+                              f"{covered or 'none'}, but logits/zarr.json commits "
+                              f"{self.n_models} runs")
+        return out
 
     def code(self, sha256: str) -> str | None:
         """The training code stored under its content hash, or None."""
@@ -445,10 +623,14 @@ class RunStore:
         return "source unknown"
 
     def committed_runs(self, sha256: str) -> tuple[int, int] | None:
-        """The runs of the first committed file with this content hash, or None. O(1)."""
+        """The runs of the first committed file with this content key (`content_key`), or
+        None. O(1)."""
         if self.attrs.get("format_version") == 1:  # no index yet
-            found = next((r for r in self.records() if r["sha256"] == sha256), None)
+            found = next((r for r in self.records() if content_key(r) == sha256), None)
             return None if found is None else tuple(found["runs"])
+        if self._local and self.checked:  # a deleted index would re-add every file
+            self._read_meta("index/zarr.json", sealed=True)
+            self._read_meta("records/zarr.json", sealed=True)
         return self._indexed_runs(sha256)
 
     def _indexed_runs(self, sha256: str) -> tuple[int, int] | None:
@@ -456,7 +638,8 @@ class RunStore:
         if entry is None or entry["runs"][1] > self.n_models:
             return None
         first = self._doc(f"records/{entry['runs'][0]:09d}")
-        if first is None or first["record"]["sha256"] != sha256 \
+        if first is None or not _is_record(first.get("record")) \
+                or content_key(first["record"]) != sha256 \
                 or first["record"]["runs"] != entry["runs"]:
             return None  # left by an append that never committed
         return tuple(entry["runs"])
@@ -466,9 +649,7 @@ class RunStore:
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """Hold the writers' lock; re-read the committed state under it."""
-        if not self._local:
-            raise StoreError(f"{self.path}: appending needs a store on a local or mounted "
-                             "filesystem; ingest into one and copy it")
+        self._require_local()
         if not self._swept:  # once per instance: it lists the store's parent folder
             sweep_stale_creations(self.path)
             self._swept = True
@@ -477,6 +658,11 @@ class RunStore:
             if self.attrs["format_version"] == 1:
                 self._upgrade_v1()
             yield
+
+    def _require_local(self) -> None:
+        if not self._local:
+            raise StoreError(f"{self.path}: appending needs a store on a local or mounted "
+                             "filesystem; ingest into one and copy it")
 
     def _refresh(self) -> None:
         """Re-read the committed state (under the lock): reopen only if another writer
@@ -522,7 +708,7 @@ class RunStore:
             if name not in self._arrays:
                 new[name] = values
                 continue
-            stored = self._group[name][...]
+            stored = self._read_optional(name)
             if stored.shape != values.shape or not np.array_equal(stored, values):
                 raise InputError(f"{name} given differs from the {name} already in the store "
                                  f"{self.path}; the store keeps one set per split")
@@ -530,7 +716,8 @@ class RunStore:
 
     def append_file(self, path: str | Path, *, allow_duplicates: bool = False,
                     on_runs: Callable[[int], None] | None = None,
-                    test_key: str | None = None) -> IngestReport:
+                    test_key: str | None = None, check_precision: bool = True
+                    ) -> IngestReport:
         """Append the runs of one run file, as one commit; skip it if its content is stored.
 
         Labels the file carries are checked against the store's and committed with its runs.
@@ -538,20 +725,23 @@ class RunStore:
         """
         path = Path(path)
         digest = file_hash(path)
-        if not allow_duplicates and (runs := self.committed_runs(digest)) is not None:
+        key = content_key({"sha256": digest, "test_key": test_key})
+        if not allow_duplicates and (runs := self.committed_runs(key)) is not None:
             return IngestReport(str(path), "skipped", runs)  # committed is forever: no lock
         run = read_run_file(path, test_key=test_key)
         arrays = {f"labels_{split}": labels for split, labels in
                   (("train", run.labels_train), ("test", run.labels_test)) if labels is not None}
         return self.append_arrays(run.train, run.test, source=str(path), sha256=digest,
                                   code=run.code, on_runs=on_runs, arrays=arrays,
-                                  skip_committed=not allow_duplicates)
+                                  skip_committed=not allow_duplicates, test_key=test_key,
+                                  check_precision=check_precision)
 
     def append_arrays(self, train, test, *, source: str, sha256: str | None = None,
                       code: str | None = None, seeds: Sequence[int] | None = None,
                       on_runs: Callable[[int], None] | None = None,
                       arrays: dict[str, object] | None = None,
-                      skip_committed: bool = False) -> IngestReport:
+                      skip_committed: bool = False, test_key: str | None = None,
+                      check_precision: bool = True) -> IngestReport:
         """Append runs held in memory, as one commit.
 
         Parameters
@@ -562,7 +752,16 @@ class RunStore:
         seeds : one per run, recorded.
         arrays : optional arrays (labels_train, ...) committed with these runs.
         skip_committed : return 'skipped' if a file of this sha256 is already committed.
+        test_key : the source's key for the test split, recorded (None: the default).
+        check_precision : refuse runs the store's dtype rounds past their spread (False:
+            the caller has checked them with `rounding_check`).
+
+        Raises
+        ------
+        InputError where the store's dtype would round away the run-to-run spread of these
+        runs (`store_precision.RoundingCheck`), before anything is written.
         """
+        self._require_local()
         train, test = check_runs(self.spec, train, test, source, f"the store {self.path}")
         r = train.shape[0]
         if seeds is not None and len(seeds) != r:
@@ -570,9 +769,14 @@ class RunStore:
         checked = {name: check_array(self.spec, name, v, source)
                    for name, v in (arrays or {}).items()}
         sha256 = sha256 or _sha256_arrays(train, test)
+        test_key = None if test_key == "logits" else test_key
+        key = content_key({"sha256": sha256, "test_key": test_key})
+        if check_precision:
+            self.rounding_check().check(torch.cat([train[:SAMPLE_RUNS], test[:SAMPLE_RUNS]],
+                                                  dim=1), source)
         with self._writing():
             n = self.n_models
-            runs = self.committed_runs(sha256)  # the writes below cannot change it
+            runs = self.committed_runs(key)  # the writes below cannot change it
             if skip_committed and runs is not None:
                 return IngestReport(source, "skipped", runs)
             try:
@@ -588,11 +792,11 @@ class RunStore:
             record = {"source": source, "sha256": sha256, "runs": [n, n + r],
                       "stored_dtype": self.dtype,
                       "source_dtype": str(train.dtype).replace("torch.", ""),
-                      "code_sha256": code_hash,
+                      "code_sha256": code_hash, "test_key": test_key,
                       "seeds": list(map(int, seeds)) if seeds is not None else None}
             written.append(self._write_group(f"records/{n:09d}", {"record": record}, "record"))
             if runs is None:
-                written.append(self._write_group(f"index/{sha256}", {"runs": [n, n + r]},
+                written.append(self._write_group(f"index/{key}", {"runs": [n, n + r]},
                                                  "index"))
             fsync_files(written, up_to=self.path)  # one journal commit for all of them
             _wrote("fsync")
@@ -621,7 +825,7 @@ class RunStore:
         """A zarr v3 group's metadata, one atomic file (the unit of a record); not fsynced."""
         meta = self.path / key / "zarr.json"
         atomic_write_text(meta, json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": attributes}))
+            seal({"zarr_format": 3, "node_type": "group", "attributes": attributes})))
         _wrote(step)
         return meta
 
@@ -640,8 +844,10 @@ class RunStore:
             tmp = staging / f"{name}-{uuid.uuid4().hex}"
             array = zarr.create_array(zarr.storage.LocalStore(tmp), shape=values.shape,
                                       dtype=values.dtype, fill_value=0,
+                                      compressors=_OPTIONAL_CODECS,
                                       dimension_names=array_dims(name, values))
             array[...] = values
+            seal_file(tmp / "zarr.json")
             fsync_tree(tmp)
             target = self.path / name
             if target.exists():  # not committed (checked by the caller): a leftover
@@ -656,7 +862,9 @@ class RunStore:
         meta_path = self.path / "logits" / "zarr.json"
         meta = json.loads(meta_path.read_text())
         meta["shape"][0] = n_runs
-        meta["attributes"].update(format_version=FORMAT_VERSION, arrays=sorted(arrays))
+        meta["attributes"].update(format_version=max(2, self.attrs["format_version"]),
+                                  arrays=sorted(arrays))
+        meta = seal(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2), durable=True)
         _wrote("commit")
         self._logits = grown_writer(self._logits, (n_runs,) + self._logits.shape[1:])
@@ -664,7 +872,8 @@ class RunStore:
         self._committed_meta = meta
 
     def _upgrade_v1(self) -> None:
-        """Format 1 -> 2, under the lock: index the records, list the arrays, then mark."""
+        """Format 1 -> 2, under the lock: index the records, list the arrays, then mark.
+        (Format 3 adds checksums to every chunk: `upgrade` rewrites the whole store.)"""
         written = [self._write_group("index", {}, "upgrade index")]  # a valid hierarchy
         for record in self.records():
             if self._indexed_runs(record["sha256"]) is None:
@@ -673,11 +882,26 @@ class RunStore:
         fsync_files(written, up_to=self.path)
         self._commit(self.n_models, self._arrays)
         root = json.loads((self.path / "zarr.json").read_text())
-        root["attributes"][_MARK]["format_version"] = FORMAT_VERSION
+        root["attributes"][_MARK]["format_version"] = 2
         atomic_write_text(self.path / "zarr.json", json.dumps(root, indent=2), durable=True)
         _wrote("upgrade")
         self._open()
-        logger.info("%s: upgraded from format version 1 to %d", self.path, FORMAT_VERSION)
+        logger.info("%s: upgraded from format version 1 to 2", self.path)
+
+
+def content_key(record: dict) -> str:
+    """What de-duplicates a source: its file's SHA-256, and the key its test split was read
+    from where that was not the default (the same file read another way is other data)."""
+    key = record.get("test_key")
+    return record["sha256"] if key in (None, "logits") else _sha256_text(
+        f"{record['sha256']}\ntest_key={key}")
+
+
+def _is_record(record: object) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+            and isinstance(record.get("source"), str) and isinstance(record.get("runs"), list)
+            and len(record["runs"]) == 2 and all(type(r) is int for r in record["runs"])
+            and 0 <= record["runs"][0] < record["runs"][1])
 
 
 def _host() -> str:
@@ -730,12 +954,14 @@ def _build(folder: Path, spec: StoreSpec, arrays: dict[str, np.ndarray]) -> None
     group.create_array(
         "logits", shape=(0, n_examples, spec.n_classes), dtype=spec.dtype,
         chunks=(1, max(1, min(_EXAMPLE_CHUNK, n_examples)), spec.n_classes),
-        dimension_names=("run", "example", "class"), compressors=None, fill_value=0,
+        dimension_names=("run", "example", "class"), serializer=BytesCodec(endian="little"),
+        compressors=(Crc32cCodec(),), fill_value=0,
         attributes={"splits": splits, "format_version": FORMAT_VERSION,
                     "arrays": sorted(arrays)},
     )
     for name, values in arrays.items():
         group.create_array(name, shape=values.shape, dtype=values.dtype,
+                           compressors=_OPTIONAL_CODECS,
                            dimension_names=array_dims(name, values), fill_value=0)[...] = values
     for sub in ("records", "index", "code"):
         group.create_group(sub)
@@ -744,6 +970,8 @@ def _build(folder: Path, spec: StoreSpec, arrays: dict[str, np.ndarray]) -> None
     group.attrs[_MARK] = {"format_version": FORMAT_VERSION, "n_classes": spec.n_classes,
                           "class_names": list(spec.class_names) if spec.class_names else None,
                           "splits": splits, "logits_dtype": spec.dtype}
+    for meta in folder.rglob("zarr.json"):
+        seal_file(meta)
     fsync_tree(folder)
 
 

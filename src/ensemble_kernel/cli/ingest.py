@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 import typer
 
 from ..configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
@@ -15,7 +17,8 @@ from ..engine import Progress
 from ..errors import EnsembleKernelError, InputError, StoreError
 from ..formats import (file_hash, find_run_files, open_runs, read_extras, read_labels,
                        read_run_file)
-from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, is_store
+from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, content_key, is_store
+from ..store_precision import SAMPLE_RUNS, RoundingCheck
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
 
@@ -48,6 +51,9 @@ def ingest_cmd(
     test_key: Optional[str] = typer.Option(None, "--test-key", metavar="KEY",
                                            help="The array of each file that holds the test "
                                                 "split, e.g. logits_tta; default logits."),
+    repair: bool = typer.Option(False, "--repair", help="Mend a damaged store instead: "
+                                "rewrite the runs, record and index of each file whose "
+                                "SHA-256 a record keeps, where they differ from the file."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Create a store or append runs to it, one source file per atomic commit.
@@ -63,6 +69,15 @@ def ingest_cmd(
     """
     with _user_errors():
         files = [f for s in src for f in find_run_files(s)]
+        if repair:
+            _repair(store, files, test_key, quiet,
+                    other=[flag for flag, given in (("--labels", labels), ("--inputs", inputs),
+                                                    ("--features", features), ("--code", code),
+                                                    ("--dtype", dtype),
+                                                    ("--class-names", class_names),
+                                                    ("--allow-duplicates", allow_duplicates))
+                           if given])
+            return
         files = _by_code(files, code, test_key, ", ".join(map(str, src)))
         names = tuple(class_names.split(",")) if class_names else None
         # ---- 1. check everything; nothing is written here --------------------------------
@@ -95,7 +110,7 @@ def ingest_cmd(
                 added = skipped = 0
                 for i, f in enumerate(files):
                     result = target.append_file(f, allow_duplicates=allow_duplicates,
-                                                test_key=test_key)
+                                                test_key=test_key, check_precision=False)
                     if result.status == "skipped":
                         skipped += 1
                         err.print(f"skipped {f}: its content is already in the store "
@@ -110,6 +125,33 @@ def ingest_cmd(
                 done.fail(e)
     if not quiet:
         err.print(f"{store}: {target.n_models} runs ({added} added, {skipped} files skipped)")
+
+
+def _repair(store: Path, files: List[Path], test_key: Optional[str], quiet: bool,
+            other: List[str]) -> None:
+    """ingest --repair: each file mends what its record names (`store_verify.repair_file`)."""
+    from ..store_verify import repair_file
+
+    if other:
+        raise InputError(f"--repair takes run files and --test-key only, not {other[0]}")
+    if not is_store(store):
+        raise InputError(f"{store}: no store to repair (--repair mends a store made by ingest)")
+    target = RunStore(store)
+    missing = []
+    for f in files:
+        result = repair_file(target, f, test_key=test_key)
+        if result.status == "not in the store":
+            missing.append(str(f))
+        elif not quiet:
+            a, b = result.runs
+            what = (f"rewrote {len(result.rewritten)} file"
+                    f"{'s' if len(result.rewritten) != 1 else ''}" if result.rewritten
+                    else "intact")
+            err.print(f"{f}: runs {a}..{b - 1} {what}", markup=False, soft_wrap=True)
+    if missing:
+        raise InputError(f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+                         f": no record of {store} keeps its SHA-256, so it cannot repair it "
+                         "(ingest it without --repair to add it)")
 
 
 def _by_code(files: List[Path], code: Optional[str], test_key: Optional[str],
@@ -159,12 +201,15 @@ def _check_files(spec: StoreSpec, target: Optional[RunStore], files: List[Path],
             known[split] = (stored, f"the store {target.path}")
         elif name in extras:
             known[split] = (extras[name], "--labels")
+    rounding = (target.rounding_check() if target is not None else
+                RoundingCheck(spec.dtype, where.removeprefix("the new store ")))
     for i, f in enumerate(files):
-        if target is None or allow_duplicates or \
-                target.committed_runs(file_hash(f)) is None:
+        if target is None or allow_duplicates or target.committed_runs(
+                content_key({"sha256": file_hash(f), "test_key": test_key})) is None:
             run = read_run_file(f, test_key=test_key)
             codes.add(run.code_sha256)
-            check_runs(spec, run.train, run.test, str(f), where)
+            train, test = check_runs(spec, run.train, run.test, str(f), where)
+            rounding.check(torch.cat([train[:SAMPLE_RUNS], test[:SAMPLE_RUNS]], dim=1), str(f))
             for split in ("train", "test"):
                 mine = getattr(run, f"labels_{split}")
                 if mine is None:
@@ -311,3 +356,95 @@ def _files_info(src: List[Path], runs: bool, test_key: Optional[str]) -> dict:
         out["records"] = [{"source": str(r.path), "runs": [int(a), int(a) + r.n_runs],
                            "code_sha256": r.code_sha256} for r, a in zip(read, starts)]
     return out
+
+
+@app.command("verify")
+def verify_cmd(
+    store: Path = typer.Argument(..., help="The store to check.", show_default=False),
+    sources: Optional[List[Path]] = typer.Argument(
+        None, help="Run files (or directories of .pt files) to compare with what the store "
+                   "holds: each file's SHA-256 against its record, and its runs' values.",
+        show_default=False),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Check a whole store: every chunk, checksum, record and index entry.
+
+    Reads every chunk of every array once and checks its CRC-32C, every metadata file
+    against its seal, the records against the committed runs, and the index and the
+    training code against the records. Given run files, checks each one's SHA-256
+    against the records and its runs against the stored values.
+
+    Exit status 0 when everything agrees; otherwise each problem is printed, one line
+    each, with its fix, and the exit status is 2. Damaged runs are mended with
+    `ensemble-kernel ingest FILE --store STORE --repair`.
+    """
+    from ..store_verify import verify_store
+
+    with _user_errors():
+        _require_store(store, "verify checks a store made by ingest")
+        files = [f for s in (sources or []) for f in find_run_files(s)]
+        with _progress_bar(quiet) as report:
+            def progress(done: int, total: int) -> None:
+                if report is not None:
+                    report(Progress("verify", done, total, 0, 1, 0.0))
+            result = verify_store(store, files, progress=progress)
+    for problem in result.problems:
+        err.print(f"problem: {problem}", markup=False, soft_wrap=True, highlight=False)
+    summary = (f"{store}: {result.n_runs} runs, {result.chunks} logits chunks, "
+               f"{len(result.arrays)} other arrays, {result.records} records"
+               + (f", {result.sources} run files" if result.sources else "") + " checked: ")
+    if result.ok:
+        if not quiet:
+            err.print(summary + "all agree", markup=False, soft_wrap=True, highlight=False)
+        return
+    err.print(summary + f"{len(result.problems)} problem"
+              f"{'s' if len(result.problems) != 1 else ''}", markup=False, soft_wrap=True,
+              highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command("upgrade")
+def upgrade_cmd(
+    store: Path = typer.Argument(..., help="A store of an earlier format.", show_default=False),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Rewrite a store of format 1 or 2 as format 3, whose chunks carry checksums.
+
+    Builds a whole copy beside the store (it needs as much free disk as the store
+    takes), then swaps it in with one atomic rename: a kill at any point leaves the old
+    store or the new one. Takes about as long as reading and writing the store once.
+    """
+    from ..store_verify import upgrade_store
+
+    with _user_errors():
+        _require_store(store, "upgrade rewrites a store made by ingest")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 'no checksums' warning: we are upgrading
+            before = RunStore(store)
+        if before.checked:
+            if not quiet:
+                err.print(f"{store}: already format {before.attrs['format_version']}; nothing "
+                          "to do", markup=False)
+            return
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        free = os.statvfs(store.parent).f_bavail * os.statvfs(store.parent).f_frsize
+        if free < size * 1.05:
+            raise InputError(f"{store}: the upgrade copies the store ({size / 2**30:.2f} GiB) "
+                             f"beside it, but {store.parent} has {free / 2**30:.2f} GiB free")
+        with _progress_bar(quiet) as report, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+
+            def progress(done: int, total: int) -> None:
+                if report is not None:
+                    report(Progress("upgrade", done, total, 0, 1, 0.0))
+            version = upgrade_store(store, progress=progress)
+    if not quiet:
+        err.print(f"{store}: upgraded from format {version} to 3 ({size / 2**20:.1f} MiB "
+                  "rewritten)", markup=False, soft_wrap=True)
+
+
+def _require_store(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such store ({what})")
+    if not is_store(path):
+        raise InputError(f"{path}: not an ensemble-kernel store ({what})")
