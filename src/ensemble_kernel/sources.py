@@ -45,9 +45,16 @@ class LogitSource(Protocol):
 def _to_tensor(array: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         tensor = array.detach()
+        if tensor.is_nested or tensor.layout != torch.strided or tensor.device.type == "meta":
+            what = ("a nested" if tensor.is_nested else "a meta" if tensor.device.type == "meta"
+                    else f"a {str(tensor.layout).replace('torch.', '')}")
+            raise InputError(f"{name} must be a dense tensor of logits, got {what} tensor")
     elif isinstance(array, np.ndarray):
-        if array.dtype.kind != "f":
-            raise InputError(f"{name} must hold floating-point logits, got dtype {array.dtype}")
+        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
+            raise InputError(f"{name} must hold floating-point logits (float16, float32 or "
+                             f"float64), got dtype {array.dtype}")
+        if not array.dtype.isnative:  # (big-endian data on a little-endian machine)
+            array = array.astype(array.dtype.newbyteorder("="))
         tensor = torch.from_numpy(array)
     else:
         raise InputError(
