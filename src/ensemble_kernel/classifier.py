@@ -202,5 +202,8 @@ class KernelKNN:
             The fraction of test examples predicted right, in [0, 1].
         """
         test = self._test(test_logits)
+        if test.n_examples == 0:  # (an accuracy of nothing: NaN, not a number to report)
+            raise InputError("KernelKNN.score: the test logits have 0 examples; an accuracy "
+                             "needs at least one")
         labels = as_labels(y_test, test.n_examples, test.n_classes, "test")
         return accuracy(self.predict(test), labels)

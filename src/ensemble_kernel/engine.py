@@ -927,8 +927,13 @@ def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_sel
         raise InputError("exclude_self (leave-one-out) needs the queries to be the references")
     n_refs = references.n_examples - (1 if exclude_self else 0)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n_refs:
+        other = " other than the query itself" if exclude_self else ""
+        if n_refs < 1:  # (not "between 1 and 0")
+            raise InputError(f"k={k}: there are no references{other} to take neighbours from "
+                             f"({references.n_examples} example"
+                             f"{'' if references.n_examples == 1 else 's'} in all)")
         raise InputError(f"k must be between 1 and {n_refs} (the number of references"
-                         f"{' other than the query itself' if exclude_self else ''}), got {k}")
+                         f"{other}), got {k}")
     used = check_classes(classes, queries.n_classes)
     n_used = len(used) if used is not None else queries.n_classes
     device, budget, raw_bytes = _resources(queries, references, memory_budget, device)

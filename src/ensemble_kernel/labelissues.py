@@ -163,6 +163,10 @@ def check_k_for_split(k: int, split: str, n_train: int) -> None:
     if not 1 <= k <= limit:
         what = ("the training examples minus the example itself" if split == "train"
                 else "the number of training examples")
+        if limit < 1:  # (not "between 1 and 0")
+            raise InputError(f"--k {k}: there are no training examples to vote on "
+                             f"{'another' if split == 'train' else 'a test'} example (the "
+                             f"train split has {n_train})")
         raise InputError(f"--k must be between 1 and {limit} ({what}), got {k}: pass "
                          f"--k {max(1, limit)} or less")
 
@@ -273,6 +277,9 @@ def knn_graph(source, k: int = 10, *, precision: str = "auto",
     source = as_source(source, "logits")
     n = source.n_examples
     if not 1 <= k <= n - 1:
+        if n < 2:  # (not "between 1 and 0")
+            raise InputError(f"k={k}: a graph of {n} example{'s' if n != 1 else ''} has no "
+                             "neighbours to link (it needs at least 2)")
         raise InputError(f"k must be between 1 and {n - 1} (the examples minus the example "
                          f"itself), got {k}")
     found = _top_k_neighbors(source, None, k, exclude_self=True, precision=precision,

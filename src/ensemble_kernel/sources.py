@@ -272,14 +272,20 @@ def as_source(logits: "np.ndarray | torch.Tensor | LogitSource", name: str = "lo
 
 
 def parse_runs(spec: str | None, n_models: int) -> slice:
-    """Turn `--runs` into a slice of runs: 'N' (the first N) or 'A:B' (a slice).
+    """Turn `--runs` into a slice of runs: 'N' (the first N) or 'A:B' (runs A to B-1,
+    counted from 0; a missing A is 0, a missing B the last run). None means every run;
+    an empty text and negative numbers are refused.
 
     >>> parse_runs("2:5", 10)
     slice(2, 5, None)
     """
-    if spec is None or spec == "":
+    if spec is None:
         return slice(0, n_models)
+    usage = (f"use N with 2 <= N <= {n_models}, or A:B with 0 <= A < B <= {n_models} "
+             "(runs A to B-1)")
     text = spec.strip()
+    if not text:
+        raise InputError(f"--runs is empty: {usage}; leave --runs out for every run")
     try:
         if ":" in text:
             a, b = text.split(":", 1)
@@ -289,15 +295,12 @@ def parse_runs(spec: str | None, n_models: int) -> slice:
             start, stop = 0, int(text)
     except ValueError as e:
         raise InputError(f"--runs takes N (the first N runs) or A:B (a slice), got {spec!r}") from e
-    if start < 0:
-        start += n_models
-    if stop < 0:
-        stop += n_models
+    if start < 0 or stop < 0:
+        raise InputError(f"--runs {spec}: run numbers count from 0 and cannot be negative; "
+                         f"{usage}")
     if not 0 <= start < stop <= n_models:
-        raise InputError(
-            f"--runs {spec} selects no valid range of the {n_models} runs available; "
-            f"use N with 2 <= N <= {n_models}, or A:B with 0 <= A < B <= {n_models}"
-        )
+        raise InputError(f"--runs {spec} selects no valid range of the {n_models} runs "
+                         f"available; {usage}")
     return slice(start, stop)
 
 

@@ -167,20 +167,32 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+# The largest budget taken: what an int64 byte count holds (just under 8192PiB).
+MAX_SIZE = 2**63 - 1
 
 
 def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes.
+
+    Units from B to PB (powers of 1000) and KiB to PiB (powers of 1024), any case; the
+    size is exact (no float rounding) and must lie in 1 byte .. MAX_SIZE, so '1000TB' and
+    '1PB' are the same budget.
+    """
+    from fractions import Fraction
+
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
+    if not match or unit not in _UNITS or len(match.group(1)) > 40:
         raise InputError(f"--memory-budget takes a size such as 2GB, 512MiB or 1500000000 "
-                         f"(bytes), got {text!r}")
-    size = int(float(match.group(1)) * _UNITS[unit])
+                         f"(bytes; units up to PB and PiB), got {text!r}")
+    size = int(Fraction(match.group(1)) * _UNITS[unit])
     if size <= 0:
         raise InputError(f"--memory-budget must be positive, got {text!r}")
+    if size > MAX_SIZE:
+        raise InputError(f"--memory-budget must be less than 8192PiB (2**63 bytes), "
+                         f"got {text!r}")
     return size
 
 
@@ -192,7 +204,8 @@ SrcArg = typer.Argument(..., help="A store made by ingest, or run files: a .pt o
                                   "runs.", show_default=False)
 LabelsOpt = typer.Option(None, "--labels", help="An .npz with arrays labels_train and "
                                                 "labels_test, when the run files carry none.")
-RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for a slice.")
+RunsOpt = typer.Option(None, "--runs", help="Which runs: N for the first N, A:B for runs A "
+                                            "to B-1 (counted from 0; A or B may be left out).")
 NoLogSoftmaxOpt = typer.Option(False, "--no-log-softmax",
                                help="Standardise raw logits instead of log-softmax outputs.")
 PRECISIONS = ("auto", "exact", "fast")
@@ -414,9 +427,11 @@ def _source_options() -> tuple[Optional[str], Optional[str]]:
 
 
 def _open(src: List[Path], labels: Optional[Path], runs: Optional[str], *,
-          code: Optional[str] = None, test_key: Optional[str] = None) -> tuple[Runs, slice]:
+          code: Optional[str] = None, test_key: Optional[str] = None,
+          needs_test: bool = True) -> tuple[Runs, slice]:
     """SRC, --labels and --runs opened as the library does it (`ensemble_kernel.open_runs`);
-    --runs counts within the configuration --code chose.
+    --runs counts within the configuration --code chose. A SRC without test examples is
+    refused (every command works on them), unless `needs_test` is False.
 
     `code` and `test_key` default to the command's --code and --test-key options (kept in
     its context by `CodeOpt` and `TestKeyOpt`).
@@ -425,6 +440,11 @@ def _open(src: List[Path], labels: Optional[Path], runs: Optional[str], *,
     runset = open_runs(src, runs, labels=labels,
                        code=code if code is not None else stashed_code,
                        test_key=test_key if test_key is not None else stashed_key)
+    if needs_test and runset.test.n_examples == 0:
+        ctx = get_current_context(silent=True)
+        command = ctx.info_name if ctx is not None and ctx.info_name else "this command"
+        raise InputError(f"SRC ({', '.join(map(str, src))}) has 0 test examples; {command} "
+                         "needs at least one")
     return runset, runset.runs
 
 
@@ -433,6 +453,9 @@ def within_split_note(runset: RunSet, command: str, what: str) -> bool:
     within the test split instead; False when it has one."""
     if runset.has_train:
         return False
+    if runset.test.n_examples < 2:  # (an example's neighbours are the others: none)
+        raise InputError(f"SRC has no train split and {runset.test.n_examples} test example; "
+                         f"{command} within one split needs at least 2")
     say(f"note: {command}: SRC has no train split; {what} within its "
         f"{runset.test.n_examples} test examples, each example's own entry left out")
     return True
@@ -486,13 +509,16 @@ def check_k(option: str, k: int, n_references: int, default: int | None = None,
     if 1 <= k <= n_references:
         return
     given = f"its default {k}" if k == default else str(k)
+    if n_references < 1:  # (not "between 1 and 0")
+        raise InputError(f"{option} ({given}): there are no {what} to take neighbours from "
+                         "(SRC has none)")
     raise InputError(f"{option} must be between 1 and {n_references} (the number of {what}), "
                      f"got {given}: pass {option} {max(1, n_references)} or less")
 
 
 def parse_run_counts(text: Optional[str], n_models: int) -> Optional[List[int]]:
     """sweep's --runs '1,2,4,8' -> [1, 2, 4, 8], each between 1 and the runs available."""
-    if not text:
+    if text is None:
         return None
     try:
         counts = [int(c) for c in text.split(",")]

@@ -80,7 +80,7 @@ def label_issues_cmd(
         check_outputs_apart([("--out", out), ("--knn-graph", graph),
                              ("--probabilities", probabilities)], inputs_of(src, labels=labels))
         budget = parse_size(memory_budget) if memory_budget else None
-        runset, chosen = _open(src, labels, runs)
+        runset, chosen = _open(src, labels, runs, needs_test=split == "test")
         require_train(runset, "label-issues")
         given = runset.labels_train if split == "train" else runset.labels_test
         for which, have in (("train", runset.labels_train), (split, given)):
