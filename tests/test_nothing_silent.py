@@ -416,8 +416,9 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, big):
     src = tmp_path / "runs.npz"
     _save_npz(src, big)
     out = tmp_path / "nn.npz"
+    # 3 s after each tile: time enough to be interrupted on a loaded machine
     job = _process(["neighbors", src, "--out", out, *ARGS],
-                   env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "0.5"})
+                   env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "3"})
     partial = tmp_path / "nn.npz.partial"
     for _ in range(600):
         if list(partial.glob("tile-*.npz")) or job.poll() is not None:

@@ -254,7 +254,7 @@ def test_golden_on_disk_metadata(tmp_path):
     group = zarr.open_group(tmp_path / "st", mode="r")
     record = group["records/000000000"].attrs["record"]
     assert set(record) == {"source", "sha256", "runs", "stored_dtype", "source_dtype",
-                           "code_sha256", "seeds", "test_key"}
+                           "code_sha256", "seeds", "test_key", "chunk_crc32c"}
     assert record["runs"] == [0, 2] and record["seeds"] == [7, 8]
     index = dict(group[f"index/{record['sha256']}"].attrs)
     assert index == {"runs": [0, 2], SEAL: index[SEAL]}

@@ -345,3 +345,15 @@ def test_the_fuzz_harness_fails_other_numbers_and_tracebacks():
     assert not store_fuzz.judge(case, {"evaluate": (2, "", "error: S: chunk logits/c/0/0/0 "
                                                            "(run 0) is missing\n")}, baseline)
     assert not store_fuzz.judge(case, {"evaluate": (0, "a", "")}, baseline)
+
+
+def test_two_chunks_swapped_are_told_apart_by_their_records(made):
+    """Each chunk's own checksum holds after a swap; its record's does not."""
+    store, files, _ = made
+    a, b = (store / "logits" / "c" / str(m) / "0" / "0" for m in (0, 2))
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    _one_line_error(_evaluate(store), "chunk logits/c/0/0/0 (run 0)", "moved or swapped")
+    assert run_cli("ingest", *files, "--store", store, "--repair")[0] == 0
+    assert verify_store(store, files).ok

@@ -68,7 +68,7 @@ from .errors import InputError, StoreError
 from .formats import check_extra, file_hash, read_run_file
 from .store_checks import StoreSpec, array_dims, check_array, check_runs
 from .store_io import chunks_exist, fsync_dir, fsync_files, fsync_tree, grown_writer, writer_lock
-from .store_meta import chunk_crc, damaged, read_doc, seal, seal_file
+from .store_meta import chunk_crc, damaged, read_doc, run_chunk_crcs, seal, seal_file
 from .store_precision import SAMPLE_RUNS, RoundingCheck, rounding_warning
 
 __all__ = ["FORMAT_VERSION", "RunStore", "StoreSource", "StoreSpec", "is_store", "IngestReport",
@@ -210,6 +210,7 @@ class RunStore:
         self.checked = version >= _CHECKED  # chunks and metadata carry checksums
         self._plain = self._plain_layout() if self._local else None
         self._verified: dict[tuple[int, int], tuple] = {}  # chunk -> file identity checked
+        self._expected: dict[int, str] | None = None  # run -> its record's chunk checksums
         self._committed_meta = None  # logits/zarr.json as last read under the lock
         if not self.checked and not getattr(self, "_warned_unchecked", False):
             self._warned_unchecked = True
@@ -408,7 +409,8 @@ class RunStore:
                 problem = ("not a file" if not stat.S_ISREG(info.st_mode) else
                            f"{info.st_size} bytes, not {size}" if info.st_size != size else None)
                 if problem is None and crc and self._verified.get((m, c)) != identity:
-                    problem = self._read_checked(fd, size, view, (lo - c * chunk_e) * row)
+                    problem = self._read_checked(fd, size, view, (lo - c * chunk_e) * row,
+                                                 self._expected_crc(m, c))
                     if problem is None:
                         self._verified[(m, c)] = identity
                 elif problem is None:
@@ -423,10 +425,34 @@ class RunStore:
                 os.close(fd)
         return out
 
+    def _expected_crc(self, model: int, chunk: int) -> bytes | None:
+        """The CRC-32C run `model`'s record keeps for its chunk `chunk`, or None (no record
+        keeps one, or the records cannot be read: that is reported where they are)."""
+        if self._expected is None:
+            self._expected = {}
+            try:
+                records = self.records()
+            except StoreError:
+                records = []
+            for record in records:
+                kept = record.get("chunk_crc32c")
+                if isinstance(kept, list) and len(kept) == record["runs"][1] - record["runs"][0]:
+                    for m, text in zip(range(*record["runs"]), kept):
+                        self._expected[m] = text
+        text = self._expected.get(model)
+        if not isinstance(text, str) or len(text) < 8 * (chunk + 1):
+            return None
+        try:
+            return bytes.fromhex(text[8 * chunk:8 * chunk + 8])[::-1]
+        except ValueError:
+            return None
+
     @staticmethod
-    def _read_checked(fd: int, size: int, view: memoryview, offset: int) -> str | None:
-        """Read a whole chunk file of `size` bytes, check its CRC-32C and copy the bytes
-        at `offset` into `view`; what is wrong, or None."""
+    def _read_checked(fd: int, size: int, view: memoryview, offset: int,
+                      expected: bytes | None = None) -> str | None:
+        """Read a whole chunk file of `size` bytes, check its CRC-32C (and that it is the
+        `expected` one, where its record keeps it) and copy the bytes at `offset` into
+        `view`; what is wrong, or None."""
         if offset == 0 and len(view) == size - 4:  # the whole chunk: read it in place
             stored = bytearray(4)
             try:
@@ -446,6 +472,8 @@ class RunStore:
             return "shorter than its size"
         if chunk_crc(data) != bytes(stored):
             return "its checksum does not match its content"
+        if expected is not None and bytes(stored) != expected:
+            return "it holds other values than its record says: moved or swapped with another"
         return None
 
     def _bad_chunk(self, key: str, model: int, problem: str) -> StoreError:
@@ -785,7 +813,7 @@ class RunStore:
                 raise InputError(f"{source}: {e}; nothing was written") from e
             # ---- every check passed: the first byte is written below -----------------
             self._publish(new)
-            written = self._write_runs(n, train, test, on_runs)
+            written, crcs = self._write_runs(n, train, test, on_runs)
             code_hash = _sha256_text(code) if code is not None else None
             if code is not None and self.code(code_hash) is None:
                 written.append(self._write_group(f"code/{code_hash}", {"code": code}, "code"))
@@ -794,6 +822,8 @@ class RunStore:
                       "source_dtype": str(train.dtype).replace("torch.", ""),
                       "code_sha256": code_hash, "test_key": test_key,
                       "seeds": list(map(int, seeds)) if seeds is not None else None}
+            if crcs:
+                record["chunk_crc32c"] = crcs
             written.append(self._write_group(f"records/{n:09d}", {"record": record}, "record"))
             if runs is None:
                 written.append(self._write_group(f"index/{key}", {"runs": [n, n + r]},
@@ -804,22 +834,27 @@ class RunStore:
         return IngestReport(source, "added", (n, n + r))
 
     def _write_runs(self, n: int, train: torch.Tensor, test: torch.Tensor,
-                    on_runs: Callable[[int], None] | None) -> list[Path]:
-        """Chunks of runs n.. (not yet fsynced); returns their files."""
+                    on_runs: Callable[[int], None] | None) -> tuple[list[Path], list[str]]:
+        """Chunks of runs n.. (not yet fsynced); returns their files and, in a checked
+        store, each run's chunk checksums (`run_chunk_crcs`, kept in its record)."""
         r = train.shape[0]
         writer = grown_writer(self._logits, (n + r,) + self._logits.shape[1:])
-        dtype = np.dtype(self.dtype)
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        crcs: list[str] = []
         for b in range(0, r, _WRITE_BLOCK):
             block = slice(b, min(b + _WRITE_BLOCK, r))
             both = torch.cat([train[block], test[block]], dim=1)  # (runs, n_train + n_test, C)
-            writer[n + block.start:n + block.stop] = both.float().numpy().astype(dtype)
+            values = both.float().numpy().astype(dtype)
+            writer[n + block.start:n + block.stop] = values
+            if self._plain is not None and self._plain[2]:
+                crcs += run_chunk_crcs(values, self._plain[1])
             if on_runs is not None:
                 on_runs(block.stop - block.start)
             if _TEST_DELAY:  # crash tests: widen the window in which a kill lands mid-append
                 time.sleep(_TEST_DELAY)
             _wrote(f"runs {n + block.start}..{n + block.stop - 1}")
         return [self.path / "logits" / self._logits.metadata.encode_chunk_key(c)
-                for c in self._chunks_of(slice(n, n + r), slice(0, self._logits.shape[1]))]
+                for c in self._chunks_of(slice(n, n + r), slice(0, self._logits.shape[1]))], crcs
 
     def _write_group(self, key: str, attributes: dict, step: str) -> Path:
         """A zarr v3 group's metadata, one atomic file (the unit of a record); not fsynced."""

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import StoreError
 
-__all__ = ["SEAL", "seal", "check_seal", "read_doc", "seal_file", "chunk_crc", "damaged"]
+__all__ = ["SEAL", "seal", "check_seal", "read_doc", "seal_file", "chunk_crc", "run_chunk_crcs",
+           "damaged"]
 
 SEAL = "ensemble_kernel_crc32c"  # the attribute that holds a document's checksum
 
@@ -94,3 +95,20 @@ def seal_file(path: Path) -> None:
 def chunk_crc(data: np.ndarray | bytes) -> bytes:
     """The 4 bytes zarr's crc32c codec appends to a chunk: CRC-32C, little-endian."""
     return int(google_crc32c.value(data)).to_bytes(4, "little")
+
+
+def run_chunk_crcs(values: np.ndarray, chunk_examples: int) -> list[str]:
+    """Per run of `values` (runs, examples, classes; the store's dtype, little-endian),
+    the CRC-32C of each of its chunks as stored (the last one padded with zeros), as one
+    string of 8 hex digits a chunk. A record keeps them, so a chunk moved or swapped with
+    another (each with a valid checksum of its own) is told apart from its own data."""
+    n_runs, n, n_classes = values.shape
+    padded = -(-n // chunk_examples) * chunk_examples
+    out = []
+    for r in range(n_runs):
+        run = values[r]
+        if padded != n:
+            run = np.concatenate([run, np.zeros((padded - n, n_classes), values.dtype)])
+        data = np.ascontiguousarray(run).view(np.uint8).reshape(padded // chunk_examples, -1)
+        out.append("".join(chunk_crc(row)[::-1].hex() for row in data))
+    return out

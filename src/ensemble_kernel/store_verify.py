@@ -32,7 +32,7 @@ from .store import (FORMAT_VERSION, RunStore, _build, _creating_prefix, content_
                     sweep_stale_creations)
 from .store_checks import check_runs
 from .store_io import fsync_dir, fsync_files
-from .store_meta import check_seal, chunk_crc
+from .store_meta import check_seal, chunk_crc, run_chunk_crcs
 
 __all__ = ["VerifyReport", "RepairReport", "verify_store", "repair_file", "upgrade_store"]
 
@@ -216,13 +216,15 @@ def repair_file(store: RunStore, source: Path, *, test_key: str | None = None
             record = {"source": str(source), "sha256": digest, "runs": [a, b],
                       "stored_dtype": store.dtype,
                       "source_dtype": str(run.train.dtype).replace("torch.", ""),
-                      "code_sha256": code_hash, "test_key": test_key, "seeds": None}
+                      "code_sha256": code_hash, "test_key": test_key, "seeds": None,
+                      "chunk_crc32c": run_chunk_crcs(want, store._plain[1])}
             rewritten.append(store._write_group(f"records/{a:09d}", {"record": record},
                                                 "record"))
         if store.committed_runs(key) != (a, b):
             rewritten.append(store._write_group(f"index/{key}", {"runs": [a, b]}, "index"))
         fsync_files(rewritten, up_to=store.path)
     store._verified.clear()
+    store._expected = None
     return RepairReport(str(source), "repaired" if rewritten else "intact", (a, b),
                         tuple(str(p.relative_to(store.path)) for p in rewritten))
 
