@@ -571,15 +571,22 @@ class RunStore:
             return None
         kept = getattr(self, "_sample", None)
         if kept is None or kept.shape[0] < have:
-            kept = self._sample = torch.from_numpy(
-                self.read_logits(slice(0, have), slice(0, None)).astype(np.float32))
+            # Each chunk's own checksum is checked, not its record's: that would read every
+            # record, at every append. Later reads check those chunks in full again.
+            expected, self._expected = self._expected, {}
+            try:
+                kept = self._sample = torch.from_numpy(
+                    self.read_logits(slice(0, have), slice(0, None)).astype(np.float32))
+            finally:
+                self._expected = expected
+                self._verified = {k: v for k, v in self._verified.items() if k[0] >= have}
         return kept[:have]
 
     def rounding_check(self) -> RoundingCheck:
         """The check of appends against this store's spread (`store_precision`), kept."""
         if getattr(self, "_rounding", None) is None:
             self._rounding = RoundingCheck(self.dtype, self.path,
-                                           self.sample_runs(SAMPLE_RUNS))
+                                           lambda: self.sample_runs(SAMPLE_RUNS))
         return self._rounding
 
     def shapes(self) -> dict[str, list[int]]:

@@ -20,6 +20,8 @@ share from the stored values alone (a float16 value is rounded by at most half i
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .errors import InputError
@@ -51,12 +53,15 @@ class RoundingCheck:
     ----------
     dtype : the store's logits dtype ("float16", "float32", ...).
     where : the store, for messages.
-    stored : its first runs, of shape (n_runs, n_examples, n_classes), or None.
+    stored : a function giving its first runs, of shape (n_runs, n_examples, n_classes),
+        or None; called only when a file needs the check.
     """
 
-    def __init__(self, dtype: str, where: object, stored: torch.Tensor | None = None):
+    def __init__(self, dtype: str, where: object,
+                 stored: Callable[[], torch.Tensor | None] | None = None):
         self.dtype, self.where = dtype, where
-        self.sample = None if stored is None else stored[:SAMPLE_RUNS].double().log_softmax(-1)
+        self._stored = stored
+        self.sample = None
         self._spread = None  # of the full sample
 
     def check(self, runs: torch.Tensor, source: str) -> None:
@@ -67,6 +72,10 @@ class RoundingCheck:
         if (runs.dtype == stored or stored == torch.float64 or runs.shape[1] == 0
                 or stored == torch.float32 and runs.dtype in (torch.float16, torch.bfloat16)):
             return  # the store's dtype holds every value exactly
+        if self._stored is not None:  # the store's first runs, read once
+            first, self._stored = self._stored(), None
+            if first is not None:
+                self.sample = first[:SAMPLE_RUNS].double().log_softmax(-1)
         have = 0 if self.sample is None else self.sample.shape[0]
         x = runs[:max(1, SAMPLE_RUNS - have)].double()
         exact = x.log_softmax(-1)
