@@ -357,3 +357,24 @@ def test_two_chunks_swapped_are_told_apart_by_their_records(made):
     _one_line_error(_evaluate(store), "chunk logits/c/0/0/0 (run 0)", "moved or swapped")
     assert run_cli("ingest", *files, "--store", store, "--repair")[0] == 0
     assert verify_store(store, files).ok
+
+
+def test_a_labels_chunk_copied_from_another_store_is_refused(made, tmp_path):
+    """A valid chunk of its own, but not the one this store committed."""
+    store, files, ens = made
+    other = tmp_path / "other.npz"
+    np.savez(other, labels_train=(ens.labels_train + 1) % 4, labels_test=(ens.labels_test + 1) % 4)
+    assert run_cli("ingest", files[0], "--store", tmp_path / "so", "--labels", other,
+                   "-q")[0] == 0
+    shutil.copy(tmp_path / "so" / "labels_test" / "c" / "0", store / "labels_test" / "c" / "0")
+    _one_line_error(_evaluate(store), "chunk labels_test/c/0", "copied from elsewhere")
+    assert not verify_store(store).ok
+
+
+def test_upgrade_given_the_run_files_refuses_damage_it_would_seal(made):
+    store, files, _ = made
+    _as_format_2(store)
+    _flip(store / "logits" / "c" / "1" / "0" / "0", 20, 0x7B)
+    code, _, err = run_cli("upgrade", store, *files)
+    _one_line_error((code, "", err), "runs 0..1 differ from", "not upgraded")
+    assert not RunStore(store).checked

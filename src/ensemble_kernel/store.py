@@ -211,6 +211,7 @@ class RunStore:
         self._plain = self._plain_layout() if self._local else None
         self._verified: dict[tuple[int, int], tuple] = {}  # chunk -> file identity checked
         self._expected: dict[int, str] | None = None  # run -> its record's chunk checksums
+        self._pending_crcs: dict[str, dict[str, str]] = {}  # arrays published, not committed
         self._committed_meta = None  # logits/zarr.json as last read under the lock
         if not self.checked and not getattr(self, "_warned_unchecked", False):
             self._warned_unchecked = True
@@ -551,6 +552,19 @@ class RunStore:
         for coord, present in zip(coords, chunks_exist(array, coords)):
             if not present:
                 raise damaged(self.path, where(coord), "the chunk is missing")
+        expected = (self._logits.attrs.get("array_crc32c") or {}).get(name) \
+            if self._local and self.checked else None
+        for coord in coords if isinstance(expected, dict) else ():
+            key = array.metadata.encode_chunk_key(coord)
+            try:
+                with open(self.path / name / key, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    tail = f.read(4).hex()
+            except OSError:
+                tail = None  # too short, or unreadable: the read below names it
+            if tail is not None and expected.get(key) != tail:
+                raise damaged(self.path, where(coord), "it holds other values than the commit "
+                              "recorded: moved, or copied from elsewhere")
         try:
             return array[...]
         except _DECODE_ERRORS as e:
@@ -890,6 +904,7 @@ class RunStore:
                                       dimension_names=array_dims(name, values))
             array[...] = values
             seal_file(tmp / "zarr.json")
+            self._pending_crcs[name] = _array_chunk_crcs(tmp)
             fsync_tree(tmp)
             target = self.path / name
             if target.exists():  # not committed (checked by the caller): a leftover
@@ -906,6 +921,10 @@ class RunStore:
         meta["shape"][0] = n_runs
         meta["attributes"].update(format_version=max(2, self.attrs["format_version"]),
                                   arrays=sorted(arrays))
+        kept = {**meta["attributes"].get("array_crc32c", {}), **self._pending_crcs}
+        self._pending_crcs = {}
+        if kept:  # each optional array's chunk checksums, bound to the commit
+            meta["attributes"]["array_crc32c"] = {n: kept[n] for n in sorted(arrays) if n in kept}
         meta = seal(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2), durable=True)
         _wrote("commit")
@@ -929,6 +948,15 @@ class RunStore:
         _wrote("upgrade")
         self._open()
         logger.info("%s: upgraded from format version 1 to 2", self.path)
+
+
+def _array_chunk_crcs(folder: Path) -> dict[str, str]:
+    """The CRC-32C each chunk file of the array at `folder` ends with, by chunk key."""
+    out = {}
+    for chunk in sorted((folder / "c").rglob("*")) if (folder / "c").is_dir() else ():
+        if chunk.is_file():
+            out[str(chunk.relative_to(folder))] = chunk.read_bytes()[-4:].hex()
+    return out
 
 
 def content_key(record: dict) -> str:
@@ -1005,6 +1033,9 @@ def _build(folder: Path, spec: StoreSpec, arrays: dict[str, np.ndarray]) -> None
         group.create_array(name, shape=values.shape, dtype=values.dtype,
                            compressors=_OPTIONAL_CODECS,
                            dimension_names=array_dims(name, values), fill_value=0)[...] = values
+    if arrays:
+        group["logits"].attrs["array_crc32c"] = {name: _array_chunk_crcs(folder / name)
+                                                 for name in sorted(arrays)}
     for sub in ("records", "index", "code"):
         group.create_group(sub)
     (folder / "logits" / ".lock").touch()

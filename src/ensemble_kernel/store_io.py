@@ -81,17 +81,26 @@ def writer_lock(lock_file: Path, store: str) -> Iterator[None]:
     if os.environ.get(NO_LOCK_ENV) == "1":
         yield
         return
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
+            os.close(fd)
             if e.errno not in _NO_FLOCK:
                 raise
             raise StoreError(
                 f"{store}: cannot lock the store for writing ({os.strerror(e.errno)}): this "
                 f"filesystem has no flock; ingest into a store on a local disk and copy it "
                 f"here, or set {NO_LOCK_ENV}=1 if only one ingest ever runs at a time") from e
+        try:  # the file locked is still the one at that path (an upgrade swaps the folder)
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)  # releases the lock

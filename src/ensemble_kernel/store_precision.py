@@ -112,7 +112,7 @@ class RoundingCheck:
         raise InputError(
             f"{source}: the store {self.where} keeps logits as {self.dtype}, whose rounding "
             f"would move {lossy / varying:.1%} of the standardised outputs by more than "
-            f"{tolerance:g} of their run-to-run spread (example {i}, class {c}: logits near "
+            f"{tolerance:g} times their run-to-run spread (example {i}, class {c}: logits near "
             f"{float(x[:, i, c].abs().max()):.4g}, {self.dtype} steps of "
             f"{_step(float(largest[i, 0]), stored):.3g} there, a log-softmax spread of "
             f"{float(spread[i, c]):.3g}); nothing was written: ingest these runs into a new "

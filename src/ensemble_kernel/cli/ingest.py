@@ -406,6 +406,10 @@ def verify_cmd(
 @app.command("upgrade")
 def upgrade_cmd(
     store: Path = typer.Argument(..., help="A store of an earlier format.", show_default=False),
+    sources: Optional[List[Path]] = typer.Argument(
+        None, help="Its run files: compared with the stored values first (recommended: a "
+                   "store without checksums may hold damage the upgrade would seal).",
+        show_default=False),
     quiet: bool = QuietOpt,
 ) -> None:
     """Rewrite a store of format 1 or 2 as format 3, whose chunks carry checksums.
@@ -413,8 +417,12 @@ def upgrade_cmd(
     Builds a whole copy beside the store (it needs as much free disk as the store
     takes), then swaps it in with one atomic rename: a kill at any point leaves the old
     store or the new one. Takes about as long as reading and writing the store once.
+
+    An old store carries no checksums, so damage already in it would be sealed into
+    the new one: given the run files, their SHA-256 and values are compared with the
+    store first (as `verify STORE FILE...` does), and any difference refuses the upgrade.
     """
-    from ..store_verify import upgrade_store
+    from ..store_verify import upgrade_store, verify_store
 
     with _user_errors():
         _require_store(store, "upgrade rewrites a store made by ingest")
@@ -426,6 +434,16 @@ def upgrade_cmd(
                 err.print(f"{store}: already format {before.attrs['format_version']}; nothing "
                           "to do", markup=False)
             return
+        files = [f for s in (sources or []) for f in find_run_files(s)]
+        if files:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found = [p for p in verify_store(store, files).problems
+                         if "carries no checksums" not in p]
+            if found:
+                raise InputError(f"{found[0]}; not upgraded ({len(found)} problem"
+                                 f"{'s' if len(found) != 1 else ''}: see `ensemble-kernel "
+                                 f"verify {store}` with the run files)")
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         free = os.statvfs(store.parent).f_bavail * os.statvfs(store.parent).f_frsize
         if free < size * 1.05:
@@ -439,8 +457,11 @@ def upgrade_cmd(
                     report(Progress("upgrade", done, total, 0, 1, 0.0))
             version = upgrade_store(store, progress=progress)
     if not quiet:
+        checked = (f"its values checked against {len(files)} run files" if files else
+                   "its values were not compared with its run files: `ensemble-kernel "
+                   f"verify {store} FILE...` does")
         err.print(f"{store}: upgraded from format {version} to 3 ({size / 2**20:.1f} MiB "
-                  "rewritten)", markup=False, soft_wrap=True)
+                  f"rewritten; {checked})", markup=False, soft_wrap=True)
 
 
 def _require_store(path: Path, what: str) -> None:
