@@ -417,8 +417,10 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, big):
     _save_npz(src, big)
     out = tmp_path / "nn.npz"
     # 3 s after each tile: time enough to be interrupted on a loaded machine
+    # (SIGINT as a shell leaves it: a process started while it is ignored ignores it too)
     job = _process(["neighbors", src, "--out", out, *ARGS],
-                   env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "3"})
+                   env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "3"},
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = tmp_path / "nn.npz.partial"
     for _ in range(600):
         if list(partial.glob("tile-*.npz")) or job.poll() is not None:
