@@ -139,7 +139,7 @@ def write_files(folder: Path, indices: list[int], runs: int, n_train: int, n_tes
     import numpy as np
     import torch
 
-    from ensemble_kernel.atomic import atomic_write
+    from ensemble_kernel._atomic import atomic_write
     from synthetic import class_signal, noisy_runs
 
     files = folder / "files"
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    from ensemble_kernel.atomic import atomic_write_text
+    from ensemble_kernel._atomic import atomic_write_text
 
     machine = describe()
     print(header(machine), flush=True)

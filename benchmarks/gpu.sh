@@ -30,7 +30,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 # The engine's budget on this GPU: GPU_BENCH_BUDGET, else the engine's own default (half of
 # the GPU's free memory). The README's H100 figures used GPU_BENCH_BUDGET=16GiB.
-BUDGET=${GPU_BENCH_BUDGET:-$($PY -c "from ensemble_kernel.plan import default_memory_budget
+BUDGET=${GPU_BENCH_BUDGET:-$($PY -c "from ensemble_kernel.core._plan import default_memory_budget
 print(default_memory_budget('cuda'))" 2>/dev/null || echo 1GiB)}
 
 echo "== pytest -m gpu"

@@ -40,9 +40,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=HERE / "_data")
     p.add_argument("--out-dir", type=Path, default=Path("gpu-out"))
     args = p.parse_args()
-    from ensemble_kernel.engine import _top_k_neighbors
-    from ensemble_kernel.plan import default_memory_budget
-    from ensemble_kernel.precision import PRECISIONS
+    from ensemble_kernel.core._engine import _top_k_neighbors
+    from ensemble_kernel.core._plan import default_memory_budget
+    from ensemble_kernel.core._precision import PRECISIONS
 
     unknown = [x for x in args.precisions.split(",") if x not in PRECISIONS]
     if unknown:
@@ -60,7 +60,7 @@ def main() -> None:
     budget = args.budget or default_memory_budget("cuda")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("  log: %(message)s"))
-    for name in ("ensemble_kernel.precision", "ensemble_kernel.engine"):
+    for name in ("ensemble_kernel.core._precision", "ensemble_kernel.core._engine"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(handler)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.storage._store import RunStore
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -42,7 +42,7 @@ import torch
 
 from ensemble_kernel.demo.data import load_dataset
 from ensemble_kernel.demo.train import TrainConfig, init_ensemble, predict, train_ensemble
-from ensemble_kernel.labelissues import ensemble_probabilities, label_issues
+from ensemble_kernel.analysis._label_issues import ensemble_probabilities, label_issues
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "_data" / "label_noise"

@@ -59,7 +59,7 @@ from machine import describe, header  # noqa: E402
 
 
 def stats() -> None:
-    from ensemble_kernel.engine import _prepare_engine
+    from ensemble_kernel.core._engine import _prepare_engine
 
     train, test = _cifar_logits()
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def reduce() -> None:
 def storeread(store_path: str | None = None, repeats: int = 3) -> None:
     """Reading blocks of runs: the plain-file read (`read_logits`) against zarr's, alternated
     in one process, page cache warm (as the engine's passes read), `repeats` times each."""
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.storage._store import RunStore
 
     cases = ([("store", Path(store_path), None, None)] if store_path else
              [(case, DATA / f"store_{case}" / "store", models, examples)
@@ -172,7 +172,7 @@ def compare(first: str, second: str) -> None:
 
 
 def recipe(epochs: int, seed: int, models: int) -> None:
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
     from ensemble_kernel.demo import _seeds
     from ensemble_kernel.demo.data import load_dataset
     from ensemble_kernel.demo.train import TrainConfig, init_ensemble, predict, train_ensemble
@@ -215,8 +215,8 @@ def _cifar_logits(n_test: int | None = None):
 
 def _store_logits(store: str, n_test: int | None = None):
     """A store's train split, and its first `n_test` test examples (all: None)."""
-    from ensemble_kernel.engine import _Spans
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.core._engine import _Spans
+    from ensemble_kernel.storage._store import RunStore
 
     runs = RunStore(store)
     train, test = runs.source("train"), runs.source("test")
@@ -226,8 +226,8 @@ def _store_logits(store: str, n_test: int | None = None):
 def pilot(store: str, k: int, budget: int) -> None:
     """auto's pilot on a store: the share of test examples whose fast-mode candidates are
     crowded (`engine._crowded_share`), with the bound fast mode's plan would use, and its time."""
-    from ensemble_kernel.engine import _crowded_share, guessed_bound
-    from ensemble_kernel.precision import fast_plan
+    from ensemble_kernel.core._engine import _crowded_share, guessed_bound
+    from ensemble_kernel.core._precision import fast_plan
 
     train, test = _store_logits(store)
     shape = dict(n_queries=test.n_examples, n_references=train.n_examples,
@@ -235,7 +235,7 @@ def pilot(store: str, k: int, budget: int) -> None:
                  memory_budget=budget, raw_bytes=2)
     plan = fast_plan(**shape)
     logging.basicConfig(format="%(message)s")  # the pilot's line: its median G
-    logging.getLogger("ensemble_kernel.engine").setLevel(logging.INFO)
+    logging.getLogger("ensemble_kernel.core._engine").setLevel(logging.INFO)
     t0 = time.perf_counter()
     share = _crowded_share(test, train, k, plan, n_candidates=None, log_softmax=True,
                            classes=None, memory_budget=budget, device="cpu")
@@ -251,7 +251,7 @@ def stages(precision: str, k: int, n_test: int | None = None, budget: int = 1 <<
     """Wall and CPU seconds spent in each stage the engine reports (statistics, kernel,
     rescore, fallback). CPU time (all threads) is the steadier figure on a shared machine.
     With `store`, that store's logits (e.g. bench_20k.py's, kept with --keep)."""
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
 
     train, test = _store_logits(store, n_test) if store else _cifar_logits(n_test)
     if runs is not None:  # the first `runs` runs (few runs: kernel values on few levels)
@@ -367,7 +367,7 @@ def logsoftmax(repeats: int = 20) -> None:
     """The engine's log-softmax (`kernel._log_softmax_`) against its former first step,
     `amax` then `argmax` over the class axis (two reductions where `max` is one), on
     blocks of the shapes the passes read: (runs, rows, classes) and (rows, runs, classes)."""
-    from ensemble_kernel.kernel import _log_softmax_
+    from ensemble_kernel.core._kernel import _log_softmax_
 
     def former(x):
         x -= x.amax(dim=-1, keepdim=True)
@@ -427,8 +427,8 @@ def ablations(store: str, n_test: int, budget: int, repeats: int = 2) -> None:
     and the one without log-softmax, k = 3) on `n_test` test examples of a store, with
     the plan's blocks of runs chosen for the per-class products (now) and by the
     contraction width of all its features (former), alternated; same neighbours?"""
-    from ensemble_kernel import ablations as ab
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.analysis import _ablations as ab
+    from ensemble_kernel.core._plan import plan_memory
 
     train, test = _store_logits(store, n_test)
 
@@ -482,14 +482,14 @@ def nologsoftmax(store: str, budget: int, n_test: int = 2000, repeats: int = 2) 
     """The report's kernel without log-softmax (its ablation when the pass cannot hold it:
     2,000 test examples spread evenly, k = 3) in auto, exact and fast mode, alternated;
     auto's choice as it logs it (the first auto also pays the probe, if not cached)."""
-    from ensemble_kernel.engine import _top_k_neighbors
-    from ensemble_kernel.sources import read_sample, sample_positions
+    from ensemble_kernel.core._engine import _top_k_neighbors
+    from ensemble_kernel.core._sources import read_sample, sample_positions
 
     train, test = _store_logits(store)
     n_test = min(n_test, test.n_examples)
     test = read_sample(test, sample_positions(test.n_examples, n_test), budget // 4)
     logging.basicConfig(format="  %(message)s")
-    logging.getLogger("ensemble_kernel.precision").setLevel(logging.INFO)
+    logging.getLogger("ensemble_kernel.core._precision").setLevel(logging.INFO)
     print(f"{_machine()}\nno-log-softmax kernel on {store}: {n_test} test examples, k = 3, "
           f"budget {budget / 2**30:.2f} GiB")
     for r in range(repeats):
@@ -505,10 +505,10 @@ def sweepkernels(store: str, budget: int, k: int = 20, n_test: int = 2000) -> No
     spread evenly, k = 20, the first subset of each run count), each timed in exact and
     in fast mode, alternated, beside the times the probe's cached rates predict for its
     shape (`precision.predict_times`, with the assumed crowded share); same neighbours?"""
-    from ensemble_kernel.engine import _top_k_neighbors
-    from ensemble_kernel.precision import FALLBACK_SHARE, predict_times, probe
-    from ensemble_kernel.sources import read_sample, sample_positions, select_runs
-    from ensemble_kernel.sweeps import default_run_counts
+    from ensemble_kernel.core._engine import _top_k_neighbors
+    from ensemble_kernel.core._precision import FALLBACK_SHARE, predict_times, probe
+    from ensemble_kernel.core._sources import read_sample, sample_positions, select_runs
+    from ensemble_kernel.analysis._sweep import default_run_counts
 
     train, test = _store_logits(store)
     n_test = min(n_test, test.n_examples)
@@ -541,9 +541,9 @@ def sweepstats(store: str, budget: int, n_test: int = 2000, repeats: int = 3) ->
     mode's plan for k = 20), alternated. How far apart are the train statistics? (The
     same float32 values, summed by the same accumulator; the last bits of a sum differ
     where the two cut the rows into pieces differently, as two plans of the engine do.)"""
-    from ensemble_kernel.engine import _prepare_engine, shared_statistics
-    from ensemble_kernel.sources import read_sample, sample_positions, select_runs
-    from ensemble_kernel.sweeps import DEFAULT_MAX_SUBSETS, default_run_counts, disjoint_subsets
+    from ensemble_kernel.core._engine import _prepare_engine, shared_statistics
+    from ensemble_kernel.core._sources import read_sample, sample_positions, select_runs
+    from ensemble_kernel.analysis._sweep import DEFAULT_MAX_SUBSETS, default_run_counts, disjoint_subsets
 
     train, test = _store_logits(store)
     n_test = min(n_test, test.n_examples)
@@ -619,7 +619,7 @@ def faults(store: str, budget: str, repeats: int = 2) -> None:
 
     from ensemble_kernel.cli.common import parse_size
     from ensemble_kernel.cli.malloc import TRIM_THRESHOLD
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.storage._store import RunStore
 
     parse_size(budget), RunStore(store)  # a bad budget or store: refused here, in one line
     print(f"{_machine()}\nevaluate {store} --memory-budget {budget}")
@@ -648,7 +648,7 @@ def scipyimport(repeats: int = 3) -> None:
                                  check=True).stdout) for _ in range(repeats)]
     print(f"{_machine()}\nimport scipy.stats in a fresh process: "
           + ", ".join(f"{x:.2f}" for x in runs) + " s")
-    from ensemble_kernel.sweeps import bootstrap_difference, mcnemar_exact
+    from ensemble_kernel.analysis._sweep import bootstrap_difference, mcnemar_exact
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2000, generator=g) < 0.95, torch.rand(2000, generator=g) < 0.93
@@ -681,13 +681,13 @@ def candidates(k: int, store: str | None = None, n_test: int = 1000,
 
     On the benchmark's CIFAR-shaped logits, or on a store (`--store demo-output/store`).
     """
-    from ensemble_kernel.engine import _prepare_engine
-    from ensemble_kernel.kernel import bfloat16_matmul, exact_float32_matmul
+    from ensemble_kernel.core._engine import _prepare_engine
+    from ensemble_kernel.core._kernel import bfloat16_matmul, exact_float32_matmul
 
     if store is None:
         train, test = _cifar_logits(n_test)
     else:
-        from ensemble_kernel.store import RunStore
+        from ensemble_kernel.storage._store import RunStore
 
         runs = RunStore(store)
         train, test = runs.source("train"), runs.source("test")
@@ -739,7 +739,7 @@ def int8_windows(train, test, k: int, n_candidates: int = 128,
     error, the pairs whose actual error passes their bound (0: the bound holds), and per
     bound ('query', 'pair') its median and each query's windows within 2B and 1B.
     """
-    from ensemble_kernel.engine import _prepare_engine
+    from ensemble_kernel.core._engine import _prepare_engine
 
     engine = _prepare_engine(test, train, k, log_softmax=True, classes=None, exclude_self=False,
                              precision="exact", memory_budget=4 << 30, device="cpu",

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 
 def machine() -> str:
-    from ensemble_kernel.precision import machine_key
+    from ensemble_kernel.core._precision import machine_key
 
     key = machine_key("cpu")
     return (f"{key['cpu']}; flags {' '.join(key['isa']) or '-'}; torch {key['torch']} "
@@ -62,7 +62,8 @@ def main() -> None:
     import os
 
     os.environ["ENSEMBLE_KERNEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="ek-probe-")
-    from ensemble_kernel import precision, top_k_neighbors
+    from ensemble_kernel import top_k_neighbors
+    from ensemble_kernel.core import _precision as precision
 
     print(f"machine: {machine()}")
     shape = dict(n_queries=args.n_test, n_references=args.n_train, n_models=args.runs,

@@ -146,8 +146,8 @@ class FastModeCounts(logging.Handler):
 def case_engine(data: dict, k: int, precision: str, budget: int, device: str = "cpu") -> dict:
     import torch
 
-    from ensemble_kernel.engine import _top_k_neighbors
-    from ensemble_kernel.engine import plan_memory
+    from ensemble_kernel.core._engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import plan_memory
 
     # Memory-mapped: the engine reads blocks of runs, the pages come and go.
     train = torch.from_numpy(np.load(data["train"], mmap_mode="r"))
@@ -158,10 +158,10 @@ def case_engine(data: dict, k: int, precision: str, budget: int, device: str = "
         torch.zeros(1, device=device)
         _sync(device)
     counts = FastModeCounts()
-    engine_log = logging.getLogger("ensemble_kernel.engine")
+    engine_log = logging.getLogger("ensemble_kernel.core._engine")
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(counts)
-    choice_log = logging.getLogger("ensemble_kernel.precision")
+    choice_log = logging.getLogger("ensemble_kernel.core._precision")
     choice_log.setLevel(logging.INFO)
     choice_log.addHandler(counts)
     stages: dict[str, list[float]] = {}  # stage -> [first report, last report], seconds
@@ -297,7 +297,7 @@ def main() -> None:
         p.error("--runs and --n-classes must be at least 2; --n-train, --n-test, --k, "
                 "--case-timeout and --probe-seconds positive")
     cases = args.cases.split(",")
-    from ensemble_kernel.precision import PRECISIONS
+    from ensemble_kernel.core._precision import PRECISIONS
 
     unknown = [c for c in cases if c not in ("reference", *PRECISIONS)]
     if unknown:
@@ -317,7 +317,7 @@ def main() -> None:
                     f"device (this torch {torch.__version__} sees "
                     f"{torch.cuda.device_count()})")
     from ensemble_kernel.errors import BudgetError
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.core._plan import plan_memory
 
     try:  # a budget the engine would refuse, refused before any data is written
         for precision in {"exact", "fast"} & set(cases):

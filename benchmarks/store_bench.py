@@ -46,7 +46,7 @@ def make_store(folder: Path, n_models: int, n_train: int, n_test: int) -> dict:
     """Run files, then a store ingested from them; returns timings (cached on disk)."""
     import torch
 
-    from ensemble_kernel.store import RunStore, is_store
+    from ensemble_kernel.storage._store import RunStore, is_store
 
     store = folder / "store"
     done = folder / "ingest.json"
@@ -81,8 +81,8 @@ def make_store(folder: Path, n_models: int, n_train: int, n_test: int) -> dict:
 
 
 def child(store: str, precision: str, budget: int, k: int, cache: bool) -> None:
-    from ensemble_kernel.engine import _top_k_neighbors
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.core._engine import _top_k_neighbors
+    from ensemble_kernel.storage._store import RunStore
 
     target = RunStore(store)
     t0 = time.perf_counter()

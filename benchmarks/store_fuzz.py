@@ -54,7 +54,7 @@ def build_store(folder: Path) -> Path:
     sys.path.insert(0, str(TESTS))
     from conftest import make_ensemble, save_pt
 
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.storage._store import RunStore
 
     ens = make_ensemble(n_models=4, n_train=30, n_test=12, n_classes=4)
     g = torch.Generator().manual_seed(1)

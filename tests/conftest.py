@@ -85,7 +85,7 @@ class ExactRows:
 
     def __init__(self, caplog):
         self.caplog = caplog
-        caplog.set_level(logging.INFO, logger="ensemble_kernel.engine")
+        caplog.set_level(logging.INFO, logger="ensemble_kernel.core._engine")
 
     def counts(self) -> tuple[int, int]:
         found = [self._LINE.search(r.getMessage()) for r in self.caplog.records]
@@ -124,7 +124,7 @@ def run_cli(*args) -> tuple[int, str, str]:
 
 
 def _keep_the_real_probe():
-    from ensemble_kernel import precision
+    from ensemble_kernel.core import _precision as precision
 
     return precision.measure_rates
 
@@ -242,7 +242,7 @@ def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor |
     each query's list, which holds them). One tile only: the queries and all references
     are measured once it has run.
     """
-    from ensemble_kernel import engine as engine_module
+    from ensemble_kernel.core import _engine as engine_module
 
     original = engine_module._Engine.accumulate_tile
 

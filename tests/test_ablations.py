@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ensemble_kernel.engine import _top_k_neighbors as top_k_neighbors  # queries first, with hooks
-from ensemble_kernel.ablations import ablation_neighbors
+from ensemble_kernel.core._engine import _top_k_neighbors as top_k_neighbors  # queries first, with hooks
+from ensemble_kernel.analysis._ablations import ablation_neighbors
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.evaluation import accuracy, knn_predict
-from ensemble_kernel.kernel import dense_kernel
-from ensemble_kernel.plan import plan_memory
-from ensemble_kernel.sources import ArraySource
-from ensemble_kernel.sweeps import sweep
+from ensemble_kernel.analysis._evaluation import accuracy, knn_predict
+from ensemble_kernel.core._kernel import dense_kernel
+from ensemble_kernel.core._plan import plan_memory
+from ensemble_kernel.core._sources import ArraySource
+from ensemble_kernel.analysis._sweep import sweep
 
 from conftest import assert_same_neighbors, make_ensemble
 
@@ -173,7 +173,7 @@ def test_kept_train_statistics_are_taken_only_for_the_source_and_normalisation_k
     keeps what it found; a later run with the same normalisation takes that instead; the
     queries, another source object with the same values, or another normalisation (no
     log-softmax, one class) pass over their runs again."""
-    from ensemble_kernel import engine
+    from ensemble_kernel.core import _engine as engine
 
     ens, train, test = adversarial(seed=4)
     train_src, test_src = ArraySource(train), ArraySource(test)
@@ -208,7 +208,7 @@ def test_the_sweep_with_kept_statistics_gives_the_same_ablations():
     """The report's path: the test -> train pass keeps the train statistics and the sweep's
     ablations take them; the ablations equal the one-at-a-time ones, computed afresh,
     and the ablation pass passed over the train runs once (no log-softmax) not twice."""
-    from ensemble_kernel import engine
+    from ensemble_kernel.core import _engine as engine
 
     ens, train, test = adversarial(seed=3)
     train_src, test_src = ArraySource(train), ArraySource(test)
@@ -235,7 +235,8 @@ def test_the_sweep_gives_the_kept_statistics_bytes_back_to_every_kernel(monkeypa
     """The caller takes the kept statistics off the sweep's budget; the ablations' pass
     (whose plan counts its statistics) and then every subset's kernel (once the sweep has
     dropped them) get exactly the budget they get without kept statistics."""
-    from ensemble_kernel import engine, sweeps
+    from ensemble_kernel.core import _engine as engine
+    from ensemble_kernel.analysis import _sweep as sweeps
 
     ens, train, test = adversarial(seed=5)
     train_src, test_src = ArraySource(train), ArraySource(test)
@@ -277,8 +278,8 @@ def test_the_kernels_outside_the_pass_run_exact_where_exact_was_asked(monkeypatc
     # one-at-a-time path once resolved 'auto' of their own even where exact was asked for.
     # Now exact is exact; a choice of fast, made for another kernel, leaves them 'auto'
     # (fast mode where it fits their budget and pays for their shape).
-    import ensemble_kernel.ablations as ab
-    from ensemble_kernel import engine
+    import ensemble_kernel.analysis._ablations as ab
+    from ensemble_kernel.core import _engine as engine
 
     if precision == "exact":
         def no_auto(*args, **kwargs):

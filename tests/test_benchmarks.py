@@ -123,7 +123,7 @@ def test_bench_20k_end_to_end_at_tiny_scale(tmp_path, capsys):
     want = top_k_neighbors(train, test, 3, precision="exact")
     assert np.array_equal(got["indices"], want.indices.numpy())
     np.testing.assert_allclose(got["values"], want.values.numpy(), rtol=1e-5, atol=1e-6)
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.storage._store import RunStore
 
     assert RunStore(folder / "store").n_models == 6
 
@@ -241,13 +241,13 @@ def test_run_reads_fast_modes_counts_from_its_log(caplog):
     import logging
 
     import run
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
 
     counts = run.FastModeCounts()
-    log = logging.getLogger("ensemble_kernel.engine")
+    log = logging.getLogger("ensemble_kernel.core._engine")
     log.addHandler(counts)
     try:
-        with caplog.at_level(logging.INFO, logger="ensemble_kernel.engine"):
+        with caplog.at_level(logging.INFO, logger="ensemble_kernel.core._engine"):
             g = torch.Generator().manual_seed(0)
             train, test = torch.randn(5, 300, 3, generator=g), torch.randn(5, 20, 3, generator=g)
             _top_k_neighbors(test, train, 2, precision="fast", memory_budget=64 << 20)

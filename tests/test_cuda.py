@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, precision, top_k_neighbors
-from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel import dense_kernel, top_k_neighbors
+
+from ensemble_kernel.core import _precision as precision
+from ensemble_kernel.core._engine import _top_k_neighbors
 
 from conftest import assert_same_neighbors, make_ensemble, run_cli, save_labels, save_pt
 
@@ -145,7 +147,7 @@ def test_report_on_cuda_gives_the_cpus_tables(tmp_path):
 def test_many_small_pieces_and_stored_dtypes_on_cuda(monkeypatch, dtype, prec):
     # Pieces of a few rows (tail pieces, non-contiguous slices copied through pinned
     # memory), from float16 logits as stores keep them and from float64 ones.
-    from ensemble_kernel import engine
+    from ensemble_kernel.core import _engine as engine
 
     plain = make_ensemble(seed=4, n_models=9, n_train=700, n_test=120)
     _, test, train = hard_ensemble()
@@ -174,8 +176,8 @@ def test_the_sweeps_shared_statistics_on_cuda_are_the_cpus(budget):
     # One pass for every subset, on the GPU (pieces of the scratch, tiny blocks of rows at
     # the small budget): each subset's statistics as the CPU's pass gives them, and left
     # to the engine for the same subsets.
-    from ensemble_kernel.engine import shared_statistics
-    from ensemble_kernel.sources import ArraySource
+    from ensemble_kernel.core._engine import shared_statistics
+    from ensemble_kernel.core._sources import ArraySource
 
     plain = make_ensemble(seed=5, n_models=16, n_train=300, n_test=10, noise=2.0)
     source = ArraySource(plain.train.half())  # as a store keeps them

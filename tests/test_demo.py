@@ -11,7 +11,7 @@ from ensemble_kernel.cli import app
 from ensemble_kernel.demo.data import load_dataset
 from ensemble_kernel.demo.train import TrainConfig, init_ensemble, predict, train_ensemble
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.storage._store import RunStore
 
 SMALL = TrainConfig(epochs=1, batch_size=32, channels=8)
 

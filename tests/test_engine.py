@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel import engine as engine_module
-from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel.core import _engine as engine_module
+from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.errors import InputError
 
 from conftest import assert_same_neighbors, make_ensemble
@@ -113,8 +113,8 @@ def test_progress_reports_every_stage():
 def test_cuda_agrees_with_cpu():
     # exact and fast (one block of runs: the value bound; several: the worst case), and
     # auto's pilot, on the GPU
-    from ensemble_kernel.engine import _crowded_share
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.core._engine import _crowded_share
+    from ensemble_kernel.core._plan import plan_memory
 
     ens = make_ensemble(n_models=8, n_train=500, n_test=100)
     for precision, chunk_models in (("exact", None), ("fast", None), ("fast", 3)):
@@ -171,7 +171,7 @@ def test_gpu_pieces_are_sized_for_every_class_read(monkeypatch):
 def test_tiles_without_the_query_cache_agree():
     import dataclasses
 
-    from ensemble_kernel.engine import _prepare_engine
+    from ensemble_kernel.core._engine import _prepare_engine
 
     ens = make_ensemble(n_models=5, n_train=100, n_test=30)
     engine = _prepare_engine(ens.test, ens.train, 4, log_softmax=True, classes=None,
@@ -185,7 +185,7 @@ def test_tiles_without_the_query_cache_agree():
 
 def test_tile_subsets_merged_equal_the_whole():
     # What torchrun ranks do: each computes some tiles; the merge is the whole answer.
-    from ensemble_kernel.neighbors import merge_topk
+    from ensemble_kernel.core._neighbors import merge_topk
 
     ens = make_ensemble(n_models=5, n_train=100, n_test=30)
     common = dict(tile_size=23, chunk_models=2, memory_budget=16 * MiB)  # 5 tiles
@@ -203,7 +203,7 @@ def test_csr_hides_torchs_spurious_invariant_notice_and_still_checks(monkeypatch
     # of its wordings, without switching the process-wide check (other threads see it).
     import warnings
 
-    from ensemble_kernel.engine import _csr
+    from ensemble_kernel.core._engine import _csr
 
     real = torch.sparse_csr_tensor
 

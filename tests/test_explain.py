@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.explain import (compare_neighbors, failures, near_duplicates, parse_ranks,
+from ensemble_kernel.analysis._explain import (compare_neighbors, failures, near_duplicates, parse_ranks,
                                      similar_pairs)
 
 from conftest import make_ensemble, save_labels, save_pt
@@ -122,7 +122,7 @@ def test_inputs_of_every_kind_are_drawn_at_a_visible_size(shape):
 
 def test_feature_neighbors_do_not_depend_on_the_block_size():
     # Blocks of training rows bound the float64 copies; ties still go to the smaller index.
-    from ensemble_kernel.explain import feature_neighbors
+    from ensemble_kernel.analysis._explain import feature_neighbors
 
     g = torch.Generator().manual_seed(0)
     train = torch.randn(1000, 16, generator=g)

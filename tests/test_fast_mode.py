@@ -16,15 +16,15 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel.engine import _top_k_neighbors
-from ensemble_kernel.bounds import (
+from ensemble_kernel.core._engine import _top_k_neighbors
+from ensemble_kernel.core._bounds import (
     BFLOAT16_ROUNDOFF,
     RECOMPUTED_ROUNDOFF,
     gamma,
     low_precision_error,
     product_error_coefficient,
 )
-from ensemble_kernel import engine as engine_module
+from ensemble_kernel.core import _engine as engine_module
 
 from conftest import adversarial_pass, assert_same_neighbors, make_ensemble
 
@@ -433,7 +433,7 @@ def test_squared_norm_upper_bounds_the_measured_norms(float32_norms, monkeypatch
     above on rows built to round down: squares just below a rounding midpoint, one large
     entry beside many small ones (the small ones' squares lost against it), and entries
     whose squares fall below float32's normal range."""
-    from ensemble_kernel import bounds
+    from ensemble_kernel.core import _bounds as bounds
 
     if not float32_norms:
         monkeypatch.setattr(bounds, "_FLOAT32_NORM_WIDTH", 4)
@@ -467,7 +467,7 @@ def test_rescore_norms_bound_a_narrower_last_block_too(monkeypatch):
     The float32/float64 switch is lowered so that small shapes reach it."""
     from fractions import Fraction
 
-    from ensemble_kernel import bounds
+    from ensemble_kernel.core import _bounds as bounds
 
     monkeypatch.setattr(bounds, "_FLOAT32_NORM_WIDTH", 12)  # 4 runs x 5 classes: float64
     original = engine_module.plan_memory

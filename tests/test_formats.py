@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ensemble_kernel.errors import InputError, RunFileError
-from ensemble_kernel.formats import find_run_files, open_runs, read_run_file
+from ensemble_kernel.storage._formats import find_run_files, open_runs, read_run_file
 
 from conftest import make_ensemble, save_pt
 
@@ -165,7 +165,7 @@ def test_pt_with_a_malicious_pickle_beside_numpy_is_refused_in_one_line(tmp_path
     ("inputs", (5, 8), "5 rows but the split has 6 examples"),
 ])
 def test_extra_arrays_are_checked_when_read(tmp_path, kind, shape, match):
-    from ensemble_kernel.formats import read_extras
+    from ensemble_kernel.storage._formats import read_extras
 
     np.savez(tmp_path / "x.npz", **{f"{kind}_train": np.zeros(shape),
                                    f"{kind}_test": np.zeros((2, *shape[1:]))})
@@ -240,7 +240,7 @@ def _huge_npz(path, keys, shape=(1000, 1000_000, 1000)):
 
 
 def test_npz_member_declaring_a_huge_shape_is_refused_before_allocating(tmp_path):
-    from ensemble_kernel.formats import read_extras, read_labels
+    from ensemble_kernel.storage._formats import read_extras, read_labels
 
     ens = make_ensemble(n_models=2)
     save_pt(tmp_path / "a.pt", ens.train, ens.test)
@@ -261,7 +261,7 @@ def test_npz_member_declaring_a_huge_shape_is_refused_before_allocating(tmp_path
 def test_npz_member_size_is_checked_against_its_header(tmp_path):
     import zipfile
 
-    from ensemble_kernel.formats import load_npz
+    from ensemble_kernel.storage._formats import load_npz
 
     np.savez(tmp_path / "x.npz", a=np.arange(12, dtype="<f8").reshape(3, 4),
              f=np.asfortranarray(np.arange(6, dtype=">i2").reshape(2, 3)))

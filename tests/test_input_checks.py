@@ -10,7 +10,7 @@ import pytest
 
 from ensemble_kernel.cli.common import parse_size
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.sources import parse_runs
+from ensemble_kernel.core._sources import parse_runs
 
 from conftest import make_ensemble, run_cli
 
@@ -105,7 +105,7 @@ def test_one_example_within_its_split_is_refused_in_one_line(tmp_path, command, 
 
 def test_k_with_no_references_says_there_are_none(tmp_path):
     from ensemble_kernel.cli.common import check_k
-    from ensemble_kernel.engine import top_k_neighbors
+    from ensemble_kernel.core._engine import top_k_neighbors
 
     with pytest.raises(InputError, match=r"^--k \(its default 3\): there are no other test "
                                          r"examples to take neighbours from \(SRC has none\)$"):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel.engine import _compute_kernel
+from ensemble_kernel.core._engine import _compute_kernel
 from ensemble_kernel.errors import InputError, NonFiniteError
-from ensemble_kernel.kernel import exact_float32_matmul
+from ensemble_kernel.core._kernel import exact_float32_matmul
 
 from conftest import make_ensemble
 
@@ -161,7 +161,7 @@ def _adversarial_logit_rows() -> torch.Tensor:
 
 
 def test_log_softmax_is_accurate_against_float64_with_ties_and_confident_rows():
-    from ensemble_kernel.kernel import _log_softmax_
+    from ensemble_kernel.core._kernel import _log_softmax_
 
     x = _adversarial_logit_rows()
     got = x.clone()
@@ -185,7 +185,7 @@ def test_log_softmax_is_accurate_against_float64_with_ties_and_confident_rows():
 def test_log_softmax_of_a_row_does_not_depend_on_its_block():
     """Every row gets the same float32 bits however it is batched (the statistics pass and
     the feature pass read an example in blocks of different shapes)."""
-    from ensemble_kernel.kernel import _log_softmax_
+    from ensemble_kernel.core._kernel import _log_softmax_
 
     x = _adversarial_logit_rows()
     whole = x.clone()

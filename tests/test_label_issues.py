@@ -19,9 +19,9 @@ import torch
 
 from ensemble_kernel import dense_kernel
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.labelissues import (ensemble_probabilities, knn_graph, label_issues,
+from ensemble_kernel.analysis._label_issues import (ensemble_probabilities, knn_graph, label_issues,
                                          vote_probabilities)
-from ensemble_kernel.neighbors import Neighbors
+from ensemble_kernel.core._neighbors import Neighbors
 
 from conftest import Ensemble, make_ensemble, run_cli, save_labels, save_pt
 
@@ -302,7 +302,7 @@ def test_report_section_shows_the_top_suspects_beside_their_neighbours(tmp_path)
     from ensemble_kernel import top_k_neighbors
     from ensemble_kernel.report.build import build_report
     from ensemble_kernel.report.grids import InputRenderer
-    from ensemble_kernel.sources import ArraySource
+    from ensemble_kernel.core._sources import ArraySource
 
     ens = _clustered(seed=12, n_models=6, n_train=60, n_test=30, n_classes=4)
     ens.labels_test, _ = _flip(ens.labels_test, 0.2, 4, seed=5)

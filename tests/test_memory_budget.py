@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel.sources import ArraySource
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.core._sources import ArraySource
+from ensemble_kernel.storage._store import RunStore
 
 from conftest import make_ensemble
 
@@ -106,7 +106,7 @@ def test_sweep_peak_rss_stays_within_the_budget(stores):
 
 
 def test_the_bootstrap_is_the_same_in_any_block_size():
-    from ensemble_kernel.sweeps import bootstrap_difference
+    from ensemble_kernel.analysis._sweep import bootstrap_difference
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.rand(301, generator=g) < 0.9, torch.rand(301, generator=g) < 0.8
@@ -118,7 +118,7 @@ def test_the_bootstrap_is_the_same_in_any_block_size():
 def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
     """Every kernel of a sweep gets the budget less what the sweep keeps beside it, and
     the device asked for; the budget is refused when that leaves too little."""
-    import ensemble_kernel.sweeps as sweep_module
+    import ensemble_kernel.analysis._sweep as sweep_module
     from ensemble_kernel.errors import BudgetError
 
     seen = []
@@ -146,7 +146,7 @@ def test_the_sweep_takes_what_it_holds_off_the_kernels_budget(monkeypatch):
 
 
 def test_a_sampled_sweep_counts_its_sample_in_what_it_holds(monkeypatch):
-    import ensemble_kernel.sweeps as sweep_module
+    import ensemble_kernel.analysis._sweep as sweep_module
     from ensemble_kernel.errors import BudgetError
 
     seen = []

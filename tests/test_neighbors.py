@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.neighbors import (Neighbors, empty_topk, knn_scores, merge_topk,
+from ensemble_kernel.core._neighbors import (Neighbors, empty_topk, knn_scores, merge_topk,
                                        predict_from_scores, topk_block, weighted_scores)
 
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ensemble_kernel.atomic import atomic_write
-from ensemble_kernel.checkpoint import TileCheckpoint
+from ensemble_kernel._atomic import atomic_write
+from ensemble_kernel.storage._checkpoint import TileCheckpoint
 from ensemble_kernel.cli import app
-from ensemble_kernel.configs import code_hash
+from ensemble_kernel.storage._configs import code_hash
 
 from conftest import CODE_A, CODE_B, make_ensemble, make_published_tree, save_labels, save_pt
 from test_resume import ARGS, _partial_run, _save_npz
@@ -332,7 +332,7 @@ def test_a_users_file_named_like_a_tile_beyond_the_plan_is_kept(tmp_path, big, m
     partial = _partial_run(monkeypatch, [src], out)
     (partial / "tile-99999.npz").write_bytes(b"mine")
     # Starting over (another option) clears the old tiles, not the user's file ...
-    from ensemble_kernel import checkpoint as checkpoint_module
+    from ensemble_kernel.storage import _checkpoint as checkpoint_module
 
     original = checkpoint_module.TileCheckpoint.save
 

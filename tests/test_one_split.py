@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ensemble_kernel import dense_kernel, top_k_neighbors
-from ensemble_kernel.evaluation import select_by_leave_one_out
-from ensemble_kernel.formats import open_runs
-from ensemble_kernel.sources import as_source
-from ensemble_kernel.within import duplicates_within, evaluate_within
+from ensemble_kernel.analysis._evaluation import select_by_leave_one_out
+from ensemble_kernel.storage._formats import open_runs
+from ensemble_kernel.core._sources import as_source
+from ensemble_kernel.analysis._within import duplicates_within, evaluate_within
 
 from conftest import (CODE_A, assert_same_neighbors, make_ensemble, make_published_tree,
                       run_cli, save_pt)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from ensemble_kernel.errors import BudgetError
-from ensemble_kernel.plan import _GPU_PIECE_BYTES, _PIECE_BYTES, _smallest_budget, plan_memory
+from ensemble_kernel.core._plan import _GPU_PIECE_BYTES, _PIECE_BYTES, _smallest_budget, plan_memory
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
@@ -236,7 +236,7 @@ def test_the_ablations_plan_at_cifar_shape_takes_two_even_blocks_of_runs():
     ablations = {**CIFAR, "n_queries": 2_000, "n_models": 500, "n_used_classes": 40,
                  "k_keep": 3}
     assert plan(ablations, 1 << 31, n_kernels=11).chunk_models <= 102
-    from ensemble_kernel.ablations import _PER_CLASS_RUNS
+    from ensemble_kernel.analysis._ablations import _PER_CLASS_RUNS
 
     chosen = plan(ablations, 1 << 31, n_kernels=11, block_runs=(_PER_CLASS_RUNS, 409))
     assert chosen.chunk_models == 250

@@ -10,14 +10,18 @@ import json
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, engine, precision, top_k_neighbors
+from ensemble_kernel import dense_kernel, top_k_neighbors
+
+from ensemble_kernel.core import _engine as engine
+
+from ensemble_kernel.core import _precision as precision
 from ensemble_kernel.errors import InputError
-from ensemble_kernel import engine as engine_module
-from ensemble_kernel.engine import _top_k_neighbors
-from ensemble_kernel.plan import plan_memory
-from ensemble_kernel.precision import (Rates, choose_precision, fast_plan, machine_key,
+from ensemble_kernel.core import _engine as engine_module
+from ensemble_kernel.core._engine import _top_k_neighbors
+from ensemble_kernel.core._plan import plan_memory
+from ensemble_kernel.core._precision import (Rates, choose_precision, fast_plan, machine_key,
                                       predict_times, probe)
-from ensemble_kernel.sources import as_source
+from ensemble_kernel.core._sources import as_source
 
 from conftest import assert_same_neighbors, make_ensemble, run_cli, save_pt
 
@@ -151,7 +155,7 @@ def test_a_kernel_without_log_softmax_is_predicted_at_its_own_normalising_rate(f
 
 def test_auto_takes_exact_where_only_exact_fits_the_budget(fake_probe):
     from ensemble_kernel.errors import BudgetError
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.core._plan import plan_memory
 
     shape = {k: v for k, v in CIFAR.items() if k != "memory_budget"}
 

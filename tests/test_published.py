@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel.cifar import read_cifar10_labels, safe_unpickle
-from ensemble_kernel.configs import code_hash
+from ensemble_kernel.storage._cifar import read_cifar10_labels, safe_unpickle
+from ensemble_kernel.storage._configs import code_hash
 from ensemble_kernel.errors import InputError, RunFileError
-from ensemble_kernel.evaluation import evaluate
-from ensemble_kernel.formats import open_runs, read_run_file
+from ensemble_kernel.analysis._evaluation import evaluate
+from ensemble_kernel.storage._formats import open_runs, read_run_file
 
 from conftest import CODE_A, CODE_B, make_published_tree, run_cli, write_fake_cifar
 

@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.report.build import build_report
 from ensemble_kernel.report.grids import InputRenderer
-from ensemble_kernel.sources import ArraySource
+from ensemble_kernel.core._sources import ArraySource
 
 from conftest import make_ensemble
 

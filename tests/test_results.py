@@ -97,7 +97,7 @@ def test_views_draw_the_inputs_when_known_and_tables_otherwise(ens, found):
 
 
 def test_view_rows_are_the_explain_functions_results(ens, found):
-    from ensemble_kernel import explain
+    from ensemble_kernel.analysis import _explain as explain
 
     view = ek.pairs(found, labels_train=ens.labels_train, labels_test=ens.labels_test,
                     ranks=slice(3, 9))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ensemble_kernel import checkpoint as checkpoint_module
+from ensemble_kernel.storage import _checkpoint as checkpoint_module
 from ensemble_kernel.cli import app
 
 from conftest import make_ensemble
@@ -288,7 +288,7 @@ def test_a_plan_forced_beyond_the_budget_is_refused():
     """`plan_memory` with a kept tile and block (a checkpoint's) checks they fit, as the
     plan it chooses does; the same plan within a budget large enough is taken as given."""
     from ensemble_kernel.errors import BudgetError
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.core._plan import plan_memory
 
     shape = dict(n_queries=200, n_references=2000, n_models=6, n_used_classes=5, k_keep=5)
     big = plan_memory(**shape, budget=8 << 20)
@@ -314,7 +314,7 @@ def test_the_default_budget_is_read_once_for_the_plan_and_the_engine(tmp_path, m
     for one reading must not be checked by the engine against a smaller second one (the
     plan is tight, so a fall of 256 KiB refused it)."""
     import ensemble_kernel.cli.compute as compute
-    import ensemble_kernel.engine as engine
+    import ensemble_kernel.core._engine as engine
 
     readings = []
 
@@ -322,7 +322,7 @@ def test_the_default_budget_is_read_once_for_the_plan_and_the_engine(tmp_path, m
         readings.append(1)
         return 6427613 - 262144 * (len(readings) - 1)
 
-    import ensemble_kernel.precision as precision
+    import ensemble_kernel.core._precision as precision
 
     for module in (compute, engine, precision):
         monkeypatch.setattr(module, "default_memory_budget", falling)

@@ -17,11 +17,13 @@ import warnings
 import pytest
 import torch
 
-from ensemble_kernel import engine, sweeps
-from ensemble_kernel.engine import _prepare_engine, shared_statistics
+from ensemble_kernel.core import _engine as engine
+
+from ensemble_kernel.analysis import _sweep as sweeps
+from ensemble_kernel.core._engine import _prepare_engine, shared_statistics
 from ensemble_kernel.errors import BudgetError, NonFiniteError
-from ensemble_kernel.sources import ArraySource, select_runs
-from ensemble_kernel.sweeps import default_run_counts, disjoint_subsets, sweep
+from ensemble_kernel.core._sources import ArraySource, select_runs
+from ensemble_kernel.analysis._sweep import default_run_counts, disjoint_subsets, sweep
 
 from conftest import make_ensemble
 
@@ -242,8 +244,8 @@ def test_the_pass_never_takes_fast_mode_from_auto():
     """Under auto, where fast mode's plan fits the budget but not beside the results, the
     pass is skipped (a reviewer saw every subset kernel fall back to exact mode); with
     exact asked for, the same budget shares."""
-    from ensemble_kernel.engine import candidates_per_query
-    from ensemble_kernel.plan import plan_memory
+    from ensemble_kernel.core._engine import candidates_per_query
+    from ensemble_kernel.core._plan import plan_memory
 
     ens = make_ensemble(n_models=16, n_train=3000, n_test=60, noise=3.0)
     train, test = ArraySource(ens.train), ArraySource(ens.test)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel.engine import _compute_kernel, _top_k_neighbors
+from ensemble_kernel.core._engine import _compute_kernel, _top_k_neighbors
 from ensemble_kernel.errors import InputError, NonFiniteError
 
 from conftest import assert_same_neighbors, make_ensemble
@@ -165,7 +165,7 @@ def test_an_output_whose_runs_round_to_one_float32_value_is_checked_in_float64(p
     float32 saw a constant output and gave it 0, where the float64 twin standardises the
     difference to a whole feature (kernel values 0.5 apart). The example is now passed
     again in float64, as one float32 cannot standardise."""
-    from ensemble_kernel.kernel import prepare
+    from ensemble_kernel.core._kernel import prepare
 
     ens = make_ensemble(seed=0, n_models=2, n_train=20, n_test=1, n_classes=3, noise=0.05)
     x = -60.0 + 1e-3 * ens.train
@@ -184,7 +184,7 @@ def test_outputs_constant_in_float64_too_stay_float32_and_constant():
     """The float64 check of a constant output costs nothing after: truly constant outputs
     (every run the same logits) keep their float32 statistics, and no example is marked
     for float64 features."""
-    from ensemble_kernel.engine import _prepare_engine
+    from ensemble_kernel.core._engine import _prepare_engine
 
     ens = make_ensemble(seed=5, n_models=9, n_train=40, n_test=10)
     train = ens.train.clone()

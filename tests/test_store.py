@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import pytest
 import zarr
-from ensemble_kernel.store_meta import SEAL, check_seal
+from ensemble_kernel.storage._meta import SEAL, check_seal
 from typer.testing import CliRunner
 
 from ensemble_kernel import dense_kernel
-from ensemble_kernel.engine import _top_k_neighbors
+from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import StoreError
-from ensemble_kernel.store import RunStore, is_store
+from ensemble_kernel.storage._store import RunStore, is_store
 
 from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt
 

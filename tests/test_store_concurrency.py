@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel.formats import file_hash
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.storage._formats import file_hash
+from ensemble_kernel.storage._store import RunStore
 
 from conftest import save_pt
 
@@ -25,7 +25,7 @@ N_TRAIN, N_TEST, N_CLASSES = 30, 10, 3
 WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from ensemble_kernel.store import RunStore
+    from ensemble_kernel.storage._store import RunStore
     store, files = sys.argv[1], sys.argv[2:]
     for f in files:  # one fresh open per file: the committed count it saw is soon stale
         RunStore(store).append_file(Path(f))

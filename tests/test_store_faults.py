@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import zarr
 
-import ensemble_kernel.store as store_module
-from ensemble_kernel.formats import file_hash
-from ensemble_kernel.store import RunStore
+import ensemble_kernel.storage._store as store_module
+from ensemble_kernel.storage._formats import file_hash
+from ensemble_kernel.storage._store import RunStore
 
 from conftest import make_ensemble, save_pt
 

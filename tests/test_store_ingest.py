@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 import ensemble_kernel.cli.ingest as ingest_module
-import ensemble_kernel.store as store_module
+import ensemble_kernel.storage._store as store_module
 from ensemble_kernel.cli import app
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.storage._store import RunStore
 
 from conftest import make_ensemble, save_labels, save_pt
 from test_store_faults import view

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel.checkpoint import content_fingerprint
+from ensemble_kernel.storage._checkpoint import content_fingerprint
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.store import RunStore
-from ensemble_kernel.store_meta import SEAL, seal
-from ensemble_kernel.store_precision import rounding_warning
-from ensemble_kernel.store_verify import upgrade_store, verify_store
+from ensemble_kernel.storage._store import RunStore
+from ensemble_kernel.storage._meta import SEAL, seal
+from ensemble_kernel.storage._precision import rounding_warning
+from ensemble_kernel.storage._verify import upgrade_store, verify_store
 
 from conftest import make_ensemble, run_cli, save_labels, save_pt
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import ensemble_kernel.store as store_module
+import ensemble_kernel.storage._store as store_module
 from ensemble_kernel.errors import StoreError
-from ensemble_kernel.store import RunStore
-from ensemble_kernel.store_meta import seal
+from ensemble_kernel.storage._store import RunStore
+from ensemble_kernel.storage._meta import seal
 
 
 def _store(tmp_path, monkeypatch, dtype, chunk=7, n_models=5, n_train=23, n_test=12):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import StoreError
-from ensemble_kernel.store import RunStore, is_store
+from ensemble_kernel.storage._store import RunStore, is_store
 
 from conftest import make_ensemble, save_labels, save_pt
 from test_store_faults import view
@@ -244,7 +244,7 @@ def test_the_lock_is_exclusive_and_unsupported_locking_is_one_clear_line(made, m
 
 
 def test_zarr_version_check_and_grown_writer(tmp_path):
-    from ensemble_kernel.store_io import check_zarr_version, grown_writer
+    from ensemble_kernel.storage._io import check_zarr_version, grown_writer
 
     check_zarr_version()  # the installed one
     for bad in ("2.18.0", "3.2.0", "4.0.0", "dev"):

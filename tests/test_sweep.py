@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.sources import ArraySource
-from ensemble_kernel.sweeps import (bootstrap_difference, default_run_counts, disjoint_subsets,
+from ensemble_kernel.core._sources import ArraySource
+from ensemble_kernel.analysis._sweep import (bootstrap_difference, default_run_counts, disjoint_subsets,
                                    mcnemar_exact, sweep)
 
 from conftest import make_ensemble
@@ -55,7 +55,7 @@ def test_sweep_rows_and_ablations():
 
 
 def test_known_neighbours_are_reused_without_changing_the_result():
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
 
     ens = make_ensemble(n_models=8, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
@@ -203,7 +203,7 @@ class _CountingSource:
                                                (7, 6, 0), (1000, 999, 12_000)])
 def test_the_sample_holds_exactly_its_examples_read_in_whole_runs_within_the_limit(
         n, size, max_read):
-    from ensemble_kernel.sources import read_sample, sample_bytes, sample_positions
+    from ensemble_kernel.core._sources import read_sample, sample_bytes, sample_positions
 
     logits = torch.arange(5 * n * 3, dtype=torch.float32).reshape(5, n, 3)
     logits[2, n // 2, 1] = -0.0
@@ -250,14 +250,14 @@ def test_a_very_long_sample_size_is_a_typo_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("n, size", [(10, 0), (10, 11), (0, 1)])
 def test_an_impossible_sample_is_refused(n, size):
-    from ensemble_kernel.sources import sample_positions
+    from ensemble_kernel.core._sources import sample_positions
 
     with pytest.raises(InputError, match=f"a sample of {size} examples from {n}"):
         sample_positions(n, size)
 
 
 def test_a_split_sorted_by_class_keeps_every_class_in_the_sample():
-    from ensemble_kernel.sources import sample_positions
+    from ensemble_kernel.core._sources import sample_positions
 
     labels = torch.arange(10).repeat_interleave(1000)  # 10,000 sorted by class
     counts = torch.bincount(labels[sample_positions(10_000, 2000)], minlength=10)
@@ -266,7 +266,7 @@ def test_a_split_sorted_by_class_keeps_every_class_in_the_sample():
 
 def _sample_twin(ens, size):
     """The plain twin: the sweep over the test split cut down by hand, on every example."""
-    from ensemble_kernel.sources import sample_positions
+    from ensemble_kernel.core._sources import sample_positions
 
     pick = sample_positions(ens.test.shape[1], size)
     return sweep(ArraySource(ens.train), ArraySource(ens.test[:, pick].contiguous()),
@@ -275,7 +275,7 @@ def _sample_twin(ens, size):
 
 @pytest.mark.parametrize("size", [1, 7, 39])
 def test_a_sampled_sweep_is_the_sweep_of_those_examples(size):
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
 
     ens = make_ensemble(n_models=8, n_train=100, n_test=40)
     train, test = ArraySource(ens.train), ArraySource(ens.test)
@@ -320,7 +320,7 @@ def test_a_bad_sample_size_is_refused(bad):
 
 
 def test_known_neighbours_of_other_examples_are_refused():
-    from ensemble_kernel.engine import _top_k_neighbors
+    from ensemble_kernel.core._engine import _top_k_neighbors
 
     ens = make_ensemble(n_models=4, n_train=30, n_test=10)
     found = _top_k_neighbors(ens.test[:, :6], ens.train, 5, memory_budget=1 << 26)
@@ -423,7 +423,7 @@ def test_the_sweeps_statistics_do_not_import_scipy_stats():
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom ensemble_kernel.sweeps import mcnemar_exact, "
+    code = ("import sys, torch\nfrom ensemble_kernel.analysis._sweep import mcnemar_exact, "
             "bootstrap_difference\nmcnemar_exact(30, 12)\n"
             "a = torch.rand(500) < 0.9\nbootstrap_difference(a, torch.rand(500) < 0.8)\n"
             "print('scipy.stats' in sys.modules)")

@@ -1,4 +1,4 @@
-"""The guard against oneMKL's first-call race (see ensemble_kernel.vector_math)."""
+"""The guard against oneMKL's first-call race (see ensemble_kernel.core._vector_math)."""
 
 import subprocess
 import sys

@@ -17,7 +17,7 @@ from ensemble_kernel.cli import app
 from ensemble_kernel.demo import DemoOptions
 from ensemble_kernel.demo.output import MARKER, check_output_folder
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.store import RunStore
+from ensemble_kernel.storage._store import RunStore
 
 from conftest import make_ensemble, save_labels, save_pt
 
@@ -266,7 +266,7 @@ def test_written_files_get_the_users_umask_not_0600(tmp_path, umask):
     import os
     import stat
 
-    from ensemble_kernel.atomic import atomic_write_text
+    from ensemble_kernel._atomic import atomic_write_text
 
     old = os.umask(umask)
     try:

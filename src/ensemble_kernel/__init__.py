@@ -13,14 +13,14 @@ labels_train, labels_test)``, ``KernelKNN().fit(train, y_train).predict(test)``.
 >>> ek.evaluate(runs.train, runs.test, runs.labels_train, runs.labels_test)  # doctest: +SKIP
 """
 
-from .vector_math import resolve_dispatch as _resolve_dispatch
+from .core._vector_math import resolve_dispatch as _resolve_dispatch
 
 _resolve_dispatch()  # before any computation: see vector_math
 
 # The functions `evaluate` and `sweep` live in modules with other names (evaluation,
 # sweeps), so importing any submodule never rebinds a top-level name to a module.
-from .classifier import KernelKNN
-from .engine import Plan, Progress, compute_kernel, plan_memory, top_k_neighbors
+from .analysis._classifier import KernelKNN
+from .core._engine import Plan, Progress, compute_kernel, plan_memory, top_k_neighbors
 from .errors import (
     BudgetError,
     EnsembleKernelError,
@@ -29,16 +29,16 @@ from .errors import (
     RunFileError,
     StoreError,
 )
-from .evaluation import Evaluation, Selection, evaluate, select_by_leave_one_out
-from .kernel import dense_kernel
-from .labelissues import LabelIssues, knn_graph, label_issues
-from .neighbors import Neighbors
-from .precision import PrecisionChoice, choose_precision
-from .runs import Runs, open_runs
-from .sources import ArraySource, ConcatSource, LogitSource
-from .store import RunStore
-from .sweeps import Significance, SweepResult, SweepRow, sweep
-from .views import (
+from .analysis._evaluation import Evaluation, Selection, evaluate, select_by_leave_one_out
+from .core._kernel import dense_kernel
+from .analysis._label_issues import LabelIssues, knn_graph, label_issues
+from .core._neighbors import Neighbors
+from .core._precision import PrecisionChoice, choose_precision
+from .storage._runs import Runs, open_runs
+from .core._sources import ArraySource, ConcatSource, LogitSource
+from .storage._store import RunStore
+from .analysis._sweep import Significance, SweepResult, SweepRow, sweep
+from .report._views import (
     ComparisonView,
     DuplicatesView,
     FailuresView,

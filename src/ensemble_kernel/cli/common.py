@@ -25,12 +25,12 @@ from typer.core import TyperGroup
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
-from ..engine import Progress, _crowded_share
+from ..core._engine import Progress, _crowded_share
 from ..errors import EnsembleKernelError, InputError
-from ..formats import RunSet
-from ..precision import PrecisionChoice, choose_precision
-from ..runs import Runs, open_runs
-from ..sources import item_size
+from ..storage._formats import RunSet
+from ..core._precision import PrecisionChoice, choose_precision
+from ..storage._runs import Runs, open_runs
+from ..core._sources import item_size
 
 try:  # typer >= 0.2x vendors its own click; earlier releases use click itself
     from typer._click import exceptions as _click_errors
@@ -294,7 +294,7 @@ SweepExamplesOpt = typer.Option(
 
 def sweep_examples(text: Optional[str]) -> Optional[int]:
     """--sweep-examples -> the sweep's `test_examples` (None: every test example)."""
-    from ..sweeps import DEFAULT_TEST_EXAMPLES
+    from ..analysis._sweep import DEFAULT_TEST_EXAMPLES
 
     if text is None:
         return DEFAULT_TEST_EXAMPLES
@@ -312,7 +312,7 @@ def sweep_examples(text: Optional[str]) -> Optional[int]:
 
 def sweep_subsets(max_subsets: Optional[int], full_sweep: bool) -> Optional[int]:
     """--max-subsets and --full-sweep -> the sweep's `max_subsets` (None: every subset)."""
-    from ..sweeps import DEFAULT_MAX_SUBSETS
+    from ..analysis._sweep import DEFAULT_MAX_SUBSETS
 
     if full_sweep and max_subsets is not None:
         raise InputError(f"--full-sweep takes every disjoint subset and --max-subsets "

@@ -15,16 +15,16 @@ import torch
 import typer
 
 from .. import __version__
-from ..atomic import atomic_write
-from ..checkpoint import TileCheckpoint, content_fingerprint
-from ..engine import _top_k_neighbors, candidates_per_query, default_memory_budget
+from .._atomic import atomic_write
+from ..storage._checkpoint import TileCheckpoint, content_fingerprint
+from ..core._engine import _top_k_neighbors, candidates_per_query, default_memory_budget
 from ..errors import LABELS_HINT, InputError
-from ..evaluation import evaluate, select_by_leave_one_out
-from ..formats import RunSet, _as_labels, check_labels, file_hash, load_npz
-from ..neighbors import knn_scores, predict_from_scores, weighted_scores
-from ..plan import format_bytes, plan_if_fits, plan_memory
-from ..sources import item_size
-from ..within import evaluate_within
+from ..analysis._evaluation import evaluate, select_by_leave_one_out
+from ..storage._formats import RunSet, _as_labels, check_labels, file_hash, load_npz
+from ..core._neighbors import knn_scores, predict_from_scores, weighted_scores
+from ..core._plan import format_bytes, plan_if_fits, plan_memory
+from ..core._sources import item_size
+from ..analysis._within import evaluate_within
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, NoLogSoftmaxOpt, PrecisionOpt,
                      QuietOpt, RunsOpt, SrcArg, TestKeyOpt, VerboseOpt, _check_precision, _meta,
                      _open, _progress_bar, _user_errors, app, check_k, err, format_card,
@@ -321,7 +321,7 @@ def _distributed_group(device: str):
     """The torchrun group, when this process is one of several; else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from .. import distributed  # lazily: torch.distributed is not needed otherwise
+    from ..core import _distributed as distributed  # lazily: torch.distributed is not needed otherwise
 
     return distributed.from_env(device)
 

@@ -51,7 +51,7 @@ def sweep_cmd(
     ablations come from one pass over the runs.
     """
     from ..report.files import sweep_json, write_sweep
-    from ..sweeps import sweep
+    from ..analysis._sweep import sweep
 
     with _user_errors():
         _check_precision(precision)

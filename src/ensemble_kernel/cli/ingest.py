@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import typer
 
-from ..configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
-from ..engine import Progress
+from ..storage._configs import NO_CODE, SHOWN, code_groups, describe_groups, resolve_code, warn_if_mixed
+from ..core._engine import Progress
 from ..errors import EnsembleKernelError, InputError, StoreError
-from ..formats import (file_hash, find_run_files, open_runs, read_extras, read_labels,
+from ..storage._formats import (file_hash, find_run_files, open_runs, read_extras, read_labels,
                        read_run_file)
-from ..store import RunStore, StoreSpec, _is_url, check_array, check_runs, content_key, is_store
-from ..store_precision import SAMPLE_RUNS, RoundingCheck
+from ..storage._store import RunStore, StoreSpec, _is_url, check_array, check_runs, content_key, is_store
+from ..storage._precision import SAMPLE_RUNS, RoundingCheck
 from .common import LabelsOpt, QuietOpt, _progress_bar, _user_errors, app, choice, err
 
 
@@ -130,7 +130,7 @@ def ingest_cmd(
 def _repair(store: Path, files: List[Path], test_key: Optional[str], quiet: bool,
             other: List[str]) -> None:
     """ingest --repair: each file mends what its record names (`store_verify.repair_file`)."""
-    from ..store_verify import repair_file
+    from ..storage._verify import repair_file
 
     if other:
         raise InputError(f"--repair takes run files and --test-key only, not {other[0]}")
@@ -378,7 +378,7 @@ def verify_cmd(
     each, with its fix, and the exit status is 2. Damaged runs are mended with
     `ensemble-kernel ingest FILE --store STORE --repair`.
     """
-    from ..store_verify import verify_store
+    from ..storage._verify import verify_store
 
     with _user_errors():
         _require_store(store, "verify checks a store made by ingest")
@@ -422,7 +422,7 @@ def upgrade_cmd(
     the new one: given the run files, their SHA-256 and values are compared with the
     store first (as `verify STORE FILE...` does), and any difference refuses the upgrade.
     """
-    from ..store_verify import upgrade_store, verify_store
+    from ..storage._verify import upgrade_store, verify_store
 
     with _user_errors():
         _require_store(store, "upgrade rewrites a store made by ingest")

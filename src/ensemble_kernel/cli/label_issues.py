@@ -12,9 +12,9 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-from ..atomic import atomic_write, atomic_write_text
+from .._atomic import atomic_write, atomic_write_text
 from ..errors import LABELS_HINT, InputError
-from ..labelissues import LabelIssues, SCORES, SPLITS, check_k_for_split, knn_graph, label_issues
+from ..analysis._label_issues import LabelIssues, SCORES, SPLITS, check_k_for_split, knn_graph, label_issues
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, LabelsOpt, PrecisionOpt, QuietOpt,
                      RunsOpt, SrcArg, TestKeyOpt, _check_precision, _meta, _open,
                      _progress_bar, _user_errors, app, choice, err, parse_size,

@@ -10,8 +10,8 @@ import numpy as np
 import typer
 
 from .. import __version__
-from ..atomic import atomic_write
-from ..cifar import read_cifar10_labels
+from .._atomic import atomic_write
+from ..storage._cifar import read_cifar10_labels
 from ..errors import InputError
 from .common import _user_errors, app, choice, err
 from .outputs import check_output_file, check_outputs_apart

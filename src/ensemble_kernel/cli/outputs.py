@@ -144,7 +144,7 @@ def _within(path: Path, folder: Path) -> bool:
 
 
 def _is_store(path: Path) -> bool:
-    from ..store import is_store
+    from ..storage._store import is_store
 
     try:
         return is_store(path)

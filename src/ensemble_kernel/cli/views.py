@@ -9,12 +9,12 @@ from typing import List, Optional
 
 import typer
 
-from ..engine import KeptStatistics, _top_k_neighbors
-from ..plan import budget_beside, default_memory_budget
+from ..core._engine import KeptStatistics, _top_k_neighbors
+from ..core._plan import budget_beside, default_memory_budget
 from ..errors import LABELS_HINT, InputError
-from ..formats import RunSet
-from ..within import duplicates_within
-from ..store import RunStore, is_store
+from ..storage._formats import RunSet
+from ..analysis._within import duplicates_within
+from ..storage._store import RunStore, is_store
 from .common import (BudgetOpt, CodeOpt, DeviceOpt, FullSweepOpt, LabelsOpt, MaxSubsetsOpt,
                      OptionError, PrecisionOpt, QuietOpt, SrcArg, TestKeyOpt, VerboseOpt,
                      _check_precision, _open, _progress_bar, _user_errors, app, check_k,
@@ -36,7 +36,7 @@ DEFAULT_RANKS = "0:48"
 
 def _ranks(text: str, n_test: int) -> slice:
     """--ranks as a slice; the default 0:48 shrinks to the test examples there are."""
-    from ..explain import parse_ranks
+    from ..analysis._explain import parse_ranks
 
     if text == DEFAULT_RANKS:
         return slice(0, min(48, n_test))
@@ -52,7 +52,7 @@ def _finite(value: Optional[float]) -> Optional[float]:
 def _extras(src: List[Path], inputs: Optional[Path], features: Optional[Path],
             kinds: tuple[str, ...] = ("inputs", "features")) -> dict:
     """Class names and the `kinds` of extra arrays: from the store, or --inputs/--features."""
-    from ..formats import check_extra, load_npz
+    from ..storage._formats import check_extra, load_npz
 
     out = {"inputs_train": None, "inputs_test": None, "features_train": None,
            "features_test": None, "class_names": None}
@@ -279,7 +279,7 @@ def duplicates_cmd(
 
 def _write_within_duplicates(d, out: Path) -> list:
     """duplicates.csv and duplicates.json of a within-split search, each atomically."""
-    from ..atomic import atomic_write_text
+    from .._atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     rows = ["rank,test index,other test index,K,test label,other test label"]

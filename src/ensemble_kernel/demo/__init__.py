@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_text
+from .._atomic import atomic_write_text
 from ..errors import InputError
-from ..engine import KeptStatistics, _top_k_neighbors
-from ..evaluation import Evaluation, evaluate
-from ..store import RunStore
-from ..sweeps import DEFAULT_MAX_SUBSETS, SweepResult, sweep
+from ..core._engine import KeptStatistics, _top_k_neighbors
+from ..analysis._evaluation import Evaluation, evaluate
+from ..storage._store import RunStore
+from ..analysis._sweep import DEFAULT_MAX_SUBSETS, SweepResult, sweep
 from .data import DATASETS, load_dataset
 from .output import check_output_folder, claim_output_folder, new_store_path, publish_store
 from .train import TrainConfig, init_ensemble, predict, train_ensemble

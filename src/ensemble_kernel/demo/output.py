@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from .._atomic import atomic_write_text
 from ..errors import InputError
-from ..store import RunStore, is_store
+from ..storage._store import RunStore, is_store
 
 __all__ = ["MARKER", "check_output_folder", "claim_output_folder", "publish_store"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_write, atomic_write_text
-from ..evaluation import Evaluation, evaluate
-from ..neighbors import Neighbors
-from ..sources import LogitSource
-from ..engine import KeptStatistics, ProgressCallback
-from ..sweeps import DEFAULT_MAX_SUBSETS, DEFAULT_TEST_EXAMPLES, SweepResult, sweep
+from .._atomic import atomic_write, atomic_write_text
+from ..analysis._evaluation import Evaluation, evaluate
+from ..core._neighbors import Neighbors
+from ..core._sources import LogitSource
+from ..core._engine import KeptStatistics, ProgressCallback
+from ..analysis._sweep import DEFAULT_MAX_SUBSETS, DEFAULT_TEST_EXAMPLES, SweepResult, sweep
 from .files import write_sweep
 from .grids import InputRenderer
 from .html import build_views, render_report, write_views
@@ -77,7 +77,7 @@ def build_report(train: LogitSource, test: LogitSource, labels_train, labels_tes
 def _label_section(train, test, labels_train, labels_test, found: Neighbors,
                    renderer: InputRenderer, class_names) -> LabelSection:
     """The test split's label issues from the neighbours the report already has (issue 11)."""
-    from ..labelissues import label_issues
+    from ..analysis._label_issues import label_issues
 
     issues = label_issues(train, test, labels_train, labels_test, split="test",
                           k=min(20, found.k), neighbors=found)

@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from ..atomic import atomic_write, atomic_write_text
-from ..sweeps import SweepResult
+from .._atomic import atomic_write, atomic_write_text
+from ..analysis._sweep import SweepResult
 from .plots import plot_sweep
 
 __all__ = ["write_sweep", "sweep_json"]

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..explain import Comparison, Failure, Pair
+from ..analysis._explain import Comparison, Failure, Pair
 
 __all__ = ["InputRenderer", "render_pairs", "render_failures", "render_comparison"]
 

@@ -20,10 +20,10 @@ import jinja2
 from PIL import Image
 
 from .. import __version__
-from ..atomic import atomic_write, atomic_write_text
-from ..explain import (Comparison, Duplicates, Failure, Pair, compare_neighbors, failures,
+from .._atomic import atomic_write, atomic_write_text
+from ..analysis._explain import (Comparison, Duplicates, Failure, Pair, compare_neighbors, failures,
                        near_duplicates, similar_pairs)
-from ..neighbors import Neighbors
+from ..core._neighbors import Neighbors
 from .grids import InputRenderer, render_comparison, render_failures, render_pairs
 from .plots import plot_threshold
 

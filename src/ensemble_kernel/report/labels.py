@@ -14,7 +14,7 @@ from typing import Sequence
 import jinja2
 from PIL import Image
 
-from ..labelissues import LabelIssues
+from ..analysis._label_issues import LabelIssues
 from .grids import Cell, InputRenderer, _grid, _name, _GREEN, _RED
 
 __all__ = ["LabelSection", "build_label_section", "render_label_section", "render_suspects"]

@@ -6,7 +6,7 @@ import textwrap
 
 from matplotlib.figure import Figure
 
-from ..sweeps import SweepResult
+from ..analysis._sweep import SweepResult
 
 __all__ = ["plot_sweep", "plot_threshold"]
 
