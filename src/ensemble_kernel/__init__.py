@@ -1,6 +1,6 @@
 """ensemble-kernel: a similarity kernel from the saved outputs of many training runs.
 
-The kernel of DESIGN §1 (per-class standardised log-softmax outputs, correlated across
+The kernel of docs/architecture.md §1 (per-class standardised log-softmax outputs, correlated across
 runs), its k-nearest-neighbour predictions, and the engine that computes them under a
 memory budget.
 

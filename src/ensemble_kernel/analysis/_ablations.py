@@ -1,4 +1,4 @@
-"""The report's ablation kernels in one streamed pass beside the full kernel (DESIGN §1, §2).
+"""The report's ablation kernels in one streamed pass beside the full kernel (docs/architecture.md §1, §2).
 
 The per-class kernel of class c is the full kernel's sum restricted to c:
 
@@ -15,7 +15,7 @@ float32 product of the whole block, not the sum of the per-class products), so i
 neighbours are exactly exact mode's. Each per-class kernel is a float32 product of the
 same float32 features as a one-class run of the engine (`top_k_neighbors(classes=[c])`):
 the two agree to float32 rounding of a sum of `n_models` terms, so their neighbours are
-the same in DESIGN §1's sense (the same indices, except where kernel values agree within
+the same in docs/architecture.md §1's sense (the same indices, except where kernel values agree within
 float32 rounding). Two deviations from bit-identity, both within that rounding: the blocks
 of runs (a different plan), and an example whose statistics the one-class run keeps in
 float32 while the all-class run takes it in float64 (another of its classes needs it).

@@ -1,4 +1,4 @@
-"""Pairs, near-duplicates, failures and the feature-space comparison (DESIGN §5).
+"""Pairs, near-duplicates, failures and the feature-space comparison (docs/architecture.md §5).
 
 Pure functions over the test -> train neighbours (and labels, features): they return small
 frozen dataclasses; drawing and writing live in `report/`.

@@ -6,7 +6,7 @@ each test example's neighbours are training examples; auditing the train split, 
 training example's neighbours are the other training examples (its own entry is left
 out, `exclude_self`).
 
-The vote (DESIGN §1's weighted vote, normalised): among the top-k neighbours, neighbour j
+The vote (docs/architecture.md §1's weighted vote, normalised): among the top-k neighbours, neighbour j
 weighs ``w_j = max(K_j, 0) ** power`` and class c gets ``p[c] = sum_{j: y_j = c} w_j /
 sum_j w_j`` (equal weights when every ``w_j`` is 0). K is clipped at 0 because an even
 power would otherwise turn an anti-correlated neighbour into a strong vote.
@@ -255,7 +255,7 @@ def knn_graph(source, k: int = 10, *, precision: str = "auto",
 
     Each example's k nearest other examples of the same split (itself left out), with the
     distance ``d = sqrt(max(0, 2 (n_models - 1) / n_models - 2 K))``: the Euclidean
-    distance between the two examples' normalised feature vectors (DESIGN §1 gives each a
+    distance between the two examples' normalised feature vectors (docs/architecture.md §1 gives each a
     squared norm of (n_models - 1) / n_models, times 1 / n_classes summed over classes,
     when no output is constant across runs). It orders neighbours as K does, is 0 for
     identical outputs, and lives on the scale cleanlab's distance-based checks (outliers,

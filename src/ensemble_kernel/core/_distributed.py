@@ -1,4 +1,4 @@
-"""torchrun support (imported only when WORLD_SIZE > 1): tiles split over ranks (DESIGN §4).
+"""torchrun support (imported only when WORLD_SIZE > 1): tiles split over ranks (docs/architecture.md §4).
 
 Rank r computes the reference tiles i with i % world_size == r for every query; the
 per-rank top-k lists (small) are all-gathered and merged. The merge orders by (value

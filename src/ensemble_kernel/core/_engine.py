@@ -1,4 +1,4 @@
-"""The only place that streams models and tiles under a memory budget (DESIGN §2).
+"""The only place that streams models and tiles under a memory budget (docs/architecture.md §2).
 
 Two passes over the logits:
 

@@ -1,4 +1,4 @@
-"""Pure maths: logits -> normalised features -> kernel blocks (DESIGN §1).
+"""Pure maths: logits -> normalised features -> kernel blocks (docs/architecture.md §1).
 
 With ``x = log_softmax(logits)`` and, per example and class, ``z = (x - mean_m x) / std_m x``
 (unbiased std over the runs),

@@ -1,6 +1,6 @@
 """Pure: kernel blocks -> running top-k; majority and weighted votes.
 
-Order rule (DESIGN §1): larger kernel value first; exactly equal values, smaller
+Order rule (docs/architecture.md §1): larger kernel value first; exactly equal values, smaller
 reference index first. `torch.topk` alone does not promise that, so every selection
 here goes through `_order`, a lexicographic sort on (value descending, index ascending),
 and a block whose k-th value is tied with a value left out is re-selected stably.

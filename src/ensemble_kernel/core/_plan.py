@@ -1,4 +1,4 @@
-"""How the engine cuts its work to fit a memory budget (DESIGN §2): tiles and blocks."""
+"""How the engine cuts its work to fit a memory budget (docs/architecture.md §2): tiles and blocks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded default (DESIGN §6): train an ensemble on the CPU, store it, show the kernel.
+"""The embedded default (docs/architecture.md §6): train an ensemble on the CPU, store it, show the kernel.
 
 `run_demo` generates the data, trains the networks in one batched computation, writes a
 store (logits of every run, labels, inputs, one run's penultimate features), evaluates,

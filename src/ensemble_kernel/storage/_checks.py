@@ -1,4 +1,4 @@
-"""The checks a store makes before it writes anything (DESIGN §3: validate, then write).
+"""The checks a store makes before it writes anything (docs/architecture.md §3: validate, then write).
 
 `StoreSpec` is what every run and optional array of a store must match; `check_runs` and
 `check_array` refuse anything that does not, with one line naming the file, the run, the

@@ -10,7 +10,7 @@ for it); an `.npz` member whose header declares more data than the member holds 
 refused before anything is allocated. Arrays in another byte order are converted to the
 machine's.
 
-Layouts (DESIGN §3):
+Layouts (docs/architecture.md §3):
 
 - `.pt`: a dict whose ``logits`` holds test outputs and ``logits_train`` train outputs,
   each (n_examples, n_classes) for one run or (n_runs, n_examples, n_classes) for a

@@ -1,4 +1,4 @@
-"""The chunked on-disk store: create, append (crash-safe, one writer at a time), read (DESIGN §3).
+"""The chunked on-disk store: create, append (crash-safe, one writer at a time), read (docs/architecture.md §3).
 
 Layout (format version 3), a zarr v3 group:
 
