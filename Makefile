@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-store bench-ingest bench-20k clean
+.PHONY: test test-fast demo bench bench-store bench-ingest bench-20k bench-store-fuzz clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+LINT := $(BIN)/ruff check src tests benchmarks examples
+
+# The whole suite, as CI runs it.
 test: $(STAMP)
+	$(LINT)
 	$(BIN)/python -m pytest -q
+
+# The daily loop: the lint and every test not marked slow (under 90 s on 2 cores).
+test-fast: $(STAMP)
+	$(LINT)
+	$(BIN)/python -m pytest -q -x -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/ensemble-kernel demo
@@ -34,6 +43,10 @@ bench-ingest: $(STAMP)
 # ARGS="--files 2 --keep" for a smaller run. See benchmarks/bench_20k.py --help.
 bench-20k: $(STAMP)
 	$(BIN)/python benchmarks/bench_20k.py $(ARGS)
+
+# Every file of a small store damaged every way, every reading command after each.
+bench-store-fuzz: $(STAMP)
+	$(BIN)/python benchmarks/store_fuzz.py
 
 clean:
 	rm -rf $(VENV) demo-output benchmarks/_data

@@ -158,7 +158,7 @@ def write_files(folder: Path, indices: list[int], runs: int, n_train: int, n_tes
         rng = np.random.default_rng([seed, 1, i])  # file i is the same whichever run writes it
         payload = {"logits": torch.from_numpy(noisy_runs(rng, signal_test, runs)),
                    "logits_train": torch.from_numpy(noisy_runs(rng, signal_train, runs))}
-        atomic_write(file_path(folder, i), lambda f: torch.save(payload, f))
+        atomic_write(file_path(folder, i), lambda f: torch.save(payload, f))  # noqa: F821
         del payload
         print(f"  file {i} written ({done}/{len(indices)}, {time.perf_counter() - t0:.1f} s)",
               flush=True)

@@ -202,9 +202,9 @@ def probe_products(n_queries: int = 10_000, n_references: int = 10_000, width: i
     finally:
         torch.set_float32_matmul_precision(previous)
     ab, bbt = a.bfloat16(), b.bfloat16().T.contiguous()
-    measure("bfloat16 product only", lambda r0, r1: ab[r0:r1] @ bbt)
+    measure("bfloat16 product only", lambda r0, r1: ab[r0:r1] @ bbt)  # noqa: F821
     measure("bfloat16 product + add into float32",
-            lambda r0, r1: acc[r0:r1].add_(ab[r0:r1] @ bbt))
+            lambda r0, r1: acc[r0:r1].add_(ab[r0:r1] @ bbt))  # noqa: F821
     del ab, bbt
     ai = torch.randint(-127, 128, (n_queries, width), dtype=torch.int8, generator=g).to(device)
     bi = torch.randint(-127, 128, (width, n_references), dtype=torch.int8, generator=g).to(device)

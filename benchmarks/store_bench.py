@@ -130,8 +130,8 @@ def main() -> None:
                                   capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
-            r = json.loads(next(l for l in proc.stdout.splitlines()
-                                if l.startswith("RESULT "))[7:])
+            r = json.loads(next(line for line in proc.stdout.splitlines()
+                                if line.startswith("RESULT "))[7:])
             heads[precision] = r.pop("head")
             rows.append({"case": case, **shape, "precision": precision, "cache": cache, **r,
                          "gflops": flop / r["wall_s"] / 1e9, **info})

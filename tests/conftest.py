@@ -276,3 +276,57 @@ def adversarial_pass(best: torch.Tensor, share: float, runner_up: torch.Tensor |
         return block
 
     return adversarial
+
+
+# Tests of a second or more on 2 cores (pytest --durations), parametrized cases as one:
+# `make test-fast` leaves them out with the tests marked slow where they are defined.
+_SLOW = {
+    "test_ablations.py::test_a_budget_too_small_for_the_pass_computes_one_kernel_at_a_time",
+    "test_ablations.py::test_the_kernels_outside_the_pass_run_exact_where_exact_was_asked",
+    "test_api.py::test_no_top_level_name_is_shadowed_by_a_module_in_a_fresh_process",
+    "test_benchmarks.py::test_bench_20k_end_to_end_at_tiny_scale",
+    "test_benchmarks.py::test_gpu_profile_refuses_bad_options_in_one_line_before_any_work",
+    "test_benchmarks.py::test_micro_refuses_bad_input_in_one_line",
+    "test_benchmarks.py::test_report_bench_refuses_a_compare_src_without_the_package_before_any_work",
+    "test_benchmarks.py::test_report_bench_times_both_trees_alternated_at_tiny_scale",
+    "test_benchmarks.py::test_run_end_to_end_at_tiny_scale_reports_stages_and_a_budget_with_a_unit",
+    "test_benchmarks.py::test_run_refuses_a_bad_device_or_budget_before_any_work",
+    "test_cli_errors.py::test_a_real_process_prints_one_plain_line",
+    "test_demo.py::test_datasets_are_made_locally_and_leave_global_rng_alone",
+    "test_demo.py::test_demo_end_to_end_small",
+    "test_distributed.py::test_two_gloo_processes_match_one",
+    "test_examples.py::test_the_quickstart_refuses_a_missing_source_in_one_line",
+    "test_examples.py::test_the_quickstart_refuses_user_errors_after_opening_in_one_line",
+    "test_examples.py::test_the_quickstart_runs_on_a_small_store",
+    "test_explain.py::test_view_commands_write_files_and_refuse_bad_ranks",
+    "test_label_issues.py::test_datalab_reads_the_exported_graph_and_probabilities",
+    "test_layers.py::test_the_old_module_paths_are_aliases_of_the_new_ones",
+    "test_memory.py::test_neighbors_stays_within_its_memory_budget",
+    "test_memory.py::test_the_programs_allocator_reuses_small_blocks_and_returns_large_ones",
+    "test_memory_budget.py::test_compare_with_large_features_stays_within_its_budget",
+    "test_memory_budget.py::test_report_passes_the_budget_and_device_to_the_sweep",
+    "test_memory_budget.py::test_sweep_peak_rss_stays_within_the_budget",
+    "test_nothing_silent.py::test_a_lock_held_elsewhere_refuses_the_job_and_leaves_the_checkpoint",
+    "test_nothing_silent.py::test_a_second_job_on_the_same_out_is_refused_while_the_first_runs",
+    "test_nothing_silent.py::test_an_error_after_the_progress_bar_is_a_clean_last_line",
+    "test_nothing_silent.py::test_ctrl_c_says_interrupted_and_exits_130",
+    "test_report_browser.py::test_a_sampled_sweep_says_so_in_the_report_and_an_unsampled_one_does_not",
+    "test_results.py::test_to_pandas_without_pandas_says_which_extra_to_install",
+    "test_runfile_fuzz.py::test_mutated_run_file_gives_the_same_results_or_one_line",
+    "test_shared_statistics.py::test_a_budget_the_sweep_takes_without_the_shared_pass_it_takes_with_it",
+    "test_store.py::test_neighbors_resumes_after_sigkill_and_writes_the_same_result",
+    "test_store.py::test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes",
+    "test_store_concurrency.py::test_four_ingest_commands_creating_one_store_at_once",
+    "test_store_concurrency.py::test_four_processes_appending_at_once_lose_nothing",
+    "test_store_faults.py::test_a_crash_after_any_write_step_leaves_before_or_after",
+    "test_store_integrity.py::test_every_reading_command_survives_a_sample_of_store_damage",
+    "test_sweep.py::test_the_sweeps_statistics_do_not_import_scipy_stats",
+    "test_vector_math.py::test_the_first_parallel_exp_after_import_is_accurate_in_every_fresh_process",
+    "test_writes.py::test_demo_replaces_only_its_own_store",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if f"{item.path.name}::{item.originalname}" in _SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -15,7 +15,7 @@ import torch
 from ensemble_kernel import dense_kernel
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.core import _engine as engine_module
-from ensemble_kernel.core._bounds import BFLOAT16_ROUNDOFF, product_error_coefficient
+from ensemble_kernel.core._bounds import product_error_coefficient
 from ensemble_kernel.core._engine import _prepare_engine
 from ensemble_kernel.errors import NonFiniteError
 

@@ -184,7 +184,8 @@ def test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes(tmp_path):
     # A reader of the store sees exactly those runs, and their neighbours.
     found = _top_k_neighbors(committed.source("test"), committed.source("train"), 5,
                             memory_budget=1 << 26)
-    half = lambda x: x[:n].half().float()
+    def half(x):
+        return x[:n].half().float()
     assert_same_neighbors(found.indices, found.values,
                           dense_kernel(half(ens.test), half(ens.train)), 5)
     # Re-running the same command completes the job, skipping what is in.

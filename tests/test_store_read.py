@@ -93,7 +93,7 @@ def test_a_damaged_chunk_is_named_and_nothing_is_returned(tmp_path, monkeypatch,
     {"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}}},
 ])
 def test_any_other_layout_is_read_by_zarr(tmp_path, monkeypatch, edit):
-    store = _store(tmp_path, monkeypatch, "float32")
+    _store(tmp_path, monkeypatch, "float32")
     meta_path = tmp_path / "st" / "logits" / "zarr.json"
     meta = json.loads(meta_path.read_text())
     if "chunk_key_encoding" in edit:  # move c/M/C/0 to M.C.0, as that encoding names them

@@ -177,8 +177,8 @@ def _context(neighbors: Neighbors, runs, labels_train, labels_test, inputs_train
     if not isinstance(neighbors, Neighbors):
         raise InputError(f"the views take the Neighbors from top_k_neighbors, got "
                          f"{type(neighbors).__name__}")
-    pick = (lambda given, name: given if given is not None or runs is None
-            else getattr(runs, name))
+    def pick(given, name):
+        return given if given is not None or runs is None else getattr(runs, name)
     out = {name: pick(value, name) for name, value in (
         ("labels_train", labels_train), ("labels_test", labels_test),
         ("inputs_train", inputs_train), ("inputs_test", inputs_test),
