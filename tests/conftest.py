@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from ensemble_kernel.testing import assert_same_neighbors as _assert_same_neighbors
+
 torch.set_num_threads(1)  # small tensors: one thread is faster and steadier on 2 cores
 
 
@@ -52,25 +54,8 @@ def ensemble() -> Ensemble:
     return make_ensemble()
 
 
-def assert_same_neighbors(indices, values, kernel, k, rtol=1e-5, atol=1e-6):
-    """DESIGN §1: the same indices, except where kernel values agree within float32 rounding.
-
-    `kernel` is the exact (float64) kernel of these queries and references; masked
-    entries (leave-one-out) are -inf.
-    """
-    indices, values = torch.as_tensor(indices), torch.as_tensor(values)
-    kernel = torch.as_tensor(kernel, dtype=torch.float64)
-    want = kernel.topk(k, dim=1)
-    assert indices.shape == (kernel.shape[0], k)
-    got_true = kernel.gather(1, indices)
-    # The values reported are the kernel values of the indices reported ...
-    torch.testing.assert_close(values.double(), got_true, rtol=rtol, atol=atol)
-    # ... and they are the k largest, up to float32 rounding.
-    torch.testing.assert_close(got_true, want.values, rtol=rtol, atol=atol)
-    # Order rule: descending; exactly equal kernel values in ascending index order.
-    assert bool((values[:, :-1] >= values[:, 1:]).all())
-    equal = values[:, :-1] == values[:, 1:]
-    assert bool((indices[:, :-1][equal] < indices[:, 1:][equal]).all())
+# The contract's comparison (docs/architecture.md §1), public for users' tests too.
+assert_same_neighbors = _assert_same_neighbors
 
 
 class ExactRows:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ensemble_kernel as ek
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.engine import _top_k_neighbors
 from ensemble_kernel.errors import InputError
 
@@ -61,7 +62,7 @@ def test_top_k_neighbors_takes_train_first_and_has_no_hooks():
     ens = make_ensemble(n_train=50, n_test=17)
     found = ek.top_k_neighbors(ens.train, ens.test, k=4)
     assert found.indices.shape == (17, 4) and int(found.indices.max()) < 50
-    twin = ek.dense_kernel(ens.test, ens.train)  # (n_test, n_train), float64
+    twin = dense_kernel(ens.test, ens.train)  # (n_test, n_train), float64
     assert torch.equal(found.indices, twin.topk(4, dim=1).indices)
     engine = _top_k_neighbors(ens.test, ens.train, 4)
     assert torch.equal(found.indices, engine.indices) and torch.equal(found.values, engine.values)
@@ -133,7 +134,7 @@ def _vote_twin(kernel: torch.Tensor, labels_train: torch.Tensor, n_classes: int,
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_predict_and_proba_match_a_plain_twin_with_ties_to_the_smallest_label(k):
     ens = make_ensemble(seed=5, n_train=40, n_test=25, n_classes=4, noise=3.0)
-    kernel = ek.dense_kernel(ens.test, ens.train)
+    kernel = dense_kernel(ens.test, ens.train)
     top = kernel.topk(k + 1, dim=1).values
     # The twin is comparable only where the k-th and (k+1)-th values are apart by far
     # more than float32 rounding; this data is chosen so (checked, not assumed).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.cli import parse_size
 from ensemble_kernel.errors import InputError
 

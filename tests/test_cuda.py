@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import top_k_neighbors
+
+from ensemble_kernel.testing import dense_kernel
 
 from ensemble_kernel.core import _precision as precision
 from ensemble_kernel.core._engine import _top_k_neighbors

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 
 from conftest import assert_same_neighbors, make_ensemble, save_pt
 

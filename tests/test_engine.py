@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.core import _engine as engine_module
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.errors import InputError

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.core import _engine as engine_module
 from ensemble_kernel.core._bounds import product_error_coefficient

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.core._bounds import (
     BFLOAT16_ROUNDOFF,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.core._engine import _compute_kernel
 from ensemble_kernel.errors import InputError, NonFiniteError
 from ensemble_kernel.core._kernel import exact_float32_matmul

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.errors import InputError
 from ensemble_kernel.analysis._label_issues import (ensemble_probabilities, knn_graph, label_issues,
                                          vote_probabilities)

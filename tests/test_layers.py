@@ -13,13 +13,13 @@ LAYERS = [
     {"errors", "results", "_atomic"},
     {"core"},
     {"storage"},
-    {"analysis"},
+    {"analysis", "testing"},
     {"report"},
     {"demo"},
     {"cli", "__main__"},
 ]
 ALIASES = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__", "errors",
-                                                     "results", "_atomic"}
+                                                     "results", "_atomic", "testing"}
 
 
 def _layer(top: str) -> int:
@@ -85,3 +85,33 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_names_moved_off_the_top_level_still_work_and_warn():
+    import warnings
+
+    import ensemble_kernel as ek
+    from ensemble_kernel import core, testing
+
+    for name, home in [("dense_kernel", testing), ("plan_memory", core), ("Plan", core),
+                       ("choose_precision", core), ("PrecisionChoice", core)]:
+        assert name not in ek.__all__
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert getattr(ek, name) is getattr(home, name)
+        assert [w.category for w in caught] == [DeprecationWarning], name
+    try:
+        ek.no_such_name
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_the_testing_module_examples_run():
+    import doctest
+
+    import ensemble_kernel.testing
+
+    result = doctest.testmod(ensemble_kernel.testing)
+    assert result.attempted >= 4 and result.failed == 0

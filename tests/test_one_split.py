@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import top_k_neighbors
+
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.analysis._evaluation import select_by_leave_one_out
 from ensemble_kernel.storage._formats import open_runs
 from ensemble_kernel.core._sources import as_source

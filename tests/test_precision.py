@@ -10,7 +10,9 @@ import json
 import pytest
 import torch
 
-from ensemble_kernel import dense_kernel, top_k_neighbors
+from ensemble_kernel import top_k_neighbors
+
+from ensemble_kernel.testing import dense_kernel
 
 from ensemble_kernel.core import _engine as engine
 

@@ -14,7 +14,7 @@ import zarr
 from ensemble_kernel.storage._meta import SEAL, check_seal
 from typer.testing import CliRunner
 
-from ensemble_kernel import dense_kernel
+from ensemble_kernel.testing import dense_kernel
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.cli import app
 from ensemble_kernel.errors import StoreError

@@ -19,8 +19,22 @@ _resolve_dispatch()  # before any computation: see vector_math
 
 # The functions `evaluate` and `sweep` live in modules with other names (evaluation,
 # sweeps), so importing any submodule never rebinds a top-level name to a module.
-from .analysis._classifier import KernelKNN
-from .core._engine import Plan, Progress, compute_kernel, plan_memory, top_k_neighbors
+from .analysis import (
+    Evaluation,
+    KernelKNN,
+    LabelIssues,
+    Selection,
+    Significance,
+    SweepResult,
+    SweepRow,
+    evaluate,
+    knn_graph,
+    label_issues,
+    select_by_leave_one_out,
+    sweep,
+)
+from .core import ArraySource, ConcatSource, LogitSource, Neighbors, Progress, compute_kernel
+from .core import top_k_neighbors
 from .errors import (
     BudgetError,
     EnsembleKernelError,
@@ -29,15 +43,6 @@ from .errors import (
     RunFileError,
     StoreError,
 )
-from .analysis._evaluation import Evaluation, Selection, evaluate, select_by_leave_one_out
-from .core._kernel import dense_kernel
-from .analysis._label_issues import LabelIssues, knn_graph, label_issues
-from .core._neighbors import Neighbors
-from .core._precision import PrecisionChoice, choose_precision
-from .storage._runs import Runs, open_runs
-from .core._sources import ArraySource, ConcatSource, LogitSource
-from .storage._store import RunStore
-from .analysis._sweep import Significance, SweepResult, SweepRow, sweep
 from .report._views import (
     ComparisonView,
     DuplicatesView,
@@ -48,6 +53,29 @@ from .report._views import (
     failures,
     pairs,
 )
+from .storage import RunStore, Runs, open_runs
+
+# Names that moved off the top level; each still works, with a DeprecationWarning, for
+# one release.
+_MOVED = {
+    "plan_memory": "ensemble_kernel.core",
+    "Plan": "ensemble_kernel.core",
+    "choose_precision": "ensemble_kernel.core",
+    "PrecisionChoice": "ensemble_kernel.core",
+    "dense_kernel": "ensemble_kernel.testing",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"ensemble_kernel.{name} moved to {_MOVED[name]}.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'ensemble_kernel' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -63,14 +91,9 @@ __all__ = [
     # the kernel and its neighbours
     "top_k_neighbors",
     "compute_kernel",
-    "choose_precision",
-    "PrecisionChoice",
-    "dense_kernel",
     "label_issues",
     "LabelIssues",
     "knn_graph",
-    "plan_memory",
-    "Plan",
     "Progress",
     "Neighbors",
     # prediction and evaluation
