@@ -175,14 +175,6 @@ def merge_topk(a: Neighbors, b: Neighbors, k: int) -> Neighbors:
     return Neighbors(indices, values)
 
 
-def _check_labels(labels: torch.Tensor, n_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise InputError(
-            f"labels must lie in 0..{n_classes - 1}, got values from {int(labels.min())} "
-            f"to {int(labels.max())}"
-        )
-
-
 def knn_scores(neighbors: Neighbors, reference_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Majority-vote scores: the fraction of the k neighbours that carry each class.
 

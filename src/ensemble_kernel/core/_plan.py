@@ -85,7 +85,9 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 
 def default_memory_budget(device: torch.device | str = "cpu") -> int:
-    """A quarter of the memory available now (host RAM, or free memory of a CUDA device)."""
+    """The default memory budget: a quarter of the host RAM available now on the CPU, half
+    of the free memory of the device on a CUDA device (the host's RAM is not the limit
+    there)."""
     device = resolve_device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
