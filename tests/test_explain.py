@@ -52,7 +52,7 @@ def test_failures_only_show_pairs_whose_labels_differ():
         assert len(f.neighbor_indices) == 9 and f.neighbor_indices[0] == f.pair.train_index
     values = [f.pair.value for f in got]
     assert values == sorted(values, reverse=True)
-    with pytest.raises(InputError, match="--neighbors 12 needs neighbours computed with k >= 12"):
+    with pytest.raises(InputError, match="`n_neighbors`=12 needs neighbours computed with k >= 12"):
         failures(found, ens.labels_train, ens.labels_test, n_neighbors=12)
 
 
@@ -60,7 +60,7 @@ def test_ranks_are_half_open_and_checked():
     assert parse_ranks("600:648", 10_000) == slice(600, 648)
     assert parse_ranks(":5", 10) == slice(0, 5)
     for bad in ("5:3", "0:11", "-1:4", "x"):
-        with pytest.raises(InputError, match="--ranks"):
+        with pytest.raises(InputError, match="`ranks`"):
             parse_ranks(bad, 10)
     ens = make_ensemble(n_models=4)
     found = _top_k_neighbors(ens.test, ens.train, 1, memory_budget=1 << 26)

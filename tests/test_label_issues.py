@@ -169,9 +169,9 @@ def test_train_audit_leaves_the_example_out():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(split="valid"), "--split takes test or train, got 'valid'"),
-    (dict(split="train", k=30), r"--k must be between 1 and 29 .*got 30: pass --k 29"),
-    (dict(split="test", k=31), r"--k must be between 1 and 30 .*got 31"),
+    (dict(split="valid"), "`split` takes test or train, got 'valid'"),
+    (dict(split="train", k=30), r"`k` must be between 1 and 29 .*got 30: pass `k`=29"),
+    (dict(split="test", k=31), r"`k` must be between 1 and 30 .*got 31"),
     (dict(split="test", labels_test=None), "auditing the test split needs test labels"),
     (dict(split="train", labels_train=None), "auditing the train split needs train labels"),
     (dict(score="vote"), "score takes kernel or combined, got 'vote'"),
@@ -179,8 +179,21 @@ def test_train_audit_leaves_the_example_out():
 def test_bad_input_is_one_clear_error(kwargs, match):
     ens = make_ensemble(n_models=4, n_train=30, n_test=10)
     args = {"labels_train": ens.labels_train, "labels_test": ens.labels_test, **kwargs}
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(InputError, match=match) as caught:
         label_issues(ens.train, ens.test, **args)
+    assert "--" not in str(caught.value)  # the library speaks of parameters, not options
+
+
+def test_a_python_caller_reads_the_parameter_and_the_cli_its_option():
+    from ensemble_kernel.cli.common import in_cli_words
+
+    ens = make_ensemble(n_models=4, n_train=30, n_test=10)
+    with pytest.raises(InputError) as caught:
+        label_issues(ens.train, ens.test, ens.labels_train, ens.labels_test, k=0)
+    assert caught.value.param == "k"
+    assert str(caught.value).startswith("`k` must be between 1 and 30")
+    assert in_cli_words(caught.value).startswith("--k must be between 1 and 30")
+    assert in_cli_words(caught.value).endswith("pass --k 30 or less")
 
 
 # ---- the k-NN graph for cleanlab ------------------------------------------------------------

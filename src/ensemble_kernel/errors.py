@@ -21,7 +21,16 @@ class EnsembleKernelError(Exception):
 
 
 class InputError(EnsembleKernelError, ValueError):
-    """Arrays or options that do not fit together (shapes, counts, labels, k)."""
+    """Arrays or options that do not fit together (shapes, counts, labels, k).
+
+    `param` names the parameter at fault as the Python API calls it (``"k"``); the
+    message writes it in backticks (`` `k` must be between 1 and 5, got 0``), and the
+    command line shows its own option there instead (``--k must be ...``).
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class NonFiniteError(InputError):

@@ -172,9 +172,8 @@ def _require_labels(labels, split: str) -> torch.Tensor:
     """Labels as an int64 Tensor (from a list, array or Tensor); none is an InputError."""
     if labels is None:
         raise InputError(
-            f"no {split} labels: the run files carry none; pass --labels FILE.npz with "
-            f"arrays labels_train and labels_test ({LABELS_HINT})"
-        )
+            f"no {split} labels: the run files carry none; pass `labels_{split}` "
+            f"({LABELS_HINT})", param=f"labels_{split}")
     return labels if isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 \
         else _as_labels(labels, f"{split} labels")
 

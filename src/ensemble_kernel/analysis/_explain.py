@@ -69,11 +69,11 @@ def parse_ranks(text: str, n_test: int) -> slice:
         start = int(start_text) if start_text.strip() else 0
         stop = int(stop_text) if stop_text.strip() else n_test
     except ValueError as e:
-        raise InputError(f"--ranks takes A:B (0-based, half-open, e.g. 600:648), got "
-                         f"{text!r}") from e
+        raise InputError(f"`ranks` takes A:B (0-based, half-open, e.g. 600:648), got "
+                         f"{text!r}", param="ranks") from e
     if not 0 <= start < stop <= n_test:
-        raise InputError(f"--ranks {text} is outside the {n_test} test examples: use A:B with "
-                         f"0 <= A < B <= {n_test}")
+        raise InputError(f"`ranks`={text} is outside the {n_test} test examples: use A:B "
+                         f"with 0 <= A < B <= {n_test}", param="ranks")
     return slice(start, stop)
 
 
@@ -148,8 +148,8 @@ def failures(neighbors: Neighbors, labels_train: torch.Tensor, labels_test: torc
              top: int = 8, n_neighbors: int = 9) -> list[Failure]:
     """The most similar pairs whose labels differ, with each test example's nearest examples."""
     if n_neighbors > neighbors.k:
-        raise InputError(f"--neighbors {n_neighbors} needs neighbours computed with k >= "
-                         f"{n_neighbors}, got k={neighbors.k}")
+        raise InputError(f"`n_neighbors`={n_neighbors} needs neighbours computed with k >= "
+                         f"{n_neighbors}, got k={neighbors.k}", param="n_neighbors")
     out = []
     for rank, test in enumerate(rank_by_top1(neighbors).tolist()):
         pair = _pair(rank, test, neighbors, labels_train, labels_test)

@@ -164,16 +164,16 @@ def check_k_for_split(k: int, split: str, n_train: int) -> None:
         what = ("the training examples minus the example itself" if split == "train"
                 else "the number of training examples")
         if limit < 1:  # (not "between 1 and 0")
-            raise InputError(f"--k {k}: there are no training examples to vote on "
+            raise InputError(f"`k`={k}: there are no training examples to vote on "
                              f"{'another' if split == 'train' else 'a test'} example (the "
-                             f"train split has {n_train})")
-        raise InputError(f"--k must be between 1 and {limit} ({what}), got {k}: pass "
-                         f"--k {max(1, limit)} or less")
+                             f"train split has {n_train})", param="k")
+        raise InputError(f"`k` must be between 1 and {limit} ({what}), got {k}: pass "
+                         f"`k`={max(1, limit)} or less", param="k")
 
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise InputError(f"--split takes test or train, got {split!r}")
+        raise InputError(f"`split` takes test or train, got {split!r}", param="split")
 
 
 def label_issues(train: LogitSource, test: LogitSource | None, labels_train, labels_test=None,
@@ -217,8 +217,8 @@ def label_issues(train: LogitSource, test: LogitSource | None, labels_train, lab
     given = labels_train if split == "train" else labels_test
     if labels_train is None or given is None:
         which = "train" if labels_train is None else "test"
-        raise InputError(f"auditing the {split} split needs {which} labels: pass --labels "
-                         f"FILE.npz with labels_train and labels_test")
+        raise InputError(f"auditing the {split} split needs {which} labels: pass "
+                         f"`labels_{which}`", param=f"labels_{which}")
     labels_train = torch.as_tensor(labels_train, dtype=torch.int64)
     given = torch.as_tensor(given, dtype=torch.int64)
     n_classes = train.n_classes

@@ -322,6 +322,23 @@ def sweep_subsets(max_subsets: Optional[int], full_sweep: bool) -> Optional[int]
     return DEFAULT_MAX_SUBSETS if max_subsets is None else max_subsets
 
 
+# The library names its parameters in backticks (`k`) and in InputError.param; the
+# command line shows its own option in their place. Where the option is not "--" and the
+# parameter's name with dashes, it is named here.
+_OPTION_OF = {"n_neighbors": "--neighbors",
+              "labels_train": "--labels FILE.npz with labels_train",
+              "labels_test": "--labels FILE.npz with labels_test"}
+
+
+def in_cli_words(error: BaseException) -> str:
+    """An error's message with the parameter it names written as this program's option."""
+    text, param = str(error), getattr(error, "param", None)
+    if param:
+        option = _OPTION_OF.get(param, "--" + param.replace("_", "-"))
+        text = text.replace(f"`{param}`=", f"{option} ").replace(f"`{param}`", option)
+    return text
+
+
 def _fail(message: str) -> None:
     say(f"error: {message}")
     raise typer.Exit(2)
@@ -338,7 +355,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except EnsembleKernelError as e:
-        _fail(str(e))
+        _fail(in_cli_words(e))
     except OSError as e:  # an output path that cannot be written, a full disk
         _fail(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
     finally:
