@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,19 @@ def save_pt(path: Path, train, test, **extra) -> Path:
 def save_labels(path: Path, ens: Ensemble) -> Path:
     np.savez(path, labels_train=ens.labels_train.numpy(), labels_test=ens.labels_test.numpy())
     return path
+
+
+SEAMS = Path(__file__).resolve().parent / "seams"
+
+
+def seam_env(**delays: float) -> dict:
+    """The environment for a program started by a test, slowed where `delays` say
+    (write_delay=, tile_delay=: seconds; see tests/seams/sitecustomize.py)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SEAMS), env.get("PYTHONPATH")]))
+    for name, seconds in delays.items():
+        env[f"ENSEMBLE_KERNEL_TEST_{name.upper()}"] = str(seconds)
+    return env
 
 
 def run_cli(*args) -> tuple[int, str, str]:

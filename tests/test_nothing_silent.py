@@ -23,7 +23,8 @@ from ensemble_kernel.storage._checkpoint import TileCheckpoint
 from ensemble_kernel.cli import app
 from ensemble_kernel.storage._configs import code_hash
 
-from conftest import CODE_A, CODE_B, make_ensemble, make_published_tree, save_labels, save_pt
+from conftest import (CODE_A, CODE_B, make_ensemble, make_published_tree, save_labels, save_pt,
+                      seam_env)
 from test_resume import ARGS, _partial_run, _save_npz
 
 runner = CliRunner()
@@ -267,7 +268,7 @@ def test_a_second_job_on_the_same_out_is_refused_while_the_first_runs(tmp_path, 
     _save_npz(src, big)
     out = tmp_path / "nn.npz"
     first = _process(["neighbors", src, "--out", out, *ARGS],
-                     env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "0.4"})
+                     env=seam_env(tile_delay=0.4))
     try:
         partial = tmp_path / "nn.npz.partial"
         for _ in range(600):  # until its first tile is written
@@ -418,7 +419,7 @@ def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, big):
     # 3 s after each tile: time enough to be interrupted on a loaded machine
     # (SIGINT as a shell leaves it: a process started while it is ignored ignores it too)
     job = _process(["neighbors", src, "--out", out, *ARGS],
-                   env={"ENSEMBLE_KERNEL_TEST_TILE_DELAY": "3"},
+                   env=seam_env(tile_delay=3),
                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = tmp_path / "nn.npz.partial"
     for _ in range(600):

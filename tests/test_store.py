@@ -20,7 +20,7 @@ from ensemble_kernel.cli import app
 from ensemble_kernel.errors import StoreError
 from ensemble_kernel.storage._store import RunStore, is_store
 
-from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt
+from conftest import assert_same_neighbors, make_ensemble, save_labels, save_pt, seam_env
 
 runner = CliRunner()
 
@@ -157,7 +157,7 @@ def test_sigkill_mid_ingest_keeps_whole_files_and_reingest_completes(tmp_path):
     ens = make_ensemble(n_models=40, n_train=300, n_test=60)
     runs = files_of(tmp_path, ens, per_file=4)  # 10 files
     store = tmp_path / "st"
-    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_WRITE_DELAY="0.05")
+    env = seam_env(write_delay=0.05)
     cmd = [sys.executable, "-m", "ensemble_kernel", "ingest", str(runs), "--store", str(store), "-q"]
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.time() + 60
@@ -206,7 +206,7 @@ def test_neighbors_resumes_after_sigkill_and_writes_the_same_result(tmp_path):
     whole = subprocess.run(base + ["--out", str(tmp_path / "whole.npz"), "--no-resume"])
     assert whole.returncode == 0
     out = tmp_path / "resumed.npz"
-    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_TILE_DELAY="0.3")
+    env = seam_env(tile_delay=0.3)
     proc = subprocess.Popen(base + ["--out", str(out)], env=env)
     partial = tmp_path / "resumed.npz.partial"
     deadline = time.time() + 60

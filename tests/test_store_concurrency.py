@@ -5,7 +5,6 @@ appends its own files, round after round, while the others do the same. A small 
 delay widens the window in which two appends overlap.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import torch
 from ensemble_kernel.storage._formats import file_hash
 from ensemble_kernel.storage._store import RunStore
 
-from conftest import save_pt
+from conftest import save_pt, seam_env
 
 N_TRAIN, N_TEST, N_CLASSES = 30, 10, 3
 
@@ -78,7 +77,7 @@ def test_four_processes_appending_at_once_lose_nothing(tmp_path):
             expected[file_hash(path)] = logits
             files.append(str(path))
         lists.append(files)
-    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_WRITE_DELAY="0.01")
+    env = seam_env(write_delay=0.01)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(store), *files], env=env,
                               stderr=subprocess.PIPE, text=True) for files in lists]
     for p in procs:
@@ -99,7 +98,7 @@ def test_four_ingest_commands_creating_one_store_at_once(tmp_path):
         dirs.append(tmp_path / f"w{w}")
     store = tmp_path / "st"
     cmd = [sys.executable, "-m", "ensemble_kernel", "ingest", "--store", str(store), "-q"]
-    env = dict(os.environ, ENSEMBLE_KERNEL_TEST_WRITE_DELAY="0.05")
+    env = seam_env(write_delay=0.05)
     procs = [subprocess.Popen(cmd + [str(d)], env=env, stderr=subprocess.PIPE, text=True)
              for d in dirs]
     for p in procs:

@@ -1,6 +1,6 @@
 """Fault injection: a writer dies right after write step i, for every i of an operation.
 
-The crash is real: a forked child runs the operation with `store.fault_hook` set to
+The crash is real: a forked child runs the operation with the store's `_wrote` replaced by
 `os._exit` at step i, so no `finally`, no `except` and no cleanup runs after it. The
 parent then checks that everything a reader sees is exactly as before the operation or
 exactly as after it, and that the next ingest succeeds and gives the right content.
@@ -19,6 +19,8 @@ from ensemble_kernel.storage._formats import file_hash
 from ensemble_kernel.storage._store import RunStore
 
 from conftest import make_ensemble, save_pt
+
+_NO_STEP = store_module._wrote  # the store's own: does nothing
 
 CRASHED = 77  # the child's exit status when it died at the planned step
 NAMES = [f"{kind}_{split}" for kind in ("labels", "inputs", "features")
@@ -59,7 +61,7 @@ def crash_at(step: int, operation) -> int:
             if count == step:
                 os._exit(CRASHED)
 
-        store_module.fault_hook = hook
+        store_module._wrote = hook
         try:
             operation()
         except BaseException:
@@ -71,11 +73,11 @@ def crash_at(step: int, operation) -> int:
 
 def steps_of(operation) -> list[str]:
     steps = []
-    store_module.fault_hook = steps.append
+    store_module._wrote = steps.append
     try:
         operation()
     finally:
-        store_module.fault_hook = None
+        store_module._wrote = _NO_STEP
     return steps
 
 
@@ -181,12 +183,12 @@ def test_a_raised_error_mid_append_is_a_crash_too(scene):
             if name == stop:
                 raise RuntimeError("injected fault")
 
-        store_module.fault_hook = hook
+        store_module._wrote = hook
         try:
             with pytest.raises(RuntimeError, match="injected fault"):
                 RunStore(crashed).append_file(new)
         finally:
-            store_module.fault_hook = None
+            store_module._wrote = _NO_STEP
         assert view(crashed) == before, f"fault after {step}"
         RunStore(crashed).append_file(new)
         assert view(crashed) == after

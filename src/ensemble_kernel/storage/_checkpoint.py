@@ -53,7 +53,6 @@ from ..core._neighbors import Neighbors
 __all__ = ["TileCheckpoint", "content_fingerprint"]
 
 logger = logging.getLogger(__name__)
-_TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_TILE_DELAY", "0"))  # crash tests
 MADE_BY = "ensemble-kernel neighbors"
 _TILE = re.compile(r"tile-(\d{5})\.npz")
 _TILE_TEMP = re.compile(r"\.tile-(\d{5})\.npz\..*\.partial")  # (`atomic_write`'s, killed)
@@ -197,10 +196,6 @@ class TileCheckpoint:
         atomic_write(self.folder / f"tile-{index:05d}.npz", lambda f: np.savez(
             f, indices=found.indices.cpu().numpy(), values=found.values.cpu().numpy(),
             plan=_plan_array(self.plan)))
-        if _TEST_DELAY:
-            import time
-
-            time.sleep(_TEST_DELAY)
 
     def remove(self) -> None:
         """Remove the folder if this command made it: only its own files, then the folder

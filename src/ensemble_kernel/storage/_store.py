@@ -50,7 +50,6 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -87,15 +86,12 @@ _WRITE_BLOCK = 32  # runs converted and written at a time
 # What zarr raises for a chunk it cannot decode: a checksum mismatch (ValueError), a
 # truncated zstd frame (RuntimeError), a chunk of the wrong size, a read error.
 _DECODE_ERRORS = (ValueError, RuntimeError, TypeError, OSError, EOFError)
-_TEST_DELAY = float(os.environ.get("ENSEMBLE_KERNEL_TEST_WRITE_DELAY", "0"))  # seconds
-
-# Fault injection (tests): called with a step's name after each write step of an append.
-fault_hook: Callable[[str], None] | None = None
-
 
 def _wrote(step: str) -> None:
-    if fault_hook is not None:
-        fault_hook(step)
+    """Called after each write step of an append, with the step's name; does nothing.
+
+    The step names are the store's crash points: the tests wrap this function to kill or
+    pause a writer right after each one (tests/test_store_faults.py, tests/seams/)."""
 
 
 def _is_url(path: str | Path) -> bool:
@@ -871,8 +867,6 @@ class RunStore:
                 crcs += run_chunk_crcs(values, self._plain[1])
             if on_runs is not None:
                 on_runs(block.stop - block.start)
-            if _TEST_DELAY:  # crash tests: widen the window in which a kill lands mid-append
-                time.sleep(_TEST_DELAY)
             _wrote(f"runs {n + block.start}..{n + block.stop - 1}")
         return [self.path / "logits" / self._logits.metadata.encode_chunk_key(c)
                 for c in self._chunks_of(slice(n, n + r), slice(0, self._logits.shape[1]))], crcs
