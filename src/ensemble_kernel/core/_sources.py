@@ -166,6 +166,8 @@ class ConcatSource:
             offset += part.n_models
         if len(blocks) == 1:
             return blocks[0]
+        if not blocks:  # no runs asked for: an empty block of the right shape and dtype
+            return self.parts[0].read(slice(0, 0), examples)
         dtype = functools.reduce(torch.promote_types, (b.dtype for b in blocks))
         return torch.cat([b.to(dtype) for b in blocks])
 
