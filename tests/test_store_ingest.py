@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import ensemble_kernel.cli.ingest as ingest_module
 import ensemble_kernel.storage._store as store_module
+import ensemble_kernel.storage._layout as layout_module
 from ensemble_kernel.cli import app
 from ensemble_kernel.storage._store import RunStore
 
@@ -256,7 +257,7 @@ def test_a_killed_create_leaves_a_folder_that_the_next_ingest_sweeps(files):
 
 def test_the_sweep_keeps_live_creators_and_other_hosts_folders(tmp_path):
     st = tmp_path / "st"
-    host = store_module._host()
+    host = layout_module.host()
     pid = os.fork()
     if pid == 0:
         os._exit(0)

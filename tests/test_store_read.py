@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import ensemble_kernel.storage._store as store_module
+import ensemble_kernel.storage._layout as layout_module
 from ensemble_kernel.errors import StoreError
 from ensemble_kernel.storage._store import RunStore
 from ensemble_kernel.storage._meta import seal
 
 
 def _store(tmp_path, monkeypatch, dtype, chunk=7, n_models=5, n_train=23, n_test=12):
-    monkeypatch.setattr(store_module, "_EXAMPLE_CHUNK", chunk)  # 35 examples: 5 chunks
+    monkeypatch.setattr(layout_module, "_EXAMPLE_CHUNK", chunk)  # 35 examples: 5 chunks
     g = torch.Generator().manual_seed(1)
     train = torch.randn(n_models, n_train, 3, generator=g) * 100
     test = torch.randn(n_models, n_test, 3, generator=g) * 100

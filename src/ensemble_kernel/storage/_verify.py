@@ -28,8 +28,8 @@ import torch
 
 from ..errors import EnsembleKernelError, InputError, StoreError
 from ._formats import file_hash, read_run_file
-from ._store import (FORMAT_VERSION, RunStore, _build, _creating_prefix, content_key,
-                    sweep_stale_creations)
+from ._layout import FORMAT_VERSION, build, content_key, creating_prefix, sweep_stale_creations
+from ._store import RunStore
 from ._checks import check_runs
 from ._io import fsync_dir, fsync_files
 from ._meta import check_seal, chunk_crc, run_chunk_crcs
@@ -312,9 +312,9 @@ def upgrade_store(path: str | Path, *, progress: Progress | None = None) -> int:
         version = store.attrs["format_version"]
         arrays = {name: store._read_optional(name) for name in sorted(store._arrays)}
         records = store.records()
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_creating_prefix(path)))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=creating_prefix(path)))
         try:
-            _build(tmp, store.spec, arrays)
+            build(tmp, store.spec, arrays)
             new = RunStore(tmp)
             for i, record in enumerate(records):
                 a, b = record["runs"]
