@@ -60,7 +60,8 @@ def main() -> None:
     budget = args.budget or default_memory_budget("cuda")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("  log: %(message)s"))
-    for name in ("ensemble_kernel.core._precision", "ensemble_kernel.core._engine"):
+    for name in ("ensemble_kernel.core._precision", "ensemble_kernel.core._engine",
+                 "ensemble_kernel.core._pilot"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(handler)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,7 @@ def _cifar_logits(n_test: int | None = None):
 
 def _store_logits(store: str, n_test: int | None = None):
     """A store's train split, and its first `n_test` test examples (all: None)."""
-    from ensemble_kernel.core._engine import _Spans
+    from ensemble_kernel.core._pilot import Spans as _Spans
     from ensemble_kernel.storage._store import RunStore
 
     runs = RunStore(store)
@@ -225,8 +225,9 @@ def _store_logits(store: str, n_test: int | None = None):
 
 def pilot(store: str, k: int, budget: int) -> None:
     """auto's pilot on a store: the share of test examples whose fast-mode candidates are
-    crowded (`engine._crowded_share`), with the bound fast mode's plan would use, and its time."""
-    from ensemble_kernel.core._engine import _crowded_share, guessed_bound
+    crowded (`_pilot.crowded_share`), with the bound fast mode's plan would use, and its time."""
+    from ensemble_kernel.core._engine import guessed_bound
+    from ensemble_kernel.core._pilot import crowded_share as _crowded_share
     from ensemble_kernel.core._precision import fast_plan
 
     train, test = _store_logits(store)
@@ -236,6 +237,7 @@ def pilot(store: str, k: int, budget: int) -> None:
     plan = fast_plan(**shape)
     logging.basicConfig(format="%(message)s")  # the pilot's line: its median G
     logging.getLogger("ensemble_kernel.core._engine").setLevel(logging.INFO)
+    logging.getLogger("ensemble_kernel.core._pilot").setLevel(logging.INFO)
     t0 = time.perf_counter()
     share = _crowded_share(test, train, k, plan, n_candidates=None, log_softmax=True,
                            classes=None, memory_budget=budget, device="cpu")

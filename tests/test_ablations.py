@@ -279,13 +279,14 @@ def test_the_kernels_outside_the_pass_run_exact_where_exact_was_asked(monkeypatc
     # Now exact is exact; a choice of fast, made for another kernel, leaves them 'auto'
     # (fast mode where it fits their budget and pays for their shape).
     import ensemble_kernel.analysis._ablations as ab
-    from ensemble_kernel.core import _engine as engine
 
     if precision == "exact":
         def no_auto(*args, **kwargs):
             raise AssertionError("a kernel resolved 'auto' of its own")
 
-        monkeypatch.setattr(engine, "_resolve_auto", no_auto)
+        from ensemble_kernel.core import _pilot
+
+        monkeypatch.setattr(_pilot, "resolve_auto", no_auto)
     asked = []
     real = ab._top_k_neighbors
     monkeypatch.setattr(ab, "_top_k_neighbors",

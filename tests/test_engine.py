@@ -113,7 +113,7 @@ def test_progress_reports_every_stage():
 def test_cuda_agrees_with_cpu():
     # exact and fast (one block of runs: the value bound; several: the worst case), and
     # auto's pilot, on the GPU
-    from ensemble_kernel.core._engine import _crowded_share
+    from ensemble_kernel.core._pilot import crowded_share as _crowded_share
     from ensemble_kernel.core._plan import plan_memory
 
     ens = make_ensemble(n_models=8, n_train=500, n_test=100)

@@ -18,7 +18,7 @@ from ensemble_kernel.core import _engine as engine
 
 from ensemble_kernel.core import _precision as precision
 from ensemble_kernel.errors import InputError
-from ensemble_kernel.core import _engine as engine_module
+from ensemble_kernel.core import _pilot as pilot
 from ensemble_kernel.core._engine import _top_k_neighbors
 from ensemble_kernel.core._plan import plan_memory
 from ensemble_kernel.core._precision import (Rates, choose_precision, fast_plan, machine_key,
@@ -428,7 +428,7 @@ def _share(train, test, k, chunk_models=None):
     queries = train if test is None else test
     plan = plan_memory(queries.shape[1], train.shape[1], train.shape[0], 5, k_keep=148,
                        budget=64 << 20, precision="fast", chunk_models=chunk_models)
-    return engine_module._crowded_share(queries, None if test is None else train, k, plan,
+    return pilot.crowded_share(queries, None if test is None else train, k, plan,
                                         n_candidates=None, log_softmax=True, classes=None,
                                         memory_budget=64 << 20, device="cpu")
 
@@ -448,8 +448,8 @@ def test_the_pilot_tells_crowded_candidates_from_separated_ones(exact_rows):
 
 def test_the_pilot_samples_spans_of_a_large_split(monkeypatch):
     # More references than the sample: it reads spread spans, and still sees the crowding.
-    monkeypatch.setattr(engine_module, "PILOT_REFERENCES", 256)
-    monkeypatch.setattr(engine_module, "PILOT_QUERIES", 16)
+    monkeypatch.setattr(pilot, "PILOT_REFERENCES", 256)
+    monkeypatch.setattr(pilot, "PILOT_QUERIES", 16)
     train, test = crowded_ensemble(n_train=2000)
     assert _share(train, test, 20) == 1.0
     train, test = separated_ensemble()
@@ -460,20 +460,20 @@ def test_the_pilot_samples_spans_of_a_large_split(monkeypatch):
 
 def test_spans_read_as_one_source():
     data = torch.arange(2 * 100 * 3, dtype=torch.float32).reshape(2, 100, 3)
-    spans = engine_module._spread_spans(100, 30, 4)
+    spans = pilot.spread_spans(100, 30, 4)
     assert len(spans) == 4 and spans[0][0] == 0 and spans[-1][1] == 100  # window 120 > 100
     assert all(b - a == 7 for a, b in spans)
     assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # disjoint, in order
-    source = engine_module._Spans(as_source(data, "x"), spans)
+    source = pilot.Spans(as_source(data, "x"), spans)
     whole = torch.cat([data[:, a:b] for a, b in spans], dim=1)
     assert source.n_examples == 28
     for e0, e1 in [(0, 28), (3, 9), (6, 8), (7, 14), (13, 27), (27, 28)]:
         assert torch.equal(source.read(slice(0, 2), slice(e0, e1)), whole[:, e0:e1])
     assert source.read(slice(0, 2), slice(5, 5)).shape == (2, 0, 3)  # empty, as arrays do
-    assert engine_module._spread_spans(50, 60, 8) == [(0, 50)]
+    assert pilot.spread_spans(50, 60, 8) == [(0, 50)]
     # a large split: spans within the first chunk-sized window, which one read covers
-    big = engine_module._spread_spans(50_000, 4096, 8)
-    assert big[0][0] == 0 and big[-1][1] == engine_module.PILOT_WINDOW
+    big = pilot.spread_spans(50_000, 4096, 8)
+    assert big[0][0] == 0 and big[-1][1] == pilot.PILOT_WINDOW
     assert sum(b - a for a, b in big) == 4096
 
 

@@ -25,7 +25,8 @@ from typer.core import TyperGroup
 from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
-from ..core._engine import Progress, _crowded_share
+from ..core._engine import Progress
+from ..core._pilot import crowded_share as _crowded_share
 from ..errors import EnsembleKernelError, InputError
 from ..storage._formats import RunSet
 from ..core._precision import PrecisionChoice, choose_precision
@@ -502,7 +503,7 @@ def resolve_precision(precision: str, runset: RunSet, k: int, *, device: str,
     n_references = runset.test.n_examples - 1 if within else runset.train.n_examples
     k = max(1, min(k, n_references))
 
-    def crowding(plan) -> float:  # the pilot on the data (`engine._crowded_share`)
+    def crowding(plan) -> float:  # the pilot on the data (`_pilot.crowded_share`)
         return _crowded_share(runset.test, None if within else runset.train, k, plan,
                               n_candidates=None, log_softmax=log_softmax, classes=None,
                               memory_budget=memory_budget, device=device)

@@ -48,7 +48,7 @@ from ._kernel import (
 )
 from ._neighbors import Neighbors, empty_topk, merge_topk, topk_block
 from ._plan import Plan, default_memory_budget, format_bytes, plan_memory, resolve_device
-from ._precision import Precision, choose_precision
+from ._precision import Precision
 from ._sources import LogitSource, as_source, check_pair, item_size
 
 __all__ = [
@@ -917,7 +917,7 @@ def _resources(queries: LogitSource, references: LogitSource, memory_budget: int
 def _prepare_engine(queries, references, k, *, log_softmax, classes, exclude_self, precision,
                     memory_budget, device, chunk_models, tile_size, progress, k_keep,
                     cache_queries=None, kept_statistics=None):
-    if precision not in ("exact", "fast"):  # 'auto' is resolved before (`_resolve_auto`)
+    if precision not in ("exact", "fast"):  # 'auto' is resolved before (`_pilot.resolve_auto`)
         raise InputError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
     queries = as_source(queries, "query logits")
     references = queries if (exclude_self and references is None) else as_source(
@@ -1013,7 +1013,9 @@ def _top_k_neighbors(
     if precision != "exact" and n_candidates is not None and n_candidates < k:
         raise InputError(f"n_candidates must be at least k={k}, got {n_candidates}")
     if precision == "auto":
-        precision = _resolve_auto(queries, references, k, exclude_self=exclude_self,
+        from . import _pilot  # (it runs the engine on a sample: imported when asked)
+
+        precision = _pilot.resolve_auto(queries, references, k, exclude_self=exclude_self,
                                   classes=classes, n_candidates=n_candidates,
                                   memory_budget=memory_budget, device=device,
                                   log_softmax=log_softmax)
@@ -1030,133 +1032,6 @@ def _top_k_neighbors(
         with exact_float32_matmul(engine.device):
             return combine(engine.search(k, dtype=torch.float32, **resume))
     return _fast_search(engine, k, n_candidates, resume, combine)
-
-
-def _resolve_auto(queries, references, k, *, exclude_self, classes, n_candidates,
-                  memory_budget, device, log_softmax=True) -> str:
-    """'exact' or 'fast' for precision='auto', from the job's shapes, the machine's probe
-    and a pilot on the data (`_crowded_share`). Inputs the engine will refuse resolve to
-    'exact' (the engine says why)."""
-    queries = as_source(queries, "query logits")
-    references = queries if (exclude_self and references is None) else as_source(
-        references, "reference logits")
-    n_classes = len(set(classes)) if classes is not None else queries.n_classes
-    if not (isinstance(k, (int, np.integer)) and 1 <= k <= references.n_examples
-            and references.n_models == queries.n_models and n_classes >= 1
-            and (memory_budget is None or int(memory_budget) > 0)):
-        return "exact"
-    def crowding(plan: Plan) -> float:
-        return _crowded_share(queries, None if exclude_self else references, int(k), plan,
-                              n_candidates=n_candidates, log_softmax=log_softmax,
-                              classes=classes, memory_budget=memory_budget, device=device)
-    return choose_precision(
-        "auto", n_queries=queries.n_examples, n_references=references.n_examples,
-        n_models=queries.n_models, n_classes=n_classes, k=int(k), n_candidates=n_candidates,
-        memory_budget=memory_budget, device=device,
-        raw_bytes=item_size(queries),
-        crowding=crowding, log_softmax=log_softmax).precision
-
-
-class _Spans:
-    """Some runs' logits at a few spans of examples, read as one source (the pilot's sample)."""
-
-    def __init__(self, source: LogitSource, spans: list[tuple[int, int]]):
-        self.source, self.spans = source, spans
-        self.n_models, self.n_classes = source.n_models, source.n_classes
-        self.n_examples = sum(b - a for a, b in spans)
-
-    def read(self, models: slice, examples: slice) -> torch.Tensor:
-        e0, e1, _ = examples.indices(self.n_examples)
-        wanted, at = [], 0
-        for a, b in self.spans:  # the parts of [e0, e1) that fall in each span
-            lo, hi = max(e0, at), min(e1, at + b - a)
-            if lo < hi:
-                wanted.append((a + lo - at, a + hi - at))
-            at += b - a
-        if not wanted:  # an empty slice
-            return self.source.read(models, slice(0, 0))
-        # One read of the range that covers them: a store reads whole chunks of examples,
-        # so reading each span apart would read a chunk once per span.
-        first, last = wanted[0][0], wanted[-1][1]
-        block = self.source.read(models, slice(first, last))
-        return torch.cat([block[:, a - first:b - first] for a, b in wanted], dim=1)
-
-    def describe_run(self, model: int) -> str:
-        return self.source.describe_run(model)
-
-
-def _spread_spans(n: int, total: int, pieces: int) -> list[tuple[int, int]]:
-    """`pieces` contiguous spans of about total / pieces examples, spread evenly over the
-    first max(4 total, PILOT_WINDOW) of n (everything when total >= n): not one corner of
-    a data set sorted by class, and within few of a store's chunks of examples (`_Spans`
-    reads the range that covers them)."""
-    if total >= n:
-        return [(0, n)]
-    window = min(n, max(4 * total, PILOT_WINDOW))
-    size = max(1, total // pieces)
-    starts = [round(i * (window - size) / max(pieces - 1, 1)) for i in range(pieces)]
-    return [(s, s + size) for s in starts]
-
-
-# The pilot's sample: test examples, and references (in spans, see `_spread_spans`), within
-# a window of examples as wide as a store's chunk (`store.py` chunks 16,384 examples).
-PILOT_QUERIES, PILOT_REFERENCES, PILOT_SPANS, PILOT_WINDOW = 128, 4096, 8, 16384
-
-
-def _crowded_share(queries, references, k: int, plan: Plan, *, n_candidates, log_softmax,
-                   classes, memory_budget, device) -> float:
-    """Estimated share of queries whose fast-mode candidates are crowded: the bfloat16 k-th
-    and last candidates within `INLINE_GAP` G, so that fast mode computes their whole row
-    in float32 (`_fast_search`). G is `guessed_bound` for fast mode's `plan`, with the
-    bfloat16 rounding measured on some of the sample's features and each sampled query's
-    largest value.
-
-    Exact kernel values of a sample (PILOT_QUERIES test examples against PILOT_REFERENCES
-    references, each in a few spread spans) stand in for the full ones: the statistics
-    are per example, so the sample's kernel values are the full kernel's. Among n_r
-    references the k-th and n_c-th values are the (k / n_r) and (n_c / n_r) quantiles of a
-    query's row; in the sample they are its values of rank k r_s / n_r and n_c r_s / n_r.
-    An estimate: a wrong one costs time, never a wrong neighbour.
-    """
-    queries = as_source(queries, "query logits")
-    references = queries if references is None else as_source(references, "reference logits")
-    leave_one_out = references is queries
-    n_r = references.n_examples - leave_one_out
-    n_c = min(n_r, n_candidates or max(2 * k, k + 128))
-    if n_c >= n_r:  # every reference is a candidate: the proof needs no window
-        return 0.0
-    refs = _Spans(references, _spread_spans(references.n_examples, PILOT_REFERENCES,
-                                            PILOT_SPANS))
-    if leave_one_out:  # queries among the sampled references, each leaving itself out
-        sample_q, sample_r = refs, None
-    else:
-        sample_q = _Spans(queries, _spread_spans(queries.n_examples, PILOT_QUERIES, 4))
-        sample_r = refs
-    r_s = refs.n_examples - leave_one_out
-    rank_k = min(r_s, math.ceil(k * r_s / n_r))  # 1-based ranks in the sample
-    rank_c = min(r_s, max(rank_k + 1, math.ceil(n_c * r_s / n_r)))
-    if rank_c <= rank_k:
-        return 0.0
-    engine = _prepare_engine(sample_q, sample_r, rank_c, log_softmax=log_softmax,
-                             classes=classes, exclude_self=leave_one_out, precision="exact",
-                             memory_budget=memory_budget, device=device, chunk_models=None,
-                             tile_size=None, progress=None, k_keep=rank_c)
-    with exact_float32_matmul(engine.device):
-        values = engine.search(rank_c, dtype=torch.float32).values.double()
-    if leave_one_out and len(values) > PILOT_QUERIES:
-        values = values[torch.linspace(0, len(values) - 1, PILOT_QUERIES).long()]
-    # the values of fast mode's whole list lie about within the sample's first and last
-    largest = torch.maximum(values[:, 0].abs(), values[:, rank_c - 1].abs())
-    guess = torch.as_tensor(  # per query (a float where the value term does not apply)
-        guessed_bound(plan, engine.n_models, engine.n_used, rounding=engine.rounding_ratio(),
-                      largest=largest), dtype=torch.float64, device=values.device
-    ).expand(len(values))
-    gap = values[:, rank_k - 1] - values[:, rank_c - 1]
-    share = float((gap <= INLINE_GAP * guess).double().mean())
-    logger.info("pilot: %d test examples x %d references, ranks %d and %d: %.0f%% crowded "
-                "(median G = %.3g)", len(values), r_s + leave_one_out, rank_k, rank_c,
-                100 * share, float(guess.median()))
-    return share
 
 
 def candidates_per_query(k: int, precision: Precision, n_candidates: int | None = None) -> int:

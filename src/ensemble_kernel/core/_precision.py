@@ -246,7 +246,7 @@ def choose_precision(
     raw_bytes : item size of the logits read (2 for float16 stores).
     log_softmax : whether the kernel normalises log-softmax outputs (else raw logits,
         normalised several times faster: the probe's `normalize_raw`).
-    crowding : for 'auto', a pilot on the data (`engine._crowded_share`): called with
+    crowding : for 'auto', a pilot on the data (`_pilot.crowded_share`): called with
         fast mode's plan for this job, it returns the share of queries whose
         candidates lie so close together that fast mode would compute their whole rows in
         float32. Called only when the products alone predict fast mode faster; that share
