@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ensemble_kernel.cli.common import parse_size
 from ensemble_kernel.errors import InputError
@@ -127,3 +128,17 @@ def test_kernel_knn_score_of_zero_test_examples_is_an_error():
     model = ek.KernelKNN(k=3).fit(ens.train, ens.labels_train)
     with pytest.raises(InputError, match="KernelKNN.score: the test logits have 0 examples"):
         model.score(ens.test[:, :0], ens.labels_test[:0])
+
+
+def test_the_library_refuses_to_evaluate_no_test_examples():
+    """Not nan: an accuracy of nothing is an error in the library too."""
+    import ensemble_kernel as ek
+    from ensemble_kernel.analysis._evaluation import accuracy
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(3, 20, 4, generator=g), torch.randn(3, 0, 4, generator=g)
+    labels = torch.arange(20) % 4
+    with pytest.raises(ek.InputError, match="at least one test example"):
+        ek.evaluate(train, test, labels, torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ek.InputError, match="no examples to score"):
+        accuracy(torch.zeros(0), torch.zeros(0))

@@ -34,7 +34,12 @@ DEFAULT_WEIGHTED = ((10, 1), (10, 2), (10, 4), (20, 1), (20, 2), (20, 4), (20, 8
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of predictions equal to labels (both Tensors of shape (n,))."""
+    """Fraction of predictions equal to labels (both Tensors of shape (n,), n >= 1).
+
+    Raises InputError for no examples: an accuracy of nothing is not a number to print."""
+    if labels.numel() == 0:
+        raise InputError("there are no examples to score: an accuracy needs at least one "
+                         "labelled example", param="labels_test")
     return float((predictions.cpu() == labels.cpu()).double().mean())
 
 
@@ -215,6 +220,8 @@ def evaluate(
     """
     train, test = as_source(train, "train logits"), as_source(test, "test logits")
     _require_train_split(train, "evaluate")
+    if test.n_examples == 0:
+        raise InputError("evaluate needs at least one test example, got none", param="test")
     labels_train = _require_labels(labels_train, "train")
     labels_test = _require_labels(labels_test, "test")
     n_classes = train.n_classes
